@@ -1,0 +1,176 @@
+//! `vdevlab`: the lab's command.
+//!
+//! - `vdevlab demo`: provision, build, boot the lab guest, move a payload
+//!   from the emulated device into a blocking `read()` and say what happened;
+//! - `vdevlab test`: provision and build with progress shown, then run the
+//!   test suite (cargo-nextest);
+//! - `vdevlab prepare`: provision and build only;
+//! - `vdevlab ctl`: talk to a running device's control plane.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use vdevlab_device::control::ControlClient;
+use vdevlab_lab::record::runs_file;
+use vdevlab_lab::scenario::{blocking_rx, pattern};
+use vdevlab_lab::Lab;
+use vdevlab_vmm_config::Accel;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "vdevlab: a hardware-less driver lab")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Boot the lab guest, load the driver, move a payload through it.
+    Demo {
+        /// Payload size in bytes (a seeded pseudo-random stream).
+        #[arg(long, default_value_t = 65536)]
+        bytes: usize,
+        /// Seed of the payload.
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+    },
+    /// Provision and build, then run the test suite with cargo-nextest.
+    Test {
+        /// nextest profile (`ci` writes JUnit XML).
+        #[arg(long, default_value = "default")]
+        profile: String,
+        /// Extra arguments for `cargo nextest run` (after `--`).
+        #[arg(last = true)]
+        nextest_args: Vec<String>,
+    },
+    /// Provision the lab and build the guest image, nothing else.
+    Prepare,
+    /// Send one request to a device's control socket and print the reply.
+    Ctl {
+        /// The control socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// A JSON request, e.g. '{"op":"stats"}'.
+        request: String,
+    },
+}
+
+fn demo(bytes: usize, seed: u64) -> Result<bool> {
+    eprintln!(
+        "[vdevlab] provisioning the lab and building the guest image (cached after the first run)"
+    );
+    let lab = Lab::get()?;
+    println!(
+        "lab: {} in {}",
+        lab.env.qemu_version,
+        match &lab.env.qemu {
+            vdevlab_lab::env::QemuRuntime::Host(p) => format!("host ({})", p.display()),
+            vdevlab_lab::env::QemuRuntime::InRoot { root, .. } =>
+                format!("the lab root ({})", root.display()),
+        }
+    );
+    println!("guest kernel: {}", lab.env.kernel_release);
+    let accel = Accel::Tcg;
+    if let Err(why) = vdevlab_lab::env::kvm_usable() {
+        println!("accelerator: tcg (KVM not usable: {why})");
+    }
+    let payload = pattern(seed, bytes);
+    println!("booting the guest; its blocking read() waits for {bytes} bytes from the device...");
+    let out = blocking_rx(&lab, vdevlab_lab::guest::Vmm::Qemu, accel, &payload)?;
+    let r = &out.record;
+    println!(
+        "boot: init reached {} ms after VMM start; driver ready at {} ms",
+        r.boot_ms.map_or("?".into(), |v| v.to_string()),
+        r.driver_ready_ms.map_or("?".into(), |v| v.to_string())
+    );
+    if let Some(g) = &out.guest {
+        println!(
+            "guest: read {} bytes in {} read() calls, SHA-256 {}",
+            g.bytes.unwrap_or(0),
+            g.reads.unwrap_or(0),
+            g.sha256.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "host:  sent {bytes} bytes, SHA-256 {}",
+        out.host_sha256.as_deref().unwrap_or("-")
+    );
+    if let Some(s) = &out.stats {
+        println!(
+            "device: {} bytes into {} rx buffers, {} interrupts raised, {} suppressed, {} bad chains",
+            s.rx_bytes, s.rx_buffers, s.interrupts_raised, s.interrupts_suppressed, s.bad_chains
+        );
+    }
+    match &r.reason {
+        None => println!("result: PASS"),
+        Some(why) => println!("result: FAIL: {why}"),
+    }
+    if let Some(c) = &r.console {
+        println!("console: {}", c.display());
+    }
+    println!("record: {}", runs_file().display());
+    Ok(out.passed())
+}
+
+fn test(profile: &str, extra: &[String]) -> Result<bool> {
+    eprintln!("[vdevlab] provisioning the lab and building the guest image");
+    Lab::get()?;
+    let has_nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nextest {
+        bail!("cargo-nextest is needed: cargo install cargo-nextest --locked");
+    }
+    eprintln!(
+        "[vdevlab] running the test suite (cargo nextest run --workspace --profile {profile})"
+    );
+    let status = Command::new("cargo")
+        .current_dir(vdevlab_lab::env::workspace_root())
+        .args(["nextest", "run", "--workspace", "--profile", profile])
+        .args(extra)
+        .status()
+        .context("running cargo nextest")?;
+    Ok(status.success())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Demo { bytes, seed } => demo(bytes, seed),
+        Cmd::Test {
+            profile,
+            nextest_args,
+        } => test(&profile, &nextest_args),
+        Cmd::Prepare => Lab::get().map(|lab| {
+            println!("initramfs: {}", lab.artifacts.initramfs.display());
+            println!("driver: {}", lab.artifacts.driver_ko.display());
+            true
+        }),
+        Cmd::Ctl { socket, request } => (|| {
+            let req = serde_json::from_str(&request)
+                .context("the request is not a valid control request")?;
+            let resp = ControlClient::connect(&socket)?.request(&req)?;
+            println!("{}", serde_json::to_string(&resp)?);
+            Ok(resp.ok)
+        })(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("vdevlab: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

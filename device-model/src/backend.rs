@@ -1,0 +1,232 @@
+//! The vhost-user transport for the qw device.
+//!
+//! [`QwBackend`] implements [`VhostUserBackend`]: it advertises the device's
+//! features and queues, and on every kick (or host-side event) runs the
+//! device logic of [`crate::device`] over the vrings, then raises the
+//! used-buffer interrupt unless the driver suppressed it (EVENT_IDX or the
+//! no-interrupt flag). Errors never leave [`VhostUserBackend::handle_event`]:
+//! in vhost-user-backend an `Err` there ends the worker's event loop and the
+//! device would silently die.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{Pass, QueueError, QwDevice};
+use crate::spec::{MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+
+/// Custom epoll event id: the host side changed the device's data (bytes
+/// injected, capture drained), so both queues need another pass. Ids up to
+/// `NUM_QUEUES` are reserved by vhost-user-backend.
+pub const DEVICE_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The qw device as a vhost-user backend.
+#[derive(Debug)]
+pub struct QwBackend {
+    device: Arc<Mutex<QwDevice>>,
+    mem: RwLock<Option<Memory>>,
+    event_idx: AtomicBool,
+    device_event: EventFd,
+}
+
+impl QwBackend {
+    /// A backend around `device`.
+    pub fn new(device: Arc<Mutex<QwDevice>>) -> io::Result<Self> {
+        Ok(Self {
+            device,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            device_event: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// A handle that the control plane uses to ask for a pass over the queues.
+    pub fn kicker(&self) -> io::Result<EventFd> {
+        self.device_event.try_clone()
+    }
+
+    fn device(&self) -> MutexGuard<'_, QwDevice> {
+        // A poisoned lock means a panic elsewhere; the data is still usable.
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run the device over one vring until it makes no more progress, and
+    /// raise the interrupt where the driver wants one.
+    fn process_queue(&self, queue: u16, vring: &VringRwLock) -> Result<(), QueueError> {
+        let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(()); // no memory table yet: nothing to do
+        };
+        let mem = mem.memory();
+        let mut state = vring.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return Ok(());
+        }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                state.disable_notification()?;
+            }
+            let pass: Pass = {
+                let mut dev = self.device();
+                match queue {
+                    RX_QUEUE => dev.process_rx(state.get_queue_mut(), &*mem)?,
+                    _ => dev.process_tx(state.get_queue_mut(), &*mem)?,
+                }
+            };
+            if pass.completed > 0 {
+                if state.needs_notification()? {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!(queue, error = %e, "could not signal the used queue");
+                    }
+                    self.device().stats_mut().interrupts_raised += 1;
+                } else {
+                    self.device().stats_mut().interrupts_suppressed += 1;
+                }
+                debug!(
+                    queue,
+                    completed = pass.completed,
+                    bytes = pass.bytes,
+                    "queue pass"
+                );
+            }
+            // With EVENT_IDX, re-enabling notifications tells whether the
+            // driver added buffers meanwhile; go round again only if this
+            // pass made progress, or an rx queue with no data would spin.
+            if !event_idx || !state.enable_notification()? || pass.completed == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn pass(&self, queue: u16, vrings: &[VringRwLock]) {
+        let Some(vring) = vrings.get(queue as usize) else {
+            return;
+        };
+        if let Err(e) = self.process_queue(queue, vring) {
+            // The ring itself is unusable until the driver resets the
+            // device; say so once per occurrence and keep the worker alive.
+            warn!(queue, error = %e, "virtqueue error; the driver must reset the device");
+        }
+    }
+}
+
+impl VhostUserBackend for QwBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn acked_features(&self, features: u64) {
+        info!(
+            features = format_args!("{features:#x}"),
+            "driver features acknowledged"
+        );
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Each daemon (one per VMM connection) gets its own pair; the
+        // framework keeps the notifier and fires it at disconnect.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match device_event {
+            RX_QUEUE | TX_QUEUE => self.pass(device_event, vrings),
+            DEVICE_EVENT => {
+                // Level-triggered: consume the count first so we are not
+                // woken again for the same change.
+                let _ = self.device_event.read();
+                self.pass(RX_QUEUE, vrings);
+                self.pass(TX_QUEUE, vrings);
+            }
+            other => warn!(event = other, "unknown device event"),
+        }
+        Ok(())
+    }
+}
+
+/// Serve the device on the vhost-user socket `socket`, one VMM connection at
+/// a time. With `once`, return after the first connection ends; otherwise
+/// wait for the next one (a VMM reconnecting after a restart).
+pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Result<()> {
+    loop {
+        let mut daemon = VhostUserDaemon::new(
+            "vdevlab-qw".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| anyhow::anyhow!("could not create the vhost-user daemon: {e}"))?;
+        if let Some(handler) = daemon.get_epoll_handlers().first() {
+            handler
+                .register_listener(
+                    backend.device_event.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(DEVICE_EVENT),
+                )
+                .map_err(|e| anyhow::anyhow!("could not register the device event: {e}"))?;
+        }
+        info!(socket = %socket.display(), "waiting for the VMM on the vhost-user socket");
+        match daemon.serve(socket) {
+            Ok(()) => info!("VMM disconnected"),
+            Err(e) => warn!(error = %e, "vhost-user connection ended with an error"),
+        }
+        if once {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! vdevlab's reference device, "qw": a byte-stream device with a receive
+//! queue (device to driver) and a transmit queue (driver to device), served
+//! as a vhost-user backend.
+//!
+//! - [`device`]: the device logic, independent of the transport;
+//! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation;
+//! - [`control`]: the host control plane (a Unix socket speaking JSON lines);
+//! - [`spec`]: the numbers of `docs/device-spec.md`.
+//!
+//! The device never knows which VMM or VM it serves.
+
+pub mod backend;
+pub mod control;
+pub mod device;
+pub mod spec;

@@ -1,0 +1,65 @@
+#!/bin/busybox sh
+# /init of the vdevlab lab guest (an initramfs with busybox, the qw driver
+# and the guest programs). It mounts the basics, loads the driver, runs the
+# scenario named on the kernel command line and powers off. Everything the
+# host harness needs to know is printed on the serial console as marker
+# lines starting with "VDEVLAB-".
+#
+# Kernel command line parameters (set by the harness):
+#   vdevlab.run=<scenario>[,<arg>...]   program and arguments, comma separated
+#   vdevlab.virtio_id=<id>              passed to the driver's virtio_id
+#   vdevlab.shell=1                     open a shell instead of powering off
+/bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "VDEVLAB-BOOT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
+
+run=""; vid=""; shell=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vdevlab.run=*) run=${arg#vdevlab.run=} ;;
+        vdevlab.virtio_id=*) vid=${arg#vdevlab.virtio_id=} ;;
+        vdevlab.shell=*) shell=${arg#vdevlab.shell=} ;;
+    esac
+done
+
+# From here on every kernel message reaches the console, so a WARN or an
+# oops during the scenario is seen live; a task stuck in D state for 10 s is
+# reported by the hung-task detector.
+echo 8 > /proc/sys/kernel/printk
+[ -w /proc/sys/kernel/hung_task_timeout_secs ] && echo 10 > /proc/sys/kernel/hung_task_timeout_secs
+
+fail() {
+    echo "VDEVLAB-RESULT {\"scenario\":\"${run%%,*}\",\"ok\":false,\"error\":\"$1\"}"
+    finish 1
+}
+finish() {
+    echo "VDEVLAB-EXIT $1"
+    echo "VDEVLAB-DMESG-BEGIN"
+    dmesg
+    echo "VDEVLAB-DMESG-END"
+    if [ "$shell" = 1 ]; then
+        setsid cttyhack sh
+    fi
+    poweroff -f
+}
+
+if ! insmod /lib/modules/vdevlab_qw.ko ${vid:+virtio_id=$vid}; then
+    fail "insmod vdevlab_qw.ko failed"
+fi
+i=0
+while [ ! -c /dev/qw0 ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "no /dev/qw0 10 s after loading the driver (device not bound?)"
+    sleep 0.1
+done
+echo "VDEVLAB-DRIVER-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+if [ -z "$run" ]; then
+    finish 0
+fi
+# shellcheck disable=SC2046
+/bin/vdevlab-guest $(echo "$run" | tr ',' ' ')
+finish $?

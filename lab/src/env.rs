@@ -1,0 +1,243 @@
+//! The lab environment: where the toolchain, the guest kernel and the VMMs
+//! are, provisioned by `images/provision.sh` and described by its `lab.env`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root (where `Cargo.toml`, `images/` and `guest-driver/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("lab/ has a parent")
+        .to_path_buf()
+}
+
+/// The cargo target folder (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Where run records and consoles go: `target/lab-runs/`.
+pub fn runs_dir() -> PathBuf {
+    target_dir().join("lab-runs")
+}
+
+/// How the lab's QEMU is started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuRuntime {
+    /// A host QEMU that is new enough, run directly.
+    Host(PathBuf),
+    /// The trixie-backports QEMU, run inside the lab's Debian root.
+    InRoot {
+        /// The root folder.
+        root: PathBuf,
+        /// QEMU's path inside the root.
+        qemu: PathBuf,
+    },
+}
+
+/// The provisioned lab.
+#[derive(Debug, Clone)]
+pub struct LabEnv {
+    /// The Debian trixie root with QEMU, kernel headers and compilers.
+    pub root: PathBuf,
+    /// How to start QEMU.
+    pub qemu: QemuRuntime,
+    /// `qemu-system-x86_64 --version`, first line.
+    pub qemu_version: String,
+    /// The default guest kernel's release (`uname -r` in the guest).
+    pub kernel_release: String,
+    /// The default guest kernel image (host path).
+    pub kernel: PathBuf,
+    /// The kernel headers' build folder, inside the root.
+    pub kernel_headers: PathBuf,
+    /// busybox (static), host path.
+    pub busybox: PathBuf,
+}
+
+/// The folder that `images/provision.sh` fills.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VDEVLAB_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("vdevlab")
+}
+
+/// The in-root helper script.
+pub fn in_root_script() -> PathBuf {
+    workspace_root().join("images/in-root.sh")
+}
+
+static PROVISIONED: OnceLock<Result<LabEnv, String>> = OnceLock::new();
+
+impl LabEnv {
+    /// Provision the lab (idempotent; seconds when cached) and load it. Runs
+    /// once per process; `images/provision.sh` itself serialises parallel
+    /// callers with a lock. Its progress goes to this process's stderr.
+    pub fn provision() -> Result<LabEnv> {
+        PROVISIONED
+            .get_or_init(|| Self::provision_now().map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn provision_now() -> Result<LabEnv> {
+        let script = workspace_root().join("images/provision.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .env("VDEVLAB_CACHE", cache_dir())
+            .status()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !status.success() {
+            bail!(
+                "{} failed ({status}); its last lines above say why",
+                script.display()
+            );
+        }
+        Self::load(&cache_dir())
+    }
+
+    /// Load `lab.env` from a provisioned cache folder.
+    pub fn load(cache: &Path) -> Result<LabEnv> {
+        let path = cache.join("lab.env");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (run images/provision.sh as root first)",
+                path.display()
+            )
+        })?;
+        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| -> Result<String> {
+            vars.get(k).map(|v| v.to_string()).with_context(|| {
+                format!("{} lacks {k}; re-run images/provision.sh", path.display())
+            })
+        };
+        let root = PathBuf::from(get("VDEVLAB_ROOT")?);
+        let in_root_qemu = PathBuf::from(get("VDEVLAB_QEMU")?);
+        let (qemu, qemu_version) = match host_qemu() {
+            Some((path, version)) => (QemuRuntime::Host(path), version),
+            None => (
+                QemuRuntime::InRoot {
+                    root: root.clone(),
+                    qemu: in_root_qemu,
+                },
+                get("VDEVLAB_QEMU_VERSION")?,
+            ),
+        };
+        Ok(LabEnv {
+            root,
+            qemu,
+            qemu_version,
+            kernel_release: get("VDEVLAB_KERNEL_RELEASE")?,
+            kernel: PathBuf::from(get("VDEVLAB_KERNEL")?),
+            kernel_headers: PathBuf::from(get("VDEVLAB_KERNEL_HEADERS")?),
+            busybox: PathBuf::from(get("VDEVLAB_BUSYBOX")?),
+        })
+    }
+}
+
+/// A host `qemu-system-x86_64` new enough to have `vhost-user-test-device-pci`
+/// (QEMU 10.2+), if there is one. `VDEVLAB_QEMU=in-root` forces the lab's own.
+fn host_qemu() -> Option<(PathBuf, String)> {
+    if std::env::var("VDEVLAB_QEMU").as_deref() == Ok("in-root") {
+        return None;
+    }
+    let qemu = std::env::var_os("VDEVLAB_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+    let out = Command::new(&qemu).arg("--version").output().ok()?;
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .to_string();
+    let (major, minor) = parse_qemu_version(&version)?;
+    if (major, minor) < (10, 2) {
+        tracing::info!(%version, "host QEMU too old for vhost-user-test-device-pci (10.2+ needed); using the lab's");
+        return None;
+    }
+    Some((qemu, version))
+}
+
+/// `(major, minor)` from "QEMU emulator version 11.1.3 (Debian ...)".
+pub fn parse_qemu_version(line: &str) -> Option<(u32, u32)> {
+    let v = line.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether KVM can run a stock guest kernel here, and if not, why.
+pub fn kvm_usable() -> Result<(), String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("no /dev/kvm on this host".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Err("/dev/kvm is PVM (kvm_pvm loaded): it only runs PVM-built guest kernels, and stock kernels hang at boot".into());
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| ())
+        .map_err(|e| format!("cannot open /dev/kvm: {e}"))
+}
+
+/// A Cloud Hypervisor binary (v52+ for generic vhost-user), if installed.
+pub fn cloud_hypervisor() -> Result<(PathBuf, String), String> {
+    let bin = std::env::var_os("VDEVLAB_CLOUD_HYPERVISOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("cloud-hypervisor"));
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("no Cloud Hypervisor ({}: {e}); it is in no registry this lab can reach, install v52+ by hand and set VDEVLAB_CLOUD_HYPERVISOR", bin.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let major: u32 = version
+        .split_whitespace()
+        .last()
+        .and_then(|v| v.trim_start_matches('v').split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 52 {
+        return Err(format!(
+            "Cloud Hypervisor v52+ needed for generic vhost-user; found '{version}' at {}",
+            bin.display()
+        ));
+    }
+    Ok((bin, version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_versions_parse() {
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)"),
+            Some((11, 1))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.15"),
+            Some((7, 2))
+        );
+        assert_eq!(parse_qemu_version("nonsense"), None);
+    }
+}

@@ -1,0 +1,450 @@
+//! Boot a lab guest: start the real backend, start the real VMM with the
+//! guest kernel and the lab initramfs, follow the serial console, and shut
+//! everything down. Every test and the CLI boot guests through [`Guest`].
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use vdevlab_device::control::ControlClient;
+use vdevlab_vmm_config::{Accel, VmConfig, LAB_CONFIG_TOML};
+
+use crate::artifacts::Artifacts;
+use crate::env::{in_root_script, runs_dir, LabEnv, QemuRuntime};
+use crate::splat::{find_splats, Splat};
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    /// QEMU with `vhost-user-test-device-pci`.
+    Qemu,
+    /// Cloud Hypervisor with `--generic-vhost-user`.
+    CloudHypervisor,
+}
+
+impl Vmm {
+    /// The name used in run records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Vmm::Qemu => "qemu",
+            Vmm::CloudHypervisor => "cloud-hypervisor",
+        }
+    }
+}
+
+/// Name used in run records for an accelerator.
+pub fn accel_name(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Tcg => "tcg",
+        Accel::Kvm => "kvm",
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// Scenario name (run records, console file name).
+    pub scenario: String,
+    /// The guest program and its arguments (`vdevlab-guest <run...>`);
+    /// empty: only load the driver.
+    pub run: Vec<String>,
+    /// The VMM.
+    pub vmm: Vmm,
+    /// The accelerator.
+    pub accel: Accel,
+    /// The virtio device id the device is presented with (and the driver told).
+    pub virtio_id: u16,
+}
+
+impl BootSpec {
+    /// A QEMU/TCG boot of `scenario` running `run`.
+    pub fn new(scenario: &str, run: &[&str]) -> Self {
+        Self {
+            scenario: scenario.to_string(),
+            run: run.iter().map(|s| s.to_string()).collect(),
+            vmm: Vmm::Qemu,
+            accel: Accel::Tcg,
+            virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
+        }
+    }
+}
+
+/// One console line and when the harness saw it.
+#[derive(Debug, Clone)]
+pub struct ConsoleLine {
+    /// Time since the VMM was started.
+    pub at: Duration,
+    /// The line, without its end-of-line characters.
+    pub text: String,
+}
+
+/// A running guest with its backend.
+#[derive(Debug)]
+pub struct Guest {
+    /// Scenario name.
+    pub scenario: String,
+    /// The folder holding this run's sockets and logs.
+    pub run_dir: PathBuf,
+    /// The saved serial console.
+    pub console_path: PathBuf,
+    /// The backend's log.
+    pub backend_log: PathBuf,
+    /// The control socket (host path).
+    pub control_path: PathBuf,
+    /// VMM start to the guest's init (`VDEVLAB-BOOT`), once seen.
+    pub boot_ms: Option<u64>,
+    /// VMM start to the driver bound and `/dev/qw0` present.
+    pub driver_ready_ms: Option<u64>,
+    /// The accelerator.
+    pub accel: Accel,
+    /// The VMM.
+    pub vmm: Vmm,
+    vmm_child: Child,
+    backend: Child,
+    lines: Receiver<ConsoleLine>,
+    seen: Vec<ConsoleLine>,
+    started: Instant,
+    exited: bool,
+}
+
+/// How a guest ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// The guest's exit marker (`VDEVLAB-EXIT <code>`), if it got that far.
+    pub exit_code: Option<i32>,
+    /// Kernel splats found on the console.
+    pub splats: Vec<Splat>,
+    /// The whole console.
+    pub console: String,
+}
+
+fn unique_run_dir(scenario: &str) -> Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = runs_dir().join(format!("{scenario}-{stamp}-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn wait_for_path(path: &Path, child: &mut Child, log: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the backend exited ({status}) before creating {}; its log {}:\n{}",
+                path.display(),
+                log.display(),
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the backend did not create {} within {timeout:?}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+impl Guest {
+    /// Start the backend and boot a guest under the spec's VMM.
+    pub fn boot(env: &LabEnv, art: &Artifacts, spec: &BootSpec) -> Result<Guest> {
+        let run_dir = unique_run_dir(&spec.scenario)?;
+        let vu_sock = run_dir.join("vu.sock");
+        let ctl_sock = run_dir.join("ctl.sock");
+        let backend_log = run_dir.join("backend.log");
+        let console_path = run_dir.join("console.log");
+
+        let log = File::create(&backend_log)?;
+        let mut backend = Command::new(&art.device_bin)
+            .arg("--socket")
+            .arg(&vu_sock)
+            .arg("--control")
+            .arg(&ctl_sock)
+            .arg("--once")
+            .env(
+                "RUST_LOG",
+                std::env::var("VDEVLAB_DEVICE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", art.device_bin.display()))?;
+        wait_for_path(
+            &vu_sock,
+            &mut backend,
+            &backend_log,
+            Duration::from_secs(10),
+        )?;
+        wait_for_path(
+            &ctl_sock,
+            &mut backend,
+            &backend_log,
+            Duration::from_secs(10),
+        )?;
+
+        let base =
+            VmConfig::from_toml_str(LAB_CONFIG_TOML).context("the shipped lab VM description")?;
+        let mut cmdline = format!(
+            "{} quiet vdevlab.virtio_id={}",
+            base.cmdline, spec.virtio_id
+        );
+        if !spec.run.is_empty() {
+            if spec.run.iter().any(|a| a.contains([',', ' ', '"'])) {
+                bail!(
+                    "guest program arguments cannot contain ',', ' ' or '\"': {:?}",
+                    spec.run
+                );
+            }
+            cmdline.push_str(&format!(" vdevlab.run={}", spec.run.join(",")));
+        }
+        let kernel_dir = env.kernel.parent().context("kernel path has no folder")?;
+        let kernel_name = env
+            .kernel
+            .file_name()
+            .context("kernel path has no file name")?;
+        let initramfs_name = art
+            .initramfs
+            .file_name()
+            .context("initramfs has no file name")?;
+        let in_root = spec.vmm == Vmm::Qemu && matches!(env.qemu, QemuRuntime::InRoot { .. });
+        let (kernel, initramfs, socket) = if in_root {
+            (
+                Path::new("/lab/kernel").join(kernel_name),
+                Path::new("/lab/artifacts").join(initramfs_name),
+                PathBuf::from("/lab/run/vu.sock"),
+            )
+        } else {
+            (env.kernel.clone(), art.initramfs.clone(), vu_sock.clone())
+        };
+        let mut cfg = base.clone();
+        cfg.kernel = kernel;
+        cfg.initramfs = Some(initramfs);
+        cfg.cmdline = cmdline;
+        cfg.accel = spec.accel;
+        let dev = cfg
+            .vhost_user
+            .first_mut()
+            .context("the lab VM description has no vhost-user device")?;
+        dev.socket = socket;
+        dev.virtio_id = spec.virtio_id;
+        let mut cmd = match spec.vmm {
+            Vmm::CloudHypervisor => {
+                let (bin, _) = crate::env::cloud_hypervisor().map_err(anyhow::Error::msg)?;
+                let mut c = Command::new(bin);
+                c.args(
+                    cfg.cloud_hypervisor_args()
+                        .context("rendering the Cloud Hypervisor command line")?,
+                );
+                c
+            }
+            Vmm::Qemu => {
+                let args = cfg.qemu_args().context("rendering the QEMU command line")?;
+                let mut c = match &env.qemu {
+                    QemuRuntime::Host(qemu) => Command::new(qemu),
+                    QemuRuntime::InRoot { root, qemu } => {
+                        let mut c = Command::new(in_root_script());
+                        c.arg(root)
+                            .arg(format!("{}:/lab/kernel", kernel_dir.display()))
+                            .arg(format!("{}:/lab/artifacts", art.dir.display()))
+                            .arg(format!("{}:/lab/run", run_dir.display()))
+                            .arg("--")
+                            .arg(qemu);
+                        c
+                    }
+                };
+                c.args(args);
+                c
+            }
+        };
+        fs::write(run_dir.join("vmm.cmdline"), format!("{cmd:?}\n"))?;
+        let started = Instant::now();
+        let mut vmm_child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(run_dir.join("vmm.stderr"))?)
+            .spawn()
+            .with_context(|| format!("starting {}", spec.vmm.name()))?;
+
+        let stdout = vmm_child.stdout.take().context("QEMU stdout")?;
+        let (tx, lines) = mpsc::channel();
+        let mut console = File::create(&console_path)?;
+        std::thread::Builder::new()
+            .name("vdevlab-console".into())
+            .spawn(move || {
+                let mut reader = BufReader::new(stdout);
+                let mut raw = Vec::new();
+                loop {
+                    raw.clear();
+                    match reader.read_until(b'\n', &mut raw) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let _ = console.write_all(&raw);
+                    let text = String::from_utf8_lossy(&raw)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string();
+                    if tx
+                        .send(ConsoleLine {
+                            at: started.elapsed(),
+                            text,
+                        })
+                        .is_err()
+                    {
+                        // Keep saving the console even if nobody listens.
+                        continue;
+                    }
+                }
+                let _ = console.flush();
+            })?;
+
+        Ok(Guest {
+            scenario: spec.scenario.clone(),
+            run_dir,
+            console_path,
+            backend_log,
+            control_path: ctl_sock,
+            boot_ms: None,
+            driver_ready_ms: None,
+            accel: spec.accel,
+            vmm: spec.vmm,
+            vmm_child,
+            backend,
+            lines,
+            seen: Vec::new(),
+            started,
+            exited: false,
+        })
+    }
+
+    fn note(&mut self, line: &ConsoleLine) {
+        if line.text.contains("VDEVLAB-BOOT") && self.boot_ms.is_none() {
+            self.boot_ms = Some(line.at.as_millis() as u64);
+        }
+        if line.text.contains("VDEVLAB-DRIVER-READY") && self.driver_ready_ms.is_none() {
+            self.driver_ready_ms = Some(line.at.as_millis() as u64);
+        }
+        self.seen.push(line.clone());
+    }
+
+    /// Wait for a console line containing `marker`; return the text after it.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String> {
+        if let Some(rest) = self
+            .seen
+            .iter()
+            .find_map(|l| l.text.split_once(marker).map(|(_, r)| r.trim().to_string()))
+        {
+            return Ok(rest);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.note(&line);
+                    if let Some((_, rest)) = line.text.split_once(marker) {
+                        return Ok(rest.trim().to_string());
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "no '{marker}' on the guest console within {timeout:?} (console: {})",
+                    self.console_path.display()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.exited = true;
+                    bail!(
+                        "the VMM exited before '{marker}' appeared (console: {}, VMM errors: {})",
+                        self.console_path.display(),
+                        fs::read_to_string(self.run_dir.join("vmm.stderr"))
+                            .unwrap_or_default()
+                            .trim()
+                    )
+                }
+            }
+        }
+    }
+
+    /// A client of this guest's device control plane.
+    pub fn control(&self) -> Result<ControlClient> {
+        Ok(ControlClient::connect(&self.control_path)?)
+    }
+
+    /// Time since the VMM started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Wait for the guest to power off (or kill it after `timeout`), stop
+    /// the backend, and scan the console for kernel splats.
+    pub fn finish(mut self, timeout: Duration) -> Result<Finished> {
+        let deadline = Instant::now() + timeout;
+        let mut timed_out = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.note(&line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        self.stop();
+        let console = self
+            .seen
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let exit_code = self.seen.iter().find_map(|l| {
+            l.text
+                .split_once("VDEVLAB-EXIT ")
+                .and_then(|(_, c)| c.trim().parse().ok())
+        });
+        if timed_out {
+            bail!(
+                "the guest did not power off within {timeout:?} (console: {})",
+                self.console_path.display()
+            );
+        }
+        Ok(Finished {
+            exit_code,
+            splats: find_splats(&console),
+            console,
+        })
+    }
+
+    fn stop(&mut self) {
+        if !self.exited {
+            let _ = self.vmm_child.kill();
+        }
+        let _ = self.vmm_child.wait();
+        self.exited = true;
+        // The backend exits by itself when the VMM disconnects (--once);
+        // give it a moment, then make sure.
+        for _ in 0..50 {
+            if matches!(self.backend.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.backend.kill();
+        let _ = self.backend.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

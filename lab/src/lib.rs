@@ -1,0 +1,43 @@
+//! The vdevlab harness, shared by the `vdevlab` command and the integration
+//! tests: it provisions the lab ([`env`]), builds what a boot needs
+//! ([`artifacts`]), boots guests under a real VMM with the real backend
+//! ([`guest`]), runs scenarios ([`scenario`]), spots kernel splats
+//! ([`splat`]) and records every run ([`record`]).
+
+pub mod artifacts;
+pub mod env;
+pub mod guest;
+pub mod record;
+pub mod scenario;
+pub mod splat;
+
+use std::sync::OnceLock;
+
+use anyhow::Result;
+
+/// A provisioned lab with its artifacts built.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    /// Toolchain, kernel and VMM.
+    pub env: env::LabEnv,
+    /// Backend, guest programs, driver and initramfs.
+    pub artifacts: artifacts::Artifacts,
+}
+
+static LAB: OnceLock<Result<Lab, String>> = OnceLock::new();
+
+impl Lab {
+    /// Provision and build (once per process; cached across processes).
+    pub fn get() -> Result<Lab> {
+        LAB.get_or_init(|| {
+            (|| -> Result<Lab> {
+                let env = env::LabEnv::provision()?;
+                let artifacts = artifacts::prepare(&env)?;
+                Ok(Lab { env, artifacts })
+            })()
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+    }
+}
