@@ -6,7 +6,10 @@
 # lines starting with "VDEVLAB-".
 #
 # Kernel command line parameters (set by the harness):
-#   vdevlab.run=<scenario>[,<arg>...]   program and arguments, comma separated
+#   vdevlab.run=<scenario>[,<arg>...][;<scenario>...]
+#                                       guest programs to run in order: each
+#                                       is a scenario and its arguments,
+#                                       comma separated; runs separated by ';'
 #   vdevlab.virtio_id=<id>              passed to the driver's virtio_id
 #   vdevlab.shell=1                     open a shell instead of powering off
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
@@ -32,7 +35,7 @@ echo 8 > /proc/sys/kernel/printk
 [ -w /proc/sys/kernel/hung_task_timeout_secs ] && echo 10 > /proc/sys/kernel/hung_task_timeout_secs
 
 fail() {
-    echo "VDEVLAB-RESULT {\"scenario\":\"${run%%,*}\",\"ok\":false,\"error\":\"$1\"}"
+    echo "VDEVLAB-FAIL $1"
     finish 1
 }
 finish() {
@@ -60,6 +63,18 @@ echo "VDEVLAB-DRIVER-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ -z "$run" ]; then
     finish 0
 fi
-# shellcheck disable=SC2046
-/bin/vdevlab-guest $(echo "$run" | tr ',' ' ')
-finish $?
+# Run every scenario in order; the exit marker counts the failures. A
+# failing scenario does not stop the others: each reports its own result.
+failures=0
+old_ifs=$IFS
+IFS=';'
+set -f
+for one in $run; do
+    IFS=$old_ifs
+    # shellcheck disable=SC2046
+    /bin/vdevlab-guest $(echo "$one" | tr ',' ' ') || failures=$((failures + 1))
+    IFS=';'
+done
+IFS=$old_ifs
+set +f
+finish $failures

@@ -49,9 +49,9 @@ pub fn accel_name(accel: Accel) -> &'static str {
 pub struct BootSpec {
     /// Scenario name (run records, console file name).
     pub scenario: String,
-    /// The guest program and its arguments (`vdevlab-guest <run...>`);
-    /// empty: only load the driver.
-    pub run: Vec<String>,
+    /// Guest program invocations to run in order (`vdevlab-guest <args>`
+    /// each); empty: only load the driver.
+    pub runs: Vec<Vec<String>>,
     /// The VMM.
     pub vmm: Vmm,
     /// The accelerator.
@@ -61,11 +61,11 @@ pub struct BootSpec {
 }
 
 impl BootSpec {
-    /// A QEMU/TCG boot of `scenario` running `run`.
-    pub fn new(scenario: &str, run: &[&str]) -> Self {
+    /// A QEMU/TCG boot named `scenario` running the guest programs `runs`.
+    pub fn new(scenario: &str, runs: Vec<Vec<String>>) -> Self {
         Self {
             scenario: scenario.to_string(),
-            run: run.iter().map(|s| s.to_string()).collect(),
+            runs,
             vmm: Vmm::Qemu,
             accel: Accel::Tcg,
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
@@ -107,6 +107,8 @@ pub struct Guest {
     backend: Child,
     lines: Receiver<ConsoleLine>,
     seen: Vec<ConsoleLine>,
+    /// Lines before this index were matched already by `wait_for`.
+    cursor: usize,
     started: Instant,
     exited: bool,
 }
@@ -198,14 +200,17 @@ impl Guest {
             "{} quiet vdevlab.virtio_id={}",
             base.cmdline, spec.virtio_id
         );
-        if !spec.run.is_empty() {
-            if spec.run.iter().any(|a| a.contains([',', ' ', '"'])) {
+        if !spec.runs.is_empty() {
+            // init.sh splits runs at ';' and arguments at ','.
+            let bad = |a: &String| a.is_empty() || a.contains([',', ';', ' ', '"']);
+            if spec.runs.iter().flatten().any(bad) {
                 bail!(
-                    "guest program arguments cannot contain ',', ' ' or '\"': {:?}",
-                    spec.run
+                    "guest program arguments must be non-empty, without ',', ';', ' ' or '\"': {:?}",
+                    spec.runs
                 );
             }
-            cmdline.push_str(&format!(" vdevlab.run={}", spec.run.join(",")));
+            let runs: Vec<String> = spec.runs.iter().map(|r| r.join(",")).collect();
+            cmdline.push_str(&format!(" vdevlab.run={}", runs.join(";")));
         }
         let kernel_dir = env.kernel.parent().context("kernel path has no folder")?;
         let kernel_name = env
@@ -321,6 +326,7 @@ impl Guest {
             backend,
             lines,
             seen: Vec::new(),
+            cursor: 0,
             started,
             exited: false,
         })
@@ -336,25 +342,35 @@ impl Guest {
         self.seen.push(line.clone());
     }
 
-    /// Wait for a console line containing `marker`; return the text after it.
+    /// Wait for the next console line (after the last one matched)
+    /// containing `marker`; return the text from the marker on. Fails early
+    /// when init reports a failure (`VDEVLAB-FAIL`) or the kernel panics.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String> {
-        if let Some(rest) = self
-            .seen
-            .iter()
-            .find_map(|l| l.text.split_once(marker).map(|(_, r)| r.trim().to_string()))
-        {
-            return Ok(rest);
-        }
         let deadline = Instant::now() + timeout;
         loop {
+            while self.cursor < self.seen.len() {
+                let text = &self.seen[self.cursor].text;
+                self.cursor += 1;
+                if let Some(pos) = text.find(marker) {
+                    return Ok(text[pos..].to_string());
+                }
+                if let Some(pos) = text.find("VDEVLAB-FAIL ") {
+                    bail!(
+                        "guest init failed: {} (console: {})",
+                        &text[pos + 13..],
+                        self.console_path.display()
+                    );
+                }
+                if text.contains("Kernel panic - not syncing") {
+                    bail!(
+                        "guest kernel panic: {text} (console: {})",
+                        self.console_path.display()
+                    );
+                }
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.note(&line);
-                    if let Some((_, rest)) = line.text.split_once(marker) {
-                        return Ok(rest.trim().to_string());
-                    }
-                }
+                Ok(line) => self.note(&line),
                 Err(RecvTimeoutError::Timeout) => bail!(
                     "no '{marker}' on the guest console within {timeout:?} (console: {})",
                     self.console_path.display()
