@@ -1,10 +1,11 @@
 //! The walking skeleton: one payload from the emulated device reaches a
 //! blocking read() in a booted guest, under every VMM the machine can run.
 
+use vdevlab_device::irq::IrqMode;
 use vdevlab_lab::env::{cloud_hypervisor, kvm_usable};
 use vdevlab_lab::guest::Vmm;
 use vdevlab_lab::record::{read_all, Verdict};
-use vdevlab_lab::scenario::{blocking_rx, pattern, record_skip};
+use vdevlab_lab::scenario::{blocking_rx, pattern, record_skip, run_streams, StreamCase};
 use vdevlab_tests::{assert_passed, lab};
 use vdevlab_vmm_config::Accel;
 
@@ -95,4 +96,30 @@ fn driver_builds_warning_free_with_w1() {
         warnings.join("\n")
     );
     assert!(lab.artifacts.driver_ko.exists());
+}
+
+/// The driver must deliver every byte whatever the device's interrupt
+/// policy: coalesced (one interrupt per 8 buffers or 2 ms) and delayed with
+/// seeded jitter. One boot, two scenarios.
+#[test]
+fn blocking_rx_with_coalesced_and_delayed_interrupts() {
+    let lab = lab();
+    let mut coalesced = StreamCase::new("blocking-rx", 100_000, 1);
+    coalesced.irq = Some(IrqMode::Coalesce {
+        count: 8,
+        usecs: 2000,
+    });
+    let mut delayed = StreamCase::new("blocking-rx", 100_000, 2);
+    delayed.irq = Some(IrqMode::Delay {
+        usecs: 500,
+        jitter_usecs: 1500,
+        seed: 42,
+    });
+    let outs = run_streams(&lab, Vmm::Qemu, Accel::Tcg, &[coalesced, delayed])
+        .expect("the scenarios could run");
+    assert_eq!(outs.len(), 2);
+    for out in &outs {
+        assert_passed(out);
+        assert_eq!(out.guest.as_ref().unwrap().sha256, out.host_sha256);
+    }
 }

@@ -28,14 +28,19 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{Pass, QueueError, QwDevice};
+use crate::irq::IrqAction;
 use crate::spec::{MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 
 /// Custom epoll event id: the host side changed the device's data (bytes
 /// injected, capture drained), so both queues need another pass. Ids up to
 /// `NUM_QUEUES` are reserved by vhost-user-backend.
 pub const DEVICE_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Custom epoll event ids of the queues' interrupt timers (coalesce and
+/// delay modes): `IRQ_TIMER_EVENT + queue`.
+pub const IRQ_TIMER_EVENT: u16 = DEVICE_EVENT + 1;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -46,6 +51,7 @@ pub struct QwBackend {
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
     device_event: EventFd,
+    irq_timers: Vec<Mutex<TimerFd>>,
 }
 
 impl QwBackend {
@@ -56,6 +62,9 @@ impl QwBackend {
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             device_event: EventFd::new(EFD_NONBLOCK)?,
+            irq_timers: (0..NUM_QUEUES)
+                .map(|_| nonblocking_timer().map(Mutex::new))
+                .collect::<io::Result<_>>()?,
         })
     }
 
@@ -93,18 +102,27 @@ impl QwBackend {
                 }
             };
             if pass.completed > 0 {
-                if state.needs_notification()? {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!(queue, error = %e, "could not signal the used queue");
+                let action = self.device().on_completions(queue, pass.completed);
+                match action {
+                    IrqAction::SignalNow => self.signal(queue, &mut state)?,
+                    IrqAction::ArmTimer(after) => {
+                        if let Some(t) = self.irq_timers.get(queue as usize) {
+                            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Err(e) = t.reset(after, None) {
+                                // Never lose the interrupt: signal now.
+                                warn!(queue, error = %e, "interrupt timer failed; signalling now");
+                                drop(t);
+                                self.signal(queue, &mut state)?;
+                            }
+                        }
                     }
-                    self.device().stats_mut().interrupts_raised += 1;
-                } else {
-                    self.device().stats_mut().interrupts_suppressed += 1;
+                    IrqAction::Wait => {}
                 }
                 debug!(
                     queue,
                     completed = pass.completed,
                     bytes = pass.bytes,
+                    ?action,
                     "queue pass"
                 );
             }
@@ -118,6 +136,40 @@ impl QwBackend {
         Ok(())
     }
 
+    /// Raise `queue`'s used-buffer interrupt unless the driver suppressed it.
+    fn signal(
+        &self,
+        queue: u16,
+        state: &mut vhost_user_backend::VringState,
+    ) -> Result<(), QueueError> {
+        if state.needs_notification()? {
+            if let Err(e) = state.signal_used_queue() {
+                warn!(queue, error = %e, "could not signal the used queue");
+            }
+            self.device().stats_mut().interrupts_raised += 1;
+        } else {
+            self.device().stats_mut().interrupts_suppressed += 1;
+        }
+        Ok(())
+    }
+
+    /// `queue`'s interrupt timer expired.
+    fn irq_timer(&self, queue: u16, vrings: &[VringRwLock]) {
+        if let Some(t) = self.irq_timers.get(queue as usize) {
+            // Clear the expiry count (non-blocking: the timer fired).
+            let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
+        }
+        if !self.device().on_irq_timer(queue) {
+            return;
+        }
+        if let Some(vring) = vrings.get(queue as usize) {
+            let mut state = vring.get_mut();
+            if let Err(e) = self.signal(queue, &mut state) {
+                warn!(queue, error = %e, "virtqueue error while signalling");
+            }
+        }
+    }
+
     fn pass(&self, queue: u16, vrings: &[VringRwLock]) {
         let Some(vring) = vrings.get(queue as usize) else {
             return;
@@ -128,6 +180,20 @@ impl QwBackend {
             warn!(queue, error = %e, "virtqueue error; the driver must reset the device");
         }
     }
+}
+
+/// A timerfd whose read never blocks: a timer re-armed after its expiry was
+/// reported (in the same epoll batch) has nothing to read any more.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let t = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let fd = t.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with flags read from it.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above; adding O_NONBLOCK to the flags just read.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t)
 }
 
 impl VhostUserBackend for QwBackend {
@@ -194,6 +260,9 @@ impl VhostUserBackend for QwBackend {
                 self.pass(RX_QUEUE, vrings);
                 self.pass(TX_QUEUE, vrings);
             }
+            e if (IRQ_TIMER_EVENT..IRQ_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
+                self.irq_timer(e - IRQ_TIMER_EVENT, vrings)
+            }
             other => warn!(event = other, "unknown device event"),
         }
         Ok(())
@@ -219,6 +288,12 @@ pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Resu
                     u64::from(DEVICE_EVENT),
                 )
                 .map_err(|e| anyhow::anyhow!("could not register the device event: {e}"))?;
+            for (q, timer) in backend.irq_timers.iter().enumerate() {
+                let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(IRQ_TIMER_EVENT) + q as u64)
+                    .map_err(|e| anyhow::anyhow!("could not register the interrupt timer: {e}"))?;
+            }
         }
         info!(socket = %socket.display(), "waiting for the VMM on the vhost-user socket");
         match daemon.serve(socket) {

@@ -22,6 +22,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{QwDevice, Stats};
+use crate::irq::IrqMode;
+use crate::spec::{RX_QUEUE, TX_QUEUE};
 
 /// Longest request line accepted, in bytes (a 4 MiB injection, hex encoded,
 /// plus framing). Longer lines get an error and the connection is closed.
@@ -46,6 +48,15 @@ pub enum Request {
     },
     /// The device's counters and buffer levels.
     Stats {},
+    /// Set the interrupt mode of a queue (`rx`, `tx` or `all`).
+    InterruptMode {
+        /// `rx`, `tx` or `all`.
+        queue: String,
+        /// The mode, e.g. `{"mode":"coalesce","count":4,"usecs":500}`.
+        irq: IrqMode,
+    },
+    /// Drop the receive FIFO and the transmit capture (counters are kept).
+    Reset {},
 }
 
 /// A control-plane reply. `ok` says whether the request succeeded; the other
@@ -120,6 +131,34 @@ pub fn handle_request(device: &Mutex<QwDevice>, kick: &EventFd, req: Request) ->
             stats: Some(dev.stats()),
             ..Response::default()
         },
+        Request::InterruptMode { queue, irq } => {
+            let queues: &[u16] = match queue.as_str() {
+                "rx" => &[RX_QUEUE],
+                "tx" => &[TX_QUEUE],
+                "all" => &[RX_QUEUE, TX_QUEUE],
+                _ => &[],
+            };
+            if queues.is_empty() {
+                Response::error(format!(
+                    "interrupt_mode: queue must be rx, tx or all, not {queue:?}"
+                ))
+            } else {
+                match queues.iter().try_for_each(|&q| dev.set_irq_mode(q, irq)) {
+                    Ok(()) => Response {
+                        ok: true,
+                        ..Response::default()
+                    },
+                    Err(e) => Response::error(format!("interrupt_mode: {e}")),
+                }
+            }
+        }
+        Request::Reset {} => {
+            dev.reset();
+            Response {
+                ok: true,
+                ..Response::default()
+            }
+        }
     };
     resp.rx_pending = Some(dev.rx_pending());
     resp.tx_captured = Some(dev.tx_captured());
@@ -374,6 +413,15 @@ impl ControlClient {
         hex::decode(resp.data.unwrap_or_default()).map_err(io::Error::other)
     }
 
+    /// Set the interrupt mode of `queue` (`rx`, `tx` or `all`).
+    pub fn interrupt_mode(&mut self, queue: &str, irq: IrqMode) -> io::Result<()> {
+        self.checked(&Request::InterruptMode {
+            queue: queue.into(),
+            irq,
+        })
+        .map(drop)
+    }
+
     /// The device's counters.
     pub fn stats(&mut self) -> io::Result<Response> {
         self.checked(&Request::Stats {})
@@ -423,6 +471,44 @@ mod tests {
             .unwrap();
         assert_eq!(stats.injected_bytes, 4);
         assert_eq!(stats.inject_rejected_bytes, 1);
+    }
+
+    #[test]
+    fn interrupt_mode_and_reset() {
+        let dev = Mutex::new(QwDevice::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let req: Request = serde_json::from_str(
+            r#"{"op":"interrupt_mode","queue":"all","irq":{"mode":"coalesce","count":4,"usecs":500}}"#,
+        )
+        .unwrap();
+        assert!(handle_request(&dev, &kick, req).ok);
+        let want = IrqMode::Coalesce {
+            count: 4,
+            usecs: 500,
+        };
+        assert_eq!(dev.lock().unwrap().irq_mode(TX_QUEUE), Some(want));
+        let bad = Request::InterruptMode {
+            queue: "middle".into(),
+            irq: IrqMode::Immediate,
+        };
+        assert!(handle_request(&dev, &kick, bad)
+            .error
+            .unwrap()
+            .contains("rx, tx or all"));
+        let bad = Request::InterruptMode {
+            queue: "rx".into(),
+            irq: IrqMode::Coalesce { count: 0, usecs: 1 },
+        };
+        assert!(!handle_request(&dev, &kick, bad).ok);
+        handle_request(
+            &dev,
+            &kick,
+            Request::Inject {
+                data: "0102".into(),
+            },
+        );
+        let resp = handle_request(&dev, &kick, Request::Reset {});
+        assert_eq!(resp.rx_pending, Some(0));
     }
 
     #[test]

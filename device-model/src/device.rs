@@ -16,7 +16,8 @@ use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestMemory, Permissions};
 
-use crate::spec::MAX_CHAIN_BYTES;
+use crate::irq::{IrqAction, IrqMode, IrqPolicy};
+use crate::spec::{MAX_CHAIN_BYTES, NUM_QUEUES};
 
 /// Why a descriptor chain was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -53,6 +54,16 @@ pub enum ChainError {
         len: u64,
         /// The limit.
         max: u64,
+    },
+    /// The chain never ends: its last descriptor still says NEXT when the
+    /// walk had to stop (a descriptor loop, a next index past the table, a
+    /// broken indirect table, or more descriptors than the queue size).
+    #[error("chain {head} does not end after {count} descriptors (a loop, a bad next index or a broken indirect table)")]
+    Runaway {
+        /// Head index of the chain.
+        head: u16,
+        /// Descriptors walked before stopping.
+        count: usize,
     },
     /// The chain has no usable bytes at all.
     #[error("chain {head} has no bytes")]
@@ -129,6 +140,7 @@ pub struct QwDevice {
     tx_capacity: usize,
     stats: Stats,
     bad_chain_logged: bool,
+    irq: [IrqPolicy; NUM_QUEUES],
 }
 
 impl Default for QwDevice {
@@ -147,6 +159,7 @@ impl QwDevice {
             tx_capacity,
             stats: Stats::default(),
             bad_chain_logged: false,
+            irq: Default::default(),
         }
     }
 
@@ -186,6 +199,36 @@ impl QwDevice {
     /// Mutable access to the counters, for the transport's interrupt bookkeeping.
     pub fn stats_mut(&mut self) -> &mut Stats {
         &mut self.stats
+    }
+
+    /// Set queue `queue`'s interrupt mode.
+    pub fn set_irq_mode(&mut self, queue: u16, mode: IrqMode) -> Result<(), String> {
+        mode.validate()?;
+        let p = self
+            .irq
+            .get_mut(queue as usize)
+            .ok_or_else(|| format!("no queue {queue}"))?;
+        p.set_mode(mode);
+        Ok(())
+    }
+
+    /// Queue `queue`'s interrupt mode.
+    pub fn irq_mode(&self, queue: u16) -> Option<IrqMode> {
+        self.irq.get(queue as usize).map(IrqPolicy::mode)
+    }
+
+    /// `n` buffers of `queue` were completed: what to do about the interrupt.
+    pub fn on_completions(&mut self, queue: u16, n: u32) -> IrqAction {
+        self.irq
+            .get_mut(queue as usize)
+            .map_or(IrqAction::Wait, |p| p.on_completions(n))
+    }
+
+    /// `queue`'s interrupt timer expired: whether to raise the interrupt.
+    pub fn on_irq_timer(&mut self, queue: u16) -> bool {
+        self.irq
+            .get_mut(queue as usize)
+            .is_some_and(IrqPolicy::on_timer)
     }
 
     /// Forget all data (device reset). Counters are kept: they describe the
@@ -364,7 +407,11 @@ fn validate_chain<M: GuestMemory>(
 ) -> Result<u64, ChainError> {
     let head = chain.head_index();
     let mut total: u64 = 0;
+    let mut count = 0;
+    let mut last_has_next = false;
     for (index, desc) in chain.clone().enumerate() {
+        count = index + 1;
+        last_has_next = desc.has_next();
         let writes = desc.is_write_only();
         if writes != (dir == Direction::DeviceWrites) {
             return Err(ChainError::WrongDirection {
@@ -402,6 +449,12 @@ fn validate_chain<M: GuestMemory>(
             });
         }
     }
+    // virtio-queue's walk stops silently after queue-size descriptors or at
+    // a bad next index or indirect table; a chain whose last descriptor we
+    // saw still points onwards is malformed, not merely short.
+    if last_has_next {
+        return Err(ChainError::Runaway { head, count });
+    }
     if total == 0 {
         return Err(ChainError::Empty { head });
     }
@@ -432,11 +485,13 @@ mod tests {
         chains: &[Vec<RawDescriptor>],
     ) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
         let vq = MockSplitQueue::new(mem, 16);
-        let mut all = Vec::new();
+        // One call per chain: the mock decides chain boundaries from NEXT
+        // flags, which malformed chains set on purpose.
+        let mut offset = 0;
         for c in chains {
-            all.extend_from_slice(c);
+            vq.add_desc_chains(c, offset).unwrap();
+            offset += c.len() as u16;
         }
-        vq.add_desc_chains(&all, 0).unwrap();
         let q: Queue = vq.create_queue().unwrap();
         (vq, q)
     }
@@ -526,6 +581,29 @@ mod tests {
         let mut got = [0u8; 8];
         mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
         assert_eq!(&got, b"payload!", "no byte lost to the bad chains");
+    }
+
+    #[test]
+    fn loops_and_bad_next_indices_are_refused() {
+        let mem = memory();
+        let w = VRING_DESC_F_WRITE;
+        let n = VRING_DESC_F_NEXT;
+        let (vq, mut q) = queue_with(
+            &mem,
+            &[
+                vec![desc(0x8000, 4, w | n, 0)],  // points at itself
+                vec![desc(0x9000, 4, w | n, 99)], // next past the table
+                vec![desc(0xa000, 8, w, 0)],      // fine
+            ],
+        );
+        let mut dev = QwDevice::default();
+        dev.inject(b"12345678");
+        let pass = dev.process_rx(&mut q, &mem).unwrap();
+        assert_eq!(pass.completed, 3);
+        assert_eq!(dev.stats().bad_chains, 2);
+        assert_eq!(used(&vq, 0), (0, 0));
+        assert_eq!(used(&vq, 1), (1, 0));
+        assert_eq!(used(&vq, 2), (2, 8));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`device`]: the device logic, independent of the transport;
 //! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation;
 //! - [`control`]: the host control plane (a Unix socket speaking JSON lines);
+//! - [`irq`]: interrupt policies (immediate, coalesced, delayed);
 //! - [`spec`]: the numbers of `docs/device-spec.md`.
 //!
 //! The device never knows which VMM or VM it serves.
@@ -12,4 +13,5 @@
 pub mod backend;
 pub mod control;
 pub mod device;
+pub mod irq;
 pub mod spec;

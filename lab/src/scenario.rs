@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use vdevlab_device::device::Stats;
+use vdevlab_device::irq::IrqMode;
 use vdevlab_vmm_config::Accel;
 
 use crate::guest::{accel_name, BootSpec, Guest, Vmm};
@@ -113,6 +114,8 @@ pub struct StreamCase {
     pub seed: u64,
     /// Bytes per read()/write() in the guest program.
     pub chunk: usize,
+    /// Interrupt mode for both queues during this case (default: immediate).
+    pub irq: Option<IrqMode>,
 }
 
 impl StreamCase {
@@ -124,6 +127,7 @@ impl StreamCase {
             bytes,
             seed,
             chunk: 4000,
+            irq: None,
         }
     }
 
@@ -191,6 +195,8 @@ fn drive_case(
     let dir = case.direction()?;
     guest.wait_for(&format!("VDEVLAB-READY {}", case.scenario), BOOT_TIMEOUT)?;
     let mut ctl = guest.control()?;
+    ctl.interrupt_mode("all", case.irq.unwrap_or_default())
+        .context("setting the interrupt mode")?;
     let host_sha = match dir {
         Direction::Rx => {
             let mut sent = 0;
