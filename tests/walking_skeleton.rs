@@ -123,3 +123,57 @@ fn blocking_rx_with_coalesced_and_delayed_interrupts() {
         assert_eq!(out.guest.as_ref().unwrap().sha256, out.host_sha256);
     }
 }
+
+/// The I/O models the current driver serves (read/write, O_NONBLOCK, poll;
+/// POSIX AIO and io_uring on top of those), both directions, in one boot.
+/// fasync (sigio) and native AIO (linux-aio) come with the driver issue.
+#[test]
+fn io_models_rx_and_tx() {
+    let lab = lab();
+    let models = [
+        "blocking",
+        "nonblocking",
+        "select",
+        "poll",
+        "epoll-lt",
+        "epoll-et",
+        "posix-aio",
+        "io-uring",
+    ];
+    let cases: Vec<StreamCase> = models
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            [
+                StreamCase::new(&format!("{m}-rx"), 40_000 + i, 100 + i as u64),
+                StreamCase::new(&format!("{m}-tx"), 40_000 + i, 200 + i as u64),
+            ]
+        })
+        .collect();
+    let outs = run_streams(&lab, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    assert_eq!(outs.len(), cases.len());
+    let failed: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.passed())
+        .map(|o| {
+            format!(
+                "{}: {}",
+                o.record.scenario,
+                o.record.reason.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "failed scenarios:\n{}",
+        failed.join("\n")
+    );
+    for out in &outs {
+        assert_eq!(
+            out.guest.as_ref().unwrap().sha256,
+            out.host_sha256,
+            "{}",
+            out.record.scenario
+        );
+    }
+}

@@ -32,9 +32,12 @@ pub struct GuestResult {
     /// Bytes moved.
     #[serde(default)]
     pub bytes: Option<u64>,
-    /// read()/write() calls it took.
+    /// read() calls it took (rx).
     #[serde(default)]
     pub reads: Option<u64>,
+    /// write() calls it took (tx).
+    #[serde(default)]
+    pub writes: Option<u64>,
     /// SHA-256 of the stream, hex.
     #[serde(default)]
     pub sha256: Option<String>,
@@ -60,19 +63,9 @@ impl Outcome {
     }
 }
 
-/// A seeded pseudo-random stream (xorshift64*), reproducible from its seed.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// The seeded stream the guest programs use (shared code, so both sides
+/// agree byte for byte).
+pub use vdevlab_guest::pattern;
 
 /// Record a cell that cannot run here, with the reason.
 pub fn record_skip(

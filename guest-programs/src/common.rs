@@ -1,0 +1,366 @@
+//! What every model shares: opening the device, the receive and transmit
+//! bookkeeping (byte counts, SHA-256, partial reads and short writes), and
+//! small wrappers around system calls.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::{pattern, Opts, Report};
+
+/// How many leading bytes of the stream go into the `head` field.
+const HEAD_LEN: usize = 16;
+
+/// The last OS error, with what was being done.
+pub fn os_err(what: &str) -> String {
+    format!("{what}: {}", io::Error::last_os_error())
+}
+
+/// An errno value as text, with what was being done.
+pub fn errno_err(what: &str, errno: i32) -> String {
+    format!("{what}: {}", io::Error::from_raw_os_error(errno))
+}
+
+/// Whether the last OS error is `EINTR`.
+pub fn interrupted() -> bool {
+    io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+}
+
+/// How the device is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `O_RDONLY`.
+    Read,
+    /// `O_WRONLY`.
+    Write,
+    /// `O_RDWR`.
+    ReadWrite,
+}
+
+/// Open `path` for `access`, with `O_NONBLOCK` if `nonblock`.
+pub fn open_device(path: &str, access: Access, nonblock: bool) -> Result<OwnedFd, String> {
+    let mut oo = OpenOptions::new();
+    match access {
+        Access::Read => oo.read(true),
+        Access::Write => oo.write(true),
+        Access::ReadWrite => oo.read(true).write(true),
+    };
+    oo.custom_flags(libc::O_CLOEXEC | if nonblock { libc::O_NONBLOCK } else { 0 });
+    let file = oo.open(path).map_err(|e| format!("open {path}: {e}"))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Set or clear status flags (`O_NONBLOCK`, `O_ASYNC`) with `F_SETFL`.
+pub fn set_fl(fd: RawFd, set: libc::c_int, clear: libc::c_int) -> Result<(), String> {
+    // SAFETY: F_GETFL takes no argument; `fd` is a descriptor the caller owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(os_err("fcntl(F_GETFL)"));
+    }
+    // SAFETY: F_SETFL takes an int argument; `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, (flags | set) & !clear) } < 0 {
+        return Err(os_err("fcntl(F_SETFL)"));
+    }
+    Ok(())
+}
+
+/// Sleep for `d` (nanosleep; an interruption just ends the sleep early).
+pub fn nap(d: Duration) {
+    let ts = libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec; a null remainder pointer is allowed.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+/// What one non-waiting attempt at I/O did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// This many bytes (at least 1) moved.
+    Moved(usize),
+    /// `EAGAIN`: nothing could move now.
+    WouldBlock,
+}
+
+/// The receive side: how much is still wanted, and the hash of what came.
+#[derive(Debug)]
+pub struct Rx {
+    want: u64,
+    total: u64,
+    ops: u64,
+    chunk: usize,
+    hash: Sha256,
+    head: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Rx {
+    /// Expect `o.bytes` bytes, requested at most `o.chunk` at a time.
+    pub fn new(o: &Opts) -> Self {
+        Self {
+            want: o.bytes,
+            total: 0,
+            ops: 0,
+            chunk: o.chunk,
+            hash: Sha256::new(),
+            head: Vec::with_capacity(HEAD_LEN),
+            buf: vec![0; o.chunk],
+        }
+    }
+
+    /// Whether every expected byte arrived.
+    pub fn done(&self) -> bool {
+        self.total >= self.want
+    }
+
+    /// Bytes received so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Bytes still expected.
+    pub fn remaining(&self) -> u64 {
+        self.want - self.total
+    }
+
+    /// Size of the next request: at most one chunk, never past the end.
+    pub fn next_len(&self) -> usize {
+        self.remaining().min(self.chunk as u64) as usize
+    }
+
+    /// Size of the next request that must also stop at `limit` total bytes.
+    pub fn next_len_until(&self, limit: u64) -> usize {
+        limit.saturating_sub(self.total).min(self.next_len() as u64) as usize
+    }
+
+    /// Take `data`, the result of one successful read, in stream order.
+    pub fn accept(&mut self, data: &[u8]) -> Result<(), String> {
+        if data.is_empty() {
+            return Err(format!(
+                "read returned 0 (end of file) after {} bytes",
+                self.total
+            ));
+        }
+        if data.len() as u64 > self.remaining() {
+            return Err(format!(
+                "a read returned {} bytes with only {} requested/outstanding after {} bytes",
+                data.len(),
+                self.remaining(),
+                self.total
+            ));
+        }
+        if self.head.len() < HEAD_LEN {
+            let take = (HEAD_LEN - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..take]);
+        }
+        self.hash.update(data);
+        self.total += data.len() as u64;
+        self.ops += 1;
+        Ok(())
+    }
+
+    /// One `read()` of up to a chunk, without waiting beyond what the
+    /// descriptor's own mode does. `EINTR` is retried; `EAGAIN` is
+    /// [`Step::WouldBlock`]; end of file is an error.
+    pub fn read_once(&mut self, fd: RawFd) -> Result<Step, String> {
+        let want = self.next_len();
+        loop {
+            // SAFETY: `buf` is a live, writable buffer of at least `want`
+            // bytes (`want` <= chunk = its length); `fd` is open.
+            let n = unsafe { libc::read(fd, self.buf.as_mut_ptr().cast(), want) };
+            if n >= 0 {
+                let n = n as usize;
+                let buf = std::mem::take(&mut self.buf);
+                let r = self.accept(&buf[..n]);
+                self.buf = buf;
+                r?;
+                return Ok(Step::Moved(n));
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(Step::WouldBlock),
+                _ => return Err(os_err(&format!("read after {} bytes", self.total))),
+            }
+        }
+    }
+
+    /// `bytes`, `reads`, `sha256` and `head`.
+    pub fn report(self) -> Report {
+        let mut r = Report::new();
+        r.num("bytes", self.total)
+            .num("reads", self.ops)
+            .text("sha256", &hex::encode(self.hash.finalize()))
+            .text("head", &hex::encode(&self.head));
+        r
+    }
+}
+
+/// The transmit side: the pattern to send and how much of it went.
+#[derive(Debug)]
+pub struct Tx {
+    data: Vec<u8>,
+    sent: usize,
+    ops: u64,
+    chunk: usize,
+    hash: Sha256,
+}
+
+impl Tx {
+    /// `o.bytes` of the pattern from `o.seed`, written at most `o.chunk`
+    /// at a time.
+    pub fn new(o: &Opts) -> Result<Self, String> {
+        let len = usize::try_from(o.bytes).map_err(|_| format!("--bytes {} too large", o.bytes))?;
+        Ok(Self {
+            data: pattern(o.seed, len),
+            sent: 0,
+            ops: 0,
+            chunk: o.chunk,
+            hash: Sha256::new(),
+        })
+    }
+
+    /// Whether every byte was written.
+    pub fn done(&self) -> bool {
+        self.sent >= self.data.len()
+    }
+
+    /// Bytes written so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Bytes still to write.
+    pub fn remaining(&self) -> usize {
+        self.data.len() - self.sent
+    }
+
+    /// The next request: at most one chunk of what is left.
+    pub fn next(&self) -> &[u8] {
+        let end = self.sent + self.remaining().min(self.chunk);
+        &self.data[self.sent..end]
+    }
+
+    /// The next request that must also stop at `limit` total bytes.
+    pub fn next_until(&self, limit: usize) -> &[u8] {
+        let n = limit.saturating_sub(self.sent).min(self.next().len());
+        &self.data[self.sent..self.sent + n]
+    }
+
+    /// The whole unsent rest, for requests that span several chunks.
+    pub fn rest(&self) -> &[u8] {
+        &self.data[self.sent..]
+    }
+
+    /// Record that one write took the next `n` bytes.
+    pub fn advance(&mut self, n: usize) -> Result<(), String> {
+        if n == 0 {
+            return Err(format!("write returned 0 after {} bytes", self.sent));
+        }
+        if n > self.remaining() {
+            return Err(format!(
+                "a write returned {n} with only {} bytes outstanding after {} bytes",
+                self.remaining(),
+                self.sent
+            ));
+        }
+        self.hash.update(&self.data[self.sent..self.sent + n]);
+        self.sent += n;
+        self.ops += 1;
+        Ok(())
+    }
+
+    /// One `write()` of up to a chunk; `EINTR` is retried, `EAGAIN` is
+    /// [`Step::WouldBlock`], and a short write just advances less.
+    pub fn write_once(&mut self, fd: RawFd) -> Result<Step, String> {
+        loop {
+            let chunk = self.next();
+            // SAFETY: `chunk` is a live, readable buffer of `chunk.len()`
+            // bytes; `fd` is open.
+            let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+            if n >= 0 {
+                self.advance(n as usize)?;
+                return Ok(Step::Moved(n as usize));
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(Step::WouldBlock),
+                _ => return Err(os_err(&format!("write after {} bytes", self.sent))),
+            }
+        }
+    }
+
+    /// `bytes`, `writes`, `sha256` (of what was written) and `head`.
+    pub fn report(self) -> Report {
+        let mut r = Report::new();
+        let head = &self.data[..self.sent.min(HEAD_LEN)];
+        r.num("bytes", self.sent as u64)
+            .num("writes", self.ops)
+            .text("sha256", &hex::encode(self.hash.finalize()))
+            .text("head", &hex::encode(head));
+        r
+    }
+}
+
+/// Either side, for the models whose loop is the same both ways.
+#[derive(Debug)]
+pub enum Side {
+    /// Reading.
+    Rx(Rx),
+    /// Writing.
+    Tx(Tx),
+}
+
+impl Side {
+    /// The side for `dir`, sized from `o`.
+    pub fn new(o: &Opts, dir: crate::Dir) -> Result<Self, String> {
+        Ok(match dir {
+            crate::Dir::Rx => Side::Rx(Rx::new(o)),
+            crate::Dir::Tx => Side::Tx(Tx::new(o)?),
+        })
+    }
+
+    /// How the device must be opened for this side.
+    pub fn access(&self) -> Access {
+        match self {
+            Side::Rx(_) => Access::Read,
+            Side::Tx(_) => Access::Write,
+        }
+    }
+
+    /// Whether all bytes moved.
+    pub fn done(&self) -> bool {
+        match self {
+            Side::Rx(r) => r.done(),
+            Side::Tx(t) => t.done(),
+        }
+    }
+
+    /// One read or write attempt; see [`Rx::read_once`], [`Tx::write_once`].
+    pub fn once(&mut self, fd: RawFd) -> Result<Step, String> {
+        match self {
+            Side::Rx(r) => r.read_once(fd),
+            Side::Tx(t) => t.write_once(fd),
+        }
+    }
+
+    /// Poll events that mean "this side can make progress".
+    pub fn poll_events(&self) -> libc::c_short {
+        match self {
+            Side::Rx(_) => libc::POLLIN,
+            Side::Tx(_) => libc::POLLOUT,
+        }
+    }
+
+    /// The report of this side.
+    pub fn report(self) -> Report {
+        match self {
+            Side::Rx(r) => r.report(),
+            Side::Tx(t) => t.report(),
+        }
+    }
+}

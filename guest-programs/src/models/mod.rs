@@ -1,0 +1,19 @@
+//! One module per Linux I/O model. Each has `run(opts, dir)` that opens the
+//! device, prints `VDEVLAB-READY`, moves exactly `--bytes` bytes the model's
+//! way and returns the fields of the result line (`bytes`, `reads` or
+//! `writes`, `sha256`, `head`, then the model's own counters).
+//!
+//! Every model keeps at most one request in flight per direction (except
+//! `posix-aio`'s `lio_listio` step, see there): the device is a byte
+//! stream, and two reads in flight at once could complete out of order.
+
+pub mod blocking;
+pub mod epoll;
+pub mod linux_aio;
+pub mod mixed;
+pub mod nonblocking;
+pub mod poll;
+pub mod posix_aio;
+pub mod select;
+pub mod sigio;
+pub mod uring;
