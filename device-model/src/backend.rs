@@ -19,10 +19,10 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -52,6 +52,9 @@ pub struct QwBackend {
     event_idx: AtomicBool,
     device_event: EventFd,
     irq_timers: Vec<Mutex<TimerFd>>,
+    /// A queue whose ring was found broken is left alone until the driver
+    /// resets it (GET_VRING_BASE) or the VMM reconnects.
+    broken: [AtomicBool; NUM_QUEUES],
 }
 
 impl QwBackend {
@@ -65,6 +68,7 @@ impl QwBackend {
             irq_timers: (0..NUM_QUEUES)
                 .map(|_| nonblocking_timer().map(Mutex::new))
                 .collect::<io::Result<_>>()?,
+            broken: Default::default(),
         })
     }
 
@@ -86,7 +90,7 @@ impl QwBackend {
         };
         let mem = mem.memory();
         let mut state = vring.get_mut();
-        if !state.is_enabled() || !state.get_queue().ready() {
+        if !state.is_enabled() || !state.get_queue().ready() || self.is_broken(queue) {
             return Ok(());
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -136,13 +140,44 @@ impl QwBackend {
         Ok(())
     }
 
+    fn is_broken(&self, queue: u16) -> bool {
+        self.broken
+            .get(queue as usize)
+            .is_some_and(|b| b.load(Ordering::Acquire))
+    }
+
+    /// Whether the driver wants this interrupt. With EVENT_IDX, virtio-queue
+    /// compares `used_event`; without it, virtio-queue 0.18 does not look at
+    /// `VRING_AVAIL_F_NO_INTERRUPT`, so read the available ring's flags here.
+    fn driver_wants_interrupt(
+        &self,
+        state: &mut vhost_user_backend::VringState,
+    ) -> Result<bool, QueueError> {
+        if self.event_idx.load(Ordering::Relaxed) {
+            return Ok(state.needs_notification()?);
+        }
+        let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(true);
+        };
+        let avail = GuestAddress(state.get_queue().avail_ring());
+        // The flags are the ring's first little-endian u16. If they cannot
+        // be read, interrupt: a spurious interrupt is harmless, a lost one
+        // is not.
+        let flags = mem
+            .memory()
+            .read_obj::<u16>(avail)
+            .map(u16::from_le)
+            .unwrap_or(0);
+        Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+    }
+
     /// Raise `queue`'s used-buffer interrupt unless the driver suppressed it.
     fn signal(
         &self,
         queue: u16,
         state: &mut vhost_user_backend::VringState,
     ) -> Result<(), QueueError> {
-        if state.needs_notification()? {
+        if self.driver_wants_interrupt(state)? {
             if let Err(e) = state.signal_used_queue() {
                 warn!(queue, error = %e, "could not signal the used queue");
             }
@@ -176,8 +211,12 @@ impl QwBackend {
         };
         if let Err(e) = self.process_queue(queue, vring) {
             // The ring itself is unusable until the driver resets the
-            // device; say so once per occurrence and keep the worker alive.
-            warn!(queue, error = %e, "virtqueue error; the driver must reset the device");
+            // device: stop serving it (so the fault is counted and logged
+            // once) and keep the worker alive for the other queue.
+            if let Some(b) = self.broken.get(queue as usize) {
+                b.store(true, Ordering::Release);
+            }
+            warn!(queue, error = %e, "virtqueue broken; it stays stopped until the driver resets the device");
         }
     }
 }
@@ -238,6 +277,15 @@ impl VhostUserBackend for QwBackend {
         Ok(())
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the driver (or the VMM) is resetting this queue;
+        // a new ring set-up starts clean.
+        if let Some(b) = self.broken.get(queue_index as usize) {
+            b.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Each daemon (one per VMM connection) gets its own pair; the
         // framework keeps the notifier and fires it at disconnect.
@@ -274,6 +322,9 @@ impl VhostUserBackend for QwBackend {
 /// wait for the next one (a VMM reconnecting after a restart).
 pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Result<()> {
     loop {
+        for b in &backend.broken {
+            b.store(false, Ordering::Release);
+        }
         let mut daemon = VhostUserDaemon::new(
             "vdevlab-qw".to_string(),
             backend.clone(),

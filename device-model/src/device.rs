@@ -249,6 +249,8 @@ impl QwDevice {
     ) -> Result<Pass, QueueError> {
         let mut completions = Vec::new();
         let mut pass = Pass::default();
+        let size = queue.size();
+        let mut ring_error = None;
         {
             let mut iter = queue
                 .iter(mem)
@@ -256,6 +258,12 @@ impl QwDevice {
             while !self.rx_fifo.is_empty() {
                 let Some(chain) = iter.next() else { break };
                 let head = chain.head_index();
+                if head >= size {
+                    // A head outside the table cannot even be completed:
+                    // the ring is broken. Stop before any byte moves.
+                    ring_error = Some(virtio_queue::Error::InvalidDescriptorIndex);
+                    break;
+                }
                 let len = match self.fill_chain(mem, chain) {
                     Ok(n) => n,
                     Err(e) => {
@@ -277,7 +285,7 @@ impl QwDevice {
             }
         }
         self.stats.rx_bytes += pass.bytes;
-        Ok(pass)
+        self.ring_result(ring_error, pass)
     }
 
     /// Consume the driver's transmit buffers into the capture, in order.
@@ -291,6 +299,8 @@ impl QwDevice {
     ) -> Result<Pass, QueueError> {
         let mut completions = Vec::new();
         let mut pass = Pass::default();
+        let size = queue.size();
+        let mut ring_error = None;
         {
             let mut iter = queue
                 .iter(mem)
@@ -302,28 +312,57 @@ impl QwDevice {
                 }
                 let Some(chain) = iter.next() else { break };
                 let head = chain.head_index();
-                match self.drain_chain(mem, chain, room) {
-                    Ok(Some(n)) => pass.bytes += n,
+                if head >= size {
+                    ring_error = Some(virtio_queue::Error::InvalidDescriptorIndex);
+                    break;
+                }
+                let accepted = match self.drain_chain(mem, chain, room) {
+                    Ok(Some(n)) => {
+                        pass.bytes += n;
+                        true
+                    }
                     Ok(None) => {
                         // Not enough room for this whole buffer: leave it on
                         // the ring for a later pass.
                         iter.go_to_previous_position();
                         break;
                     }
-                    Err(e) => self.refuse(&e),
-                }
-                completions.push(head);
+                    Err(e) => {
+                        self.refuse(&e);
+                        false
+                    }
+                };
+                completions.push((head, accepted));
             }
         }
-        for head in completions {
+        for (head, accepted) in completions {
             queue
                 .add_used(mem, head, 0)
                 .inspect_err(|_| self.stats.queue_errors += 1)?;
             pass.completed += 1;
-            self.stats.tx_buffers += 1;
+            // Like rx_buffers, count only buffers that carried data.
+            if accepted {
+                self.stats.tx_buffers += 1;
+            }
         }
         self.stats.tx_bytes += pass.bytes;
-        Ok(pass)
+        self.ring_result(ring_error, pass)
+    }
+
+    /// The pass's result: the completions made before a ring-level fault
+    /// are on the used ring either way; the fault is reported after them.
+    fn ring_result(
+        &mut self,
+        ring_error: Option<virtio_queue::Error>,
+        pass: Pass,
+    ) -> Result<Pass, QueueError> {
+        match ring_error {
+            Some(e) => {
+                self.stats.queue_errors += 1;
+                Err(QueueError::Ring(e))
+            }
+            None => Ok(pass),
+        }
     }
 
     fn refuse(&mut self, e: &ChainError) {
@@ -372,7 +411,10 @@ impl QwDevice {
     ) -> Result<Option<u64>, ChainError> {
         let head = chain.head_index();
         let total = validate_chain(mem, &chain, Direction::DeviceReads)?;
-        if total as usize > room {
+        // A buffer waits for room, except that an empty capture takes any
+        // buffer (at most MAX_CHAIN_BYTES): a buffer larger than the whole
+        // capture must not wedge the queue forever.
+        if total as usize > room && !self.tx_capture.is_empty() {
             return Ok(None);
         }
         let mut reader = chain.reader(mem).map_err(|e| ChainError::Access {
@@ -640,6 +682,25 @@ mod tests {
     }
 
     #[test]
+    fn tx_buffer_larger_than_the_capture_is_taken_when_it_is_empty() {
+        let mem = memory();
+        mem.write_slice(b"0123456789", GuestAddress(0x8000))
+            .unwrap();
+        let (vq, mut q) = queue_with(&mem, &[vec![desc(0x8000, 10, 0, 0)]]);
+        let mut dev = QwDevice::new(64, 4);
+        let pass = dev.process_tx(&mut q, &mem).unwrap();
+        assert_eq!(
+            pass,
+            Pass {
+                completed: 1,
+                bytes: 10
+            }
+        );
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(dev.take_capture(100), b"0123456789");
+    }
+
+    #[test]
     fn tx_refuses_writable_descriptors() {
         let mem = memory();
         let (vq, mut q) = queue_with(&mem, &[vec![desc(0x8000, 4, VRING_DESC_F_WRITE, 0)]]);
@@ -649,6 +710,25 @@ mod tests {
         assert_eq!(dev.stats().bad_chains, 1);
         assert_eq!(used(&vq, 0), (0, 0));
         assert_eq!(dev.tx_captured(), 0);
+    }
+
+    #[test]
+    fn a_head_outside_the_table_breaks_the_ring_without_losing_data() {
+        let mem = memory();
+        let w = VRING_DESC_F_WRITE;
+        let (vq, mut q) = queue_with(&mem, &[vec![desc(0x8000, 4, w, 0)]]);
+        // A second avail entry naming head 300 in a 16-entry table.
+        let ring = vq.avail_addr().checked_add(4 + 2).unwrap();
+        mem.write_obj(300u16.to_le(), ring).unwrap();
+        vq.avail().idx().store(2);
+        let mut dev = QwDevice::default();
+        dev.inject(b"abcdefgh");
+        assert!(dev.process_rx(&mut q, &mem).is_err());
+        assert_eq!(used(&vq, 0), (0, 4), "the good chain before it completed");
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(dev.rx_pending(), 4, "no byte went to the bad head");
+        assert_eq!(dev.stats().rx_bytes, 4);
+        assert_eq!(dev.stats().queue_errors, 1);
     }
 
     #[test]
