@@ -90,7 +90,11 @@ impl QwBackend {
         };
         let mem = mem.memory();
         let mut state = vring.get_mut();
-        if !state.is_enabled() || !state.get_queue().ready() || self.is_broken(queue) {
+        if !state.is_enabled()
+            || !state.get_queue().ready()
+            || self.is_broken(queue)
+            || self.device().needs_reset()
+        {
             return Ok(());
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -223,7 +227,7 @@ impl QwBackend {
 
 /// A timerfd whose read never blocks: a timer re-armed after its expiry was
 /// reported (in the same epoll batch) has nothing to read any more.
-fn nonblocking_timer() -> io::Result<TimerFd> {
+pub(crate) fn nonblocking_timer() -> io::Result<TimerFd> {
     let t = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     let fd = t.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own, with flags read from it.
@@ -256,6 +260,7 @@ impl VhostUserBackend for QwBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -266,6 +271,16 @@ impl VhostUserBackend for QwBackend {
             features = format_args!("{features:#x}"),
             "driver features acknowledged"
         );
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        crate::config::read(&self.device(), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // The config space is read-only; say so rather than ignore the write.
+        warn!(offset, "the driver wrote to the read-only config space");
+        Err(io::Error::from_raw_os_error(libc::EPERM))
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -283,6 +298,7 @@ impl VhostUserBackend for QwBackend {
         if let Some(b) = self.broken.get(queue_index as usize) {
             b.store(false, Ordering::Release);
         }
+        self.device().set_needs_reset(false);
         Ok(())
     }
 

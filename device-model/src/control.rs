@@ -23,7 +23,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{QwDevice, Stats};
 use crate::irq::IrqMode;
+use crate::sources::SourceConfig;
 use crate::spec::{RX_QUEUE, TX_QUEUE};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Longest request line accepted, in bytes (a 4 MiB injection, hex encoded,
 /// plus framing). Longer lines get an error and the connection is closed.
@@ -57,6 +59,18 @@ pub enum Request {
     },
     /// Drop the receive FIFO and the transmit capture (counters are kept).
     Reset {},
+    /// Choose the receive source: `{"kind":"inject"}` (host injection only),
+    /// `{"kind":"generator","bytes":N,"period_us":T,"seed":S}` or
+    /// `{"kind":"file","path":P,"rate_bytes_per_sec":R}`.
+    Source {
+        /// The source.
+        source: SourceConfig,
+    },
+    /// Declare the device broken (status NEEDS_RESET in config space): it
+    /// stops serving its queues until the driver resets them.
+    NeedsReset {},
+    /// The config space as the driver would read it now, hex.
+    Config {},
 }
 
 /// A control-plane reply. `ok` says whether the request succeeded; the other
@@ -95,10 +109,57 @@ impl Response {
     }
 }
 
-/// Apply one request to the device. `kick` is fired when the queues need a
-/// pass (data injected or capture drained).
-pub fn handle_request(device: &Mutex<QwDevice>, kick: &EventFd, req: Request) -> Response {
-    let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+/// What the control plane acts on: the device, the eventfd that asks the
+/// vhost-user worker for a pass over the queues, and the receive source's
+/// timer.
+#[derive(Debug)]
+pub struct Plane {
+    /// The device.
+    pub device: Arc<Mutex<QwDevice>>,
+    /// Fired when the queues need a pass (data injected, capture drained).
+    pub kick: EventFd,
+    /// Ticks the receive source (generator or file).
+    pub source_timer: Mutex<TimerFd>,
+}
+
+impl Plane {
+    /// A plane around `device`, kicking the worker through `kick`.
+    pub fn new(device: Arc<Mutex<QwDevice>>, kick: EventFd) -> io::Result<Self> {
+        Ok(Self {
+            device,
+            kick,
+            source_timer: Mutex::new(crate::backend::nonblocking_timer()?),
+        })
+    }
+
+    /// One tick of the source timer: pump the source, kick the worker if
+    /// bytes arrived. Several expirations (a late tick) pump several times,
+    /// so a generator keeps its rate.
+    pub fn source_tick(&self) {
+        let ticks = self
+            .source_timer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wait()
+            .unwrap_or(0)
+            .min(1000);
+        let mut got = false;
+        {
+            let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            for _ in 0..ticks {
+                got |= dev.pump_source();
+            }
+        }
+        if got {
+            let _ = self.kick.write(1);
+        }
+    }
+}
+
+/// Apply one request to the device.
+pub fn handle_request(plane: &Plane, req: Request) -> Response {
+    let kick = &plane.kick;
+    let mut dev = plane.device.lock().unwrap_or_else(|e| e.into_inner());
     let mut resp = match req {
         Request::Ping {} => Response {
             ok: true,
@@ -159,6 +220,39 @@ pub fn handle_request(device: &Mutex<QwDevice>, kick: &EventFd, req: Request) ->
                 ..Response::default()
             }
         }
+        Request::Source { source } => {
+            let tick = source.tick();
+            match dev.source_mut().set(source) {
+                Ok(()) => {
+                    let mut timer = plane.source_timer.lock().unwrap_or_else(|e| e.into_inner());
+                    let armed = match tick {
+                        Some(period) => timer.reset(period, Some(period)),
+                        None => timer.clear(),
+                    };
+                    match armed {
+                        Ok(()) => Response {
+                            ok: true,
+                            ..Response::default()
+                        },
+                        Err(e) => Response::error(format!("source: timer: {e}")),
+                    }
+                }
+                Err(e) => Response::error(format!("source: {e}")),
+            }
+        }
+        Request::NeedsReset {} => {
+            dev.set_needs_reset(true);
+            warn!("device declared broken (NEEDS_RESET) from the control plane");
+            Response {
+                ok: true,
+                ..Response::default()
+            }
+        }
+        Request::Config {} => Response {
+            ok: true,
+            data: Some(hex::encode(crate::config::render(&dev))),
+            ..Response::default()
+        },
     };
     resp.rx_pending = Some(dev.rx_pending());
     resp.tx_captured = Some(dev.tx_captured());
@@ -180,8 +274,7 @@ struct Client {
 pub struct ControlServer {
     listener: UnixListener,
     clients: HashMap<RawFd, Client>,
-    device: Arc<Mutex<QwDevice>>,
-    kick: EventFd,
+    plane: Plane,
 }
 
 impl std::fmt::Debug for ControlServer {
@@ -206,8 +299,7 @@ impl ControlServer {
         Ok(Self {
             listener,
             clients: HashMap::new(),
-            device,
-            kick,
+            plane: Plane::new(device, kick)?,
         })
     }
 
@@ -269,7 +361,7 @@ impl ControlServer {
         while let Some(pos) = client.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = client.buf.drain(..=pos).collect();
             let resp = match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle_request(&self.device, &self.kick, req),
+                Ok(req) => handle_request(&self.plane, req),
                 Err(e) => Response::error(format!("bad request: {e}")),
             };
             if write_line(&mut client.stream, &resp).is_err() {
@@ -298,12 +390,32 @@ impl MutEventSubscriber for ControlServer {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
             warn!(error = ?e, "could not watch the control socket");
         }
+        let timer = self
+            .plane
+            .source_timer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd();
+        if let Err(e) = ops.add(Events::new_raw(timer, EventSet::IN)) {
+            warn!(error = ?e, "could not watch the source timer");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.listener.as_raw_fd() {
             self.accept(ops);
+            return;
+        }
+        if fd
+            == self
+                .plane
+                .source_timer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_raw_fd()
+        {
+            self.plane.source_tick();
             return;
         }
         // A hang-up with unread bytes still reports IN: serve what is there;
@@ -433,6 +545,46 @@ mod tests {
     use super::*;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
+    fn plane(dev: QwDevice) -> Plane {
+        Plane::new(
+            Arc::new(Mutex::new(dev)),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn generator_source_ticks_into_the_fifo_and_config_shows_it() {
+        let plane = plane(QwDevice::default());
+        let req: Request = serde_json::from_str(
+            r#"{"op":"source","source":{"kind":"generator","bytes":100,"period_us":1000,"seed":9}}"#,
+        )
+        .unwrap();
+        assert!(handle_request(&plane, req).ok);
+        std::thread::sleep(Duration::from_millis(20));
+        plane.source_tick();
+        let pending = plane.device.lock().unwrap().rx_pending();
+        assert!(
+            pending >= 1000 && pending.is_multiple_of(100),
+            "late ticks keep the rate: {pending}"
+        );
+        assert!(plane.kick.read().unwrap() >= 1);
+        let config = handle_request(&plane, Request::Config {}).data.unwrap();
+        let config = hex::decode(config).unwrap();
+        assert_eq!(&config[0..4], b"QWDV");
+        assert_eq!(config[0x20], 1, "source: generator");
+        let bad: Request = serde_json::from_str(
+            r#"{"op":"source","source":{"kind":"generator","bytes":0,"period_us":1000}}"#,
+        )
+        .unwrap();
+        assert!(handle_request(&plane, bad).error.unwrap().contains("bytes"));
+        let off: Request =
+            serde_json::from_str(r#"{"op":"source","source":{"kind":"inject"}}"#).unwrap();
+        assert!(handle_request(&plane, off).ok);
+        assert!(handle_request(&plane, Request::NeedsReset {}).ok);
+        assert!(plane.device.lock().unwrap().needs_reset());
+    }
+
     #[test]
     fn requests_round_trip_as_json_lines() {
         let r: Request = serde_json::from_str(r#"{"op":"inject","data":"6869"}"#).unwrap();
@@ -450,11 +602,9 @@ mod tests {
 
     #[test]
     fn inject_and_stats_through_handle_request() {
-        let dev = Mutex::new(QwDevice::new(4, 4));
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let plane = plane(QwDevice::new(4, 4));
         let resp = handle_request(
-            &dev,
-            &kick,
+            &plane,
             Request::Inject {
                 data: "0102030405".into(),
             },
@@ -462,36 +612,33 @@ mod tests {
         assert!(resp.ok);
         assert_eq!(resp.accepted, Some(4));
         assert_eq!(resp.rx_pending, Some(4));
-        assert_eq!(kick.read().unwrap(), 1, "the worker is kicked");
-        let resp = handle_request(&dev, &kick, Request::Inject { data: "zz".into() });
+        assert_eq!(plane.kick.read().unwrap(), 1, "the worker is kicked");
+        let resp = handle_request(&plane, Request::Inject { data: "zz".into() });
         assert!(!resp.ok);
         assert!(resp.error.unwrap().contains("hex"));
-        let stats = handle_request(&dev, &kick, Request::Stats {})
-            .stats
-            .unwrap();
+        let stats = handle_request(&plane, Request::Stats {}).stats.unwrap();
         assert_eq!(stats.injected_bytes, 4);
         assert_eq!(stats.inject_rejected_bytes, 1);
     }
 
     #[test]
     fn interrupt_mode_and_reset() {
-        let dev = Mutex::new(QwDevice::default());
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let plane = plane(QwDevice::default());
         let req: Request = serde_json::from_str(
             r#"{"op":"interrupt_mode","queue":"all","irq":{"mode":"coalesce","count":4,"usecs":500}}"#,
         )
         .unwrap();
-        assert!(handle_request(&dev, &kick, req).ok);
+        assert!(handle_request(&plane, req).ok);
         let want = IrqMode::Coalesce {
             count: 4,
             usecs: 500,
         };
-        assert_eq!(dev.lock().unwrap().irq_mode(TX_QUEUE), Some(want));
+        assert_eq!(plane.device.lock().unwrap().irq_mode(TX_QUEUE), Some(want));
         let bad = Request::InterruptMode {
             queue: "middle".into(),
             irq: IrqMode::Immediate,
         };
-        assert!(handle_request(&dev, &kick, bad)
+        assert!(handle_request(&plane, bad)
             .error
             .unwrap()
             .contains("rx, tx or all"));
@@ -499,15 +646,14 @@ mod tests {
             queue: "rx".into(),
             irq: IrqMode::Coalesce { count: 0, usecs: 1 },
         };
-        assert!(!handle_request(&dev, &kick, bad).ok);
+        assert!(!handle_request(&plane, bad).ok);
         handle_request(
-            &dev,
-            &kick,
+            &plane,
             Request::Inject {
                 data: "0102".into(),
             },
         );
-        let resp = handle_request(&dev, &kick, Request::Reset {});
+        let resp = handle_request(&plane, Request::Reset {});
         assert_eq!(resp.rx_pending, Some(0));
     }
 

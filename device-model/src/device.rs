@@ -17,6 +17,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestMemory, Permissions};
 
 use crate::irq::{IrqAction, IrqMode, IrqPolicy};
+use crate::sources::Source;
 use crate::spec::{MAX_CHAIN_BYTES, NUM_QUEUES};
 
 /// Why a descriptor chain was refused.
@@ -114,6 +115,9 @@ pub struct Stats {
     pub interrupts_suppressed: u64,
     /// Times a queue was found broken as a whole.
     pub queue_errors: u64,
+    /// Generator samples lost because the receive FIFO was full.
+    #[serde(default)]
+    pub overruns: u64,
 }
 
 /// What one pass over a queue did.
@@ -141,6 +145,8 @@ pub struct QwDevice {
     stats: Stats,
     bad_chain_logged: bool,
     irq: [IrqPolicy; NUM_QUEUES],
+    source: Source,
+    needs_reset: bool,
 }
 
 impl Default for QwDevice {
@@ -160,6 +166,8 @@ impl QwDevice {
             stats: Stats::default(),
             bad_chain_logged: false,
             irq: Default::default(),
+            source: Source::default(),
+            needs_reset: false,
         }
     }
 
@@ -178,6 +186,28 @@ impl QwDevice {
     /// Bytes waiting in the receive FIFO.
     pub fn rx_pending(&self) -> usize {
         self.rx_fifo.len()
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn rx_room(&self) -> usize {
+        self.rx_capacity.saturating_sub(self.rx_fifo.len())
+    }
+
+    /// Receive FIFO capacity.
+    pub fn rx_capacity(&self) -> usize {
+        self.rx_capacity
+    }
+
+    /// Transmit capture capacity.
+    pub fn tx_capacity(&self) -> usize {
+        self.tx_capacity
+    }
+
+    /// Take up to `max` bytes from the front of the receive FIFO (tests).
+    #[cfg(test)]
+    pub(crate) fn take_rx(&mut self, max: usize) -> Vec<u8> {
+        let n = max.min(self.rx_fifo.len());
+        self.rx_fifo.drain(..n).collect()
     }
 
     /// Take up to `max` captured transmit bytes, oldest first.
@@ -199,6 +229,37 @@ impl QwDevice {
     /// Mutable access to the counters, for the transport's interrupt bookkeeping.
     pub fn stats_mut(&mut self) -> &mut Stats {
         &mut self.stats
+    }
+
+    /// The receive source (generator, file, or host injection only).
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Mutable access to the receive source.
+    pub fn source_mut(&mut self) -> &mut Source {
+        &mut self.source
+    }
+
+    /// Move data from the receive source into the FIFO (one timer tick).
+    /// Returns whether new bytes arrived.
+    pub fn pump_source(&mut self) -> bool {
+        let mut source = std::mem::take(&mut self.source);
+        let got = source.pump(self);
+        self.source = source;
+        got
+    }
+
+    /// Whether the device has declared itself broken (DEVICE_NEEDS_RESET in
+    /// the config space status word).
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+
+    /// Declare (or clear) the device broken: it stops serving its queues
+    /// until the driver resets them.
+    pub fn set_needs_reset(&mut self, on: bool) {
+        self.needs_reset = on;
     }
 
     /// Set queue `queue`'s interrupt mode.

@@ -4,14 +4,18 @@
 //!
 //! - [`device`]: the device logic, independent of the transport;
 //! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation;
+//! - [`config`]: the config space layout;
 //! - [`control`]: the host control plane (a Unix socket speaking JSON lines);
 //! - [`irq`]: interrupt policies (immediate, coalesced, delayed);
+//! - [`sources`]: receive data sources (generator, file or pipe);
 //! - [`spec`]: the numbers of `docs/device-spec.md`.
 //!
 //! The device never knows which VMM or VM it serves.
 
 pub mod backend;
+pub mod config;
 pub mod control;
 pub mod device;
 pub mod irq;
+pub mod sources;
 pub mod spec;

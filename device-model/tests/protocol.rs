@@ -32,9 +32,49 @@ fn negotiation_offers_the_spec_features() {
     // REPLY_ACK is added by the vhost crate itself.
     assert_eq!(
         vmm.offered_protocol_features,
-        P::MQ | P::REPLY_ACK | P::BACKEND_REQ | P::CONFIGURE_MEM_SLOTS,
+        P::MQ | P::REPLY_ACK | P::BACKEND_REQ | P::CONFIG | P::CONFIGURE_MEM_SLOTS,
         "protocol features offered"
     );
+}
+
+/// The config space over GET_CONFIG, as a VMM reads it for the driver: live
+/// values (capacities, source, status), read-only.
+#[test]
+fn config_space_is_served_live_and_read_only() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend as _;
+    let dev = Device::spawn(&["--rx-fifo-bytes", "5000"]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    let read = |vmm: &mut support::Vmm| {
+        let (_, payload) = vmm
+            .fe
+            .get_config(0, 48, VhostUserConfigFlags::WRITABLE, &[0u8; 48])
+            .expect("GET_CONFIG");
+        payload.to_vec()
+    };
+    let word = |b: &[u8], off: usize| u32::from_le_bytes(b[off..off + 4].try_into().unwrap());
+    let cfg = read(&mut vmm);
+    assert_eq!(&cfg[0..4], b"QWDV");
+    assert_eq!(word(&cfg, 0x0c), 5000, "receive FIFO size");
+    assert_eq!(word(&cfg, 0x14), 0, "status: healthy, no source");
+    let resp = ctl.raw(
+        r#"{"op":"source","source":{"kind":"generator","bytes":8,"period_us":100000,"seed":1}}"#,
+    );
+    assert!(resp.ok, "{resp:?}");
+    let resp = ctl.raw(r#"{"op":"needs_reset"}"#);
+    assert!(resp.ok);
+    let cfg = read(&mut vmm);
+    assert_eq!(
+        word(&cfg, 0x14),
+        0b11,
+        "status: NEEDS_RESET and source active"
+    );
+    assert_eq!(word(&cfg, 0x20), 1, "source: generator");
+    assert!(vmm
+        .fe
+        .set_config(0, VhostUserConfigFlags::WRITABLE, &[0u8; 4])
+        .is_err());
 }
 
 #[test]

@@ -468,7 +468,9 @@ mod tests {
             .with_memory_mib(512)
             .with_vcpus(1)
             .with_accel(Accel::Tcg)
-            .with_device(VhostUserDevice::new("vu0", "/lab/vu.sock", 21, [256, 256]));
+            .with_device(
+                VhostUserDevice::new("vu0", "/lab/vu.sock", 21, [256, 256]).with_config_size(48),
+            );
         let cfg = base();
         assert_eq!(cfg, expected);
         cfg.validate().expect("lab config is valid");

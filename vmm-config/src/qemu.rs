@@ -138,7 +138,7 @@ mod tests {
                 "-chardev",
                 "socket,id=vu0,path=/lab/vu.sock",
                 "-device",
-                "vhost-user-test-device-pci,chardev=vu0,virtio-id=21,num_vqs=2,vq_size=256",
+                "vhost-user-test-device-pci,chardev=vu0,virtio-id=21,num_vqs=2,vq_size=256,config_size=48",
             ])
         );
     }
@@ -243,7 +243,7 @@ mod tests {
                 "-chardev",
                 "socket,id=vu0,path=/lab/vu.sock",
                 "-device",
-                "vhost-user-test-device-pci,chardev=vu0,virtio-id=21,num_vqs=2,vq_size=256",
+                "vhost-user-test-device-pci,chardev=vu0,virtio-id=21,num_vqs=2,vq_size=256,config_size=48",
                 "-chardev",
                 "socket,id=vu1,path=/lab/vu1.sock",
                 "-device",

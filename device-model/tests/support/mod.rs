@@ -220,6 +220,12 @@ impl Drop for Device {
 pub struct Ctl(pub ControlClient);
 
 impl Ctl {
+    /// Send a raw JSON request line and return the reply.
+    pub fn raw(&mut self, json: &str) -> vdevlab_device::control::Response {
+        let req = serde_json::from_str(json).expect("a valid control request");
+        self.0.request(&req).expect("control: request")
+    }
+
     /// Inject bytes; returns how many the device accepted.
     pub fn inject(&mut self, data: &[u8]) -> usize {
         self.0.inject(data).expect("control: inject")
@@ -502,6 +508,7 @@ impl Vmm {
         let ack = offered_protocol_features
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
         fe.set_protocol_features(ack)
             .expect("SET_PROTOCOL_FEATURES");

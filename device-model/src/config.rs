@@ -1,0 +1,168 @@
+//! The device's config space: what the driver can read about the device.
+//! Capabilities live here rather than in feature bits, because Cloud
+//! Hypervisor's generic vhost-user frontend never passes device feature
+//! bits to the guest. Layout (all little-endian u32, read-only):
+//!
+//! | offset | field |
+//! | --- | --- |
+//! | 0x00 | magic, `"QWDV"` |
+//! | 0x04 | layout version (1) |
+//! | 0x08 | capabilities ([`CAP_RX`] ...) |
+//! | 0x0c | receive FIFO size, bytes |
+//! | 0x10 | transmit capture size, bytes |
+//! | 0x14 | status ([`STATUS_NEEDS_RESET`], [`STATUS_SOURCE_ACTIVE`]) |
+//! | 0x18 | errors: refused chains + ring faults (saturating) |
+//! | 0x1c | drops: injected bytes refused + generator overruns (saturating) |
+//! | 0x20 | receive source: 0 host injection, 1 generator, 2 file or pipe |
+//! | 0x24 | generator bytes per sample (0 otherwise) |
+//! | 0x28 | generator period, microseconds (0 otherwise) |
+//! | 0x2c | interrupt modes: bits 0-3 rx, 4-7 tx (0 immediate, 1 coalesce, 2 delay) |
+
+use crate::device::QwDevice;
+use crate::irq::IrqMode;
+use crate::sources::SourceConfig;
+use crate::spec::{RX_QUEUE, TX_QUEUE};
+
+/// Config space size in bytes.
+pub const CONFIG_SIZE: usize = 48;
+/// `"QWDV"` read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"QWDV");
+/// Layout version.
+pub const VERSION: u32 = 1;
+
+/// The device delivers data to the driver (queue 0).
+pub const CAP_RX: u32 = 1 << 0;
+/// The device takes data from the driver (queue 1).
+pub const CAP_TX: u32 = 1 << 1;
+/// Interrupt coalescing and delay can be set by the host.
+pub const CAP_IRQ_MODES: u32 = 1 << 2;
+/// The device has a periodic generator (sampling sensor) source.
+pub const CAP_GENERATOR: u32 = 1 << 3;
+/// The status word is live (re-read it after an error).
+pub const CAP_STATUS: u32 = 1 << 4;
+
+/// The device is broken and must be reset by the driver.
+pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
+/// A generator or file source is feeding the receive FIFO.
+pub const STATUS_SOURCE_ACTIVE: u32 = 1 << 1;
+
+fn sat(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+fn irq_code(mode: Option<IrqMode>) -> u32 {
+    match mode {
+        Some(IrqMode::Coalesce { .. }) => 1,
+        Some(IrqMode::Delay { .. }) => 2,
+        _ => 0,
+    }
+}
+
+/// The config space of `dev` as the driver sees it now.
+pub fn render(dev: &QwDevice) -> [u8; CONFIG_SIZE] {
+    let st = dev.stats();
+    let mut status = 0;
+    if dev.needs_reset() {
+        status |= STATUS_NEEDS_RESET;
+    }
+    let (source, gen_bytes, gen_period) = match dev.source().config() {
+        SourceConfig::Inject => (0, 0, 0),
+        SourceConfig::Generator {
+            bytes, period_us, ..
+        } => (1, *bytes, sat(*period_us)),
+        SourceConfig::File { .. } => (2, 0, 0),
+    };
+    if source != 0 {
+        status |= STATUS_SOURCE_ACTIVE;
+    }
+    let words = [
+        MAGIC,
+        VERSION,
+        CAP_RX | CAP_TX | CAP_IRQ_MODES | CAP_GENERATOR | CAP_STATUS,
+        sat(dev.rx_capacity() as u64),
+        sat(dev.tx_capacity() as u64),
+        status,
+        sat(st.bad_chains + st.queue_errors),
+        sat(st.inject_rejected_bytes + st.overruns),
+        source,
+        gen_bytes,
+        gen_period,
+        irq_code(dev.irq_mode(RX_QUEUE)) | irq_code(dev.irq_mode(TX_QUEUE)) << 4,
+    ];
+    let mut out = [0u8; CONFIG_SIZE];
+    for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+/// Bytes `offset..offset+size` of the config space; reads past the end
+/// return zeros (a frontend may ask for a larger window than the layout).
+pub fn read(dev: &QwDevice, offset: u32, size: u32) -> Vec<u8> {
+    let space = render(dev);
+    let mut out = vec![0u8; size.min(4096) as usize];
+    let start = offset as usize;
+    if start < CONFIG_SIZE {
+        let n = out.len().min(CONFIG_SIZE - start);
+        out[..n].copy_from_slice(&space[start..start + n]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn word(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn layout_reports_identity_capacities_and_state() {
+        let mut dev = QwDevice::new(1000, 2000);
+        let b = render(&dev);
+        assert_eq!(&b[0..4], b"QWDV");
+        assert_eq!(word(&b, 4), 1);
+        assert_eq!(word(&b, 0x0c), 1000);
+        assert_eq!(word(&b, 0x10), 2000);
+        assert_eq!(word(&b, 0x14), 0);
+        dev.set_needs_reset(true);
+        dev.set_irq_mode(
+            TX_QUEUE,
+            IrqMode::Delay {
+                usecs: 1,
+                jitter_usecs: 0,
+                seed: 0,
+            },
+        )
+        .unwrap();
+        dev.source_mut()
+            .set(SourceConfig::Generator {
+                bytes: 16,
+                period_us: 1000,
+                seed: 1,
+            })
+            .unwrap();
+        dev.inject(&[0u8; 1200]);
+        let b = render(&dev);
+        assert_eq!(word(&b, 0x14), STATUS_NEEDS_RESET | STATUS_SOURCE_ACTIVE);
+        assert_eq!(word(&b, 0x1c), 200, "refused injection counts as drops");
+        assert_eq!(
+            (word(&b, 0x20), word(&b, 0x24), word(&b, 0x28)),
+            (1, 16, 1000)
+        );
+        assert_eq!(word(&b, 0x2c), 2 << 4);
+    }
+
+    #[test]
+    fn reads_are_windowed_and_bounded() {
+        let dev = QwDevice::default();
+        assert_eq!(read(&dev, 0, 4), b"QWDV");
+        assert_eq!(
+            read(&dev, 46, 4),
+            [0, 0, 0, 0][..].iter().copied().take(4).collect::<Vec<_>>()
+        );
+        assert_eq!(read(&dev, 1000, 8), vec![0; 8]);
+        assert_eq!(read(&dev, 0, u32::MAX).len(), 4096);
+    }
+}
