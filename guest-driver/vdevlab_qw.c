@@ -14,69 +14,179 @@
  * Each device shows up as /dev/qwN.  Any number of processes may open it;
  * every received byte goes to exactly one reader (readers are serialized),
  * as with a pipe.  The shape follows drivers/char/virtio_console.c and the
- * LDD3 scull pipe.
+ * LDD3 scull pipe; native AIO follows drivers/usb/gadget/function/f_fs.c.
+ *
+ * I/O models
+ * -----------
+ * - read/write/readv/writev, blocking or O_NONBLOCK, through
+ *   ->read_iter/->write_iter.  splice/sendfile go through the same paths.
+ * - poll/select/epoll, edge-triggered too: every event that makes data or
+ *   room available wakes the wait queues (see "Wakeups" below).
+ * - SIGIO (O_ASYNC/F_SETOWN): ->fasync, signalled from the interrupt path.
+ * - io_uring: the file has FMODE_NOWAIT and every path honours IOCB_NOWAIT
+ *   by returning -EAGAIN instead of sleeping (even on a contended mutex),
+ *   so io_uring parks the request on ->poll rather than on a blocked
+ *   io-wq worker.  When io_uring does punt to io-wq, the request blocks
+ *   like read(2) and io_uring's cancellation signal interrupts it.
+ * - Native AIO (io_submit): a request that cannot complete at once is
+ *   queued, gets a cancel function and returns -EIOCBQUEUED; a worker
+ *   completes it when the interrupt path says data or room arrived.
+ * - POSIX AIO (glibc) runs read/write in threads (after pread() fails
+ *   with ESPIPE) and needs nothing special.
  *
  * Locking
  * -------
  * rx_lock (spinlock, irqsave) protects the rx virtqueue, the list of filled
- *         rx buffers, rx_posted and the live/gone flags.  The rx callback
- *         runs in hard-irq context and takes it.
- * tx_lock (spinlock, irqsave) protects the tx virtqueue and also the
- *         live/gone flags.  The tx callback runs in hard-irq context.
- *         live/gone are only written with both locks held (rx_lock first),
- *         so either lock is enough to read them.
- * read_mutex / write_mutex serialize readers (resp. writers) against each
- *         other.  They are never held while sleeping for data or room, and
- *         never needed by remove(), so a reader stuck in copy_to_user()
- *         (e.g. on a userfaultfd page) cannot stall device removal.
+ *         rx buffers and the rx counters.  The rx callback runs in hard-irq
+ *         context and takes it.
+ * tx_lock (spinlock, irqsave) protects the tx virtqueue and tx_inflight.
+ *         The tx callback runs in hard-irq context.
+ *         live/gone/broken are only written with both locks held (rx_lock
+ *         first), so either lock is enough to read them.
+ * aio_lock (spinlock, irqsave) protects the AIO request lists, each
+ *         request's state and aio_closed.  The AIO core calls our cancel
+ *         function with its ctx_lock held and irqs off, so aio_lock nests
+ *         inside ctx_lock; we therefore never call into the AIO core
+ *         (ki_complete(), kiocb_set_cancel_fn()) with aio_lock held.
+ *         aio_lock never nests with rx_lock or tx_lock.
+ * read_mutex / write_mutex serialize readers (resp. writers), the AIO
+ *         workers included.  They are never held while sleeping for data
+ *         or room, and never needed by remove(), so a reader stuck in a
+ *         user copy (e.g. on a userfaultfd page) cannot stall removal.
+ * state_mutex serializes the control path: remove, freeze/restore,
+ *         QW_IOC_RESET and the config-change work.  It is the only place
+ *         that creates or deletes virtqueues, and qw->vdev is only used
+ *         under it (or from callbacks, which cannot outlive remove).
+ * Order: state_mutex -> rx_lock -> tx_lock; read_mutex -> rx_lock;
+ *        write_mutex -> tx_lock; (AIO ctx_lock ->) aio_lock.
  *
  * No copy to/from userspace happens under a spinlock: a reader unlinks a
  * filled buffer under rx_lock, copies from it unlocked, then re-posts it
  * or puts it back at the head of the list, again under rx_lock.
  *
  * Every use of a virtqueue outside the callbacks happens under its lock and
- * after checking qw->live, so once freeze()/remove() cleared that flag
+ * after checking qw->live, so once freeze/reset/remove cleared that flag
  * nobody but them touches the virtqueues, and del_vqs() is safe.
+ *
+ * Wakeups
+ * -------
+ * Data becomes readable in exactly two places: the rx callback (new data)
+ * and a reader putting a partly read buffer back.  Room appears in exactly
+ * one: the tx callback.  Process context never reclaims tx buffers, so no
+ * room appears that the tx callback did not announce.  State changes
+ * (reset done, needs-reset, removal) wake every waiter.  Each of these
+ * wakes the wait queue with the matching EPOLL* key, sends SIGIO and kicks
+ * the AIO worker, so edge-triggered epoll, SIGIO and AIO miss nothing.
+ *
+ * Native AIO
+ * ----------
+ * A request that cannot finish at once is copied into a struct qw_aio: a
+ * private copy of its iov_iter (dup_iter(): the caller's iovec array does
+ * not outlive io_submit()), a grab on the submitter's mm (mmgrab(): keeps
+ * the struct, not the address space) and a reference on the device.  The
+ * rx and tx workers serve the queues in submission order under
+ * read_mutex/write_mutex, copying with kthread_use_mm() after
+ * mmget_not_zero(); if the address space is already gone the request fails
+ * with -EFAULT and no data is consumed.  The workers drop the address space
+ * with mmput_async(): if ours is the last user, __mmput() runs exit_aio(),
+ * which waits for our other requests, which only a worker can complete.
+ * io_cancel() (and exit_aio()) move a queued request to the cancelled list;
+ * a work item completes it with -ECANCELED (it must not complete it
+ * directly: the AIO core holds ctx_lock, which ki_complete() takes too).
+ * Removal completes every queued request with -ESHUTDOWN.
  *
  * Lifetime
  * --------
  * struct qw_dev is reference counted: probe holds one reference, each open
- * file another.  remove() tears the virtio side down and drops the probe's
- * reference; files still open then see qw->gone and fail with -ENODEV, and
- * the structure is freed on the last close.  The cdev is allocated on its
- * own (cdev_alloc()) rather than embedded, because the VFS drops its cdev
+ * file another, each queued work item and each AIO request one more.
+ * remove() tears the virtio side down and drops the probe's reference;
+ * files still open then see qw->gone and fail with -ENODEV, and the
+ * structure is freed on the last put.  The cdev is allocated on its own
+ * (cdev_alloc()) rather than embedded, because the VFS drops its cdev
  * reference *after* ->release() returns: an embedded cdev would be freed
  * with struct qw_dev while still referenced.  open() finds the device
  * through qw_devs[] by minor, not through the cdev, for the same reason.
+ * The workers run on a module workqueue that module exit destroys (and so
+ * drains) after every device is gone; an AIO request pins its file and so
+ * the module.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/aio.h>
 #include <linux/cdev.h>
 #include <linux/device.h>
 #include <linux/fs.h>
 #include <linux/idr.h>
 #include <linux/kref.h>
+#include <linux/kthread.h>
 #include <linux/list.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/poll.h>
+#include <linux/sched/mm.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include <linux/uio.h>
 #include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/wait.h>
+#include <linux/workqueue.h>
+#include <asm/ioctls.h>
+
+#include <uapi/vdevlab_qw.h>
 
 /* ---- Compatibility with older kernels (oldest supported: 6.1) ---- */
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+/*
+ * The one place that looks at the kernel version; everything below asks
+ * it.  An out-of-tree driver for 6.1 and 7.3 cannot avoid it (see the
+ * checkpatch notes in README.md).
+ */
+#define QW_LINUX_AT_LEAST(major, minor) \
+	(KERNEL_VERSION(major, minor, 0) <= LINUX_VERSION_CODE)
+
+/*
+ * 6.1 is the floor: from 5.16 on ki_complete() takes two arguments, and
+ * kiocb_set_cancel_fn(), kthread_use_mm() and mmput_async() are exported.
+ */
+#if !QW_LINUX_AT_LEAST(6, 1)
+#error "vdevlab_qw needs Linux 6.1 or newer"
+#endif
+
+#if QW_LINUX_AT_LEAST(6, 4)
 #define qw_class_create(name)	class_create(name)
 #else
 #define qw_class_create(name)	class_create(THIS_MODULE, name)
+#endif
+
+/* generic_file_splice_read() was split up in 6.5. */
+#if QW_LINUX_AT_LEAST(6, 5)
+#define qw_splice_read		copy_splice_read
+#else
+#define qw_splice_read		generic_file_splice_read
+#endif
+
+/* Newer kernels have typed allocation helpers; spell them out before. */
+#ifndef kmalloc_obj
+#define kmalloc_obj(var, gfp)	kmalloc(sizeof(var), gfp)
+#define kzalloc_obj(var, gfp)	kzalloc(sizeof(var), gfp)
+#endif
+
+/*
+ * IOCB_AIO_RW marks kiocbs from io_submit(); only those may be given a
+ * cancel function (io_uring's may not).  It came with 6.8 and went back to
+ * the 6.1 stable series (6.1.80).  Without it we cannot tell native AIO
+ * from io_uring, so native AIO then completes in the submitter, blocking.
+ */
+#ifdef IOCB_AIO_RW
+#define QW_IOCB_AIO_RW		IOCB_AIO_RW
+#else
+#define QW_IOCB_AIO_RW		0
 #endif
 
 /*
@@ -87,7 +197,7 @@ static int qw_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 		       struct virtqueue *vqs[], vq_callback_t *callbacks[],
 		       const char * const names[])
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+#if QW_LINUX_AT_LEAST(6, 11)
 	struct virtqueue_info vqs_info[2];
 	unsigned int i;
 
@@ -147,33 +257,77 @@ struct qw_rx_buf {
 	void *data;		/* QW_RX_BUF_SIZE bytes, kmalloc: DMA-safe */
 };
 
+enum qw_aio_state {
+	QW_AIO_NEW,		/* being submitted, on no list yet */
+	QW_AIO_QUEUED,		/* on aio_rx/aio_tx, waiting for data or room */
+	QW_AIO_BUSY,		/* a worker is moving its bytes */
+	QW_AIO_DONE,		/* result set, ki_complete() follows */
+};
+
+/* A native AIO request that could not complete in io_submit(). */
+struct qw_aio {
+	struct list_head list;		/* on aio_rx, aio_tx or aio_cancelled */
+	struct kiocb *iocb;
+	struct qw_dev *qw;		/* holds a device reference */
+	struct mm_struct *mm;		/* the submitter's, mmgrab()ed */
+	struct iov_iter iter;		/* private copy of the user's iter */
+	const void *iov;		/* iovec array dup_iter() allocated */
+	size_t done;			/* bytes already queued (writes) */
+	long result;			/* for ki_complete() */
+	enum qw_aio_state state;	/* under aio_lock */
+	bool write;
+	bool cancelled;			/* io_cancel() while NEW or BUSY */
+};
+
 struct qw_dev {
 	struct kref kref;
 	struct virtio_device *vdev;	/* only valid while !gone */
 	struct virtqueue *rx_vq;	/* only valid while live */
 	struct virtqueue *tx_vq;	/* only valid while live */
 
-	/* vqs exist and the device runs; false while frozen or removed */
-	bool live;
-	/* removed for good; file operations fail with -ENODEV */
-	bool gone;
+	/* Written under rx_lock and tx_lock, read under either. */
+	bool live;		/* vqs exist and the device runs */
+	bool gone;		/* removed for good: -ENODEV, EPOLLHUP */
+	bool broken;		/* needs a reset: -EIO, EPOLLERR */
 
-	spinlock_t rx_lock;
+	struct mutex state_mutex;	/* control path, see the top */
+	bool ready;			/* probe finished (->scan ran) */
+
+	spinlock_t rx_lock;		/* rx vq and the fields below */
 	struct list_head rx_filled;	/* buffers with unread bytes, in order */
 	unsigned int rx_posted;		/* buffers currently on the rx vq */
 	unsigned int rx_target;		/* min(rx vq size, QW_RX_BUFS_MAX) */
-	struct mutex read_mutex;
+	unsigned int rx_pending;	/* unread bytes, listed or being read */
+	bool rx_starved;		/* no buffer posted: overrun counted */
+	struct mutex read_mutex;	/* one reader (or rx worker) at a time */
 	wait_queue_head_t rx_wq;	/* readers and pollers */
 
-	spinlock_t tx_lock;
-	struct mutex write_mutex;
+	spinlock_t tx_lock;		/* tx vq and tx_inflight */
+	unsigned int tx_inflight;	/* buffers on the tx vq */
+	struct mutex write_mutex;	/* one writer (or tx worker) at a time */
 	wait_queue_head_t tx_wq;	/* writers and pollers */
+
+	struct fasync_struct *fasync;	/* SIGIO subscribers */
+
+	spinlock_t aio_lock;		/* the AIO lists below, qw_aio.state */
+	struct list_head aio_rx;	/* queued reads, in submission order */
+	struct list_head aio_tx;	/* queued writes, in submission order */
+	struct list_head aio_cancelled;	/* waiting for cancel_work */
+	bool aio_closed;		/* removed: no more requests queue */
+	struct work_struct rx_work;	/* serves aio_rx */
+	struct work_struct tx_work;	/* serves aio_tx */
+	struct work_struct cancel_work;	/* completes aio_cancelled */
+	struct work_struct config_work;	/* handles a config change */
 
 	atomic64_t rx_bytes;		/* bytes received from the device */
 	atomic64_t tx_bytes;		/* bytes queued to the device */
 	atomic64_t rx_interrupts;
 	atomic64_t tx_interrupts;
+	atomic64_t overruns;
 	atomic64_t errors;
+	atomic64_t flushed_bytes;
+	atomic64_t config_changes;
+	atomic64_t resets;
 
 	unsigned int minor;
 	dev_t devt;
@@ -185,6 +339,7 @@ struct qw_dev {
 static dev_t qw_devt_base;
 static struct class *qw_class;
 static DEFINE_IDA(qw_ida);
+static struct workqueue_struct *qw_wq;
 
 /*
  * Minor -> device, for open().  An entry is cleared at the start of
@@ -205,18 +360,113 @@ static void qw_put(struct qw_dev *qw)
 	kref_put(&qw->kref, qw_release);
 }
 
-/* Change live/gone.  Both locks, so readers may hold either one. */
-static void qw_set_state(struct qw_dev *qw, bool live, bool gone)
+/*
+ * Queue one of qw's work items.  Any context; the caller holds a reference
+ * (callbacks run under the probe's).  A queued work item owns a reference,
+ * dropped at the end of its function, so it may run after remove().
+ */
+static void qw_queue_work(struct qw_dev *qw, struct work_struct *work)
+{
+	kref_get(&qw->kref);
+	if (!queue_work(qw_wq, work))
+		qw_put(qw);	/* already queued: not the last reference */
+}
+
+/* Kick the rx (or tx) AIO worker if a request waits for it.  Any context. */
+static void qw_aio_kick(struct qw_dev *qw, bool rx)
+{
+	unsigned long flags;
+	bool waiting;
+
+	spin_lock_irqsave(&qw->aio_lock, flags);
+	waiting = !list_empty(rx ? &qw->aio_rx : &qw->aio_tx);
+	spin_unlock_irqrestore(&qw->aio_lock, flags);
+
+	if (waiting)
+		qw_queue_work(qw, rx ? &qw->rx_work : &qw->tx_work);
+}
+
+/* ---- Device state: live, gone, broken ---- */
+
+static void qw_set_live(struct qw_dev *qw, bool live)
 {
 	unsigned long flags;
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
 	spin_lock(&qw->tx_lock);
 	qw->live = live;
-	if (gone)
-		qw->gone = true;
+	/* Freshly set up vqs: whatever needed a reset got it. */
+	if (live)
+		qw->broken = false;
 	spin_unlock(&qw->tx_lock);
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
+}
+
+static void qw_set_gone(struct qw_dev *qw)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&qw->rx_lock, flags);
+	spin_lock(&qw->tx_lock);
+	qw->live = false;
+	qw->gone = true;
+	spin_unlock(&qw->tx_lock);
+	spin_unlock_irqrestore(&qw->rx_lock, flags);
+}
+
+/* Returns true if the device was not broken (nor gone) before. */
+static bool qw_set_broken(struct qw_dev *qw)
+{
+	unsigned long flags;
+	bool changed = false;
+
+	spin_lock_irqsave(&qw->rx_lock, flags);
+	spin_lock(&qw->tx_lock);
+	if (!qw->gone && !qw->broken) {
+		qw->broken = true;
+		changed = true;
+	}
+	spin_unlock(&qw->tx_lock);
+	spin_unlock_irqrestore(&qw->rx_lock, flags);
+	return changed;
+}
+
+/*
+ * The device changed state (reset done, needs reset, removed): wake every
+ * sleeper and poller, exclusive ones too, so each re-checks; tell SIGIO
+ * owners with @band; let the AIO workers fail or resume their requests.
+ */
+static void qw_notify_state(struct qw_dev *qw, int band)
+{
+	wake_up_interruptible_all(&qw->rx_wq);
+	wake_up_interruptible_all(&qw->tx_wq);
+	kill_fasync(&qw->fasync, SIGIO, band);
+	qw_aio_kick(qw, true);
+	qw_aio_kick(qw, false);
+}
+
+/*
+ * The device needs a reset (NEEDS_RESET, a broken virtqueue, a failed
+ * restart).  Until QW_IOC_RESET: -EIO, EPOLLERR, queued AIO fails.
+ * Unread data is kept.  Any context.
+ */
+static void qw_mark_broken(struct qw_dev *qw)
+{
+	if (qw_set_broken(qw)) {
+		pr_warn("%s: device needs a reset (QW_IOC_RESET); I/O fails with EIO until then\n",
+			qw->name);
+		qw_notify_state(qw, POLL_ERR);
+	}
+}
+
+/* What a zero-length transfer returns: a real one's error, minus the bytes. */
+static ssize_t qw_check_dead(struct qw_dev *qw)
+{
+	if (READ_ONCE(qw->gone))
+		return -ENODEV;
+	if (READ_ONCE(qw->broken))
+		return -EIO;
+	return 0;
 }
 
 /* ---- Receive side ---- */
@@ -225,7 +475,7 @@ static struct qw_rx_buf *qw_rx_buf_alloc(gfp_t gfp)
 {
 	struct qw_rx_buf *buf;
 
-	buf = kmalloc(sizeof(*buf), gfp);
+	buf = kmalloc_obj(*buf, gfp);
 	if (!buf)
 		return NULL;
 	buf->data = kmalloc(QW_RX_BUF_SIZE, gfp);
@@ -259,14 +509,15 @@ static int qw_rx_add_locked(struct qw_dev *qw, struct qw_rx_buf *buf)
 	if (err)
 		return err;
 	qw->rx_posted++;
+	qw->rx_starved = false;
 	return 0;
 }
 
 /*
  * Give an empty (or fully read) buffer back to the device, or free it if
- * the device cannot take it: frozen or removed (restore() allocates a fresh
- * set), or already holding its share of buffers (see qw_read()'s refill).
- * Returns true if the buffer was posted and the caller must kick.
+ * the device cannot take it: stopped or removed (a restart allocates a
+ * fresh set), or already holding its share of buffers (see qw_rx_check()'s
+ * refill).  Returns true if the buffer was posted and the caller must kick.
  */
 static bool qw_rx_recycle_locked(struct qw_dev *qw, struct qw_rx_buf *buf)
 {
@@ -279,8 +530,8 @@ static bool qw_rx_recycle_locked(struct qw_dev *qw, struct qw_rx_buf *buf)
 		if (!err)
 			return true;
 		atomic64_inc(&qw->errors);
-		dev_warn_ratelimited(&qw->vdev->dev,
-				     "cannot repost rx buffer: %d\n", err);
+		pr_warn_ratelimited("%s: cannot repost rx buffer: %d\n",
+				    qw->name, err);
 	}
 	qw_rx_buf_free(buf);
 	return false;
@@ -288,8 +539,8 @@ static bool qw_rx_recycle_locked(struct qw_dev *qw, struct qw_rx_buf *buf)
 
 /*
  * Move every used rx buffer from @vq to the filled list.  Called from the
- * rx callback and, after a reset, from freeze().  The callback passes its
- * own @vq because it may run before qw->rx_vq is assigned in probe.
+ * rx callback and, after a reset, from qw_del_vqs().  The callback passes
+ * its own @vq because it may run before qw->rx_vq is assigned.
  * Returns the number of buffers with data; *kick is set if any buffer was
  * reposted.
  */
@@ -305,28 +556,28 @@ static unsigned int qw_rx_harvest_locked(struct qw_dev *qw,
 		qw->rx_posted--;
 
 		if (!len) {
-			/* Nothing in it: give it straight back. */
-			dev_dbg(&qw->vdev->dev, "rx: empty buffer %p, reposting\n",
-				buf);
+			/* Nothing in it (a refused chain): give it straight back. */
+			pr_debug("%s: rx: empty buffer %p, reposting\n",
+				 qw->name, buf);
 			if (qw_rx_recycle_locked(qw, buf))
 				*kick = true;
 			continue;
 		}
 		if (unlikely(len > QW_RX_BUF_SIZE)) {
 			/* Device bug; never trust a length past our buffer. */
-			dev_warn_ratelimited(&qw->vdev->dev,
-					     "rx: used length %u exceeds buffer size %lu\n",
-					     len, QW_RX_BUF_SIZE);
+			pr_warn_ratelimited("%s: rx: used length %u exceeds buffer size %lu\n",
+					    qw->name, len, QW_RX_BUF_SIZE);
 			atomic64_inc(&qw->errors);
 			len = QW_RX_BUF_SIZE;
 		}
 		buf->len = len;
 		buf->offset = 0;
 		list_add_tail(&buf->list, &qw->rx_filled);
+		qw->rx_pending += len;
 		atomic64_add(len, &qw->rx_bytes);
 		filled++;
-		dev_dbg(&qw->vdev->dev, "rx: buffer %p filled with %u bytes\n",
-			buf, len);
+		pr_debug("%s: rx: buffer %p filled with %u bytes\n",
+			 qw->name, buf, len);
 	}
 	return filled;
 }
@@ -344,17 +595,33 @@ static void qw_rx_done(struct virtqueue *vq)
 	struct qw_dev *qw = vq->vdev->priv;
 	unsigned long flags;
 	unsigned int filled;
-	bool kick = false;
+	bool kick = false, starved = false;
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
 	atomic64_inc(&qw->rx_interrupts);
 	filled = qw_rx_harvest_locked(qw, vq, &kick);
 	if (kick)
 		virtqueue_kick(vq);
+	if (filled && !qw->rx_posted && !qw->rx_starved) {
+		/*
+		 * Every buffer now holds unread data: the readers are too
+		 * slow, and the device keeps what follows in its FIFO (the
+		 * host sees back-pressure).  Count each such episode once.
+		 */
+		qw->rx_starved = true;
+		starved = true;
+	}
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
 
-	if (filled)
-		wake_up_interruptible(&qw->rx_wq);
+	if (starved) {
+		atomic64_inc(&qw->overruns);
+		pr_debug("%s: rx: overrun, no buffer left posted\n", qw->name);
+	}
+	if (filled) {
+		wake_up_interruptible_poll(&qw->rx_wq, EPOLLIN | EPOLLRDNORM);
+		kill_fasync(&qw->fasync, SIGIO, POLL_IN);
+		qw_aio_kick(qw, true);
+	}
 }
 
 /*
@@ -385,7 +652,7 @@ static unsigned int qw_rx_fill(struct qw_dev *qw)
 		if (qw->live && qw->rx_posted < qw->rx_target)
 			err = qw_rx_add_locked(qw, buf);
 		else
-			err = -EAGAIN;	/* raced with freeze/remove or a refill */
+			err = -EAGAIN;	/* raced with a stop or a refill */
 		spin_unlock_irqrestore(&qw->rx_lock, flags);
 		if (err) {
 			qw_rx_buf_free(buf);
@@ -405,6 +672,25 @@ static unsigned int qw_rx_fill(struct qw_dev *qw)
 	return posted;
 }
 
+/*
+ * Unlink every filled buffer (with rx_lock held) onto @list; returns the
+ * unread bytes they held, which no longer count as pending.
+ */
+static unsigned int qw_rx_take_filled_locked(struct qw_dev *qw,
+					     struct list_head *list)
+{
+	struct qw_rx_buf *buf;
+	unsigned int bytes = 0;
+
+	lockdep_assert_held(&qw->rx_lock);
+
+	list_for_each_entry(buf, &qw->rx_filled, list)
+		bytes += buf->len - buf->offset;
+	list_splice_init(&qw->rx_filled, list);
+	qw->rx_pending -= bytes;
+	return bytes;
+}
+
 /* Free the filled list (remove only: nobody will read it any more). */
 static void qw_rx_free_filled(struct qw_dev *qw)
 {
@@ -413,22 +699,128 @@ static void qw_rx_free_filled(struct qw_dev *qw)
 	LIST_HEAD(list);
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
-	list_splice_init(&qw->rx_filled, &list);
+	qw_rx_take_filled_locked(qw, &list);
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
 
 	list_for_each_entry_safe(buf, tmp, &list, list)
 		qw_rx_buf_free(buf);
 }
 
+/* Wait condition for readers. */
 static bool qw_rx_ready(struct qw_dev *qw)
 {
 	unsigned long flags;
 	bool ready;
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
-	ready = qw->gone || !list_empty(&qw->rx_filled);
+	ready = qw->gone || qw->broken || !list_empty(&qw->rx_filled);
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
 	return ready;
+}
+
+/*
+ * Can a read go ahead?  0 if data is buffered, -EAGAIN if not (after
+ * making sure the device has buffers to fill), -EIO if the device needs a
+ * reset, -ENODEV once removed.  Caller holds read_mutex.
+ */
+static int qw_rx_check(struct qw_dev *qw)
+{
+	unsigned long flags;
+	bool refill = false;
+	int err;
+
+	lockdep_assert_held(&qw->read_mutex);
+
+	spin_lock_irqsave(&qw->rx_lock, flags);
+	if (qw->gone) {
+		err = -ENODEV;
+	} else if (qw->broken) {
+		err = -EIO;
+	} else if (!list_empty(&qw->rx_filled)) {
+		err = 0;
+	} else {
+		err = -EAGAIN;
+		refill = qw->live && qw->rx_posted < qw->rx_target;
+	}
+	spin_unlock_irqrestore(&qw->rx_lock, flags);
+
+	/*
+	 * Every byte is read and the device is short of buffers (an earlier
+	 * allocation or repost failed): top it up, or it could never deliver
+	 * anything again.
+	 */
+	if (refill)
+		qw_rx_fill(qw);
+	return err;
+}
+
+/*
+ * Copy as many bytes as @to takes from the filled buffers, in order,
+ * without waiting for more.  Caller holds read_mutex, which makes it the
+ * only one taking buffers off the list (apart from remove(), which frees
+ * them): so a partially read buffer put back at the head keeps the byte
+ * order.  For an AIO worker @to is a user iter and current borrows the
+ * submitter's mm.
+ */
+static ssize_t qw_rx_copy(struct qw_dev *qw, struct iov_iter *to)
+{
+	struct qw_rx_buf *buf;
+	unsigned long flags;
+	size_t copied = 0, n, c;
+	bool fault = false, kick = false, put_back = false;
+
+	lockdep_assert_held(&qw->read_mutex);
+
+	while (iov_iter_count(to) && !fault) {
+		spin_lock_irqsave(&qw->rx_lock, flags);
+		buf = list_first_entry_or_null(&qw->rx_filled,
+					       struct qw_rx_buf, list);
+		if (buf)
+			list_del(&buf->list);
+		spin_unlock_irqrestore(&qw->rx_lock, flags);
+		if (!buf)
+			break;
+
+		/* Unlocked: the copy may fault and sleep. */
+		n = min_t(size_t, iov_iter_count(to), buf->len - buf->offset);
+		c = copy_to_iter(buf->data + buf->offset, n, to);
+		fault = c < n;
+		buf->offset += c;
+		copied += c;
+
+		spin_lock_irqsave(&qw->rx_lock, flags);
+		qw->rx_pending -= c;
+		if (buf->offset == buf->len) {
+			if (qw_rx_recycle_locked(qw, buf))
+				kick = true;
+		} else if (qw->gone) {
+			/* remove() already emptied the list; drop the rest. */
+			qw->rx_pending -= buf->len - buf->offset;
+			qw_rx_buf_free(buf);
+		} else {
+			list_add(&buf->list, &qw->rx_filled);
+			put_back = true;
+		}
+		spin_unlock_irqrestore(&qw->rx_lock, flags);
+	}
+
+	if (kick) {
+		spin_lock_irqsave(&qw->rx_lock, flags);
+		if (qw->live)
+			virtqueue_kick(qw->rx_vq);
+		spin_unlock_irqrestore(&qw->rx_lock, flags);
+	}
+	/*
+	 * A poller that looked while we held the buffer saw no data; the rest
+	 * is readable again, tell it (an edge-triggered one too).
+	 */
+	if (put_back)
+		wake_up_interruptible_poll(&qw->rx_wq, EPOLLIN | EPOLLRDNORM);
+
+	pr_debug("%s: read %zu bytes\n", qw->name, copied);
+	if (copied)
+		return copied;
+	return fault ? -EFAULT : -ENODEV;
 }
 
 /* ---- Transmit side ---- */
@@ -442,15 +834,20 @@ static unsigned int qw_tx_reclaim_locked(struct qw_dev *qw,
 	lockdep_assert_held(&qw->tx_lock);
 
 	while ((data = virtqueue_get_buf(vq, &len))) {
-		dev_dbg(&qw->vdev->dev, "tx: buffer %p returned (used len %u)\n",
-			data, len);
+		pr_debug("%s: tx: buffer %p returned (used len %u)\n",
+			 qw->name, data, len);
 		kfree(data);
 		n++;
 	}
+	qw->tx_inflight -= n;
 	return n;
 }
 
-/* tx used-buffer callback, hard-irq context.  See qw_rx_done() on EVENT_IDX. */
+/*
+ * tx used-buffer callback, hard-irq context.  See qw_rx_done() on
+ * EVENT_IDX.  This is the only place that reclaims tx buffers while the
+ * device runs, hence the only place where room appears: it announces it.
+ */
 static void qw_tx_done(struct virtqueue *vq)
 {
 	struct qw_dev *qw = vq->vdev->priv;
@@ -462,61 +859,468 @@ static void qw_tx_done(struct virtqueue *vq)
 	n = qw_tx_reclaim_locked(qw, vq);
 	spin_unlock_irqrestore(&qw->tx_lock, flags);
 
-	if (n)
-		wake_up_interruptible(&qw->tx_wq);
+	if (n) {
+		wake_up_interruptible_poll(&qw->tx_wq, EPOLLOUT | EPOLLWRNORM);
+		kill_fasync(&qw->fasync, SIGIO, POLL_OUT);
+		qw_aio_kick(qw, false);
+	}
 }
 
 /*
- * Queue one buffer of @len bytes.  On success the vq owns @data.
- * Returns -ENODEV once removed, -ENOSPC if the ring is full or the device
- * is frozen (both mean: wait on tx_wq).
+ * Can a buffer be queued now?  0 if so, -ENOSPC if the ring is full or the
+ * device stopped (both mean: wait on tx_wq), -EIO if it needs a reset,
+ * -ENODEV once removed.
+ */
+static int qw_tx_room(struct qw_dev *qw)
+{
+	unsigned long flags;
+	int err;
+
+	spin_lock_irqsave(&qw->tx_lock, flags);
+	if (qw->gone)
+		err = -ENODEV;
+	else if (qw->broken)
+		err = -EIO;
+	/* One descriptor per buffer: we only ever add a single sg. */
+	else if (!qw->live || !qw->tx_vq->num_free)
+		err = -ENOSPC;
+	else
+		err = 0;
+	spin_unlock_irqrestore(&qw->tx_lock, flags);
+	return err;
+}
+
+/* Wait condition for writers: a write would not block. */
+static bool qw_tx_ready(struct qw_dev *qw)
+{
+	return qw_tx_room(qw) != -ENOSPC;
+}
+
+/*
+ * Queue one buffer of @len bytes.  On success the vq owns @data.  Errors
+ * as for qw_tx_room().
  */
 static int qw_tx_add(struct qw_dev *qw, void *data, size_t len)
 {
 	struct scatterlist sg;
 	unsigned long flags;
-	int err;
+	int err, vq_err = 0;
 
 	spin_lock_irqsave(&qw->tx_lock, flags);
 	if (qw->gone) {
 		err = -ENODEV;
+	} else if (qw->broken) {
+		err = -EIO;
 	} else if (!qw->live) {
 		err = -ENOSPC;
 	} else {
-		qw_tx_reclaim_locked(qw, qw->tx_vq);
 		sg_init_one(&sg, data, len);
 		err = virtqueue_add_outbuf(qw->tx_vq, &sg, 1, data, GFP_ATOMIC);
 		if (!err) {
-			/* Kick under the lock: remove() may free the vq later. */
+			qw->tx_inflight++;
+			/* Kick under the lock: a stop may delete the vq later. */
 			virtqueue_kick(qw->tx_vq);
 			atomic64_add(len, &qw->tx_bytes);
+		} else if (err != -ENOSPC) {
+			vq_err = err;
 		}
 	}
 	spin_unlock_irqrestore(&qw->tx_lock, flags);
+
+	if (vq_err) {
+		/* -EIO: the virtqueue is broken, only a reset helps. */
+		atomic64_inc(&qw->errors);
+		pr_warn_ratelimited("%s: cannot queue tx buffer: %d\n",
+				    qw->name, vq_err);
+		if (vq_err == -EIO)
+			qw_mark_broken(qw);
+		err = -EIO;
+	}
 	return err;
 }
 
-/* True if a write would not block: room on the ring, or the device is gone. */
-static bool qw_tx_ready(struct qw_dev *qw)
+/*
+ * Queue the next (up to) page of @from as one buffer, if the ring has room
+ * for it, and add its length to *done.  Caller holds write_mutex, so only
+ * a stop, a removal or a failure can take away the room we saw; the bytes
+ * then go back to @from.  Errors as for qw_tx_room(), or -ENOMEM/-EFAULT.
+ */
+static int qw_tx_push_one(struct qw_dev *qw, struct iov_iter *from,
+			  size_t *done)
 {
-	unsigned long flags;
-	bool ready;
+	size_t n = min_t(size_t, iov_iter_count(from), QW_TX_BUF_SIZE);
+	void *data;
+	int err;
 
-	spin_lock_irqsave(&qw->tx_lock, flags);
-	if (qw->gone) {
-		ready = true;
-	} else if (!qw->live) {
-		ready = false;
-	} else {
-		qw_tx_reclaim_locked(qw, qw->tx_vq);
-		/* One descriptor per buffer: we only ever add a single sg. */
-		ready = qw->tx_vq->num_free > 0;
+	lockdep_assert_held(&qw->write_mutex);
+
+	err = qw_tx_room(qw);
+	if (err)
+		return err;
+
+	/* kmalloc'd, so DMA-safe, unlike user or stack memory */
+	data = kmalloc(n, GFP_KERNEL);
+	if (!data)
+		return -ENOMEM;
+	if (!copy_from_iter_full(data, n, from)) {
+		kfree(data);
+		return -EFAULT;
 	}
-	spin_unlock_irqrestore(&qw->tx_lock, flags);
-	return ready;
+	pr_debug("%s: tx: queueing buffer %p, %zu bytes\n", qw->name, data, n);
+	err = qw_tx_add(qw, data, n);
+	if (err) {
+		iov_iter_revert(from, n);
+		kfree(data);
+		return err;
+	}
+	*done += n;
+	return 0;
 }
 
-/* ---- Virtqueue setup and teardown, shared by probe/remove/freeze/restore ---- */
+/* ---- Native AIO ---- */
+
+/* Complete @req (state DONE, on no list) and free it.  Process context. */
+static void qw_aio_complete(struct qw_aio *req)
+{
+	struct qw_dev *qw = req->qw;
+
+	pr_debug("%s: aio: %s %p completes with %ld\n", qw->name,
+		 req->write ? "write" : "read", req->iocb, req->result);
+	/*
+	 * Frees the iocb.  Once it returns no cancel call can be running or
+	 * start: the AIO core takes ctx_lock (held around ->ki_cancel) to
+	 * unlink the iocb first.  So req may go now.
+	 */
+	req->iocb->ki_complete(req->iocb, req->result);
+	mmdrop(req->mm);
+	kfree(req->iov);
+	kfree(req);
+	qw_put(qw);
+}
+
+static void qw_aio_complete_list(struct list_head *list)
+{
+	struct qw_aio *req, *tmp;
+
+	list_for_each_entry_safe(req, tmp, list, list) {
+		list_del(&req->list);
+		qw_aio_complete(req);
+	}
+}
+
+/*
+ * ->ki_cancel, for io_cancel() and for exit_aio() when the submitter's
+ * address space goes.  Called with the AIO context's ctx_lock held and irqs
+ * off: it must neither sleep nor complete the iocb (ki_complete() takes
+ * ctx_lock), so a queued request moves to aio_cancelled for cancel_work.
+ * Returns 0 if the request will complete cancelled, -EAGAIN if it is
+ * completing anyway.
+ */
+static int qw_aio_cancel(struct kiocb *iocb)
+{
+	struct qw_aio *req = iocb->private;
+	struct qw_dev *qw = req->qw;
+	unsigned long flags;
+	int ret = 0;
+
+	spin_lock_irqsave(&qw->aio_lock, flags);
+	switch (req->state) {
+	case QW_AIO_NEW:
+		/* The submitter sees this and completes it. */
+		req->cancelled = true;
+		break;
+	case QW_AIO_QUEUED:
+		req->state = QW_AIO_DONE;
+		/* A write keeps the count of bytes it did queue. */
+		req->result = req->done ? (long)req->done : -ECANCELED;
+		list_move_tail(&req->list, &qw->aio_cancelled);
+		qw_queue_work(qw, &qw->cancel_work);
+		break;
+	case QW_AIO_BUSY:
+		if (req->write) {
+			/* The worker stops between two buffers. */
+			WRITE_ONCE(req->cancelled, true);
+			break;
+		}
+		/* A read being copied completes with its data. */
+		ret = -EAGAIN;
+		break;
+	default:
+		ret = -EAGAIN;
+		break;
+	}
+	spin_unlock_irqrestore(&qw->aio_lock, flags);
+
+	pr_debug("%s: aio: cancel %p: %d\n", qw->name, iocb, ret);
+	return ret;
+}
+
+static void qw_aio_cancel_work(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(work, struct qw_dev, cancel_work);
+	LIST_HEAD(done);
+
+	spin_lock_irq(&qw->aio_lock);
+	list_splice_init(&qw->aio_cancelled, &done);
+	spin_unlock_irq(&qw->aio_lock);
+
+	qw_aio_complete_list(&done);
+	qw_put(qw);
+}
+
+/* True if no AIO request waits on @list (so a new one may go first). */
+static bool qw_aio_idle(struct qw_dev *qw, struct list_head *list)
+{
+	unsigned long flags;
+	bool idle;
+
+	spin_lock_irqsave(&qw->aio_lock, flags);
+	idle = list_empty(list);
+	spin_unlock_irqrestore(&qw->aio_lock, flags);
+	return idle;
+}
+
+/*
+ * Queue a native AIO request that cannot complete now; @done bytes of a
+ * write were already queued.  Always returns -EIOCBQUEUED, except when the
+ * request cannot even be set up: then it returns the short count or the
+ * error, as a synchronous call would.
+ */
+static ssize_t qw_aio_queue(struct qw_dev *qw, struct kiocb *iocb,
+			    struct iov_iter *iter, size_t done, bool write)
+{
+	struct qw_aio *req;
+	bool queued = false;
+
+	req = kzalloc_obj(*req, GFP_KERNEL);
+	if (!req)
+		return done ? done : -ENOMEM;
+
+	/*
+	 * The caller's iovec array is freed when io_submit() returns: keep a
+	 * copy.  A ubuf iter has no array (and 6.1's dup_iter() would
+	 * mistake its user pointer for one).
+	 */
+	if (iter_is_ubuf(iter)) {
+		req->iter = *iter;
+	} else {
+		req->iov = dup_iter(&req->iter, iter, GFP_KERNEL);
+		if (!req->iov) {
+			kfree(req);
+			return done ? done : -ENOMEM;
+		}
+	}
+	req->iocb = iocb;
+	req->qw = qw;
+	req->mm = current->mm;
+	req->done = done;
+	req->write = write;
+	req->state = QW_AIO_NEW;
+	mmgrab(req->mm);
+	kref_get(&qw->kref);
+
+	/* Before the request is visible: a worker may complete it at once. */
+	iocb->private = req;
+	kiocb_set_cancel_fn(iocb, qw_aio_cancel);
+
+	spin_lock_irq(&qw->aio_lock);
+	if (req->cancelled) {
+		req->result = done ? (long)done : -ECANCELED;
+	} else if (qw->aio_closed) {
+		req->result = done ? (long)done : -ESHUTDOWN;
+	} else {
+		req->state = QW_AIO_QUEUED;
+		list_add_tail(&req->list, write ? &qw->aio_tx : &qw->aio_rx);
+		queued = true;
+		pr_debug("%s: aio: %s %p queued, %zu bytes left\n", qw->name,
+			 write ? "write" : "read", iocb, iov_iter_count(iter));
+	}
+	if (!queued)
+		req->state = QW_AIO_DONE;
+	spin_unlock_irq(&qw->aio_lock);
+
+	if (queued) {
+		/* Data or room may have come before the request was listed. */
+		qw_queue_work(qw, write ? &qw->tx_work : &qw->rx_work);
+		return -EIOCBQUEUED;
+	}
+	/*
+	 * Complete it ourselves rather than return the result: with the
+	 * cancel function set, io_cancel() may use iocb->private until
+	 * ki_complete() unlinked the iocb.  f_fs does the same.
+	 */
+	qw_aio_complete(req);
+	return -EIOCBQUEUED;
+}
+
+/* Read into @req's buffer in the submitter's address space. */
+static ssize_t qw_aio_rx_copy(struct qw_dev *qw, struct qw_aio *req)
+{
+	ssize_t ret;
+
+	/* The submitter's address space is gone: keep the data. */
+	if (!mmget_not_zero(req->mm))
+		return -EFAULT;
+	kthread_use_mm(req->mm);
+	ret = qw_rx_copy(qw, &req->iter);
+	kthread_unuse_mm(req->mm);
+	/* Not mmput(): see "Native AIO" at the top. */
+	mmput_async(req->mm);
+	return ret;
+}
+
+/*
+ * Serve queued AIO reads in order while data is buffered.  Kicked by the
+ * rx callback, a new request, a restart and state changes.
+ */
+static void qw_rx_work(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(work, struct qw_dev, rx_work);
+	struct qw_aio *req;
+	LIST_HEAD(done);
+	int err;
+
+	mutex_lock(&qw->read_mutex);
+	for (;;) {
+		/*
+		 * Checked before looking at the list: data arriving after
+		 * this check kicks us again, since the request stays listed.
+		 */
+		err = qw_rx_check(qw);
+
+		spin_lock_irq(&qw->aio_lock);
+		req = list_first_entry_or_null(&qw->aio_rx, struct qw_aio,
+					       list);
+		if (!req || err == -EAGAIN) {
+			spin_unlock_irq(&qw->aio_lock);
+			break;
+		}
+		list_del(&req->list);
+		req->state = err ? QW_AIO_DONE : QW_AIO_BUSY;
+		spin_unlock_irq(&qw->aio_lock);
+
+		req->result = err ? err : qw_aio_rx_copy(qw, req);
+		if (req->result == -ENODEV)
+			req->result = -ESHUTDOWN;
+		list_add_tail(&req->list, &done);
+		/* A context may queue thousands of requests. */
+		cond_resched();
+	}
+	mutex_unlock(&qw->read_mutex);
+
+	qw_aio_complete_list(&done);
+	qw_put(qw);
+}
+
+/*
+ * Queue @req's bytes, from the submitter's address space, while the ring
+ * has room.  0 when all are queued, -ENOSPC when the ring is full, or an
+ * error (-ECANCELED if io_cancel() stopped it).
+ */
+static int qw_aio_tx_copy(struct qw_dev *qw, struct qw_aio *req)
+{
+	int err = 0;
+
+	if (!mmget_not_zero(req->mm))
+		return -EFAULT;
+	kthread_use_mm(req->mm);
+	while (iov_iter_count(&req->iter)) {
+		if (READ_ONCE(req->cancelled)) {
+			err = -ECANCELED;
+			break;
+		}
+		err = qw_tx_push_one(qw, &req->iter, &req->done);
+		if (err)
+			break;
+	}
+	kthread_unuse_mm(req->mm);
+	mmput_async(req->mm);
+	return err;
+}
+
+/*
+ * Serve queued AIO writes in order while the ring has room.  Kicked by the
+ * tx callback, a new request, a restart and state changes.
+ */
+static void qw_tx_work(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(work, struct qw_dev, tx_work);
+	struct qw_aio *req;
+	LIST_HEAD(done);
+	int err;
+
+	mutex_lock(&qw->write_mutex);
+	for (;;) {
+		spin_lock_irq(&qw->aio_lock);
+		req = list_first_entry_or_null(&qw->aio_tx, struct qw_aio,
+					       list);
+		if (!req) {
+			spin_unlock_irq(&qw->aio_lock);
+			break;
+		}
+		list_del(&req->list);
+		req->state = QW_AIO_BUSY;
+		spin_unlock_irq(&qw->aio_lock);
+
+		err = qw_aio_tx_copy(qw, req);
+
+		spin_lock_irq(&qw->aio_lock);
+		if (err == -ENOSPC && !req->cancelled && !qw->aio_closed) {
+			/* Ring full: wait at the head, keeping the order. */
+			req->state = QW_AIO_QUEUED;
+			list_add(&req->list, &qw->aio_tx);
+			spin_unlock_irq(&qw->aio_lock);
+			/*
+			 * The tx callback does not kick us while the list is
+			 * empty, and it was while we held the request: look
+			 * again now that it is listed.
+			 */
+			if (qw_tx_ready(qw))
+				continue;
+			break;
+		}
+		if (err == -ENOSPC)
+			err = req->cancelled ? -ECANCELED : -ESHUTDOWN;
+		req->state = QW_AIO_DONE;
+		spin_unlock_irq(&qw->aio_lock);
+
+		if (err == -ENODEV)
+			err = -ESHUTDOWN;
+		/* Like write(2): a short count beats an error. */
+		req->result = req->done ? (long)req->done : err;
+		list_add_tail(&req->list, &done);
+		cond_resched();
+	}
+	mutex_unlock(&qw->write_mutex);
+
+	qw_aio_complete_list(&done);
+	qw_put(qw);
+}
+
+/*
+ * Removal: no request queues any more; complete the queued ones with
+ * -ESHUTDOWN (a write with the bytes it did queue).  A request a worker
+ * holds completes there, cancelled ones in cancel_work.
+ */
+static void qw_aio_shutdown(struct qw_dev *qw)
+{
+	struct qw_aio *req;
+	LIST_HEAD(done);
+
+	spin_lock_irq(&qw->aio_lock);
+	qw->aio_closed = true;
+	list_splice_init(&qw->aio_rx, &done);
+	list_splice_tail_init(&qw->aio_tx, &done);
+	list_for_each_entry(req, &done, list) {
+		req->state = QW_AIO_DONE;
+		req->result = req->done ? (long)req->done : -ESHUTDOWN;
+	}
+	spin_unlock_irq(&qw->aio_lock);
+
+	qw_aio_complete_list(&done);
+}
+
+/* ---- Virtqueue setup and teardown ---- */
 
 static int qw_init_vqs(struct qw_dev *qw)
 {
@@ -535,9 +1339,12 @@ static int qw_init_vqs(struct qw_dev *qw)
 	if (err)
 		return err;
 
+	/* Nobody looks at these before qw_set_live() publishes them. */
 	qw->rx_vq = vqs[QW_VQ_RX];
 	qw->tx_vq = vqs[QW_VQ_TX];
 	qw->rx_posted = 0;
+	qw->rx_starved = false;
+	qw->tx_inflight = 0;
 	qw->rx_target = min_t(unsigned int,
 			      virtqueue_get_vring_size(qw->rx_vq),
 			      QW_RX_BUFS_MAX);
@@ -545,12 +1352,14 @@ static int qw_init_vqs(struct qw_dev *qw)
 }
 
 /*
- * Stop the device and delete the vqs.  Caller already cleared qw->live, so
- * no file operation touches the vqs any more.  After the reset the device
+ * Reset the device and delete the vqs.  Caller cleared qw->live, so no file
+ * operation or worker touches the vqs any more.  After the reset the device
  * no longer uses the buffers; virtio-pci (and the notification hardening
  * code) also flushes running callbacks there.  On other transports a late
  * callback still takes the same lock as we do here, finds nothing left,
- * and del_vqs() frees the interrupt, which waits for it.
+ * and del_vqs() frees the interrupt, which waits for it.  The reset also
+ * happens without vqs (after a failed restart): the virtio core expects a
+ * removed driver to leave the device reset.
  */
 static void qw_del_vqs(struct qw_dev *qw)
 {
@@ -560,28 +1369,96 @@ static void qw_del_vqs(struct qw_dev *qw)
 	bool kick = false;
 	void *data;
 
-	if (!qw->rx_vq)
-		return;		/* restore() failed to find them again */
-
 	virtio_reset_device(vdev);
+	if (!qw->rx_vq)
+		return;
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
-	/* Keep what the device delivered before the reset (freeze). */
+	/* Keep what the device delivered before the reset. */
 	qw_rx_harvest_locked(qw, qw->rx_vq, &kick);
 	while ((buf = virtqueue_detach_unused_buf(qw->rx_vq)))
 		qw_rx_buf_free(buf);
 	qw->rx_posted = 0;
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
 
-	/* Unsent tx data is dropped: the device state is gone anyway. */
+	/*
+	 * Unsent tx data is dropped: the device state is gone anyway.  Take
+	 * the used ones first, as on rx, so that no used entry is left for a
+	 * late callback to trip over once the buffers are detached.
+	 */
 	spin_lock_irqsave(&qw->tx_lock, flags);
+	qw_tx_reclaim_locked(qw, qw->tx_vq);
 	while ((data = virtqueue_detach_unused_buf(qw->tx_vq)))
 		kfree(data);
+	qw->tx_inflight = 0;
 	spin_unlock_irqrestore(&qw->tx_lock, flags);
 
 	vdev->config->del_vqs(vdev);
 	qw->rx_vq = NULL;
 	qw->tx_vq = NULL;
+}
+
+/* Stop all I/O on the device and delete its vqs.  Under state_mutex. */
+static void qw_stop(struct qw_dev *qw)
+{
+	lockdep_assert_held(&qw->state_mutex);
+
+	qw_set_live(qw, false);
+	qw_del_vqs(qw);
+}
+
+/*
+ * The status and feature handshake the virtio core does before probe and
+ * restore, for a reset the driver does itself (QW_IOC_RESET).  The device
+ * keeps the features negotiated at probe.
+ */
+static int qw_handshake(struct virtio_device *vdev)
+{
+	int err;
+
+	virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+	virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER);
+	err = vdev->config->finalize_features(vdev);
+	if (err)
+		return err;
+	virtio_add_status(vdev, VIRTIO_CONFIG_S_FEATURES_OK);
+	if (!(vdev->config->get_status(vdev) & VIRTIO_CONFIG_S_FEATURES_OK))
+		return -ENODEV;
+	return 0;
+}
+
+/*
+ * Set the device up again after qw_stop(): new vqs, DRIVER_OK, fresh rx
+ * buffers, then wake everyone (unread data was kept; the tx ring is empty).
+ * @handshake: the driver reset the device itself, see qw_handshake().
+ * On failure the device is marked broken.  Under state_mutex.
+ */
+static int qw_start(struct qw_dev *qw, bool handshake)
+{
+	struct virtio_device *vdev = qw->vdev;
+	int err = 0;
+
+	lockdep_assert_held(&qw->state_mutex);
+
+	if (handshake)
+		err = qw_handshake(vdev);
+	if (!err)
+		err = qw_init_vqs(qw);
+	if (err) {
+		if (handshake)
+			virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED);
+		qw_mark_broken(qw);
+		return err;
+	}
+
+	/* The device must be DRIVER_OK before we hand it buffers. */
+	virtio_device_ready(vdev);
+	qw_set_live(qw, true);
+	if (!qw_rx_fill(qw))
+		dev_warn(&vdev->dev, "cannot post any rx buffer\n");
+
+	qw_notify_state(qw, POLL_OUT);
+	return 0;
 }
 
 /* ---- File operations ---- */
@@ -603,118 +1480,69 @@ static int qw_open(struct inode *inode, struct file *filp)
 
 	filp->private_data = qw;
 	/* A pipe: no file position, no seeking, no pread/pwrite. */
-	return stream_open(inode, filp);
+	stream_open(inode, filp);
+	/*
+	 * Every path honours IOCB_NOWAIT, so io_uring may try inline and
+	 * wait on ->poll instead of punting to a blocking worker.
+	 */
+	filp->f_mode |= FMODE_NOWAIT;
+	return 0;
 }
 
 static int qw_release_file(struct inode *inode, struct file *filp)
 {
-	qw_put(filp->private_data);
+	struct qw_dev *qw = filp->private_data;
+
+	/*
+	 * Leave the SIGIO list.  __fput() already did for O_ASYNC files, but
+	 * the list must never keep a file that is going away.  No AIO request
+	 * can be pending: each holds a file reference.
+	 */
+	fasync_helper(-1, filp, 0, &qw->fasync);
+	qw_put(qw);
 	return 0;
 }
 
 /*
- * Copy up to @count bytes from the filled buffers, in order, without
- * waiting for more.  Caller holds read_mutex, which makes it the only one
- * taking buffers off the list (apart from remove(), which frees them): so
- * a partially read buffer put back at the head keeps the byte order.
+ * Must @iocb not sleep?  IOCB_NOWAIT comes from io_uring's inline attempt
+ * and from RWF_NOWAIT; O_NONBLOCK counts for every caller, native AIO
+ * included (as for sockets).
  */
-static ssize_t qw_rx_copy(struct qw_dev *qw, char __user *ubuf, size_t count)
+static bool qw_iocb_nowait(struct kiocb *iocb)
 {
-	struct qw_rx_buf *buf;
-	unsigned long flags;
-	size_t copied = 0, n, left;
-	bool fault = false, kick = false, put_back = false;
-
-	while (copied < count && !fault) {
-		spin_lock_irqsave(&qw->rx_lock, flags);
-		buf = list_first_entry_or_null(&qw->rx_filled,
-					       struct qw_rx_buf, list);
-		if (buf)
-			list_del(&buf->list);
-		spin_unlock_irqrestore(&qw->rx_lock, flags);
-		if (!buf)
-			break;
-
-		/* Unlocked: copy_to_user() may fault and sleep. */
-		n = min_t(size_t, count - copied, buf->len - buf->offset);
-		left = copy_to_user(ubuf + copied, buf->data + buf->offset, n);
-		if (left)
-			fault = true;
-		n -= left;
-		buf->offset += n;
-		copied += n;
-
-		spin_lock_irqsave(&qw->rx_lock, flags);
-		if (buf->offset == buf->len) {
-			if (qw_rx_recycle_locked(qw, buf))
-				kick = true;
-		} else if (qw->gone) {
-			/* remove() already emptied the list; drop the rest. */
-			qw_rx_buf_free(buf);
-		} else {
-			list_add(&buf->list, &qw->rx_filled);
-			put_back = true;
-		}
-		spin_unlock_irqrestore(&qw->rx_lock, flags);
-	}
-
-	if (kick) {
-		spin_lock_irqsave(&qw->rx_lock, flags);
-		if (qw->live)
-			virtqueue_kick(qw->rx_vq);
-		spin_unlock_irqrestore(&qw->rx_lock, flags);
-	}
-	/*
-	 * A poller that looked while we held the buffer saw no data; the rest
-	 * is readable again, tell it.
-	 */
-	if (put_back)
-		wake_up_interruptible(&qw->rx_wq);
-
-	pr_debug("%s: read %zu of %zu bytes\n", qw->name, copied, count);
-	if (copied)
-		return copied;
-	return fault ? -EFAULT : -ENODEV;
+	return (iocb->ki_flags & IOCB_NOWAIT) ||
+	       (iocb->ki_filp->f_flags & O_NONBLOCK);
 }
 
-static ssize_t qw_read(struct file *filp, char __user *ubuf, size_t count,
-		       loff_t *ppos)
+/*
+ * Is @iocb a native AIO request (io_submit()) we may queue?  io_uring's
+ * kiocbs are not synchronous either, but lack IOCB_AIO_RW: they must
+ * not get a cancel function, and block in io-wq like read(2) instead.
+ */
+static bool qw_iocb_is_aio(struct kiocb *iocb, struct iov_iter *iter)
 {
-	struct qw_dev *qw = filp->private_data;
-	unsigned long flags;
-	bool has_data, gone, refill;
+	return !is_sync_kiocb(iocb) && (iocb->ki_flags & QW_IOCB_AIO_RW) &&
+	       user_backed_iter(iter) && current->mm;
+}
+
+/* read(2) and friends; @nowait: fail with -EAGAIN instead of sleeping. */
+static ssize_t qw_read_sync(struct qw_dev *qw, struct iov_iter *to,
+			    bool nowait)
+{
 	ssize_t ret;
+	int err;
 
-	if (!count)
-		return READ_ONCE(qw->gone) ? -ENODEV : 0;
-
-	if (mutex_lock_interruptible(&qw->read_mutex))
+	if (nowait) {
+		if (!mutex_trylock(&qw->read_mutex))
+			return -EAGAIN;
+	} else if (mutex_lock_interruptible(&qw->read_mutex)) {
 		return -ERESTARTSYS;
+	}
 
 	for (;;) {
-		spin_lock_irqsave(&qw->rx_lock, flags);
-		has_data = !list_empty(&qw->rx_filled);
-		gone = qw->gone;
-		refill = qw->live && qw->rx_posted < qw->rx_target;
-		spin_unlock_irqrestore(&qw->rx_lock, flags);
-
-		if (has_data)
+		err = qw_rx_check(qw);
+		if (err != -EAGAIN || nowait)
 			break;
-		if (gone) {
-			ret = -ENODEV;
-			goto out;
-		}
-		/*
-		 * Every byte is read and the device is short of buffers (an
-		 * earlier allocation or repost failed): top it up, or it
-		 * could never deliver anything again.
-		 */
-		if (refill)
-			qw_rx_fill(qw);
-		if (filp->f_flags & O_NONBLOCK) {
-			ret = -EAGAIN;
-			goto out;
-		}
 
 		/* Let other readers in (and not block them) while we sleep. */
 		mutex_unlock(&qw->read_mutex);
@@ -724,81 +1552,140 @@ static ssize_t qw_read(struct file *filp, char __user *ubuf, size_t count,
 			return -ERESTARTSYS;
 	}
 
-	ret = qw_rx_copy(qw, ubuf, count);
-out:
+	ret = err ? err : qw_rx_copy(qw, to);
 	mutex_unlock(&qw->read_mutex);
 	return ret;
 }
 
 /*
- * Queue all of @count bytes, PAGE_SIZE per buffer.  A blocking writer waits
- * for room as often as needed; it returns short only on a signal, a fault
- * or device removal, with the number of bytes queued so far.  A
- * non-blocking writer returns what fit, or -EAGAIN if nothing did.
+ * Native AIO read.  If data is buffered and no earlier request waits for
+ * it, complete at once (in the submitter, as a read(2) would); otherwise
+ * queue.  Never sleeps: read_mutex is only tried.
  */
-static ssize_t qw_write(struct file *filp, const char __user *ubuf,
-			size_t count, loff_t *ppos)
+static ssize_t qw_aio_read(struct qw_dev *qw, struct kiocb *iocb,
+			   struct iov_iter *to)
 {
-	struct qw_dev *qw = filp->private_data;
-	size_t done = 0, n = 0;
-	void *data = NULL;	/* copied, not yet queued */
-	ssize_t ret = 0;
+	ssize_t ret;
 	int err;
 
-	if (READ_ONCE(qw->gone))
-		return -ENODEV;
-	if (!count)
-		return 0;
-
-	if (mutex_lock_interruptible(&qw->write_mutex))
-		return -ERESTARTSYS;
-
-	while (done < count) {
-		if (!data) {
-			n = min_t(size_t, count - done, QW_TX_BUF_SIZE);
-			/* kmalloc'd, so DMA-safe, unlike user or stack memory */
-			data = memdup_user(ubuf + done, n);
-			if (IS_ERR(data)) {
-				ret = PTR_ERR(data);
-				data = NULL;
-				break;
-			}
+	if (mutex_trylock(&qw->read_mutex)) {
+		err = qw_rx_check(qw);
+		if (err && err != -EAGAIN) {
+			mutex_unlock(&qw->read_mutex);
+			return err;
 		}
+		/*
+		 * With read_mutex held no request is being served, so an
+		 * empty list means no earlier request is waiting.
+		 */
+		if (!err && qw_aio_idle(qw, &qw->aio_rx)) {
+			ret = qw_rx_copy(qw, to);
+			mutex_unlock(&qw->read_mutex);
+			return ret;
+		}
+		mutex_unlock(&qw->read_mutex);
+	}
+	return qw_aio_queue(qw, iocb, to, 0, false);
+}
 
-		err = qw_tx_add(qw, data, n);
+static ssize_t qw_read_iter(struct kiocb *iocb, struct iov_iter *to)
+{
+	struct qw_dev *qw = iocb->ki_filp->private_data;
+
+	if (!iov_iter_count(to))
+		return qw_check_dead(qw);
+	if (qw_iocb_nowait(iocb))
+		return qw_read_sync(qw, to, true);
+	if (qw_iocb_is_aio(iocb, to))
+		return qw_aio_read(qw, iocb, to);
+	return qw_read_sync(qw, to, false);
+}
+
+/*
+ * Queue all of @from, one page per buffer.  A blocking writer waits for
+ * room as often as needed; it returns short only on a signal, a fault,
+ * a failure or device removal, with the number of bytes queued so far.
+ * A non-blocking writer returns what fit, or -EAGAIN if nothing did.
+ */
+static ssize_t qw_write_sync(struct qw_dev *qw, struct iov_iter *from,
+			     bool nowait)
+{
+	size_t done = 0;
+	int err = 0;
+
+	if (nowait) {
+		if (!mutex_trylock(&qw->write_mutex))
+			return -EAGAIN;
+	} else if (mutex_lock_interruptible(&qw->write_mutex)) {
+		return -ERESTARTSYS;
+	}
+
+	while (iov_iter_count(from)) {
+		err = qw_tx_push_one(qw, from, &done);
 		if (!err) {
-			pr_debug("%s: tx: queued buffer %p, %zu bytes\n",
-				 qw->name, data, n);
-			data = NULL;
-			done += n;
+			/* A fast device may never fill the ring. */
+			cond_resched();
 			continue;
 		}
-		if (err != -ENOSPC) {
-			if (err != -ENODEV)
-				atomic64_inc(&qw->errors);
-			ret = err;
+		if (err != -ENOSPC)
 			break;
-		}
 
-		/* Ring full (or device frozen). */
-		if (filp->f_flags & O_NONBLOCK) {
-			ret = -EAGAIN;
+		/* Ring full, or the device stopped for a reset or suspend. */
+		if (nowait) {
+			err = -EAGAIN;
 			break;
 		}
 		mutex_unlock(&qw->write_mutex);
-		if (wait_event_interruptible(qw->tx_wq, qw_tx_ready(qw))) {
-			ret = -ERESTARTSYS;
-			goto out_unlocked;
-		}
-		if (mutex_lock_interruptible(&qw->write_mutex)) {
-			ret = -ERESTARTSYS;
-			goto out_unlocked;
-		}
+		if (wait_event_interruptible(qw->tx_wq, qw_tx_ready(qw)))
+			return done ? done : -ERESTARTSYS;
+		if (mutex_lock_interruptible(&qw->write_mutex))
+			return done ? done : -ERESTARTSYS;
+		err = 0;
 	}
 	mutex_unlock(&qw->write_mutex);
-out_unlocked:
-	kfree(data);
-	return done ? done : ret;
+
+	pr_debug("%s: wrote %zu bytes (%d)\n", qw->name, done, err);
+	return done ? done : err;
+}
+
+/*
+ * Native AIO write.  Queue what fits at once unless earlier requests wait;
+ * if all of it fit, complete at once, else queue the rest (the request
+ * keeps the count already queued).  Never sleeps.
+ */
+static ssize_t qw_aio_write(struct qw_dev *qw, struct kiocb *iocb,
+			    struct iov_iter *from)
+{
+	size_t done = 0;
+	int err = -ENOSPC;
+
+	if (mutex_trylock(&qw->write_mutex)) {
+		/* As for reads: with write_mutex held none is being served. */
+		if (qw_aio_idle(qw, &qw->aio_tx)) {
+			do {
+				err = qw_tx_push_one(qw, from, &done);
+			} while (!err && iov_iter_count(from));
+		}
+		mutex_unlock(&qw->write_mutex);
+	}
+	if (err != -ENOSPC)
+		return done ? done : err;
+	return qw_aio_queue(qw, iocb, from, done, true);
+}
+
+static ssize_t qw_write_iter(struct kiocb *iocb, struct iov_iter *from)
+{
+	struct qw_dev *qw = iocb->ki_filp->private_data;
+	ssize_t err;
+
+	err = qw_check_dead(qw);
+	if (err || !iov_iter_count(from))
+		return err;
+	if (qw_iocb_nowait(iocb))
+		return qw_write_sync(qw, from, true);
+	if (qw_iocb_is_aio(iocb, from))
+		return qw_aio_write(qw, iocb, from);
+	return qw_write_sync(qw, from, false);
 }
 
 static __poll_t qw_poll(struct file *filp, poll_table *wait)
@@ -806,13 +1693,14 @@ static __poll_t qw_poll(struct file *filp, poll_table *wait)
 	struct qw_dev *qw = filp->private_data;
 	unsigned long flags;
 	__poll_t mask = 0;
-	bool gone;
+	bool gone, broken;
 
 	poll_wait(filp, &qw->rx_wq, wait);
 	poll_wait(filp, &qw->tx_wq, wait);
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
 	gone = qw->gone;
+	broken = qw->broken;
 	if (!list_empty(&qw->rx_filled))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
@@ -820,46 +1708,218 @@ static __poll_t qw_poll(struct file *filp, poll_table *wait)
 	/* EPOLLIN too, so a reader wakes up and sees read() fail. */
 	if (gone)
 		return EPOLLHUP | EPOLLIN | EPOLLRDNORM;
+	/* Reads and writes fail at once with -EIO: neither would block. */
+	if (broken)
+		return EPOLLERR | EPOLLIN | EPOLLRDNORM | EPOLLOUT | EPOLLWRNORM;
 
-	if (qw_tx_ready(qw))
+	if (!qw_tx_room(qw))
 		mask |= EPOLLOUT | EPOLLWRNORM;
 	return mask;
+}
+
+static int qw_fasync(int fd, struct file *filp, int on)
+{
+	struct qw_dev *qw = filp->private_data;
+
+	return fasync_helper(fd, filp, on, &qw->fasync);
+}
+
+static void qw_get_stats(struct qw_dev *qw, struct qw_stats *st)
+{
+	unsigned long flags;
+
+	memset(st, 0, sizeof(*st));
+	st->rx_bytes = atomic64_read(&qw->rx_bytes);
+	st->tx_bytes = atomic64_read(&qw->tx_bytes);
+	st->rx_interrupts = atomic64_read(&qw->rx_interrupts);
+	st->tx_interrupts = atomic64_read(&qw->tx_interrupts);
+	st->overruns = atomic64_read(&qw->overruns);
+	st->errors = atomic64_read(&qw->errors);
+	st->flushed_bytes = atomic64_read(&qw->flushed_bytes);
+	st->config_changes = atomic64_read(&qw->config_changes);
+	st->resets = atomic64_read(&qw->resets);
+
+	spin_lock_irqsave(&qw->rx_lock, flags);
+	st->rx_pending = qw->rx_pending;
+	if (qw->broken)
+		st->state |= QW_STATE_NEEDS_RESET;
+	if (qw->gone)
+		st->state |= QW_STATE_REMOVED;
+	else if (!qw->live)
+		st->state |= QW_STATE_STOPPED;
+	spin_unlock_irqrestore(&qw->rx_lock, flags);
+
+	spin_lock_irqsave(&qw->tx_lock, flags);
+	st->tx_inflight = qw->tx_inflight;
+	spin_unlock_irqrestore(&qw->tx_lock, flags);
+}
+
+/*
+ * QW_IOC_FLUSH: drop every unread byte and give the buffers back to the
+ * device.  read_mutex, so no reader holds a buffer half read.
+ */
+static int qw_flush(struct qw_dev *qw)
+{
+	struct qw_rx_buf *buf, *tmp;
+	unsigned int dropped = 0;
+	unsigned long flags;
+	bool kick = false;
+	LIST_HEAD(list);
+	int err = 0;
+
+	if (mutex_lock_interruptible(&qw->read_mutex))
+		return -ERESTARTSYS;
+
+	spin_lock_irqsave(&qw->rx_lock, flags);
+	if (qw->gone) {
+		err = -ENODEV;
+	} else {
+		dropped = qw_rx_take_filled_locked(qw, &list);
+		list_for_each_entry_safe(buf, tmp, &list, list) {
+			list_del(&buf->list);
+			if (qw_rx_recycle_locked(qw, buf))
+				kick = true;
+		}
+		if (kick)
+			virtqueue_kick(qw->rx_vq);
+	}
+	spin_unlock_irqrestore(&qw->rx_lock, flags);
+
+	mutex_unlock(&qw->read_mutex);
+
+	atomic64_add(dropped, &qw->flushed_bytes);
+	pr_debug("%s: flushed %u bytes\n", qw->name, dropped);
+	return err;
+}
+
+/*
+ * QW_IOC_RESET: virtio reset and fresh queues, also the way out of
+ * NEEDS_RESET.  Unread data stays; unsent tx buffers are dropped; queued
+ * AIO requests carry on afterwards.
+ */
+static int qw_reset(struct qw_dev *qw)
+{
+	int err;
+
+	if (mutex_lock_interruptible(&qw->state_mutex))
+		return -ERESTARTSYS;
+
+	if (qw->gone) {
+		err = -ENODEV;
+	} else if (!qw->ready) {
+		/* The virtio core still finishes probe(): not our device yet. */
+		err = -EBUSY;
+	} else {
+		dev_info(&qw->vdev->dev, "reset requested by pid %d\n",
+			 task_pid_nr(current));
+		qw_stop(qw);
+		err = qw_start(qw, true);
+		atomic64_inc(&qw->resets);
+		if (err)
+			dev_err(&qw->vdev->dev, "reset failed: %d\n", err);
+	}
+
+	mutex_unlock(&qw->state_mutex);
+	return err;
+}
+
+static long qw_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
+{
+	struct qw_dev *qw = filp->private_data;
+	void __user *argp = (void __user *)arg;
+	struct qw_stats st;
+	int pending;
+
+	switch (cmd) {
+	case QW_IOC_GET_STATS:
+		/* Works after removal too, for a post-mortem. */
+		qw_get_stats(qw, &st);
+		if (copy_to_user(argp, &st, sizeof(st)))
+			return -EFAULT;
+		return 0;
+	case FIONREAD:
+		/* At most QW_RX_BUFS_MAX pages: fits an int. */
+		qw_get_stats(qw, &st);
+		pending = st.rx_pending;
+		if (copy_to_user(argp, &pending, sizeof(pending)))
+			return -EFAULT;
+		return 0;
+	case QW_IOC_FLUSH:
+		if (!(filp->f_mode & FMODE_READ))
+			return -EBADF;
+		return qw_flush(qw);
+	case QW_IOC_RESET:
+		if (!(filp->f_mode & FMODE_WRITE))
+			return -EBADF;
+		return qw_reset(qw);
+	default:
+		return -ENOTTY;
+	}
 }
 
 static const struct file_operations qw_fops = {
 	.owner		= THIS_MODULE,
 	.open		= qw_open,
 	.release	= qw_release_file,
-	.read		= qw_read,
-	.write		= qw_write,
+	.read_iter	= qw_read_iter,
+	.write_iter	= qw_write_iter,
+	.splice_read	= qw_splice_read,
+	.splice_write	= iter_file_splice_write,
 	.poll		= qw_poll,
+	.fasync		= qw_fasync,
+	.unlocked_ioctl	= qw_ioctl,
+	/* struct qw_stats is all __u64: the same layout for 32-bit callers. */
+	.compat_ioctl	= compat_ptr_ioctl,
 };
 
-/* ---- sysfs counters: /sys/class/vdevlab_qw/qwN/<counter> ---- */
+/* ---- sysfs: /sys/class/vdevlab_qw/qwN/<counter> ---- */
 
-#define QW_COUNTER_ATTR(_name)						\
+#define QW_STAT_ATTR(_name)						\
 static ssize_t _name##_show(struct device *dev,				\
 			    struct device_attribute *attr, char *buf)	\
 {									\
-	struct qw_dev *qw = dev_get_drvdata(dev);			\
+	struct qw_stats st;						\
 									\
-	return sysfs_emit(buf, "%llu\n",				\
-			  (u64)atomic64_read(&qw->_name));		\
+	qw_get_stats(dev_get_drvdata(dev), &st);			\
+	return sysfs_emit(buf, "%llu\n", st._name);			\
 }									\
 static DEVICE_ATTR_RO(_name)
 
-QW_COUNTER_ATTR(rx_bytes);
-QW_COUNTER_ATTR(tx_bytes);
-QW_COUNTER_ATTR(rx_interrupts);
-QW_COUNTER_ATTR(tx_interrupts);
-QW_COUNTER_ATTR(errors);
+QW_STAT_ATTR(rx_bytes);
+QW_STAT_ATTR(tx_bytes);
+QW_STAT_ATTR(rx_interrupts);
+QW_STAT_ATTR(tx_interrupts);
+QW_STAT_ATTR(overruns);
+QW_STAT_ATTR(errors);
+QW_STAT_ATTR(rx_pending);
+QW_STAT_ATTR(tx_inflight);
+QW_STAT_ATTR(flushed_bytes);
+QW_STAT_ATTR(config_changes);
+QW_STAT_ATTR(resets);
+
+static ssize_t needs_reset_show(struct device *dev,
+				struct device_attribute *attr, char *buf)
+{
+	struct qw_stats st;
+
+	qw_get_stats(dev_get_drvdata(dev), &st);
+	return sysfs_emit(buf, "%d\n", !!(st.state & QW_STATE_NEEDS_RESET));
+}
+static DEVICE_ATTR_RO(needs_reset);
 
 static struct attribute *qw_attrs[] = {
 	&dev_attr_rx_bytes.attr,
 	&dev_attr_tx_bytes.attr,
 	&dev_attr_rx_interrupts.attr,
 	&dev_attr_tx_interrupts.attr,
+	&dev_attr_overruns.attr,
 	&dev_attr_errors.attr,
+	&dev_attr_rx_pending.attr,
+	&dev_attr_tx_inflight.attr,
+	&dev_attr_flushed_bytes.attr,
+	&dev_attr_config_changes.attr,
+	&dev_attr_resets.attr,
+	&dev_attr_needs_reset.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(qw);
@@ -867,13 +1927,63 @@ ATTRIBUTE_GROUPS(qw);
 /* ---- virtio driver ---- */
 
 /*
+ * Configuration change, possibly in hard-irq context (and under the core's
+ * config_lock).  Reading the status may sleep on some transports, so the
+ * work is deferred.  The core calls this only between the end of probe and
+ * the start of remove, and not while suspended.
+ */
+static void qw_config_changed(struct virtio_device *vdev)
+{
+	struct qw_dev *qw = vdev->priv;
+
+	atomic64_inc(&qw->config_changes);
+	qw_queue_work(qw, &qw->config_work);
+}
+
+static void qw_config_work(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(work, struct qw_dev, config_work);
+	struct virtio_device *vdev;
+	u8 status;
+
+	/*
+	 * state_mutex: vdev stays valid, and no reset runs meanwhile.  A
+	 * stopped device (suspended, or a reset failed) is skipped: its
+	 * status may read as all ones, and its restart resets it anyway.
+	 */
+	mutex_lock(&qw->state_mutex);
+	if (qw->gone || !qw->live)
+		goto out;
+	vdev = qw->vdev;
+	status = vdev->config->get_status(vdev);
+	/* Ratelimited: the device is not trusted to be quiet. */
+	if (status & VIRTIO_CONFIG_S_NEEDS_RESET) {
+		dev_err_ratelimited(&vdev->dev,
+				    "device needs reset (status %#x)\n", status);
+		qw_mark_broken(qw);
+	} else {
+		dev_info_ratelimited(&vdev->dev,
+				     "configuration changed (status %#x)\n",
+				     status);
+		/* Pollers re-check; nothing to read from config space yet. */
+		wake_up_interruptible_all(&qw->rx_wq);
+		wake_up_interruptible_all(&qw->tx_wq);
+	}
+out:
+	mutex_unlock(&qw->state_mutex);
+	qw_put(qw);
+}
+
+/*
  * Undo a successful probe (remove) or a probe that failed after the device
  * was published (in which case no class device exists).  The order matters:
- * unpublish so no new open can start, mark gone under the locks so no file
- * operation touches the vqs any more, wake every sleeper (each re-checks
- * gone and returns -ENODEV), then stop the device and free its buffers.
- * The sysfs files go with device_destroy(), which waits for running
- * ->show() calls, so qw may be freed after it.
+ * unpublish so no new open can start; under state_mutex (no reset or config
+ * work in between) mark gone under the locks so no file operation or worker
+ * touches the vqs any more; wake every sleeper and poller (each re-checks
+ * gone and returns -ENODEV or EPOLLHUP); complete queued AIO; then stop the
+ * device and free its buffers.  Work items still queued hold their own
+ * reference and find the device gone.  The sysfs files go with
+ * device_destroy(), which waits for running ->show() calls.
  */
 static void qw_teardown(struct qw_dev *qw)
 {
@@ -881,21 +1991,23 @@ static void qw_teardown(struct qw_dev *qw)
 	qw_devs[qw->minor] = NULL;
 	mutex_unlock(&qw_devs_lock);
 
-	qw_set_state(qw, false, true);
-	wake_up_interruptible_all(&qw->rx_wq);
-	wake_up_interruptible_all(&qw->tx_wq);
-
+	mutex_lock(&qw->state_mutex);
+	qw_set_gone(qw);
+	qw_notify_state(qw, POLL_HUP);
+	qw_aio_shutdown(qw);
 	qw_del_vqs(qw);
 	qw_rx_free_filled(qw);
+	mutex_unlock(&qw->state_mutex);
 
 	if (!IS_ERR_OR_NULL(qw->dev))
 		device_destroy(qw_class, qw->devt);
 	cdev_del(qw->cdev);
 	ida_free(&qw_ida, qw->minor);
+	/* Nobody uses vdev once gone is set: callbacks and config are off. */
 	qw->vdev->priv = NULL;
 	qw->vdev = NULL;
 
-	/* Open files keep their own reference; the last close frees qw. */
+	/* Open files keep their own reference; the last put frees qw. */
 	qw_put(qw);
 }
 
@@ -904,22 +2016,35 @@ static int qw_probe(struct virtio_device *vdev)
 	struct qw_dev *qw;
 	int minor, err;
 
-	qw = kzalloc(sizeof(*qw), GFP_KERNEL);
+	qw = kzalloc_obj(*qw, GFP_KERNEL);
 	if (!qw)
 		return -ENOMEM;
 	kref_init(&qw->kref);
+	mutex_init(&qw->state_mutex);
 	spin_lock_init(&qw->rx_lock);
 	spin_lock_init(&qw->tx_lock);
+	spin_lock_init(&qw->aio_lock);
 	mutex_init(&qw->read_mutex);
 	mutex_init(&qw->write_mutex);
 	init_waitqueue_head(&qw->rx_wq);
 	init_waitqueue_head(&qw->tx_wq);
 	INIT_LIST_HEAD(&qw->rx_filled);
+	INIT_LIST_HEAD(&qw->aio_rx);
+	INIT_LIST_HEAD(&qw->aio_tx);
+	INIT_LIST_HEAD(&qw->aio_cancelled);
+	INIT_WORK(&qw->rx_work, qw_rx_work);
+	INIT_WORK(&qw->tx_work, qw_tx_work);
+	INIT_WORK(&qw->cancel_work, qw_aio_cancel_work);
+	INIT_WORK(&qw->config_work, qw_config_work);
 	atomic64_set(&qw->rx_bytes, 0);
 	atomic64_set(&qw->tx_bytes, 0);
 	atomic64_set(&qw->rx_interrupts, 0);
 	atomic64_set(&qw->tx_interrupts, 0);
+	atomic64_set(&qw->overruns, 0);
 	atomic64_set(&qw->errors, 0);
+	atomic64_set(&qw->flushed_bytes, 0);
+	atomic64_set(&qw->config_changes, 0);
+	atomic64_set(&qw->resets, 0);
 	qw->vdev = vdev;
 	/* Before find_vqs: the callbacks find qw through it. */
 	vdev->priv = qw;
@@ -943,7 +2068,7 @@ static int qw_probe(struct virtio_device *vdev)
 
 	/* The device must be DRIVER_OK before we hand it buffers. */
 	virtio_device_ready(vdev);
-	qw_set_state(qw, true, false);
+	qw_set_live(qw, true);
 
 	if (!qw_rx_fill(qw)) {
 		dev_err(&vdev->dev, "cannot post any rx buffer\n");
@@ -989,15 +2114,30 @@ static int qw_probe(struct virtio_device *vdev)
 	return 0;
 
 err_vqs:
-	qw_set_state(qw, false, true);
+	qw_set_gone(qw);
 	qw_del_vqs(qw);
 	qw_rx_free_filled(qw);
 err_ida:
 	ida_free(&qw_ida, minor);
 err_free:
 	vdev->priv = NULL;
-	kfree(qw);
+	/* Unpublished and without vqs: no file, callback or work holds qw. */
+	qw_put(qw);
 	return err;
+}
+
+/*
+ * Called by the virtio core once probe() returned and the device is
+ * DRIVER_OK for sure.  From now on QW_IOC_RESET may reset it: before, the
+ * core might set DRIVER_OK behind a reset in progress.
+ */
+static void qw_scan(struct virtio_device *vdev)
+{
+	struct qw_dev *qw = vdev->priv;
+
+	mutex_lock(&qw->state_mutex);
+	qw->ready = true;
+	mutex_unlock(&qw->state_mutex);
 }
 
 static void qw_remove(struct virtio_device *vdev)
@@ -1010,17 +2150,18 @@ static void qw_remove(struct virtio_device *vdev)
 
 #ifdef CONFIG_PM_SLEEP
 /*
- * Userspace is frozen, but a file operation may still be in flight on the
- * way out (woken by the freezer), so go through the same live flag as
- * remove().  Unread rx data stays on the filled list across the sleep;
- * unsent tx buffers are dropped.
+ * Userspace is frozen, but a file operation or a worker may still be in
+ * flight, so go through the same live flag as remove().  Unread rx data
+ * stays on the filled list across the sleep; unsent tx buffers are dropped;
+ * queued AIO requests stay queued.
  */
 static int qw_freeze(struct virtio_device *vdev)
 {
 	struct qw_dev *qw = vdev->priv;
 
-	qw_set_state(qw, false, false);
-	qw_del_vqs(qw);
+	mutex_lock(&qw->state_mutex);
+	qw_stop(qw);
+	mutex_unlock(&qw->state_mutex);
 	return 0;
 }
 
@@ -1029,25 +2170,13 @@ static int qw_restore(struct virtio_device *vdev)
 	struct qw_dev *qw = vdev->priv;
 	int err;
 
-	err = qw_init_vqs(qw);
-	if (err) {
-		dev_err(&vdev->dev, "restore: cannot find virtqueues: %d\n",
-			err);
-		qw->rx_vq = NULL;
-		qw->tx_vq = NULL;
-		return err;
-	}
-
-	virtio_device_ready(vdev);
-	qw_set_state(qw, true, false);
-
-	if (!qw_rx_fill(qw))
-		dev_warn(&vdev->dev, "restore: cannot post any rx buffer\n");
-
-	/* Writers waited for a frozen device as for a full ring. */
-	wake_up_interruptible_all(&qw->tx_wq);
-	wake_up_interruptible_all(&qw->rx_wq);
-	return 0;
+	/* The core did the reset and the feature handshake. */
+	mutex_lock(&qw->state_mutex);
+	err = qw_start(qw, false);
+	mutex_unlock(&qw->state_mutex);
+	if (err)
+		dev_err(&vdev->dev, "restore failed: %d\n", err);
+	return err;
 }
 #endif
 
@@ -1058,7 +2187,9 @@ static struct virtio_driver qw_driver = {
 	.id_table	= qw_id_table,
 	/* No device feature bits: transport features are handled by the core. */
 	.probe		= qw_probe,
+	.scan		= qw_scan,
 	.remove		= qw_remove,
+	.config_changed	= qw_config_changed,
 #ifdef CONFIG_PM_SLEEP
 	.freeze		= qw_freeze,
 	.restore	= qw_restore,
@@ -1080,10 +2211,18 @@ static int __init qw_init(void)
 	}
 	qw_id_table[0].device = virtio_id;
 
+	/*
+	 * Unbound: a worker copying into a faulting user page must not hold
+	 * up a CPU's other work.  Our own queue, so module exit can drain it.
+	 */
+	qw_wq = alloc_workqueue(KBUILD_MODNAME, WQ_UNBOUND, 0);
+	if (!qw_wq)
+		return -ENOMEM;
+
 	err = alloc_chrdev_region(&qw_devt_base, 0, QW_MAX_DEVS,
 				  KBUILD_MODNAME);
 	if (err)
-		return err;
+		goto err_wq;
 
 	qw_class = qw_class_create(KBUILD_MODNAME);
 	if (IS_ERR(qw_class)) {
@@ -1102,13 +2241,20 @@ err_class:
 	class_destroy(qw_class);
 err_region:
 	unregister_chrdev_region(qw_devt_base, QW_MAX_DEVS);
+err_wq:
+	destroy_workqueue(qw_wq);
 	return err;
 }
 
 static void __exit qw_exit(void)
 {
-	/* Removes every device; open files pin the module, so none is left. */
+	/*
+	 * Removes every device; open files (and so AIO requests, which hold
+	 * one) pin the module, so none is left.  Then wait for work items
+	 * still queued: they hold the last references to removed devices.
+	 */
 	unregister_virtio_driver(&qw_driver);
+	destroy_workqueue(qw_wq);
 	class_destroy(qw_class);
 	unregister_chrdev_region(qw_devt_base, QW_MAX_DEVS);
 	ida_destroy(&qw_ida);
