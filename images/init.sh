@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # /init of the vdevlab lab guest (an initramfs with busybox, the qw driver
-# and the guest programs). It mounts the basics, loads the driver, runs the
+# and the guest programs, plus the kernel's virtio modules where they are
+# not built in). It mounts the basics, loads the driver, runs the
 # scenario named on the kernel command line and powers off. Everything the
 # host harness needs to know is printed on the serial console as marker
 # lines starting with "VDEVLAB-".
@@ -48,6 +49,16 @@ finish() {
     fi
     poweroff -f
 }
+
+# The kernel's own modules the driver needs first (virtio and virtio_pci
+# where they are modular, e.g. Debian's 6.1), one name a line, in
+# dependency order. Empty where virtio is built in.
+if [ -f /lib/modules/preload.list ]; then
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        insmod "/lib/modules/$mod.ko" || fail "insmod $mod.ko (preloaded before the driver) failed"
+    done < /lib/modules/preload.list
+fi
 
 if ! insmod /lib/modules/vdevlab_qw.ko ${vid:+virtio_id=$vid}; then
     fail "insmod vdevlab_qw.ko failed"

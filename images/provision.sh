@@ -5,8 +5,22 @@
 #   $VDEVLAB_CACHE/trixie-root      Debian trixie root with QEMU >= 10.2 from
 #                                   trixie-backports, gcc-14, make, kernel
 #                                   headers and busybox-static
-#   $VDEVLAB_CACHE/kernels/<rel>/   the unpacked guest kernel (vmlinuz)
+#   $VDEVLAB_CACHE/kernels/<rel>/   one folder per guest kernel: vmlinuz,
+#                                   config, and for kernels built outside the
+#                                   root their headers (headers/) and the
+#                                   modules to load before the driver
+#                                   (modules/, in load order)
 #   $VDEVLAB_CACHE/lab.env          what the Rust harness reads
+#
+# Guest kernels (the matrix; VDEVLAB_KERNELS picks a subset, default both):
+#
+#   trixie    trixie-backports' current kernel; virtio built in; the driver
+#             is built inside the root (gcc-14, like the kernel)
+#   bookworm  Debian bookworm's 6.1 kernel (the newest 6.1.0-N ABI the
+#             host's apt offers, or VDEVLAB_BOOKWORM_ABI=N); virtio is
+#             modular; the driver is built on the host, whose gcc-12 is the
+#             kernel's own compiler (the host must be bookworm, or have
+#             bookworm and bookworm-security in its apt sources)
 #
 # Idempotent: every step leaves a stamp, and a second run with everything
 # cached only checks the stamps.  Run as root (mmdebstrap, chroot).
@@ -17,10 +31,16 @@ ROOT=$CACHE/trixie-root
 STAMP_VERSION=1
 say() { printf '[vdevlab provision] %s\n' "$*" >&2; }
 die() { printf '[vdevlab provision] error: %s\n' "$*" >&2; exit 1; }
-step() { say "($1/5) $2"; }
+step() { say "($1/6) $2"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: it builds a Debian root with mmdebstrap and runs chroot. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
+KERNELS=${VDEVLAB_KERNELS:-trixie,bookworm}
+case ",$KERNELS," in *,trixie,*) ;; *) die "VDEVLAB_KERNELS=$KERNELS: trixie (the default kernel) must be in the list" ;; esac
+for k in ${KERNELS//,/ }; do
+    case "$k" in trixie|bookworm) ;; *) die "VDEVLAB_KERNELS=$KERNELS: unknown kernel '$k' (known: trixie, bookworm)" ;; esac
+done
+want_kernel() { case ",$KERNELS," in *,"$1",*) return 0 ;; esac; return 1; }
 mkdir -p "$CACHE"
 
 # One provisioner at a time: tests running in parallel may all ask for it.
@@ -54,9 +74,14 @@ host_pkg() { # host_pkg <command> <package>
         || die "could not install '$2' on the host: apt-get install $2"
 }
 
-step 1 "host tools (mmdebstrap, unshare, flock)"
+step 1 "host tools (mmdebstrap, unshare, flock; make, gcc-12, objcopy for the bookworm kernel)"
 host_pkg mmdebstrap mmdebstrap
 host_pkg unshare util-linux
+if want_kernel bookworm; then
+    host_pkg make make
+    host_pkg gcc-12 gcc-12
+    host_pkg objcopy binutils
+fi
 
 step 2 "Debian trixie root at $ROOT"
 if [ ! -f "$ROOT/.vdevlab-root-$STAMP_VERSION" ]; then
@@ -100,7 +125,7 @@ HEADERS=$(cd "$ROOT/usr/src" && ls -d linux-headers-*-amd64 2>/dev/null | sort -
 [ -n "$HEADERS" ] || die "no linux-headers-*-amd64 in $ROOT/usr/src"
 KREL=${HEADERS#linux-headers-}
 
-step 4 "guest kernel $KREL"
+step 4 "trixie guest kernel $KREL"
 KDIR=$CACHE/kernels/$KREL
 if [ ! -f "$KDIR/.vdevlab-kernel-$STAMP_VERSION" ]; then
     rm -rf "$KDIR" "$ROOT/var/tmp/vdevlab-dl" && mkdir -p "$ROOT/var/tmp/vdevlab-dl"
@@ -127,18 +152,169 @@ else
     say "cached"
 fi
 
-step 5 "checking QEMU and writing $CACHE/lab.env"
+# The bookworm 6.1 kernel, from the HOST's apt (the host is bookworm): the
+# image, the modules virtio-pci needs (virtio is modular in 6.1) and the
+# headers with their kbuild, all unpacked into the cache (nothing is
+# installed on the host). The headers expect gcc-12 (CONFIG_CC_VERSION_TEXT),
+# the host's compiler, so the driver is built on the host.
+BW_WANT_MODULES=${VDEVLAB_BOOKWORM_MODULES:-virtio_pci}
+BW_REL=""; BW_DIR=""; BW_MODULES=""
+host_apt() { # apt-get as root, downloading into the current folder
+    apt-get -q -o APT::Sandbox::User=root "$@"
+}
+candidate() { # candidate <package>: its candidate version, or nothing
+    apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2; exit}' | grep -v '^(none)$' || true
+}
+bookworm_abi() { # the newest 6.1.0-N ABI with both an image and headers
+    if [ -n "${VDEVLAB_BOOKWORM_ABI:-}" ]; then echo "$VDEVLAB_BOOKWORM_ABI"; return; fi
+    local abis pkgs
+    abis=$(apt-cache pkgnames linux-headers-6.1.0- 2>/dev/null \
+        | sed -n 's/^linux-headers-6\.1\.0-\([0-9][0-9]*\)-amd64$/\1/p' | sort -rn)
+    [ -n "$abis" ] || return 0
+    pkgs=$(for n in $abis; do
+        echo "linux-headers-6.1.0-$n-amd64 linux-image-6.1.0-$n-amd64-unsigned linux-image-6.1.0-$n-amd64"
+    done)
+    # One apt-cache call (each costs about a second): "package version" lines.
+    # shellcheck disable=SC2086
+    apt-cache policy $pkgs 2>/dev/null | awk '
+        /^[^ ].*:$/ { pkg = substr($0, 1, length($0) - 1) }
+        /Candidate:/ && $2 != "(none)" { print pkg, $2 }' > "$CACHE/.apt-candidates"
+    for n in $abis; do
+        hv=$(awk -v p="linux-headers-6.1.0-$n-amd64" '$1 == p {print $2}' "$CACHE/.apt-candidates")
+        [ -n "$hv" ] || continue
+        if awk -v n="$n" -v v="$hv" '($1 == "linux-image-6.1.0-" n "-amd64-unsigned" || $1 == "linux-image-6.1.0-" n "-amd64") && $2 == v {f = 1} END {exit !f}' "$CACHE/.apt-candidates"; then
+            echo "$n"; return 0
+        fi
+    done
+    return 0
+}
+apt_lists_fingerprint() { # changes whenever the host's apt lists do
+    { echo "${VDEVLAB_BOOKWORM_ABI:-}"; stat -c '%n %Y %s' /var/lib/apt/lists/*_Packages* 2>/dev/null; } | md5sum | cut -d' ' -f1
+}
+modinfo_depends() { # modinfo_depends <file.ko>: its dependencies, space separated
+    local tmp
+    tmp=$(mktemp)
+    objcopy -O binary --only-section=.modinfo "$1" "$tmp" \
+        || { rm -f "$tmp"; die "objcopy could not read .modinfo of $1"; }
+    tr '\0' '\n' < "$tmp" | sed -n 's/^depends=//p' | tr ',' ' '
+    rm -f "$tmp"
+}
+
+if want_kernel bookworm; then
+    step 5 "bookworm 6.1 guest kernel, its virtio modules and headers (host apt)"
+    command -v apt-get >/dev/null 2>&1 || die "the bookworm kernel comes from the host's apt, and this host has no apt-get; set VDEVLAB_KERNELS=trixie to provision the trixie kernel only"
+    # Asking apt takes seconds, and every test process provisions: reuse the
+    # last choice while the host's apt lists are unchanged.
+    fp=$(apt_lists_fingerprint)
+    abi=""
+    if [ -f "$CACHE/kernels/bookworm.choice" ]; then
+        read -r cfp cabi < "$CACHE/kernels/bookworm.choice" || true
+        [ "$cfp" = "$fp" ] && abi=$cabi
+    fi
+    [ -n "$abi" ] || abi=$(bookworm_abi)
+    if [ -z "$abi" ] && [ -z "$apt_updated" ]; then
+        say "the host's apt offers no linux-image/linux-headers-6.1.0-N-amd64 pair; apt-get update (host)"
+        apt-get update -q >&2 || die "apt-get update failed on the host"
+        apt_updated=1
+        abi=$(bookworm_abi)
+    fi
+    [ -n "$abi" ] || die "the host's apt offers no linux-image-6.1.0-N-amd64 with matching linux-headers-6.1.0-N-amd64: add 'bookworm bookworm-updates' and 'bookworm-security' to the host's apt sources and run apt-get update, or set VDEVLAB_KERNELS=trixie"
+    BW_REL=6.1.0-$abi-amd64
+    BW_DIR=$CACHE/kernels/$BW_REL
+    bw_stamp="$STAMP_VERSION $BW_WANT_MODULES"
+    if [ "$(cat "$BW_DIR/.vdevlab-bookworm" 2>/dev/null)" != "$bw_stamp" ]; then
+        ver=$(candidate "linux-headers-$BW_REL")
+        [ -n "$ver" ] || die "no candidate for linux-headers-$BW_REL on the host's apt"
+        tmp=$BW_DIR.tmp
+        rm -rf "$tmp" && mkdir -p "$tmp/debs" "$tmp/pkg" "$tmp/headers" "$tmp/modules"
+        # The kernel's own kbuild version first; else the candidate (>= it).
+        image=linux-image-$BW_REL-unsigned
+        [ "$(candidate "$image")" = "$ver" ] || image=linux-image-$BW_REL
+        pkgs="$image=$ver linux-headers-$BW_REL=$ver linux-headers-6.1.0-$abi-common=$ver"
+        say "downloading $BW_REL ($ver): $image, headers, kbuild (about 80 MB)"
+        dl() { (cd "$tmp/debs" && host_apt download "$@") >&2; }
+        # shellcheck disable=SC2086
+        if ! dl $pkgs; then
+            [ -n "$apt_updated" ] || { say "download failed; apt-get update (host) and retrying"; apt-get update -q >&2 || true; apt_updated=1; }
+            # shellcheck disable=SC2086
+            dl $pkgs || die "could not download $pkgs from the host's apt (stale lists or no bookworm-security source?): run apt-get update, or pick another ABI with VDEVLAB_BOOKWORM_ABI=N"
+        fi
+        dl "linux-kbuild-6.1=$ver" || dl linux-kbuild-6.1 \
+            || die "could not download linux-kbuild-6.1 from the host's apt"
+        say "unpacking $BW_REL"
+        dpkg -x "$tmp/debs/${image}_"*.deb "$tmp/pkg" || die "dpkg -x $image failed"
+        for deb in "$tmp"/debs/linux-headers-*.deb "$tmp"/debs/linux-kbuild-*.deb; do
+            dpkg -x "$deb" "$tmp/headers" || die "dpkg -x $deb failed"
+        done
+        [ -f "$tmp/pkg/boot/vmlinuz-$BW_REL" ] || die "no boot/vmlinuz-$BW_REL in $image"
+        cp "$tmp/pkg/boot/vmlinuz-$BW_REL" "$tmp/vmlinuz"
+        cp "$tmp/pkg/boot/config-$BW_REL" "$tmp/config" 2>/dev/null || true
+        # The headers' Makefile includes the common headers by absolute
+        # path (/usr/src/...): point it at the unpacked copy. scripts/ and
+        # tools/ are relative links into the unpacked kbuild.
+        hdr=$tmp/headers/usr/src/linux-headers-$BW_REL
+        [ -f "$hdr/Makefile" ] || die "no usr/src/linux-headers-$BW_REL/Makefile in the headers package"
+        sed -i "s|^include /usr/src/|include $BW_DIR/headers/usr/src/|" "$hdr/Makefile"
+        [ -x "$hdr/scripts/mod/modpost" ] || die "the unpacked headers have no scripts/mod/modpost (linux-kbuild-6.1 missing?)"
+        kcc=$(sed -n 's/^CONFIG_CC_VERSION_TEXT="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$hdr/include/config/auto.conf")
+        hcc=$(gcc-12 --version | head -n 1)
+        [ "$kcc" = "$hcc" ] || say "note: $BW_REL was built with '$kcc', the host has '$hcc'"
+        # The modules virtio-pci needs, dependencies first.
+        order=""
+        add_mod() {
+            case " $order " in *" $1 "*) return 0 ;; esac
+            local f d
+            f=$(find "$tmp/pkg/lib/modules/$BW_REL" \( -name "$1.ko" -o -name "${1//_/-}.ko" \) | head -n 1)
+            [ -n "$f" ] || die "module $1 is not in $image (is it built in? then drop it from VDEVLAB_BOOKWORM_MODULES)"
+            for d in $(modinfo_depends "$f"); do add_mod "$d"; done
+            cp "$f" "$tmp/modules/$1.ko"
+            order="$order $1"
+        }
+        for m in ${BW_WANT_MODULES//,/ }; do add_mod "$m"; done
+        printf '%s\n' $order > "$tmp/modules/order"
+        say "modules to load before the driver:$order"
+        rm -rf "$tmp/pkg" "$tmp/debs" "$BW_DIR"
+        mv "$tmp" "$BW_DIR"
+        echo "$bw_stamp" > "$BW_DIR/.vdevlab-bookworm"
+    else
+        say "cached ($BW_REL)"
+    fi
+    echo "$(apt_lists_fingerprint) $abi" > "$CACHE/kernels/bookworm.choice"
+    BW_MODULES=$(sed "s|^\(.*\)$|$BW_DIR/modules/\1.ko|" "$BW_DIR/modules/order" | paste -sd:)
+else
+    step 5 "bookworm 6.1 guest kernel: not wanted (VDEVLAB_KERNELS=$KERNELS)"
+fi
+
+step 6 "checking QEMU and writing $CACHE/lab.env"
 QVER=$(in_root /usr/bin/qemu-system-x86_64 --version | head -n 1)
 in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-test-device-pci"' \
     || die "QEMU in $ROOT ($QVER) has no vhost-user-test-device-pci: QEMU 10.2+ needed"
-cat > "$CACHE/lab.env.tmp" <<ENV
-VDEVLAB_ROOT=$ROOT
-VDEVLAB_QEMU=/usr/bin/qemu-system-x86_64
-VDEVLAB_QEMU_VERSION=$QVER
-VDEVLAB_KERNEL_RELEASE=$KREL
-VDEVLAB_KERNEL=$KDIR/vmlinuz
-VDEVLAB_KERNEL_HEADERS=/usr/src/$HEADERS
-VDEVLAB_BUSYBOX=$ROOT/usr/bin/busybox
-ENV
+# Per kernel: RELEASE (uname -r), IMAGE (host path), HEADERS (the kbuild
+# folder, inside BUILD_ROOT), BUILD_ROOT (a Debian root to build in, or
+# "host"), MODULES (host paths of modules to insmod before the driver, in
+# order, ':'-separated). The unprefixed VDEVLAB_KERNEL* keys are the default
+# kernel's (trixie), for older readers.
+{
+    echo "VDEVLAB_ROOT=$ROOT"
+    echo "VDEVLAB_QEMU=/usr/bin/qemu-system-x86_64"
+    echo "VDEVLAB_QEMU_VERSION=$QVER"
+    echo "VDEVLAB_BUSYBOX=$ROOT/usr/bin/busybox"
+    echo "VDEVLAB_KERNELS=$KERNELS"
+    echo "VDEVLAB_KERNEL_TRIXIE_RELEASE=$KREL"
+    echo "VDEVLAB_KERNEL_TRIXIE_IMAGE=$KDIR/vmlinuz"
+    echo "VDEVLAB_KERNEL_TRIXIE_HEADERS=/usr/src/$HEADERS"
+    echo "VDEVLAB_KERNEL_TRIXIE_BUILD_ROOT=$ROOT"
+    echo "VDEVLAB_KERNEL_TRIXIE_MODULES="
+    if want_kernel bookworm; then
+        echo "VDEVLAB_KERNEL_BOOKWORM_RELEASE=$BW_REL"
+        echo "VDEVLAB_KERNEL_BOOKWORM_IMAGE=$BW_DIR/vmlinuz"
+        echo "VDEVLAB_KERNEL_BOOKWORM_HEADERS=$BW_DIR/headers/usr/src/linux-headers-$BW_REL"
+        echo "VDEVLAB_KERNEL_BOOKWORM_BUILD_ROOT=host"
+        echo "VDEVLAB_KERNEL_BOOKWORM_MODULES=$BW_MODULES"
+    fi
+    echo "VDEVLAB_KERNEL_RELEASE=$KREL"
+    echo "VDEVLAB_KERNEL=$KDIR/vmlinuz"
+    echo "VDEVLAB_KERNEL_HEADERS=/usr/src/$HEADERS"
+} > "$CACHE/lab.env.tmp"
 mv "$CACHE/lab.env.tmp" "$CACHE/lab.env"
-say "ready: $QVER, guest kernel $KREL"
+say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}"

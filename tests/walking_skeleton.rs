@@ -1,21 +1,47 @@
 //! The walking skeleton: one payload from the emulated device reaches a
-//! blocking read() in a booted guest, under every VMM the machine can run.
+//! blocking read() in a booted guest, under every VMM the machine can run,
+//! on every guest kernel of the matrix.
+//!
+//! Every test exists once per kernel, in a module named after it
+//! (`trixie::…`, `bookworm::…`), so a nextest filter picks a kernel
+//! (`bookworm`), a test (`io_models_rx_and_tx`) or one cell
+//! (`bookworm::io_models_rx_and_tx`).
 
 use vdevlab_device::irq::IrqMode;
-use vdevlab_lab::env::{cloud_hypervisor, kvm_usable};
+use vdevlab_lab::env::{cloud_hypervisor, kvm_usable, Kernel};
 use vdevlab_lab::guest::Vmm;
 use vdevlab_lab::record::{read_all, Verdict};
 use vdevlab_lab::scenario::{blocking_rx, pattern, record_skip, run_streams, StreamCase};
+use vdevlab_lab::Lab;
 use vdevlab_tests::{assert_passed, lab};
 use vdevlab_vmm_config::Accel;
 
 /// Crosses many 4 KiB receive buffers and ends mid-buffer.
 const PAYLOAD: usize = 256 * 1024 + 123;
 
-fn run_blocking_rx(vmm: Vmm, accel: Accel) {
+/// Every I/O model of the guest programs (`<model>-rx` in their list).
+fn all_io_models() -> Vec<&'static str> {
+    vdevlab_guest::SCENARIOS
+        .iter()
+        .filter_map(|s| s.strip_suffix("-rx"))
+        .collect()
+}
+
+/// The lab and its kernel named `name`.
+fn lab_kernel(name: &str) -> (Lab, Kernel) {
     let lab = lab();
+    let kernel = lab
+        .env
+        .kernel(name)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .clone();
+    (lab, kernel)
+}
+
+fn run_blocking_rx(kernel: &str, vmm: Vmm, accel: Accel) {
+    let (lab, kernel) = lab_kernel(kernel);
     let payload = pattern(0xb10c, PAYLOAD);
-    let out = blocking_rx(&lab, vmm, accel, &payload).expect("the scenario could run");
+    let out = blocking_rx(&lab, &kernel, vmm, accel, &payload).expect("the scenario could run");
     assert_passed(&out);
     // Check the data ourselves too, not only the harness's verdict.
     let guest = out.guest.as_ref().expect("the guest reported a result");
@@ -29,9 +55,10 @@ fn run_blocking_rx(vmm: Vmm, accel: Accel) {
     assert_eq!(stats.rx_bytes, PAYLOAD as u64);
     assert_eq!(stats.bad_chains, 0);
     assert!(stats.interrupts_raised > 0);
-    // The run is on record, with a real boot time.
+    // The run is on record, with a real boot time, for this kernel.
     let rec = &out.record;
     assert_eq!(rec.scenario, "blocking-rx");
+    assert_eq!(rec.kernel, kernel.release);
     assert!(rec.boot_ms.is_some_and(|ms| ms > 0));
     let on_file = read_all().expect("runs.jsonl is readable");
     assert!(
@@ -40,24 +67,18 @@ fn run_blocking_rx(vmm: Vmm, accel: Accel) {
     );
 }
 
-#[test]
-fn blocking_rx_qemu_tcg() {
-    run_blocking_rx(Vmm::Qemu, Accel::Tcg);
-}
-
-#[test]
-fn blocking_rx_qemu_kvm() {
+fn blocking_rx_qemu_kvm(kernel: &str) {
     if let Err(why) = kvm_usable() {
-        let rec = record_skip(&lab(), "blocking-rx", Vmm::Qemu, Accel::Kvm, &why).unwrap();
+        let (lab, kernel) = lab_kernel(kernel);
+        let rec = record_skip(&lab, &kernel, "blocking-rx", Vmm::Qemu, Accel::Kvm, &why).unwrap();
         assert_eq!(rec.result, Verdict::Skip);
-        eprintln!("SKIP blocking-rx on QEMU/KVM: {why}");
+        eprintln!("SKIP blocking-rx on QEMU/KVM ({}): {why}", kernel.name);
         return;
     }
-    run_blocking_rx(Vmm::Qemu, Accel::Kvm);
+    run_blocking_rx(kernel, Vmm::Qemu, Accel::Kvm);
 }
 
-#[test]
-fn blocking_rx_cloud_hypervisor() {
+fn blocking_rx_cloud_hypervisor(kernel: &str) {
     let why = match (kvm_usable(), cloud_hypervisor()) {
         (Ok(()), Ok(_)) => None,
         (Err(kvm), Ok(_)) => Some(format!("Cloud Hypervisor needs KVM: {kvm}")),
@@ -65,8 +86,10 @@ fn blocking_rx_cloud_hypervisor() {
         (Err(kvm), Err(ch)) => Some(format!("Cloud Hypervisor needs KVM: {kvm}; and {ch}")),
     };
     if let Some(why) = why {
+        let (lab, kernel) = lab_kernel(kernel);
         let rec = record_skip(
-            &lab(),
+            &lab,
+            &kernel,
             "blocking-rx",
             Vmm::CloudHypervisor,
             Accel::Kvm,
@@ -74,36 +97,41 @@ fn blocking_rx_cloud_hypervisor() {
         )
         .unwrap();
         assert_eq!(rec.result, Verdict::Skip);
-        eprintln!("SKIP blocking-rx on Cloud Hypervisor: {why}");
+        eprintln!(
+            "SKIP blocking-rx on Cloud Hypervisor ({}): {why}",
+            kernel.name
+        );
         return;
     }
-    run_blocking_rx(Vmm::CloudHypervisor, Accel::Kvm);
+    run_blocking_rx(kernel, Vmm::CloudHypervisor, Accel::Kvm);
 }
 
-/// The driver is held to kernel standards: a W=1 build with no warning.
-#[test]
-fn driver_builds_warning_free_with_w1() {
-    let lab = lab();
-    let warnings: Vec<&str> = lab
-        .artifacts
+/// The driver is held to kernel standards: a W=1 build with no warning,
+/// against every kernel of the matrix.
+fn driver_builds_warning_free_with_w1(kernel: &str) {
+    let (lab, kernel) = lab_kernel(kernel);
+    let art = lab.artifacts.for_kernel(&kernel.name).unwrap();
+    let warnings: Vec<&str> = art
         .driver_build_log
         .lines()
         .filter(|l| l.contains("warning:") || l.contains("error:"))
         .collect();
     assert!(
         warnings.is_empty(),
-        "driver build warnings:\n{}",
+        "driver build warnings for {} ({}; log {}):\n{}",
+        kernel.name,
+        kernel.release,
+        art.driver_build_log_path.display(),
         warnings.join("\n")
     );
-    assert!(lab.artifacts.driver_ko.exists());
+    assert!(art.driver_ko.exists());
 }
 
 /// The driver must deliver every byte whatever the device's interrupt
 /// policy: coalesced (one interrupt per 8 buffers or 2 ms) and delayed with
 /// seeded jitter. One boot, two scenarios.
-#[test]
-fn blocking_rx_with_coalesced_and_delayed_interrupts() {
-    let lab = lab();
+fn blocking_rx_with_coalesced_and_delayed_interrupts(kernel: &str) {
+    let (lab, kernel) = lab_kernel(kernel);
     let mut coalesced = StreamCase::new("blocking-rx", 100_000, 1);
     coalesced.irq = Some(IrqMode::Coalesce {
         count: 8,
@@ -115,7 +143,7 @@ fn blocking_rx_with_coalesced_and_delayed_interrupts() {
         jitter_usecs: 1500,
         seed: 42,
     });
-    let outs = run_streams(&lab, Vmm::Qemu, Accel::Tcg, &[coalesced, delayed])
+    let outs = run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &[coalesced, delayed])
         .expect("the scenarios could run");
     assert_eq!(outs.len(), 2);
     for out in &outs {
@@ -124,33 +152,42 @@ fn blocking_rx_with_coalesced_and_delayed_interrupts() {
     }
 }
 
-/// The I/O models the current driver serves (read/write, O_NONBLOCK, poll;
-/// POSIX AIO and io_uring on top of those), both directions, in one boot.
-/// fasync (sigio) and native AIO (linux-aio) come with the driver issue.
-#[test]
-fn io_models_rx_and_tx() {
-    let lab = lab();
-    let models = [
-        "blocking",
-        "nonblocking",
-        "select",
-        "poll",
-        "epoll-lt",
-        "epoll-et",
-        "posix-aio",
-        "io-uring",
-    ];
-    let cases: Vec<StreamCase> = models
+/// The models to run: all of them, or those listed in `VDEVLAB_MODELS`
+/// (comma separated, e.g. `epoll-et,io-uring`).
+fn selected_io_models() -> Vec<String> {
+    match std::env::var("VDEVLAB_MODELS") {
+        Ok(list) if !list.trim().is_empty() => {
+            let models: Vec<String> = list.split(',').map(|m| m.trim().to_string()).collect();
+            for m in &models {
+                assert!(
+                    all_io_models().contains(&m.as_str()),
+                    "VDEVLAB_MODELS: unknown model {m} (known: {})",
+                    all_io_models().join(", ")
+                );
+            }
+            models
+        }
+        _ => all_io_models().into_iter().map(|m| m.to_string()).collect(),
+    }
+}
+
+/// The I/O models, both directions, in one boot.
+fn io_models_rx_and_tx(kernel: &str) {
+    let (lab, kernel) = lab_kernel(kernel);
+    let all = all_io_models();
+    let cases: Vec<StreamCase> = selected_io_models()
         .iter()
-        .enumerate()
-        .flat_map(|(i, m)| {
+        .flat_map(|m| {
+            // Sizes and seeds stay tied to the model, whatever the selection.
+            let i = all.iter().position(|k| k == m).unwrap();
             [
                 StreamCase::new(&format!("{m}-rx"), 40_000 + i, 100 + i as u64),
                 StreamCase::new(&format!("{m}-tx"), 40_000 + i, 200 + i as u64),
             ]
         })
         .collect();
-    let outs = run_streams(&lab, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    let outs =
+        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
     assert_eq!(outs.len(), cases.len());
     let failed: Vec<String> = outs
         .iter()
@@ -165,7 +202,9 @@ fn io_models_rx_and_tx() {
         .collect();
     assert!(
         failed.is_empty(),
-        "failed scenarios:\n{}",
+        "failed scenarios on {} ({}):\n{}",
+        kernel.name,
+        kernel.release,
         failed.join("\n")
     );
     for out in &outs {
@@ -175,5 +214,48 @@ fn io_models_rx_and_tx() {
             "{}",
             out.record.scenario
         );
+        assert_eq!(out.record.kernel, kernel.release);
     }
 }
+
+/// The tests of one guest kernel, in a module named after it.
+macro_rules! kernel_tests {
+    ($kernel:ident) => {
+        mod $kernel {
+            const KERNEL: &str = stringify!($kernel);
+
+            #[test]
+            fn blocking_rx_qemu_tcg() {
+                super::run_blocking_rx(KERNEL, super::Vmm::Qemu, super::Accel::Tcg);
+            }
+
+            #[test]
+            fn blocking_rx_qemu_kvm() {
+                super::blocking_rx_qemu_kvm(KERNEL);
+            }
+
+            #[test]
+            fn blocking_rx_cloud_hypervisor() {
+                super::blocking_rx_cloud_hypervisor(KERNEL);
+            }
+
+            #[test]
+            fn driver_builds_warning_free_with_w1() {
+                super::driver_builds_warning_free_with_w1(KERNEL);
+            }
+
+            #[test]
+            fn blocking_rx_with_coalesced_and_delayed_interrupts() {
+                super::blocking_rx_with_coalesced_and_delayed_interrupts(KERNEL);
+            }
+
+            #[test]
+            fn io_models_rx_and_tx() {
+                super::io_models_rx_and_tx(KERNEL);
+            }
+        }
+    };
+}
+
+kernel_tests!(trixie);
+kernel_tests!(bookworm);

@@ -7,12 +7,12 @@
 //! - `vdevlab prepare`: provision and build only;
 //! - `vdevlab ctl`: talk to a running device's control plane.
 
-use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vdevlab_device::control::ControlClient;
+
+mod device;
 use vdevlab_lab::record::runs_file;
 use vdevlab_lab::scenario::{blocking_rx, pattern};
 use vdevlab_lab::Lab;
@@ -47,14 +47,9 @@ enum Cmd {
     },
     /// Provision the lab and build the guest image, nothing else.
     Prepare,
-    /// Send one request to a device's control socket and print the reply.
-    Ctl {
-        /// The control socket.
-        #[arg(long)]
-        socket: PathBuf,
-        /// A JSON request, e.g. '{"op":"stats"}'.
-        request: String,
-    },
+    /// Drive a running device from the host: inject, capture, stats,
+    /// interrupt modes, data sources, reset.
+    Device(device::DeviceArgs),
 }
 
 fn demo(bytes: usize, seed: u64) -> Result<bool> {
@@ -71,14 +66,15 @@ fn demo(bytes: usize, seed: u64) -> Result<bool> {
                 format!("the lab root ({})", root.display()),
         }
     );
-    println!("guest kernel: {}", lab.env.kernel_release);
+    let kernel = lab.env.default_kernel();
+    println!("guest kernel: {} ({})", kernel.release, kernel.name);
     let accel = Accel::Tcg;
     if let Err(why) = vdevlab_lab::env::kvm_usable() {
         println!("accelerator: tcg (KVM not usable: {why})");
     }
     let payload = pattern(seed, bytes);
     println!("booting the guest; its blocking read() waits for {bytes} bytes from the device...");
-    let out = blocking_rx(&lab, vdevlab_lab::guest::Vmm::Qemu, accel, &payload)?;
+    let out = blocking_rx(&lab, kernel, vdevlab_lab::guest::Vmm::Qemu, accel, &payload)?;
     let r = &out.record;
     println!(
         "boot: init reached {} ms after VMM start; driver ready at {} ms",
@@ -153,17 +149,14 @@ fn main() -> ExitCode {
             nextest_args,
         } => test(&profile, &nextest_args),
         Cmd::Prepare => Lab::get().map(|lab| {
-            println!("initramfs: {}", lab.artifacts.initramfs.display());
-            println!("driver: {}", lab.artifacts.driver_ko.display());
+            for k in &lab.artifacts.kernels {
+                println!("{} ({}):", k.kernel, k.release);
+                println!("  initramfs: {}", k.initramfs.display());
+                println!("  driver: {}", k.driver_ko.display());
+            }
             true
         }),
-        Cmd::Ctl { socket, request } => (|| {
-            let req = serde_json::from_str(&request)
-                .context("the request is not a valid control request")?;
-            let resp = ControlClient::connect(&socket)?.request(&req)?;
-            println!("{}", serde_json::to_string(&resp)?);
-            Ok(resp.ok)
-        })(),
+        Cmd::Device(args) => device::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Everything a lab boot needs, built from this workspace: the backend
-//! binary, the static guest programs, the guest driver module (for the lab
-//! kernel) and the initramfs that holds them.
+//! binary, the static guest programs, and for every guest kernel of the
+//! matrix the guest driver module and an initramfs that holds them (with
+//! the kernel's own modules the driver needs first, where virtio is modular).
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -9,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::env::{in_root_script, target_dir, workspace_root, LabEnv};
+use crate::env::{in_root_script, target_dir, workspace_root, BuildPlace, Kernel, LabEnv};
 
 /// What a boot needs.
 #[derive(Debug, Clone)]
@@ -18,14 +19,43 @@ pub struct Artifacts {
     pub device_bin: PathBuf,
     /// The static `vdevlab-guest` binary.
     pub guest_bin: PathBuf,
-    /// The driver module built for the lab kernel.
+    /// Per guest kernel: the driver and the initramfs, in the order of
+    /// [`LabEnv::kernels`] (the default kernel first).
+    pub kernels: Vec<KernelArtifacts>,
+    /// The folder holding the artifacts (bound into the VMM's root).
+    pub dir: PathBuf,
+}
+
+/// What one guest kernel's boots need.
+#[derive(Debug, Clone)]
+pub struct KernelArtifacts {
+    /// The kernel's name ([`Kernel::name`]).
+    pub kernel: String,
+    /// Its release.
+    pub release: String,
+    /// The driver module built for this kernel.
     pub driver_ko: PathBuf,
     /// The driver build's log (compiler output).
     pub driver_build_log: String,
-    /// The initramfs (uncompressed newc cpio).
+    /// The same log on disk: `target/lab/driver-<release>.log`.
+    pub driver_build_log_path: PathBuf,
+    /// The initramfs (uncompressed newc cpio) for this kernel.
     pub initramfs: PathBuf,
-    /// The folder holding the artifacts (bound into the VMM's root).
-    pub dir: PathBuf,
+}
+
+impl Artifacts {
+    /// The artifacts for the kernel named `name`.
+    pub fn for_kernel(&self, name: &str) -> Result<&KernelArtifacts> {
+        self.kernels
+            .iter()
+            .find(|k| k.kernel == name)
+            .with_context(|| format!("no artifacts were built for the guest kernel '{name}'"))
+    }
+
+    /// The default kernel's artifacts.
+    pub fn default_kernel(&self) -> &KernelArtifacts {
+        &self.kernels[0]
+    }
 }
 
 /// Where artifacts are built: `target/lab/`.
@@ -90,35 +120,104 @@ pub fn prepare(env: &LabEnv) -> Result<Artifacts> {
     )?;
     let guest_bin = guest_target.join("x86_64-unknown-linux-gnu/release/vdevlab-guest");
 
-    step(&format!(
-        "building the guest driver for {}",
-        env.kernel_release
-    ));
-    let (driver_ko, driver_build_log) = build_driver(env, &dir)?;
-
-    step("packing the initramfs");
-    let initramfs = dir.join(format!("initramfs-{}.cpio", env.kernel_release));
-    write_initramfs(
-        &initramfs,
-        &[
-            (
-                "init",
-                0o755,
-                include_bytes!("../../images/init.sh").to_vec(),
-            ),
-            ("bin/busybox", 0o755, read(&env.busybox)?),
-            ("bin/vdevlab-guest", 0o755, read(&guest_bin)?),
-            ("lib/modules/vdevlab_qw.ko", 0o644, read(&driver_ko)?),
-        ],
-    )?;
+    let mut kernels = Vec::new();
+    for kernel in &env.kernels {
+        kernels.push(prepare_kernel(env, kernel, &dir, &guest_bin)?);
+    }
     Ok(Artifacts {
         device_bin,
         guest_bin,
-        driver_ko,
-        driver_build_log,
-        initramfs,
+        kernels,
         dir,
     })
+}
+
+/// The driver and the initramfs for one guest kernel.
+fn prepare_kernel(
+    env: &LabEnv,
+    kernel: &Kernel,
+    dir: &Path,
+    guest_bin: &Path,
+) -> Result<KernelArtifacts> {
+    step(&format!(
+        "building the guest driver for {} ({}, {})",
+        kernel.name,
+        kernel.release,
+        match &kernel.build {
+            BuildPlace::InRoot(_) => "in the lab root",
+            BuildPlace::Host => "on the host",
+        }
+    ));
+    let (driver_ko, driver_build_log, driver_build_log_path) = build_driver(kernel, dir)?;
+    let driver = read(&driver_ko)?;
+    check_driver(kernel, &driver)?;
+
+    step(&format!("packing the initramfs for {}", kernel.name));
+    let initramfs = dir.join(format!("initramfs-{}.cpio", kernel.release));
+    let mut files = vec![
+        (
+            "init".to_string(),
+            0o755,
+            include_bytes!("../../images/init.sh").to_vec(),
+        ),
+        ("bin/busybox".into(), 0o755, read(&env.busybox)?),
+        ("bin/vdevlab-guest".into(), 0o755, read(guest_bin)?),
+        ("lib/modules/vdevlab_qw.ko".into(), 0o644, driver),
+    ];
+    // The kernel's own modules the driver needs, and their load order for
+    // init.sh (empty where virtio is built in).
+    let names = kernel.preload_names();
+    for (path, name) in kernel.preload.iter().zip(&names) {
+        files.push((format!("lib/modules/{name}.ko"), 0o644, read(path)?));
+    }
+    let list: String = names.iter().map(|n| format!("{n}\n")).collect();
+    files.push(("lib/modules/preload.list".into(), 0o644, list.into_bytes()));
+    write_initramfs(&initramfs, &files)?;
+    Ok(KernelArtifacts {
+        kernel: kernel.name.clone(),
+        release: kernel.release.clone(),
+        driver_ko,
+        driver_build_log,
+        driver_build_log_path,
+        initramfs,
+    })
+}
+
+/// The `key=value` strings of a module's `.modinfo` (NUL-separated; a scan
+/// of the whole file, which is enough for the keys checked here).
+fn modinfo<'a>(ko: &'a [u8], key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}=");
+    ko.split(|&b| b == 0)
+        .filter_map(|s| std::str::from_utf8(s).ok())
+        .find_map(|s| s.strip_prefix(prefix.as_str()))
+}
+
+/// The driver must be built for this kernel (vermagic) and load with what
+/// the initramfs preloads (its `depends=`).
+fn check_driver(kernel: &Kernel, ko: &[u8]) -> Result<()> {
+    let vermagic = modinfo(ko, "vermagic").unwrap_or("");
+    if vermagic.split_whitespace().next() != Some(kernel.release.as_str()) {
+        bail!(
+            "the driver built for {} has vermagic '{vermagic}', not {}: wrong headers?",
+            kernel.name,
+            kernel.release
+        );
+    }
+    let preload = kernel.preload_names();
+    let missing: Vec<&str> = modinfo(ko, "depends")
+        .unwrap_or("")
+        .split(',')
+        .filter(|d| !d.is_empty() && !preload.iter().any(|p| p == d))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "vdevlab_qw.ko for {} needs the modules {missing:?}, which the initramfs does not \
+             load first (preloaded: {preload:?}); add them to VDEVLAB_BOOKWORM_MODULES and \
+             re-run images/provision.sh",
+            kernel.name
+        );
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -129,60 +228,134 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Build `guest-driver/` out of tree against the lab kernel's headers,
-/// inside the lab root (gcc and kbuild of the kernel's own series), W=1.
-fn build_driver(env: &LabEnv, dir: &Path) -> Result<(PathBuf, String)> {
-    let build = dir.join(format!("driver-{}", env.kernel_release));
+/// Build `guest-driver/` out of tree against `kernel`'s headers, W=1, where
+/// the kernel's own compiler is: inside the lab root (trixie: gcc-14) or on
+/// the host (bookworm 6.1: the host's gcc-12). Returns the module, the
+/// build's log and where the log is kept (`target/lab/driver-<release>.log`).
+///
+/// Every test process prepares the lab, and even a no-op kbuild run costs
+/// seconds per kernel, so make only runs when the sources, the headers or
+/// the build place changed since the last successful build (a stamp); the
+/// log is then the one of the build that made the module.
+fn build_driver(kernel: &Kernel, dir: &Path) -> Result<(PathBuf, String, PathBuf)> {
+    use sha2::{Digest, Sha256};
+    let build = dir.join(format!("driver-{}", kernel.release));
+    let ko = build.join("vdevlab_qw.ko");
+    let log_path = dir.join(format!("driver-{}.log", kernel.release));
+    let stamp_path = dir.join(format!("driver-{}.stamp", kernel.release));
     fs::create_dir_all(&build)?;
+    let mut hash = Sha256::new();
+    hash.update(format!("{:?}\n{:?}\n", kernel.build, kernel.headers));
     let src = workspace_root().join("guest-driver");
+    let mut names = Vec::new();
     for entry in fs::read_dir(&src).with_context(|| format!("reading {}", src.display()))? {
         let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+        let name = entry.file_name().to_string_lossy().into_owned();
         if entry.file_type()?.is_file()
             && (name.ends_with(".c")
                 || name.ends_with(".h")
                 || name == "Kbuild"
                 || name == "Makefile")
         {
-            copy_if_changed(&entry.path(), &build.join(&*name))?;
+            names.push(name);
         }
     }
-    if src.join("include").is_dir() {
-        copy_tree(&src.join("include"), &build.join("include"))?;
+    names.sort();
+    for name in &names {
+        let data = copy_if_changed(&src.join(name), &build.join(name))?;
+        hash.update(format!("{name} {}\n", data.len()));
+        hash.update(&data);
     }
-    let log = run(
-        Command::new(in_root_script())
-            .arg(&env.root)
-            .arg(format!("{}:/build", build.display()))
-            .arg("--")
-            .args(["make", "-C"])
-            .arg(&env.kernel_headers)
-            .args(["M=/build", "W=1", "modules"]),
-        "building guest-driver (make W=1 modules, in the lab root)",
-    )?;
-    Ok((build.join("vdevlab_qw.ko"), log))
+    if src.join("include").is_dir() {
+        copy_tree(&src.join("include"), &build.join("include"), &mut hash)?;
+    }
+    // The headers as provisioned: their config and exported symbols.
+    let headers_on_host = match &kernel.build {
+        BuildPlace::InRoot(root) => {
+            root.join(kernel.headers.strip_prefix("/").unwrap_or(&kernel.headers))
+        }
+        BuildPlace::Host => kernel.headers.clone(),
+    };
+    for f in [".config", "Module.symvers"] {
+        if let Ok(m) = fs::metadata(headers_on_host.join(f)) {
+            hash.update(format!("{f} {} {:?}\n", m.len(), m.modified().ok()));
+        }
+    }
+    let stamp = hex::encode(hash.finalize());
+    if ko.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        if let Ok(log) = fs::read_to_string(&log_path) {
+            return Ok((ko, log, log_path));
+        }
+    }
+    let _ = fs::remove_file(&stamp_path);
+
+    let (mut cmd, what) = match &kernel.build {
+        BuildPlace::InRoot(root) => {
+            let mut c = Command::new(in_root_script());
+            c.arg(root)
+                .arg(format!("{}:/build", build.display()))
+                .arg("--")
+                .args(["make", "-C"])
+                .arg(&kernel.headers)
+                .args(["M=/build", "W=1", "modules"]);
+            (c, "in the lab root")
+        }
+        BuildPlace::Host => {
+            let mut c = Command::new("make");
+            c.arg("-C")
+                .arg(&kernel.headers)
+                .arg(format!("M={}", build.display()))
+                .args(["W=1", "modules"]);
+            (c, "on the host")
+        }
+    };
+    // English compiler messages: the warning check looks for "warning:".
+    cmd.env("LC_ALL", "C");
+    let what = format!(
+        "building guest-driver for {} {} (make W=1 modules, {what})",
+        kernel.name, kernel.release
+    );
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
+    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}); log {}:\n{log}",
+            out.status,
+            log_path.display()
+        );
+    }
+    fs::write(&stamp_path, &stamp)?;
+    Ok((ko, log, log_path))
 }
 
 /// Copy keeping mtimes stable for unchanged files, so make rebuilds only
-/// what changed.
-fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {
+/// what changed. Returns the contents.
+fn copy_if_changed(from: &Path, to: &Path) -> Result<Vec<u8>> {
     let new = read(from)?;
     if fs::read(to).ok().as_deref() != Some(&new[..]) {
-        fs::write(to, new).with_context(|| format!("writing {}", to.display()))?;
+        fs::write(to, &new).with_context(|| format!("writing {}", to.display()))?;
     }
-    Ok(())
+    Ok(new)
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+/// Copy a folder (as [`copy_if_changed`]), hashing names and contents.
+fn copy_tree(from: &Path, to: &Path, hash: &mut sha2::Sha256) -> Result<()> {
+    use sha2::Digest;
     fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
+    let mut entries = fs::read_dir(from)?.collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
         let dest = to.join(entry.file_name());
+        hash.update(format!("{}\n", dest.display()));
         if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &dest)?;
+            copy_tree(&entry.path(), &dest, hash)?;
         } else {
-            copy_if_changed(&entry.path(), &dest)?;
+            hash.update(copy_if_changed(&entry.path(), &dest)?);
         }
     }
     Ok(())
@@ -191,7 +364,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 /// Write a newc initramfs: the folders a busybox system needs, the console
 /// device node (the kernel opens /dev/console for init before anything can
 /// mount devtmpfs), and the given files.
-pub fn write_initramfs(path: &Path, files: &[(&str, u32, Vec<u8>)]) -> Result<()> {
+pub fn write_initramfs<N: AsRef<str>>(path: &Path, files: &[(N, u32, Vec<u8>)]) -> Result<()> {
     use cpio::newc::{Builder, ModeFileType};
     let tmp = path.with_extension("cpio.tmp");
     let mut out = std::io::BufWriter::new(File::create(&tmp)?);
@@ -232,7 +405,7 @@ pub fn write_initramfs(path: &Path, files: &[(&str, u32, Vec<u8>)]) -> Result<()
         .finish()?;
     for (name, mode, data) in files {
         let size = u32::try_from(data.len()).context("initramfs file over 4 GiB")?;
-        let mut w = Builder::new(name)
+        let mut w = Builder::new(name.as_ref())
             .ino(next())
             .mode(*mode)
             .set_mode_file_type(ModeFileType::Regular)
@@ -250,6 +423,32 @@ pub fn write_initramfs(path: &Path, files: &[(&str, u32, Vec<u8>)]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn driver_must_match_the_kernel_and_its_preloads() {
+        let kernel = |preload: &[&str]| Kernel {
+            name: "bookworm".into(),
+            release: "6.1.0-56-amd64".into(),
+            image: "/k/vmlinuz".into(),
+            headers: "/k/h".into(),
+            build: BuildPlace::Host,
+            preload: preload
+                .iter()
+                .map(|m| PathBuf::from(format!("/k/m/{m}.ko")))
+                .collect(),
+        };
+        let ko = b"\x7fELF\0license=GPL\0depends=virtio_ring,virtio\0\
+                   vermagic=6.1.0-56-amd64 SMP preempt mod_unload modversions \0";
+        check_driver(&kernel(&["virtio_ring", "virtio", "virtio_pci"]), ko).unwrap();
+        let err = check_driver(&kernel(&[]), ko).unwrap_err().to_string();
+        assert!(err.contains("virtio_ring"), "{err}");
+        let mut other = kernel(&["virtio_ring", "virtio"]);
+        other.release = "7.3.4+deb13-amd64".into();
+        assert!(check_driver(&other, ko).is_err());
+        // Built in (trixie): no dependencies, nothing to preload.
+        let builtin = b"\0depends=\0vermagic=6.1.0-56-amd64 SMP\0";
+        check_driver(&kernel(&[]), builtin).unwrap();
+    }
 
     #[test]
     fn initramfs_holds_console_and_files() {

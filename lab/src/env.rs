@@ -1,4 +1,4 @@
-//! The lab environment: where the toolchain, the guest kernel and the VMMs
+//! The lab environment: where the toolchain, the guest kernels and the VMMs
 //! are, provisioned by `images/provision.sh` and described by its `lab.env`.
 
 use std::collections::HashMap;
@@ -50,6 +50,50 @@ pub enum QemuRuntime {
     },
 }
 
+/// Where a guest kernel's out-of-tree modules are built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildPlace {
+    /// Inside a Debian root (the kernel's own compiler lives there); the
+    /// headers path is inside that root.
+    InRoot(PathBuf),
+    /// On the host, with the host's compiler (the host's gcc is the
+    /// kernel's); the headers path is a host path.
+    Host,
+}
+
+/// One guest kernel of the matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    /// The series' short name: `trixie` or `bookworm`. Test names and the
+    /// artifacts use it.
+    pub name: String,
+    /// `uname -r` in the guest, e.g. `6.1.0-56-amd64`.
+    pub release: String,
+    /// The kernel image (vmlinuz), host path.
+    pub image: PathBuf,
+    /// The kernel headers' kbuild folder (`make -C` target), a path inside
+    /// [`Kernel::build`]'s root or on the host.
+    pub headers: PathBuf,
+    /// Where the driver is built for this kernel.
+    pub build: BuildPlace,
+    /// Modules to load before the driver, in dependency order (host paths
+    /// of `.ko` files); e.g. virtio and virtio_pci where they are modular.
+    pub preload: Vec<PathBuf>,
+}
+
+impl Kernel {
+    /// The module names of [`Kernel::preload`] (`virtio_ring`, ...).
+    pub fn preload_names(&self) -> Vec<String> {
+        self.preload
+            .iter()
+            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .collect()
+    }
+}
+
+/// The default guest kernel's name.
+pub const DEFAULT_KERNEL: &str = "trixie";
+
 /// The provisioned lab.
 #[derive(Debug, Clone)]
 pub struct LabEnv {
@@ -59,14 +103,36 @@ pub struct LabEnv {
     pub qemu: QemuRuntime,
     /// `qemu-system-x86_64 --version`, first line.
     pub qemu_version: String,
-    /// The default guest kernel's release (`uname -r` in the guest).
-    pub kernel_release: String,
-    /// The default guest kernel image (host path).
-    pub kernel: PathBuf,
-    /// The kernel headers' build folder, inside the root.
-    pub kernel_headers: PathBuf,
+    /// The guest kernels, the default ([`DEFAULT_KERNEL`]) first.
+    pub kernels: Vec<Kernel>,
     /// busybox (static), host path.
     pub busybox: PathBuf,
+}
+
+impl LabEnv {
+    /// The default guest kernel (trixie).
+    pub fn default_kernel(&self) -> &Kernel {
+        &self.kernels[0]
+    }
+
+    /// The guest kernel named `name` (`trixie`, `bookworm`).
+    pub fn kernel(&self, name: &str) -> Result<&Kernel> {
+        self.kernels
+            .iter()
+            .find(|k| k.name == name)
+            .with_context(|| {
+                format!(
+                    "no guest kernel '{name}' in the lab (provisioned: {}); \
+                 provision it with VDEVLAB_KERNELS unset or listing it",
+                    self.kernel_names().join(", ")
+                )
+            })
+    }
+
+    /// The provisioned kernels' names, default first.
+    pub fn kernel_names(&self) -> Vec<&str> {
+        self.kernels.iter().map(|k| k.name.as_str()).collect()
+    }
 }
 
 /// The folder that `images/provision.sh` fills.
@@ -142,16 +208,57 @@ impl LabEnv {
                 get("VDEVLAB_QEMU_VERSION")?,
             ),
         };
+        let kernels = match vars.get("VDEVLAB_KERNELS") {
+            Some(names) => parse_kernels(names, &get)?,
+            // A lab.env from before the matrix: the one trixie kernel.
+            None => vec![Kernel {
+                name: DEFAULT_KERNEL.to_string(),
+                release: get("VDEVLAB_KERNEL_RELEASE")?,
+                image: PathBuf::from(get("VDEVLAB_KERNEL")?),
+                headers: PathBuf::from(get("VDEVLAB_KERNEL_HEADERS")?),
+                build: BuildPlace::InRoot(root.clone()),
+                preload: Vec::new(),
+            }],
+        };
         Ok(LabEnv {
             root,
             qemu,
             qemu_version,
-            kernel_release: get("VDEVLAB_KERNEL_RELEASE")?,
-            kernel: PathBuf::from(get("VDEVLAB_KERNEL")?),
-            kernel_headers: PathBuf::from(get("VDEVLAB_KERNEL_HEADERS")?),
+            kernels,
             busybox: PathBuf::from(get("VDEVLAB_BUSYBOX")?),
         })
     }
+}
+
+/// The kernels listed in `VDEVLAB_KERNELS` (comma separated), each from its
+/// `VDEVLAB_KERNEL_<NAME>_*` keys; the default kernel first.
+fn parse_kernels(names: &str, get: &dyn Fn(&str) -> Result<String>) -> Result<Vec<Kernel>> {
+    let mut kernels = Vec::new();
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let key = |field: &str| format!("VDEVLAB_KERNEL_{}_{field}", name.to_uppercase());
+        let build = match get(&key("BUILD_ROOT"))?.as_str() {
+            "" | "host" => BuildPlace::Host,
+            root => BuildPlace::InRoot(PathBuf::from(root)),
+        };
+        kernels.push(Kernel {
+            name: name.to_string(),
+            release: get(&key("RELEASE"))?,
+            image: PathBuf::from(get(&key("IMAGE"))?),
+            headers: PathBuf::from(get(&key("HEADERS"))?),
+            build,
+            preload: get(&key("MODULES"))?
+                .split(':')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+        });
+    }
+    let Some(pos) = kernels.iter().position(|k| k.name == DEFAULT_KERNEL) else {
+        bail!("VDEVLAB_KERNELS={names} lacks the default kernel {DEFAULT_KERNEL}; re-run images/provision.sh");
+    };
+    let default = kernels.remove(pos);
+    kernels.insert(0, default);
+    Ok(kernels)
 }
 
 /// A host `qemu-system-x86_64` new enough to have `vhost-user-test-device-pci`
@@ -239,5 +346,35 @@ mod tests {
             Some((7, 2))
         );
         assert_eq!(parse_qemu_version("nonsense"), None);
+    }
+
+    #[test]
+    fn lab_env_lists_every_kernel_default_first() {
+        let dir = std::env::temp_dir().join(format!("vdevlab-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("lab.env"),
+            "VDEVLAB_ROOT=/r\nVDEVLAB_QEMU=/usr/bin/qemu-system-x86_64\n\
+             VDEVLAB_QEMU_VERSION=QEMU emulator version 11.1.3\nVDEVLAB_BUSYBOX=/r/bb\n\
+             VDEVLAB_KERNELS=bookworm,trixie\n\
+             VDEVLAB_KERNEL_TRIXIE_RELEASE=7.3.4\nVDEVLAB_KERNEL_TRIXIE_IMAGE=/k/7/vmlinuz\n\
+             VDEVLAB_KERNEL_TRIXIE_HEADERS=/usr/src/h7\nVDEVLAB_KERNEL_TRIXIE_BUILD_ROOT=/r\n\
+             VDEVLAB_KERNEL_TRIXIE_MODULES=\n\
+             VDEVLAB_KERNEL_BOOKWORM_RELEASE=6.1.0-56-amd64\n\
+             VDEVLAB_KERNEL_BOOKWORM_IMAGE=/k/6/vmlinuz\n\
+             VDEVLAB_KERNEL_BOOKWORM_HEADERS=/k/6/h\nVDEVLAB_KERNEL_BOOKWORM_BUILD_ROOT=host\n\
+             VDEVLAB_KERNEL_BOOKWORM_MODULES=/k/6/m/virtio_ring.ko:/k/6/m/virtio.ko\n",
+        )
+        .unwrap();
+        let env = LabEnv::load(&dir).unwrap();
+        assert_eq!(env.kernel_names(), ["trixie", "bookworm"]);
+        assert_eq!(env.default_kernel().release, "7.3.4");
+        assert_eq!(env.default_kernel().build, BuildPlace::InRoot("/r".into()));
+        let bw = env.kernel("bookworm").unwrap();
+        assert_eq!(bw.build, BuildPlace::Host);
+        assert_eq!(bw.preload_names(), ["virtio_ring", "virtio"]);
+        assert!(env.default_kernel().preload.is_empty());
+        assert!(env.kernel("nope").is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

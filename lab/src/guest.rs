@@ -14,7 +14,7 @@ use vdevlab_device::control::ControlClient;
 use vdevlab_vmm_config::{Accel, VmConfig, LAB_CONFIG_TOML};
 
 use crate::artifacts::Artifacts;
-use crate::env::{in_root_script, runs_dir, LabEnv, QemuRuntime};
+use crate::env::{in_root_script, runs_dir, Kernel, LabEnv, QemuRuntime, DEFAULT_KERNEL};
 use crate::splat::{find_splats, Splat};
 
 /// Which VMM runs the guest.
@@ -58,10 +58,14 @@ pub struct BootSpec {
     pub accel: Accel,
     /// The virtio device id the device is presented with (and the driver told).
     pub virtio_id: u16,
+    /// The guest kernel's name (`trixie`, `bookworm`; see
+    /// [`LabEnv::kernels`]).
+    pub kernel: String,
 }
 
 impl BootSpec {
-    /// A QEMU/TCG boot named `scenario` running the guest programs `runs`.
+    /// A QEMU/TCG boot of the default kernel named `scenario` running the
+    /// guest programs `runs`.
     pub fn new(scenario: &str, runs: Vec<Vec<String>>) -> Self {
         Self {
             scenario: scenario.to_string(),
@@ -69,7 +73,14 @@ impl BootSpec {
             vmm: Vmm::Qemu,
             accel: Accel::Tcg,
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
+            kernel: DEFAULT_KERNEL.to_string(),
         }
+    }
+
+    /// The same boot on the guest kernel named `kernel`.
+    pub fn on_kernel(mut self, kernel: &str) -> Self {
+        self.kernel = kernel.to_string();
+        self
     }
 }
 
@@ -103,6 +114,8 @@ pub struct Guest {
     pub accel: Accel,
     /// The VMM.
     pub vmm: Vmm,
+    /// The guest kernel it boots.
+    pub kernel: Kernel,
     vmm_child: Child,
     backend: Child,
     lines: Receiver<ConsoleLine>,
@@ -159,7 +172,9 @@ fn wait_for_path(path: &Path, child: &mut Child, log: &Path, timeout: Duration) 
 impl Guest {
     /// Start the backend and boot a guest under the spec's VMM.
     pub fn boot(env: &LabEnv, art: &Artifacts, spec: &BootSpec) -> Result<Guest> {
-        let run_dir = unique_run_dir(&spec.scenario)?;
+        let kernel = env.kernel(&spec.kernel)?.clone();
+        let kernel_art = art.for_kernel(&kernel.name)?;
+        let run_dir = unique_run_dir(&format!("{}-{}", spec.scenario, kernel.name))?;
         let vu_sock = run_dir.join("vu.sock");
         let ctl_sock = run_dir.join("ctl.sock");
         let backend_log = run_dir.join("backend.log");
@@ -212,27 +227,31 @@ impl Guest {
             let runs: Vec<String> = spec.runs.iter().map(|r| r.join(",")).collect();
             cmdline.push_str(&format!(" vdevlab.run={}", runs.join(";")));
         }
-        let kernel_dir = env.kernel.parent().context("kernel path has no folder")?;
-        let kernel_name = env
-            .kernel
+        let kernel_dir = kernel.image.parent().context("kernel path has no folder")?;
+        let kernel_name = kernel
+            .image
             .file_name()
             .context("kernel path has no file name")?;
-        let initramfs_name = art
+        let initramfs_name = kernel_art
             .initramfs
             .file_name()
             .context("initramfs has no file name")?;
         let in_root = spec.vmm == Vmm::Qemu && matches!(env.qemu, QemuRuntime::InRoot { .. });
-        let (kernel, initramfs, socket) = if in_root {
+        let (kernel_path, initramfs, socket) = if in_root {
             (
                 Path::new("/lab/kernel").join(kernel_name),
                 Path::new("/lab/artifacts").join(initramfs_name),
                 PathBuf::from("/lab/run/vu.sock"),
             )
         } else {
-            (env.kernel.clone(), art.initramfs.clone(), vu_sock.clone())
+            (
+                kernel.image.clone(),
+                kernel_art.initramfs.clone(),
+                vu_sock.clone(),
+            )
         };
         let mut cfg = base.clone();
-        cfg.kernel = kernel;
+        cfg.kernel = kernel_path;
         cfg.initramfs = Some(initramfs);
         cfg.cmdline = cmdline;
         cfg.accel = spec.accel;
@@ -322,6 +341,7 @@ impl Guest {
             driver_ready_ms: None,
             accel: spec.accel,
             vmm: spec.vmm,
+            kernel,
             vmm_child,
             backend,
             lines,

@@ -36,6 +36,9 @@ pub struct RunRecord {
     pub accel: String,
     /// Guest kernel release.
     pub kernel: String,
+    /// The guest kernel's series in the matrix (`trixie`, `bookworm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_name: Option<String>,
     /// VMM start to the guest's init, in milliseconds.
     pub boot_ms: Option<u64>,
     /// VMM start to the driver bound (`/dev/qw0` present), in milliseconds.
@@ -67,6 +70,7 @@ impl RunRecord {
             vmm_version: None,
             accel: accel.into(),
             kernel: kernel.into(),
+            kernel_name: None,
             boot_ms: None,
             driver_ready_ms: None,
             scenario: scenario.into(),

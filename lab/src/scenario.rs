@@ -10,6 +10,7 @@ use vdevlab_device::device::Stats;
 use vdevlab_device::irq::IrqMode;
 use vdevlab_vmm_config::Accel;
 
+use crate::env::Kernel;
 use crate::guest::{accel_name, BootSpec, Guest, Vmm};
 use crate::record::{self, RunRecord, Verdict};
 use crate::Lab;
@@ -67,21 +68,25 @@ impl Outcome {
 /// agree byte for byte).
 pub use vdevlab_guest::pattern;
 
-/// Record a cell that cannot run here, with the reason.
+/// Record a cell (a scenario on one of the lab's kernels) that cannot run
+/// here, with the reason.
 pub fn record_skip(
     lab: &Lab,
+    kernel: &Kernel,
     scenario: &str,
     vmm: Vmm,
     accel: Accel,
     reason: &str,
 ) -> Result<RunRecord> {
+    lab.env.kernel(&kernel.name)?;
     let mut rec = RunRecord::new(
         scenario,
         vmm.name(),
         accel_name(accel),
-        &lab.env.kernel_release,
+        &kernel.release,
         Verdict::Skip,
     );
+    rec.kernel_name = Some(kernel.name.clone());
     rec.reason = Some(reason.to_string());
     record::append(&rec)?;
     Ok(rec)
@@ -152,10 +157,17 @@ impl StreamCase {
 
 /// `blocking-rx`: the guest's blocking `read()` sleeps in the driver; the
 /// host injects `payload` through the control plane once the reader is
-/// waiting; the guest must receive exactly those bytes.
-pub fn blocking_rx(lab: &Lab, vmm: Vmm, accel: Accel, payload: &[u8]) -> Result<Outcome> {
+/// waiting; the guest must receive exactly those bytes. Boots `kernel`.
+pub fn blocking_rx(
+    lab: &Lab,
+    kernel: &Kernel,
+    vmm: Vmm,
+    accel: Accel,
+    payload: &[u8],
+) -> Result<Outcome> {
     run_streams_with(
         lab,
+        kernel,
         vmm,
         accel,
         &[(
@@ -166,16 +178,17 @@ pub fn blocking_rx(lab: &Lab, vmm: Vmm, accel: Accel, payload: &[u8]) -> Result<
     .map(|mut v| v.remove(0))
 }
 
-/// Run stream cases in one boot, in order: each gets its own run record
-/// (sharing the boot's console and boot time).
+/// Run stream cases in one boot of `kernel`, in order: each gets its own
+/// run record (sharing the boot's console and boot time).
 pub fn run_streams(
     lab: &Lab,
+    kernel: &Kernel,
     vmm: Vmm,
     accel: Accel,
     cases: &[StreamCase],
 ) -> Result<Vec<Outcome>> {
     let with: Vec<_> = cases.iter().map(|c| (c.clone(), None)).collect();
-    run_streams_with(lab, vmm, accel, &with)
+    run_streams_with(lab, kernel, vmm, accel, &with)
 }
 
 /// Drive one case on a booted guest: returns the guest's result and the
@@ -243,6 +256,7 @@ fn drive_case(
 
 fn run_streams_with(
     lab: &Lab,
+    kernel: &Kernel,
     vmm: Vmm,
     accel: Accel,
     cases: &[(StreamCase, Option<Vec<u8>>)],
@@ -252,7 +266,8 @@ fn run_streams_with(
     } else {
         "batch".to_string()
     };
-    let mut spec = BootSpec::new(&name, cases.iter().map(|(c, _)| c.guest_args()).collect());
+    let mut spec = BootSpec::new(&name, cases.iter().map(|(c, _)| c.guest_args()).collect())
+        .on_kernel(&kernel.name);
     spec.vmm = vmm;
     spec.accel = accel;
     let t0 = Instant::now();
@@ -332,9 +347,10 @@ fn run_streams_with(
             &case.scenario,
             vmm.name(),
             accel_name(accel),
-            &lab.env.kernel_release,
+            &kernel.release,
             Verdict::Fail,
         );
+        rec.kernel_name = Some(kernel.name.clone());
         rec.vmm_version = vmm_version.clone();
         rec.boot_ms = boot_ms;
         rec.driver_ready_ms = driver_ready_ms;
