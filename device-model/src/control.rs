@@ -268,6 +268,9 @@ pub fn handle_request(plane: &Plane, req: Request) -> Response {
 struct Client {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// Bytes of `buf` already known to hold no newline: each read scans
+    /// only what it added, so a long request costs linear time.
+    scanned: usize,
 }
 
 /// The control socket's event subscriber: the listener and its clients.
@@ -327,6 +330,7 @@ impl ControlServer {
                         Client {
                             stream,
                             buf: Vec::new(),
+                            scanned: 0,
                         },
                     );
                 }
@@ -358,16 +362,22 @@ impl ControlServer {
             Err(_) => return false,
         };
         client.buf.extend_from_slice(&chunk[..n]);
-        while let Some(pos) = client.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = client.buf.drain(..=pos).collect();
-            let resp = match serde_json::from_slice::<Request>(&line) {
+        while let Some(off) = client.buf[client.scanned..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let pos = client.scanned + off;
+            let resp = match serde_json::from_slice::<Request>(&client.buf[..pos]) {
                 Ok(req) => handle_request(&self.plane, req),
                 Err(e) => Response::error(format!("bad request: {e}")),
             };
+            client.buf.drain(..=pos);
+            client.scanned = 0;
             if write_line(&mut client.stream, &resp).is_err() {
                 return false;
             }
         }
+        client.scanned = client.buf.len();
         if client.buf.len() > MAX_LINE {
             let _ = write_line(
                 &mut client.stream,

@@ -147,6 +147,7 @@ pub struct QwDevice {
     irq: [IrqPolicy; NUM_QUEUES],
     source: Source,
     needs_reset: bool,
+    scratch: Vec<u8>,
 }
 
 impl Default for QwDevice {
@@ -168,6 +169,7 @@ impl QwDevice {
             irq: Default::default(),
             source: Source::default(),
             needs_reset: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -482,15 +484,16 @@ impl QwDevice {
             head,
             detail: e.to_string(),
         })?;
-        let mut buf = Vec::with_capacity(total as usize);
+        // One scratch buffer, reused: no allocation per chain.
+        self.scratch.clear();
         reader
-            .read_to_end(&mut buf)
+            .read_to_end(&mut self.scratch)
             .map_err(|e| ChainError::Access {
                 head,
                 detail: e.to_string(),
             })?;
-        self.tx_capture.extend(&buf);
-        Ok(Some(buf.len() as u64))
+        self.tx_capture.extend(&self.scratch);
+        Ok(Some(self.scratch.len() as u64))
     }
 }
 
