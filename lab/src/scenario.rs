@@ -42,6 +42,18 @@ pub struct GuestResult {
     /// SHA-256 of the stream, hex.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// `mixed`: bytes read.
+    #[serde(default)]
+    pub rx_bytes: Option<u64>,
+    /// `mixed`: SHA-256 of what was read.
+    #[serde(default)]
+    pub rx_sha256: Option<String>,
+    /// `mixed`: bytes written.
+    #[serde(default)]
+    pub tx_bytes: Option<u64>,
+    /// `mixed`: SHA-256 of what was written.
+    #[serde(default)]
+    pub tx_sha256: Option<String>,
 }
 
 /// The outcome of one scenario run.
@@ -99,6 +111,8 @@ pub enum Direction {
     Rx,
     /// Driver to device: the guest writes, the host captures.
     Tx,
+    /// Both at once (`mixed`): the host injects and captures concurrently.
+    Both,
 }
 
 /// One stream scenario in a batch: `<model>-rx` or `<model>-tx`.
@@ -135,8 +149,10 @@ impl StreamCase {
             Ok(Direction::Rx)
         } else if self.scenario.ends_with("-tx") {
             Ok(Direction::Tx)
+        } else if self.scenario == "mixed" {
+            Ok(Direction::Both)
         } else {
-            anyhow::bail!("scenario {} is neither -rx nor -tx", self.scenario)
+            anyhow::bail!("scenario {} is neither -rx, -tx nor mixed", self.scenario)
         }
     }
 
@@ -148,7 +164,7 @@ impl StreamCase {
             "--chunk".into(),
             self.chunk.to_string(),
         ];
-        if self.direction().ok() == Some(Direction::Tx) {
+        if matches!(self.direction(), Ok(Direction::Tx | Direction::Both)) {
             args.extend(["--seed".into(), self.seed.to_string()]);
         }
         args
@@ -203,46 +219,55 @@ fn drive_case(
     let mut ctl = guest.control()?;
     ctl.interrupt_mode("all", case.irq.unwrap_or_default())
         .context("setting the interrupt mode")?;
+    let (rx, tx): (&[u8], &[u8]) = match dir {
+        Direction::Rx => (payload, &[]),
+        Direction::Tx => (&[], payload),
+        Direction::Both => (&payload[..case.bytes], &payload[case.bytes..]),
+    };
+    // One loop serves both directions, so `mixed` gets its injections and
+    // captures interleaved while the guest reads and writes at once.
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let (mut sent, mut got) = (0, Vec::with_capacity(tx.len()));
+    while sent < rx.len() || got.len() < tx.len() {
+        let mut moved = 0;
+        if sent < rx.len() {
+            let n = ctl.inject(&rx[sent..]).context("injecting the payload")?;
+            sent += n;
+            moved += n;
+        }
+        if got.len() < tx.len() {
+            let chunk = ctl
+                .capture(Some(tx.len() - got.len()))
+                .context("capturing")?;
+            moved += chunk.len();
+            got.extend_from_slice(&chunk);
+        }
+        if moved == 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "stalled: injected {sent} of {}, captured {} of {} bytes",
+                    rx.len(),
+                    got.len(),
+                    tx.len()
+                );
+            }
+            // FIFO full or capture empty: the driver has not caught up.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if got != tx {
+        let at = got
+            .iter()
+            .zip(tx)
+            .position(|(a, b)| a != b)
+            .unwrap_or(tx.len());
+        anyhow::bail!("captured stream differs from the pattern at byte {at}");
+    }
+    let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
     let host_sha = match dir {
-        Direction::Rx => {
-            let mut sent = 0;
-            while sent < payload.len() {
-                let n = ctl
-                    .inject(&payload[sent..])
-                    .context("injecting the payload")?;
-                if n == 0 {
-                    // FIFO full: the driver has not drained it yet.
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                sent += n;
-            }
-            hex::encode(Sha256::digest(payload))
-        }
-        Direction::Tx => {
-            let deadline = Instant::now() + BOOT_TIMEOUT;
-            let mut got = Vec::with_capacity(case.bytes);
-            while got.len() < case.bytes {
-                let chunk = ctl
-                    .capture(Some(case.bytes - got.len()))
-                    .context("capturing")?;
-                if chunk.is_empty() {
-                    if Instant::now() > deadline {
-                        anyhow::bail!("captured only {} of {} bytes", got.len(), case.bytes);
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                got.extend_from_slice(&chunk);
-            }
-            if got != payload {
-                let at = got
-                    .iter()
-                    .zip(payload)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(payload.len());
-                anyhow::bail!("captured stream differs from the pattern at byte {at}");
-            }
-            hex::encode(Sha256::digest(&got))
-        }
+        Direction::Rx => sha(rx),
+        Direction::Tx => sha(tx),
+        Direction::Both => format!("{}/{}", sha(rx), sha(tx)),
     };
     let line = guest.wait_for(
         &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", case.scenario),
@@ -284,9 +309,19 @@ fn run_streams_with(
             partial.push((case, None, None, vec![format!("not run: {why}")], None));
             continue;
         }
-        let payload = payload
-            .clone()
-            .unwrap_or_else(|| pattern(case.seed, case.bytes));
+        let payload = payload.clone().unwrap_or_else(|| {
+            if case.direction().ok() == Some(Direction::Both) {
+                // What the host injects (its own stream), then what the
+                // guest writes (the pattern of its --seed).
+                // (pattern() sets the seed's low bit: derive a seed that
+                // differs elsewhere, so the two streams differ.)
+                let mut both = pattern(case.seed ^ 0x9e37_79b9_7f4a_7c00, case.bytes);
+                both.extend(pattern(case.seed, case.bytes));
+                both
+            } else {
+                pattern(case.seed, case.bytes)
+            }
+        });
         let mut problems = Vec::new();
         let (guest_result, host_sha) = match drive_case(&mut guest, case, &payload) {
             Ok((g, sha)) => {
@@ -295,6 +330,24 @@ fn run_streams_with(
                         "guest program failed: {}",
                         g.error.clone().unwrap_or_default()
                     ));
+                } else if case.direction().ok() == Some(Direction::Both) {
+                    let seen = format!(
+                        "{}/{}",
+                        g.rx_sha256.clone().unwrap_or_default(),
+                        g.tx_sha256.clone().unwrap_or_default()
+                    );
+                    if g.rx_bytes != Some(case.bytes as u64)
+                        || g.tx_bytes != Some(case.bytes as u64)
+                    {
+                        problems.push(format!(
+                            "guest moved rx {:?} / tx {:?} bytes, expected {} each way",
+                            g.rx_bytes, g.tx_bytes, case.bytes
+                        ));
+                    } else if seen != sha {
+                        problems.push(format!(
+                            "data mismatch: guest rx/tx SHA-256 {seen}, host {sha}"
+                        ));
+                    }
                 } else if g.bytes != Some(case.bytes as u64) {
                     problems.push(format!(
                         "guest moved {:?} bytes, expected {}",
