@@ -264,3 +264,19 @@ macro_rules! kernel_tests {
 
 kernel_tests!(trixie);
 kernel_tests!(bookworm);
+
+/// The device model crashes mid-stream while QEMU keeps running: the
+/// guest read what was delivered, then its reader waits quietly; no error,
+/// no splat (see `vdevlab_lab::scenario::backend_crash_rx` for why QEMU's
+/// generic device cannot reconnect).
+#[test]
+fn backend_crash_while_the_vmm_runs() {
+    let (lab, kernel) = lab_kernel("trixie");
+    let out = vdevlab_lab::scenario::backend_crash_rx(&lab, &kernel, 64 * 1024)
+        .expect("the scenario could run");
+    assert_passed(&out);
+    assert_eq!(
+        out.stats.expect("stats before the crash").rx_bytes,
+        64 * 1024
+    );
+}

@@ -61,6 +61,9 @@ pub struct BootSpec {
     /// The guest kernel's name (`trixie`, `bookworm`; see
     /// [`LabEnv::kernels`]).
     pub kernel: String,
+    /// QEMU reconnects to a restarted backend after this many ms (None: a
+    /// lost backend stays lost). See [`Guest::restart_backend`].
+    pub reconnect_ms: Option<u32>,
 }
 
 impl BootSpec {
@@ -72,6 +75,7 @@ impl BootSpec {
             runs,
             vmm: Vmm::Qemu,
             accel: Accel::Tcg,
+            reconnect_ms: None,
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
             kernel: DEFAULT_KERNEL.to_string(),
         }
@@ -118,6 +122,8 @@ pub struct Guest {
     pub kernel: Kernel,
     vmm_child: Child,
     backend: Child,
+    device_bin: PathBuf,
+    vu_sock: PathBuf,
     lines: Receiver<ConsoleLine>,
     seen: Vec<ConsoleLine>,
     /// Lines before this index were matched already by `wait_for`.
@@ -145,6 +151,36 @@ fn unique_run_dir(scenario: &str) -> Result<PathBuf> {
     let dir = runs_dir().join(format!("{scenario}-{stamp}-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
+}
+
+/// Start `vdevlab-device` on the two sockets and wait until both exist.
+/// Its output is appended to `log` (a restart adds to the same file).
+fn start_backend(bin: &Path, vu_sock: &Path, ctl_sock: &Path, log_path: &Path) -> Result<Child> {
+    // A restart must not find the old sockets and think it is ready.
+    let _ = fs::remove_file(vu_sock);
+    let _ = fs::remove_file(ctl_sock);
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
+    let mut backend = Command::new(bin)
+        .arg("--socket")
+        .arg(vu_sock)
+        .arg("--control")
+        .arg(ctl_sock)
+        .arg("--once")
+        .env(
+            "RUST_LOG",
+            std::env::var("VDEVLAB_DEVICE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    wait_for_path(vu_sock, &mut backend, log_path, Duration::from_secs(10))?;
+    wait_for_path(ctl_sock, &mut backend, log_path, Duration::from_secs(10))?;
+    Ok(backend)
 }
 
 fn wait_for_path(path: &Path, child: &mut Child, log: &Path, timeout: Duration) -> Result<()> {
@@ -180,34 +216,7 @@ impl Guest {
         let backend_log = run_dir.join("backend.log");
         let console_path = run_dir.join("console.log");
 
-        let log = File::create(&backend_log)?;
-        let mut backend = Command::new(&art.device_bin)
-            .arg("--socket")
-            .arg(&vu_sock)
-            .arg("--control")
-            .arg(&ctl_sock)
-            .arg("--once")
-            .env(
-                "RUST_LOG",
-                std::env::var("VDEVLAB_DEVICE_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", art.device_bin.display()))?;
-        wait_for_path(
-            &vu_sock,
-            &mut backend,
-            &backend_log,
-            Duration::from_secs(10),
-        )?;
-        wait_for_path(
-            &ctl_sock,
-            &mut backend,
-            &backend_log,
-            Duration::from_secs(10),
-        )?;
+        let backend = start_backend(&art.device_bin, &vu_sock, &ctl_sock, &backend_log)?;
 
         let base =
             VmConfig::from_toml_str(LAB_CONFIG_TOML).context("the shipped lab VM description")?;
@@ -261,6 +270,7 @@ impl Guest {
             .context("the lab VM description has no vhost-user device")?;
         dev.socket = socket;
         dev.virtio_id = spec.virtio_id;
+        dev.reconnect_ms = spec.reconnect_ms;
         let mut cmd = match spec.vmm {
             Vmm::CloudHypervisor => {
                 let (bin, _) = crate::env::cloud_hypervisor().map_err(anyhow::Error::msg)?;
@@ -344,6 +354,8 @@ impl Guest {
             kernel,
             vmm_child,
             backend,
+            device_bin: art.device_bin.clone(),
+            vu_sock,
             lines,
             seen: Vec::new(),
             cursor: 0,
@@ -435,7 +447,41 @@ impl Guest {
                 }
             }
         }
+        let finished = self.collect();
+        if timed_out {
+            let splats: Vec<String> = finished
+                .splats
+                .iter()
+                .map(|s| format!("kernel {}: {}", s.kind, s.line.trim()))
+                .collect();
+            bail!(
+                "the guest did not power off within {timeout:?} (console: {}){}",
+                self.console_path.display(),
+                if splats.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", splats.join("; "))
+                }
+            );
+        }
+        Ok(finished)
+    }
+
+    /// Stop the VM now (it is not expected to power off by itself) and scan
+    /// what it printed.
+    pub fn abort(mut self) -> Finished {
+        // Take what is already buffered, without waiting.
+        while let Ok(line) = self.lines.try_recv() {
+            self.note(&line);
+        }
+        self.collect()
+    }
+
+    fn collect(&mut self) -> Finished {
         self.stop();
+        while let Ok(line) = self.lines.try_recv() {
+            self.note(&line);
+        }
         let console = self
             .seen
             .iter()
@@ -447,17 +493,39 @@ impl Guest {
                 .split_once("VDEVLAB-EXIT ")
                 .and_then(|(_, c)| c.trim().parse().ok())
         });
-        if timed_out {
-            bail!(
-                "the guest did not power off within {timeout:?} (console: {})",
-                self.console_path.display()
-            );
-        }
-        Ok(Finished {
+        Finished {
             exit_code,
             splats: find_splats(&console),
             console,
-        })
+        }
+    }
+
+    /// Kill the backend (SIGKILL: a crash, not a clean exit) and start a new
+    /// one on the same sockets, as a user restarting a crashed device model
+    /// would. With [`BootSpec::reconnect_ms`] QEMU reconnects to it and
+    /// replays the memory table and ring state; the new process starts with
+    /// an empty FIFO and capture and fresh counters.
+    pub fn restart_backend(&mut self, down_for: Duration) -> Result<()> {
+        self.kill_backend();
+        std::thread::sleep(down_for);
+        self.backend = start_backend(
+            &self.device_bin,
+            &self.vu_sock,
+            &self.control_path,
+            &self.backend_log,
+        )?;
+        Ok(())
+    }
+
+    /// Kill the backend with SIGKILL, as a crash would.
+    pub fn kill_backend(&mut self) {
+        let _ = self.backend.kill();
+        let _ = self.backend.wait();
+    }
+
+    /// Whether the VMM process is still running.
+    pub fn vmm_running(&mut self) -> bool {
+        matches!(self.vmm_child.try_wait(), Ok(None))
     }
 
     fn stop(&mut self) {
