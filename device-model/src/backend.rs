@@ -102,11 +102,26 @@ impl QwBackend {
             if event_idx {
                 state.disable_notification()?;
             }
-            let pass: Pass = {
+            let used_before = state.get_queue().next_used();
+            let result = {
                 let mut dev = self.device();
                 match queue {
-                    RX_QUEUE => dev.process_rx(state.get_queue_mut(), &*mem)?,
-                    _ => dev.process_tx(state.get_queue_mut(), &*mem)?,
+                    RX_QUEUE => dev.process_rx(state.get_queue_mut(), &*mem),
+                    _ => dev.process_tx(state.get_queue_mut(), &*mem),
+                }
+            };
+            let pass: Pass = match result {
+                Ok(pass) => pass,
+                Err(e) => {
+                    // A ring fault mid-pass: the completions made before it
+                    // are on the used ring and still owe the driver an
+                    // interrupt (found by the fuzz target).
+                    let done = state.get_queue().next_used().wrapping_sub(used_before);
+                    if done > 0 {
+                        self.device().on_completions(queue, u32::from(done));
+                        self.signal(queue, &mut state)?;
+                    }
+                    return Err(e);
                 }
             };
             if pass.completed > 0 {
