@@ -31,7 +31,7 @@ ROOT=$CACHE/trixie-root
 STAMP_VERSION=1
 say() { printf '[vdevlab provision] %s\n' "$*" >&2; }
 die() { printf '[vdevlab provision] error: %s\n' "$*" >&2; exit 1; }
-step() { say "($1/6) $2"; }
+step() { say "($1/7) $2"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: it builds a Debian root with mmdebstrap and runs chroot. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
@@ -81,6 +81,9 @@ if want_kernel bookworm; then
     host_pkg make make
     host_pkg gcc-12 gcc-12
     host_pkg objcopy binutils
+    # sparse (C=1) for the driver's bookworm build; trixie's sparse 0.6.4 is
+    # too old for 7.3's headers, bookworm's works with 6.1.
+    host_pkg sparse sparse
 fi
 
 step 2 "Debian trixie root at $ROOT"
@@ -285,7 +288,31 @@ else
     step 5 "bookworm 6.1 guest kernel: not wanted (VDEVLAB_KERNELS=$KERNELS)"
 fi
 
-step 6 "checking QEMU and writing $CACHE/lab.env"
+step 6 "checkpatch.pl from Debian's linux-source (for the driver's style check)"
+CP_DIR=$CACHE/checkpatch
+if [ ! -f "$CP_DIR/.vdevlab-checkpatch-$STAMP_VERSION" ]; then
+    rm -rf "$CP_DIR.tmp" && mkdir -p "$CP_DIR.tmp"
+    # The host's own linux-source (bookworm: 6.1). Only three files are
+    # kept, but the whole tarball has to be read: about a minute, once.
+    src=$(apt-cache search --names-only '^linux-source-[0-9.]+$' 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1)
+    [ -n "$src" ] || die "no linux-source-* package in the host's apt lists (apt-get update?)"
+    say "downloading $src and extracting scripts/checkpatch.pl (about a minute)"
+    (cd "$CP_DIR.tmp" && apt-get download -q "$src" >&2) || die "apt-get download $src failed"
+    dpkg-deb --fsys-tarfile "$CP_DIR.tmp"/"$src"_*.deb \
+        | tar -xO --wildcards '*/linux-source-*.tar.xz' \
+        | tar -xJ -C "$CP_DIR.tmp" --wildcards --strip-components=2 \
+            '*/scripts/checkpatch.pl' '*/scripts/spelling.txt' '*/scripts/const_structs.checkpatch' \
+        || die "could not extract checkpatch.pl from $src"
+    rm -f "$CP_DIR.tmp"/*.deb
+    [ -f "$CP_DIR.tmp/checkpatch.pl" ] || die "checkpatch.pl missing from $src"
+    echo "$src" > "$CP_DIR.tmp/source"
+    rm -rf "$CP_DIR" && mv "$CP_DIR.tmp" "$CP_DIR"
+    touch "$CP_DIR/.vdevlab-checkpatch-$STAMP_VERSION"
+else
+    say "cached ($(cat "$CP_DIR/source"))"
+fi
+
+step 7 "checking QEMU and writing $CACHE/lab.env"
 QVER=$(in_root /usr/bin/qemu-system-x86_64 --version | head -n 1)
 in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-test-device-pci"' \
     || die "QEMU in $ROOT ($QVER) has no vhost-user-test-device-pci: QEMU 10.2+ needed"

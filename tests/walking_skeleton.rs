@@ -125,6 +125,57 @@ fn driver_builds_warning_free_with_w1(kernel: &str) {
         warnings.join("\n")
     );
     assert!(art.driver_ko.exists());
+    // sparse (C=1) runs where the provisioned sparse understands the
+    // kernel's headers: bookworm's 6.1 (see docs and provision.sh).
+    if kernel.name == "bookworm" {
+        assert!(
+            art.driver_build_log.contains("CHECK"),
+            "sparse did not run on the bookworm build (is sparse installed? log {})",
+            art.driver_build_log_path.display()
+        );
+    }
+}
+
+/// checkpatch.pl --strict (from Debian's linux-source, provisioned) finds
+/// nothing in the driver but the two exceptions guest-driver/README.md
+/// explains: LINUX_VERSION_CODE (one compat macro) and the sysfs macro's
+/// argument reuse.
+#[test]
+fn driver_passes_checkpatch_strict() {
+    let _lab = lab(); // provisions checkpatch.pl
+    let checkpatch = vdevlab_lab::env::cache_dir().join("checkpatch/checkpatch.pl");
+    let dir = vdevlab_lab::env::workspace_root().join("guest-driver");
+    let out = std::process::Command::new("perl")
+        .arg(&checkpatch)
+        .args(["--strict", "--no-tree", "--show-types", "--terse", "-f"])
+        .args(["vdevlab_qw.c", "include/uapi/vdevlab_qw.h"])
+        .current_dir(&dir)
+        .output()
+        .expect("perl runs checkpatch.pl");
+    let report = String::from_utf8_lossy(&out.stdout);
+    const ALLOWED: &[&str] = &[":LINUX_VERSION_CODE:", ":MACRO_ARG_REUSE:"];
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains(": WARNING:") || l.contains(": ERROR:") || l.contains(": CHECK:"))
+        .collect();
+    let unexpected: Vec<&&str> = findings
+        .iter()
+        .filter(|l| !ALLOWED.iter().any(|a| l.contains(a)))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "checkpatch --strict findings not documented as exceptions:\n{}",
+        unexpected
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        report.contains("total:"),
+        "checkpatch did not run: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The driver must deliver every byte whatever the device's interrupt
