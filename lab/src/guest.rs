@@ -64,6 +64,9 @@ pub struct BootSpec {
     /// QEMU reconnects to a restarted backend after this many ms (None: a
     /// lost backend stays lost). See [`Guest::restart_backend`].
     pub reconnect_ms: Option<u32>,
+    /// Device instances: each is its own backend process and vhost-user
+    /// device, and the driver makes `/dev/qw0`, `/dev/qw1`, ... of them.
+    pub instances: usize,
 }
 
 impl BootSpec {
@@ -76,6 +79,7 @@ impl BootSpec {
             vmm: Vmm::Qemu,
             accel: Accel::Tcg,
             reconnect_ms: None,
+            instances: 1,
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
             kernel: DEFAULT_KERNEL.to_string(),
         }
@@ -122,6 +126,8 @@ pub struct Guest {
     pub kernel: Kernel,
     vmm_child: Child,
     backend: Child,
+    /// Instances 1.. (see [`BootSpec::instances`]): process and control socket.
+    extra: Vec<(Child, PathBuf)>,
     device_bin: PathBuf,
     vu_sock: PathBuf,
     lines: Receiver<ConsoleLine>,
@@ -217,6 +223,17 @@ impl Guest {
         let console_path = run_dir.join("console.log");
 
         let backend = start_backend(&art.device_bin, &vu_sock, &ctl_sock, &backend_log)?;
+        let mut extra = Vec::new();
+        for i in 1..spec.instances.max(1) {
+            let ctl = run_dir.join(format!("ctl{i}.sock"));
+            let child = start_backend(
+                &art.device_bin,
+                &run_dir.join(format!("vu{i}.sock")),
+                &ctl,
+                &run_dir.join(format!("backend{i}.log")),
+            )?;
+            extra.push((child, ctl));
+        }
 
         let base =
             VmConfig::from_toml_str(LAB_CONFIG_TOML).context("the shipped lab VM description")?;
@@ -271,6 +288,13 @@ impl Guest {
         dev.socket = socket;
         dev.virtio_id = spec.virtio_id;
         dev.reconnect_ms = spec.reconnect_ms;
+        let first = dev.clone();
+        for i in 1..spec.instances.max(1) {
+            let mut d = first.clone();
+            d.id = format!("vu{i}");
+            d.socket = first.socket.with_file_name(format!("vu{i}.sock"));
+            cfg.vhost_user.push(d);
+        }
         let mut cmd = match spec.vmm {
             Vmm::CloudHypervisor => {
                 let (bin, _) = crate::env::cloud_hypervisor().map_err(anyhow::Error::msg)?;
@@ -354,6 +378,7 @@ impl Guest {
             kernel,
             vmm_child,
             backend,
+            extra,
             device_bin: art.device_bin.clone(),
             vu_sock,
             lines,
@@ -424,6 +449,21 @@ impl Guest {
     /// A client of this guest's device control plane.
     pub fn control(&self) -> Result<ControlClient> {
         Ok(ControlClient::connect(&self.control_path)?)
+    }
+
+    /// A client of device instance `i`'s control plane (`/dev/qw<i>`'s
+    /// device, in probe order).
+    pub fn control_of(&self, i: usize) -> Result<ControlClient> {
+        if i == 0 {
+            return self.control();
+        }
+        let (_, ctl) = self.extra.get(i - 1).with_context(|| {
+            format!(
+                "no device instance {i} (the boot has {})",
+                self.extra.len() + 1
+            )
+        })?;
+        Ok(ControlClient::connect(ctl)?)
     }
 
     /// Time since the VMM started.
@@ -534,6 +574,10 @@ impl Guest {
         }
         let _ = self.vmm_child.wait();
         self.exited = true;
+        for (mut child, _) in self.extra.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         // The backend exits by itself when the VMM disconnects (--once);
         // give it a moment, then make sure.
         for _ in 0..50 {

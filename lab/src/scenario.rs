@@ -128,6 +128,9 @@ pub struct StreamCase {
     pub chunk: usize,
     /// Interrupt mode for both queues during this case (default: immediate).
     pub irq: Option<IrqMode>,
+    /// Which device instance (`/dev/qw<instance>`): a boot gets as many
+    /// instances as its cases use, each with its own backend.
+    pub instance: usize,
 }
 
 impl StreamCase {
@@ -140,6 +143,7 @@ impl StreamCase {
             seed,
             chunk: 4000,
             irq: None,
+            instance: 0,
         }
     }
 
@@ -164,6 +168,9 @@ impl StreamCase {
             "--chunk".into(),
             self.chunk.to_string(),
         ];
+        if self.instance > 0 {
+            args.extend(["--device".into(), format!("/dev/qw{}", self.instance)]);
+        }
         if matches!(self.direction(), Ok(Direction::Tx | Direction::Both)) {
             args.extend(["--seed".into(), self.seed.to_string()]);
         }
@@ -216,7 +223,7 @@ fn drive_case(
 ) -> Result<(GuestResult, String)> {
     let dir = case.direction()?;
     guest.wait_for(&format!("VDEVLAB-READY {}", case.scenario), BOOT_TIMEOUT)?;
-    let mut ctl = guest.control()?;
+    let mut ctl = guest.control_of(case.instance)?;
     ctl.interrupt_mode("all", case.irq.unwrap_or_default())
         .context("setting the interrupt mode")?;
     let (rx, tx): (&[u8], &[u8]) = match dir {
@@ -295,6 +302,7 @@ fn run_streams_with(
         .on_kernel(&kernel.name);
     spec.vmm = vmm;
     spec.accel = accel;
+    spec.instances = cases.iter().map(|(c, _)| c.instance + 1).max().unwrap_or(1);
     let t0 = Instant::now();
     let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
     let vmm_version = match vmm {
@@ -372,7 +380,7 @@ fn run_streams_with(
             }
         };
         let stats = guest
-            .control()
+            .control_of(case.instance)
             .ok()
             .and_then(|mut c| c.stats().ok())
             .and_then(|r| r.stats);
