@@ -136,6 +136,74 @@ fn driver_builds_warning_free_with_w1(kernel: &str) {
     }
 }
 
+/// The driver's control and lifetime paths, in one boot: the ioctls and
+/// sysfs counters (stats, flush, reset), several openers sharing the
+/// stream, suspend and resume (pm_test: freeze/restore), then unbind and
+/// PCI removal while a blocking reader, a blocked writer, an edge-triggered
+/// epoll waiter, a native-AIO read, an io_uring read and a POSIX AIO read
+/// all wait: every one must wake with an error, the module must unload
+/// (nothing leaked) and load again, and the kernel must log no splat.
+fn driver_ioctls_pm_and_teardown(kernel: &str) {
+    use sha2::{Digest, Sha256};
+    use vdevlab_lab::scenario::{HostStep, Script};
+    let (lab, kernel) = lab_kernel(kernel);
+    let sha = |b: &[u8]| serde_json::Value::String(hex::encode(Sha256::digest(b)));
+    let after_reset = pattern(41, 100);
+    let sampled = pattern(9, 70_000);
+    let ready = |m: &str| HostStep::Ready(m.to_string());
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let cases = vec![
+        StreamCase::scripted(
+            "ioctl-stats",
+            Script {
+                args: args(&["--bytes", "5000"]),
+                steps: vec![
+                    ready("ioctl-stats"),
+                    HostStep::Inject(pattern(40, 5000)),
+                    ready("ioctl-stats-2"),
+                    HostStep::Inject(after_reset.clone()),
+                ],
+                expect: vec![("sha256_after_reset".into(), sha(&after_reset))],
+            },
+        ),
+        StreamCase::scripted(
+            "multi-open",
+            Script {
+                args: args(&["--bytes", "300001", "--seed", "5"]),
+                steps: vec![ready("multi-open"), HostStep::Inject(pattern(5, 300_001))],
+                expect: vec![],
+            },
+        ),
+        StreamCase::scripted(
+            "pm-freeze",
+            Script {
+                args: args(&["--bytes", "70000"]),
+                steps: vec![ready("pm-freeze"), HostStep::Inject(sampled.clone())],
+                expect: vec![("sha256".into(), sha(&sampled))],
+            },
+        ),
+        StreamCase::scripted(
+            "teardown-unbind",
+            Script {
+                steps: vec![ready("teardown-unbind")],
+                ..Script::default()
+            },
+        ),
+        StreamCase::scripted(
+            "teardown-remove",
+            Script {
+                steps: vec![ready("teardown-remove")],
+                ..Script::default()
+            },
+        ),
+    ];
+    let outs =
+        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    for out in &outs {
+        assert_passed(out);
+    }
+}
+
 /// Two device instances in one guest: `/dev/qw0` and `/dev/qw1`, each with
 /// its own backend; streams on each reach the right device.
 #[test]
@@ -337,6 +405,11 @@ macro_rules! kernel_tests {
             #[test]
             fn io_models_rx_and_tx() {
                 super::io_models_rx_and_tx(KERNEL);
+            }
+
+            #[test]
+            fn driver_ioctls_pm_and_teardown() {
+                super::driver_ioctls_pm_and_teardown(KERNEL);
             }
         }
     };

@@ -5,7 +5,10 @@
 //! A scenario is `<model>-<direction>`: `rx` moves bytes from the device to
 //! the program (the host injects), `tx` from the program to the device (the
 //! host captures). `mixed` runs a blocking reader and a blocking writer on
-//! the same device at once.
+//! the same device at once. The [`ROBUSTNESS`] scenarios exercise the
+//! driver's control paths (removal, ioctls, suspend) and many openers; they
+//! need the real driver in a guest (except `multi-open`, which also runs on
+//! a FIFO).
 
 pub mod common;
 pub mod models;
@@ -55,6 +58,23 @@ pub const SCENARIOS: &[&str] = &[
 /// open device. Not in [`SCENARIOS`], which lists the single-direction ones.
 pub const MIXED: &str = "mixed";
 
+/// The driver-robustness scenarios (see `models::teardown`,
+/// `models::ioctl_stats`, `models::pm_freeze`, `models::multi_open`). Each
+/// reports every observation, also on failure, and on failure its `error`
+/// lists every check that did not hold.
+pub const ROBUSTNESS: &[&str] = &[
+    "teardown-unbind",
+    "teardown-remove",
+    "ioctl-stats",
+    "pm-freeze",
+    "multi-open",
+];
+
+/// Whether `name` is a scenario this program runs.
+pub fn known_scenario(name: &str) -> bool {
+    name == MIXED || SCENARIOS.contains(&name) || ROBUSTNESS.contains(&name)
+}
+
 /// A seeded pseudo-random stream (xorshift64*), reproducible from its seed.
 /// The host's `vdevlab_lab::scenario::pattern` is the same function: keep
 /// the two identical.
@@ -99,7 +119,7 @@ pub const MAX_CHUNK: usize = 64 << 20;
 /// Command line of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opts {
-    /// Scenario name, one of [`SCENARIOS`] or [`MIXED`].
+    /// Scenario name, one of [`SCENARIOS`], [`MIXED`] or [`ROBUSTNESS`].
     pub scenario: String,
     /// Path to open: the qw device in the guest, or any stream-like file
     /// (a FIFO, a character device) elsewhere.
@@ -136,10 +156,11 @@ where
 {
     let mut args = args.into_iter().map(Into::into);
     let scenario = args.next().ok_or(USAGE)?;
-    if scenario != MIXED && !SCENARIOS.contains(&scenario.as_str()) {
+    if !known_scenario(&scenario) {
         return Err(format!(
-            "unknown scenario {scenario} (known: {}, {MIXED})",
-            SCENARIOS.join(", ")
+            "unknown scenario {scenario} (known: {}, {MIXED}, {})",
+            SCENARIOS.join(", "),
+            ROBUSTNESS.join(", ")
         ));
     }
     let mut opts = Opts {
@@ -281,6 +302,23 @@ pub fn result_line(scenario: &str, outcome: &Result<Report, String>) -> String {
     )
 }
 
+/// The result line of a run that checks many things and reports what it
+/// saw either way: `ok` is true when `problems` is empty; otherwise
+/// `error` joins the problems with `"; "`. The report's fields follow in
+/// both cases.
+pub fn checked_result_line(scenario: &str, report: &Report, problems: &[String]) -> String {
+    let head = if problems.is_empty() {
+        "\"ok\":true".to_string()
+    } else {
+        format!("\"ok\":false,\"error\":{}", json_str(&problems.join("; ")))
+    };
+    format!(
+        "VDEVLAB-RESULT {{\"scenario\":{},{head}{}}}",
+        json_str(scenario),
+        report.render()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +413,11 @@ mod tests {
         let o = parse_args(["mixed", "--bytes", "1", "--bytes", "0"]).unwrap();
         assert_eq!(o.bytes, 0);
         assert_eq!(o.scenario, MIXED);
+        for name in ROBUSTNESS {
+            assert_eq!(parse_args([*name, "--bytes", "100"]).unwrap().bytes, 100);
+            assert!(split_scenario(name).is_none());
+            assert!(!SCENARIOS.contains(name));
+        }
     }
 
     #[test]
@@ -411,6 +454,20 @@ mod tests {
         assert_eq!(
             result_line("poll-rx", &Err("bad \"x\"\n".into())),
             "VDEVLAB-RESULT {\"scenario\":\"poll-rx\",\"ok\":false,\"error\":\"bad \\\"x\\\"\\n\"}"
+        );
+    }
+
+    #[test]
+    fn checked_result_lines_keep_fields_on_failure() {
+        let mut r = Report::new();
+        r.num("n", 1).text("read", "ENODEV");
+        assert_eq!(
+            checked_result_line("teardown-unbind", &r, &[]),
+            "VDEVLAB-RESULT {\"scenario\":\"teardown-unbind\",\"ok\":true,\"n\":1,\"read\":\"ENODEV\"}"
+        );
+        assert_eq!(
+            checked_result_line("x", &r, &["a".into(), "b \"c\"".into()]),
+            "VDEVLAB-RESULT {\"scenario\":\"x\",\"ok\":false,\"error\":\"a; b \\\"c\\\"\",\"n\":1,\"read\":\"ENODEV\"}"
         );
     }
 }

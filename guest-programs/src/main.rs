@@ -9,17 +9,38 @@
 //!
 //! `vdevlab-guest list` prints the scenario names, one a line.
 //!
+//! The robustness scenarios print more markers of their own
+//! (`VDEVLAB-TEARDOWN <how>`, a second `VDEVLAB-READY ioctl-stats-2`) and
+//! their result line keeps every field on failure, with `error` listing
+//! each check that did not hold.
+//!
 //! No argument parser crate: the guest binary stays small, and its arguments
 //! are written by the harness, not by people.
 
 use std::process::ExitCode;
 
+use vdevlab_guest::models::qwdev::Checked;
+use vdevlab_guest::models::teardown::How;
 use vdevlab_guest::models::{
-    blocking, epoll, linux_aio, mixed, nonblocking, poll, posix_aio, select, sigio, uring,
+    blocking, epoll, ioctl_stats, linux_aio, mixed, multi_open, nonblocking, pm_freeze, poll,
+    posix_aio, select, sigio, teardown, uring,
 };
 use vdevlab_guest::{
-    marker, parse_args, result_line, split_scenario, Dir, Opts, Report, MIXED, SCENARIOS,
+    checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, MIXED,
+    ROBUSTNESS, SCENARIOS,
 };
+
+/// A robustness scenario, or `None` for the I/O-model ones.
+fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
+    Some(match o.scenario.as_str() {
+        "teardown-unbind" => teardown::run(o, How::Unbind),
+        "teardown-remove" => teardown::run(o, How::Remove),
+        "ioctl-stats" => ioctl_stats::run(o),
+        "pm-freeze" => pm_freeze::run(o),
+        "multi-open" => multi_open::run(o),
+        _ => return None,
+    })
+}
 
 fn dispatch(o: &Opts) -> Result<Report, String> {
     if o.scenario == MIXED {
@@ -50,6 +71,10 @@ fn main() -> ExitCode {
         let mut names = SCENARIOS.join("\n");
         names.push('\n');
         names.push_str(MIXED);
+        for name in ROBUSTNESS {
+            names.push('\n');
+            names.push_str(name);
+        }
         marker(&names);
         return ExitCode::SUCCESS;
     }
@@ -63,9 +88,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let outcome = dispatch(&opts);
-    marker(&result_line(&opts.scenario, &outcome));
-    if outcome.is_ok() {
+    let (line, ok) = match dispatch_robust(&opts) {
+        Some(Ok(c)) => (
+            checked_result_line(&opts.scenario, &c.report, &c.problems),
+            c.problems.is_empty(),
+        ),
+        Some(Err(e)) => (result_line(&opts.scenario, &Err(e)), false),
+        None => {
+            let outcome = dispatch(&opts);
+            (result_line(&opts.scenario, &outcome), outcome.is_ok())
+        }
+    };
+    marker(&line);
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -39,7 +39,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use vdevlab_guest::{pattern, MIXED, MODELS, SCENARIOS};
+use vdevlab_guest::{pattern, MIXED, MODELS, ROBUSTNESS, SCENARIOS};
 
 /// The program under test: this build's, or the one named by
 /// `VDEVLAB_GUEST_BIN` (e.g. the static guest build, to check that glibc's
@@ -520,5 +520,52 @@ fn list_names_every_scenario() {
     let names: Vec<&str> = text.lines().collect();
     let mut expect: Vec<&str> = SCENARIOS.to_vec();
     expect.push(MIXED);
+    expect.extend_from_slice(ROBUSTNESS);
     assert_eq!(names, expect);
+}
+
+/// `multi-open`: four readers, each with its own descriptor, share one
+/// stream; a FIFO splits it like the qw driver does (each byte to one
+/// reader). Then a fifth reader finds nothing left and a writer's 64
+/// bytes come out of the FIFO.
+#[test]
+fn multi_open_splits_one_stream_between_four_readers() {
+    let deadline = Instant::now() + TIMEOUT;
+    let fifo = Fifo::new("multi-open");
+    let mut run = Run::scenario("multi-open", &fifo, BYTES, CHUNK);
+    run.wait_for("VDEVLAB-READY multi-open", deadline);
+    feed(&mut run, &fifo, &pattern(SEED, BYTES), deadline);
+    let line = run.wait_for("VDEVLAB-RESULT ", deadline);
+    assert_eq!(field(&line, "ok"), Some("true"), "{line}");
+    assert_eq!(
+        field(&line, "bytes"),
+        Some(BYTES.to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(field(&line, "histogram_ok"), Some("true"), "{line}");
+    assert_eq!(field(&line, "leftover"), Some("0"), "{line}");
+    assert_eq!(field(&line, "extra_read"), Some("EAGAIN"), "{line}");
+    let tx = drain(&mut run, &fifo, 64, deadline);
+    assert_eq!(tx, pattern(SEED, 64));
+    assert_eq!(field(&line, "tx_sha256"), Some(sha(&tx).as_str()), "{line}");
+    assert_eq!(run.exit_code(deadline), 0);
+}
+
+/// A robustness scenario on something that is not the qw driver fails
+/// at once with a result line (and `pm-freeze`, `teardown-*` touch
+/// nothing: they are not run here at all, to be safe on any host).
+#[test]
+fn ioctl_stats_on_a_fifo_fails_cleanly() {
+    let deadline = Instant::now() + TIMEOUT;
+    let fifo = Fifo::new("ioctl-stats");
+    let mut run = Run::scenario("ioctl-stats", &fifo, 100, CHUNK);
+    let line = run.wait_for("VDEVLAB-RESULT ", deadline);
+    assert_eq!(field(&line, "ok"), Some("false"), "{line}");
+    assert!(line.contains("QW_IOC_GET_STATS"), "{line}");
+    assert!(
+        !run.seen.iter().any(|l| l.starts_with("VDEVLAB-READY")),
+        "{:?}",
+        run.seen
+    );
+    assert_eq!(run.exit_code(deadline), 1);
 }

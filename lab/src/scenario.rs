@@ -54,6 +54,9 @@ pub struct GuestResult {
     /// `mixed`: SHA-256 of what was written.
     #[serde(default)]
     pub tx_sha256: Option<String>,
+    /// Every other field of the result line (scripted scenarios check them).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The outcome of one scenario run.
@@ -131,6 +134,40 @@ pub struct StreamCase {
     /// Which device instance (`/dev/qw<instance>`): a boot gets as many
     /// instances as its cases use, each with its own backend.
     pub instance: usize,
+    /// A scripted case (driver-robustness scenarios): the guest program's
+    /// arguments, what the host does, and the result fields it expects.
+    /// Stream cases leave it empty.
+    pub script: Option<Script>,
+}
+
+/// What the host does during a scripted case, in order.
+#[derive(Debug, Clone)]
+pub enum HostStep {
+    /// Wait for `VDEVLAB-READY <marker>`.
+    Ready(String),
+    /// Inject these bytes (all of them, waiting for FIFO room).
+    Inject(Vec<u8>),
+}
+
+/// A scripted case: see [`StreamCase::script`].
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// The guest program's arguments after the scenario name.
+    pub args: Vec<String>,
+    /// The host's steps.
+    pub steps: Vec<HostStep>,
+    /// Result fields that must have these values (besides `"ok": true`).
+    pub expect: Vec<(String, serde_json::Value)>,
+}
+
+impl StreamCase {
+    /// A scripted case named `scenario` (a guest program subcommand).
+    pub fn scripted(scenario: &str, script: Script) -> Self {
+        Self {
+            script: Some(script),
+            ..Self::new(scenario, 0, 0)
+        }
+    }
 }
 
 impl StreamCase {
@@ -144,6 +181,7 @@ impl StreamCase {
             chunk: 4000,
             irq: None,
             instance: 0,
+            script: None,
         }
     }
 
@@ -161,6 +199,11 @@ impl StreamCase {
     }
 
     fn guest_args(&self) -> Vec<String> {
+        if let Some(script) = &self.script {
+            let mut args = vec![self.scenario.clone()];
+            args.extend(script.args.iter().cloned());
+            return args;
+        }
         let mut args = vec![
             self.scenario.clone(),
             "--bytes".into(),
@@ -286,6 +329,45 @@ fn drive_case(
     Ok((result, host_sha))
 }
 
+/// Drive a scripted case: the host's steps, then the result line.
+fn drive_script(
+    guest: &mut Guest,
+    case: &StreamCase,
+    script: &Script,
+) -> Result<(GuestResult, serde_json::Value)> {
+    let mut ctl = guest.control_of(case.instance)?;
+    for step in &script.steps {
+        match step {
+            HostStep::Ready(marker) => {
+                guest.wait_for(&format!("VDEVLAB-READY {marker}"), BOOT_TIMEOUT)?;
+            }
+            HostStep::Inject(data) => {
+                let deadline = Instant::now() + BOOT_TIMEOUT;
+                let mut sent = 0;
+                while sent < data.len() {
+                    let n = ctl.inject(&data[sent..]).context("injecting")?;
+                    if n == 0 {
+                        anyhow::ensure!(
+                            Instant::now() < deadline,
+                            "the receive FIFO never drained"
+                        );
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    sent += n;
+                }
+            }
+        }
+    }
+    let line = guest.wait_for(
+        &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", case.scenario),
+        BOOT_TIMEOUT,
+    )?;
+    let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
+    let raw: serde_json::Value =
+        serde_json::from_str(json).with_context(|| format!("bad result line: {line}"))?;
+    Ok((serde_json::from_value(raw.clone())?, raw))
+}
+
 fn run_streams_with(
     lab: &Lab,
     kernel: &Kernel,
@@ -315,6 +397,42 @@ fn run_streams_with(
     for (case, payload) in cases {
         if let Some(why) = &aborted {
             partial.push((case, None, None, vec![format!("not run: {why}")], None));
+            continue;
+        }
+        if let Some(script) = &case.script {
+            let mut problems = Vec::new();
+            let guest_result = match drive_script(&mut guest, case, script) {
+                Ok((g, raw)) => {
+                    if !g.ok {
+                        problems.push(format!(
+                            "guest program failed: {}",
+                            g.error.clone().unwrap_or_default()
+                        ));
+                    }
+                    for (field, want) in &script.expect {
+                        if raw.get(field) != Some(want) {
+                            problems
+                                .push(format!("{field} is {:?}, expected {want}", raw.get(field)));
+                        }
+                    }
+                    Some(g)
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    problems.push(why.clone());
+                    aborted = Some(format!(
+                        "an earlier scenario ({}) failed: {why}",
+                        case.scenario
+                    ));
+                    None
+                }
+            };
+            let stats = guest
+                .control_of(case.instance)
+                .ok()
+                .and_then(|mut c| c.stats().ok())
+                .and_then(|r| r.stats);
+            partial.push((case, guest_result, None, problems, stats));
             continue;
         }
         let payload = payload.clone().unwrap_or_else(|| {

@@ -1,0 +1,282 @@
+//! `ioctl-stats`: the driver's ioctls and sysfs counters against data that
+//! is received but not read.
+//!
+//! 1. Before `VDEVLAB-READY`: the access checks (`QW_IOC_RESET` on a
+//!    read-only file and `QW_IOC_FLUSH` on a write-only one fail with
+//!    `EBADF`, an undefined `'q'` ioctl with `ENOTTY`), and the counters
+//!    as they start (`stats_start`).
+//! 2. `VDEVLAB-READY ioctl-stats`: the host injects exactly `--bytes`
+//!    bytes (at most 64 pages, what the driver buffers) and the program
+//!    does not read. `FIONREAD` must reach `--bytes` within 10 s (and never
+//!    pass it).
+//! 3. `QW_IOC_GET_STATS`: `rx_pending` = `--bytes`, `rx_bytes` grew by
+//!    `--bytes` (and is at least that), state 0. Every file of
+//!    `/sys/class/vdevlab_qw/qwN/` exists and reads as a number; its
+//!    `rx_bytes` and `rx_pending` match the ioctl's, `needs_reset` is 0.
+//! 4. `QW_IOC_FLUSH`: `FIONREAD` is 0, `flushed_bytes` grew by `--bytes`,
+//!    `rx_pending` is 0, and a non-blocking read gets `EAGAIN`.
+//! 5. `QW_IOC_RESET` succeeds, `resets` grew by 1, state 0; then
+//!    `VDEVLAB-READY ioctl-stats-2`, the host injects 100 bytes, and the
+//!    program reads exactly 100 (30 s at most): `sha256_after_reset`.
+//!
+//! Fields: `bytes`, `fionread`, `fionread_ms`, `stats_start`,
+//! `stats_pending`, `sysfs` (every counter file), `stats_flushed`,
+//! `stats_reset`, `sha256_after_reset`, `head_after_reset`,
+//! `stats_end`.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{nap, open_device, Access};
+use crate::models::qwdev::{
+    class_dir, errno_name, fionread, get_stats, ioctl_plain, poll_one, read_counter, read_fd,
+    Checked, QwStats, QW_IOC_FLUSH, QW_IOC_RESET, QW_IOC_UNDEFINED, SYSFS_COUNTERS,
+};
+use crate::{marker, Opts};
+
+/// Most bytes the driver holds unread: 64 rx buffers of one page.
+pub const MAX_PENDING: u64 = 64 * 4096;
+/// The second injection, after the reset.
+pub const AFTER_RESET_BYTES: usize = 100;
+const FIONREAD_LIMIT: Duration = Duration::from_secs(10);
+const READ_LIMIT: Duration = Duration::from_secs(30);
+
+fn expect_errno(c: &mut Checked, what: &str, r: Result<(), i32>, want: i32) {
+    let got = match r {
+        Ok(()) => "success".to_string(),
+        Err(e) => errno_name(e),
+    };
+    c.check(r == Err(want), || {
+        format!("{what}: {got}, not {}", errno_name(want))
+    });
+}
+
+fn stats(c: &mut Checked, fd: i32, key: &str) -> Option<QwStats> {
+    let st = c.take(get_stats(fd).map_err(|e| format!("{key}: {e}")))?;
+    c.report.raw(key, &st.json());
+    Some(st)
+}
+
+/// Read exactly `n` bytes, waiting with `poll` up to `limit` in all.
+fn read_exact(fd: i32, n: usize, limit: Duration) -> Result<Vec<u8>, String> {
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(n);
+    let mut buf = vec![0u8; n];
+    while out.len() < n {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(format!("only {} of {n} bytes within {limit:?}", out.len()));
+        }
+        let rev = poll_one(fd, libc::POLLIN, left.as_millis() as i32)?;
+        if rev == 0 {
+            continue;
+        }
+        if rev & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return Err(format!("poll revents {rev:#x} after {} bytes", out.len()));
+        }
+        match read_fd(fd, &mut buf[..n - out.len()]) {
+            Ok(0) => return Err(format!("read returned 0 after {} bytes", out.len())),
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(libc::EAGAIN) => {}
+            Err(e) => return Err(format!("read after {} bytes: {}", out.len(), errno_name(e))),
+        }
+    }
+    Ok(out)
+}
+
+/// Run `ioctl-stats`.
+pub fn run(o: &Opts) -> Result<Checked, String> {
+    if o.bytes == 0 || o.bytes > MAX_PENDING {
+        return Err(format!(
+            "ioctl-stats needs --bytes in 1..={MAX_PENDING} (what the driver holds unread), not {}",
+            o.bytes
+        ));
+    }
+    let want = o.bytes;
+    // O_NONBLOCK: read_exact polls; the EAGAIN check needs it anyway.
+    let fd = open_device(&o.device, Access::ReadWrite, true)?;
+    let raw = fd.as_raw_fd();
+    let mut c = Checked::new();
+    c.report.num("bytes", want);
+
+    {
+        let ro = open_device(&o.device, Access::Read, true)?;
+        let wo = open_device(&o.device, Access::Write, true)?;
+        expect_errno(
+            &mut c,
+            "QW_IOC_RESET on a read-only file",
+            ioctl_plain(ro.as_raw_fd(), QW_IOC_RESET),
+            libc::EBADF,
+        );
+        expect_errno(
+            &mut c,
+            "QW_IOC_FLUSH on a write-only file",
+            ioctl_plain(wo.as_raw_fd(), QW_IOC_FLUSH),
+            libc::EBADF,
+        );
+        expect_errno(
+            &mut c,
+            "an undefined 'q' ioctl",
+            ioctl_plain(raw, QW_IOC_UNDEFINED),
+            libc::ENOTTY,
+        );
+    }
+    let start = stats(&mut c, raw, "stats_start").ok_or("QW_IOC_GET_STATS failed")?;
+    if start.rx_pending != 0 {
+        c.fail(format!(
+            "{} bytes were pending before READY",
+            start.rx_pending
+        ));
+    }
+
+    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    let t = Instant::now();
+    let mut seen = 0;
+    loop {
+        match fionread(raw) {
+            Ok(n) => seen = n,
+            Err(e) => {
+                c.fail(e);
+                break;
+            }
+        }
+        if seen as u64 >= want || t.elapsed() > FIONREAD_LIMIT {
+            break;
+        }
+        nap(Duration::from_millis(10));
+    }
+    c.report.num("fionread", seen.max(0) as u64);
+    c.report.num("fionread_ms", t.elapsed().as_millis() as u64);
+    c.check(seen as u64 == want, || {
+        format!("FIONREAD {seen}, expected {want} within {FIONREAD_LIMIT:?}")
+    });
+
+    if let Some(st) = stats(&mut c, raw, "stats_pending") {
+        c.check(st.rx_pending == want, || {
+            format!("rx_pending {} with {want} bytes unread", st.rx_pending)
+        });
+        c.check(
+            st.rx_bytes >= want && st.rx_bytes.wrapping_sub(start.rx_bytes) == want,
+            || {
+                format!(
+                    "rx_bytes went from {} to {}, expected +{want}",
+                    start.rx_bytes, st.rx_bytes
+                )
+            },
+        );
+        c.check(st.state == 0, || {
+            format!("state {:#x} with data pending", st.state)
+        });
+        sysfs_matches(&mut c, &o.device, &st);
+    }
+
+    // Flush.
+    let flushed = ioctl_plain(raw, QW_IOC_FLUSH);
+    c.check(flushed.is_ok(), || {
+        format!("QW_IOC_FLUSH: {}", errno_name(flushed.err().unwrap_or(0)))
+    });
+    match fionread(raw) {
+        Ok(n) => {
+            c.check(n == 0, || format!("FIONREAD {n} after QW_IOC_FLUSH"));
+        }
+        Err(e) => c.fail(e),
+    }
+    if let Some(st) = stats(&mut c, raw, "stats_flushed") {
+        c.check(
+            st.flushed_bytes.wrapping_sub(start.flushed_bytes) == want,
+            || {
+                format!(
+                    "flushed_bytes went from {} to {}, expected +{want}",
+                    start.flushed_bytes, st.flushed_bytes
+                )
+            },
+        );
+        c.check(st.rx_pending == 0, || {
+            format!("rx_pending {} after the flush", st.rx_pending)
+        });
+    }
+    let mut b = [0u8; 64];
+    let r = read_fd(raw, &mut b);
+    c.check(r == Err(libc::EAGAIN), || {
+        format!(
+            "a non-blocking read after the flush: {}",
+            match r {
+                Ok(n) => format!("returned {n}"),
+                Err(e) => errno_name(e),
+            }
+        )
+    });
+
+    // Reset.
+    let reset = ioctl_plain(raw, QW_IOC_RESET);
+    c.check(reset.is_ok(), || {
+        format!("QW_IOC_RESET: {}", errno_name(reset.err().unwrap_or(0)))
+    });
+    if let Some(st) = stats(&mut c, raw, "stats_reset") {
+        c.check(st.resets == start.resets + 1, || {
+            format!(
+                "resets went from {} to {}, expected +1",
+                start.resets, st.resets
+            )
+        });
+        c.check(st.state == 0, || {
+            format!("state {:#x} after the reset", st.state)
+        });
+    }
+
+    // The device still works.
+    marker(&format!("VDEVLAB-READY {}-2", o.scenario));
+    match read_exact(raw, AFTER_RESET_BYTES, READ_LIMIT) {
+        Ok(data) => {
+            c.report
+                .text("sha256_after_reset", &hex::encode(Sha256::digest(&data)))
+                .text(
+                    "head_after_reset",
+                    &hex::encode(&data[..16.min(data.len())]),
+                );
+        }
+        Err(e) => c.fail(format!("after the reset: {e}")),
+    }
+    // Nothing more than the 100 bytes came.
+    if let Some(st) = stats(&mut c, raw, "stats_end") {
+        c.check(st.rx_pending == 0, || {
+            format!("rx_pending {} after reading the 100 bytes", st.rx_pending)
+        });
+        let total = want + AFTER_RESET_BYTES as u64;
+        c.check(st.rx_bytes.wrapping_sub(start.rx_bytes) == total, || {
+            format!(
+                "rx_bytes went from {} to {}, expected +{total} in all",
+                start.rx_bytes, st.rx_bytes
+            )
+        });
+    }
+    Ok(c)
+}
+
+/// Every sysfs counter exists and parses; `rx_bytes` and `rx_pending`
+/// agree with `st` (read just before, with nothing arriving meanwhile).
+fn sysfs_matches(c: &mut Checked, device: &str, st: &QwStats) {
+    let dir = class_dir(Path::new("/sys"), device);
+    let mut fields = Vec::new();
+    for name in SYSFS_COUNTERS {
+        match read_counter(&dir.join(name)) {
+            Ok(v) => {
+                fields.push(format!("\"{name}\":{v}"));
+                let expect = match *name {
+                    "rx_bytes" => Some(st.rx_bytes),
+                    "rx_pending" => Some(st.rx_pending),
+                    "needs_reset" => Some(0),
+                    _ => None,
+                };
+                if let Some(e) = expect {
+                    c.check(v == e, || format!("sysfs {name} {v}, QW_IOC_GET_STATS {e}"));
+                }
+            }
+            Err(e) => c.fail(format!("sysfs counter: {e}")),
+        }
+    }
+    c.report.raw("sysfs", &format!("{{{}}}", fields.join(",")));
+}

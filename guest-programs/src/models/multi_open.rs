@@ -1,0 +1,271 @@
+//! `multi-open`: four readers, each with its own descriptor of the device,
+//! share one stream: every byte must go to exactly one of them.
+//!
+//! 1. Four reader threads open the device (blocking) and read up to
+//!    `--chunk` bytes at a time; `VDEVLAB-READY multi-open`; the host
+//!    injects `pattern(--seed, --bytes)`.
+//! 2. When the readers' total reaches `--bytes` (120 s at most) the program
+//!    stops them (each still asleep in `read()` is interrupted by a
+//!    `SIGUSR1` whose handler does nothing, installed without
+//!    `SA_RESTART`, so its read fails with `EINTR`).
+//! 3. The total must be exactly `--bytes`, no reader may have got an
+//!    error, and the bytes, whatever reader got them, must be those of the
+//!    pattern: the byte-value histogram of everything read equals the
+//!    pattern's (order aside, which the readers' interleaving loses).
+//! 4. With the four descriptors still open, one more reader and one writer
+//!    open the device: `FIONREAD` is 0 and a non-blocking read gets
+//!    `EAGAIN` (nothing is left over), and the writer writes the first 64
+//!    bytes of the pattern (the host may capture and compare them).
+//!
+//! Fields: `bytes` (total), `reader_bytes` and `reader_reads` (arrays, one
+//! entry per reader), `readers_with_data`, `histogram_ok`, `leftover`
+//! (`FIONREAD` then), `extra_read`, `tx_bytes`, `tx_sha256`.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{nap, open_device, Access};
+use crate::models::qwdev::{errno_name, fionread, last_errno, read_fd, Checked};
+use crate::{pattern, ready, Opts};
+
+/// How many readers share the device.
+pub const READERS: usize = 4;
+/// What the extra writer writes: the first bytes of the pattern.
+pub const TX_BYTES: usize = 64;
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// What one reader saw.
+#[derive(Debug)]
+struct ReaderResult {
+    bytes: u64,
+    reads: u64,
+    histogram: Box<[u64; 256]>,
+    error: Option<String>,
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// `SIGUSR1` interrupts a blocked `read()` with `EINTR`: a handler that
+/// does nothing, without `SA_RESTART`.
+fn install_interrupter() -> Result<(), String> {
+    // SAFETY: sigaction is plain data; all-zero is a valid start.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
+    sa.sa_flags = 0;
+    // SAFETY: `sa.sa_mask` is a valid sigset to clear.
+    unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+    // SAFETY: a valid sigaction for SIGUSR1; the old one is not wanted.
+    if unsafe { libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) } < 0 {
+        return Err(crate::common::os_err("sigaction(SIGUSR1)"));
+    }
+    Ok(())
+}
+
+fn histogram(data: &[u8]) -> Box<[u64; 256]> {
+    let mut h = Box::new([0u64; 256]);
+    for &b in data {
+        h[b as usize] += 1;
+    }
+    h
+}
+
+fn reader(
+    fd: OwnedFd,
+    chunk: usize,
+    want: u64,
+    total: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> ReaderResult {
+    let mut r = ReaderResult {
+        bytes: 0,
+        reads: 0,
+        histogram: Box::new([0; 256]),
+        error: None,
+    };
+    let mut buf = vec![0u8; chunk];
+    while !stop.load(Ordering::SeqCst) {
+        // SAFETY: `buf` is a live, writable buffer of `chunk` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), chunk) };
+        if n < 0 {
+            let e = last_errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            r.error = Some(format!("read after {} bytes: {}", r.bytes, errno_name(e)));
+            break;
+        }
+        if n == 0 {
+            r.error = Some(format!("read returned 0 after {} bytes", r.bytes));
+            break;
+        }
+        for &b in &buf[..n as usize] {
+            r.histogram[b as usize] += 1;
+        }
+        r.bytes += n as u64;
+        r.reads += 1;
+        if total.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= want {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+    r
+}
+
+fn json_array(v: impl Iterator<Item = u64>) -> String {
+    format!(
+        "[{}]",
+        v.map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    )
+}
+
+/// Run `multi-open`.
+pub fn run(o: &Opts) -> Result<Checked, String> {
+    install_interrupter()?;
+    let fds = (0..READERS)
+        .map(|_| open_device(&o.device, Access::Read, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    let total = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(o.bytes == 0));
+    let mut handles = Vec::new();
+    for (i, fd) in fds.into_iter().enumerate() {
+        let (t, s, chunk, want) = (Arc::clone(&total), Arc::clone(&stop), o.chunk, o.bytes);
+        let h = std::thread::Builder::new()
+            .name(format!("qw-reader-{i}"))
+            .spawn(move || reader(fd, chunk, want, t, s))
+            .map_err(|e| format!("spawning reader {i}: {e}"))?;
+        handles.push(h);
+    }
+    ready(&o.scenario);
+
+    let mut c = Checked::new();
+    let start = Instant::now();
+    while !stop.load(Ordering::SeqCst)
+        && !handles.iter().any(|h| h.is_finished())
+        && start.elapsed() < LIMIT
+    {
+        nap(Duration::from_millis(5));
+    }
+    if !stop.load(Ordering::SeqCst) && start.elapsed() >= LIMIT {
+        c.fail(format!(
+            "only {} of {} bytes within {LIMIT:?}",
+            total.load(Ordering::SeqCst),
+            o.bytes
+        ));
+    }
+    stop.store(true, Ordering::SeqCst);
+    // Wake the readers still asleep in read(); repeat, as a signal that
+    // lands just before a read starts is lost.
+    while handles.iter().any(|h| !h.is_finished()) {
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            // SAFETY: the thread has not been joined, so its pthread_t is
+            // valid; SIGUSR1 has a handler that does nothing.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) };
+        }
+        nap(Duration::from_millis(10));
+    }
+    let results: Vec<ReaderResult> = handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| "a reader panicked".to_string()))
+        .collect::<Result<_, _>>()?;
+
+    let sum: u64 = results.iter().map(|r| r.bytes).sum();
+    c.report
+        .num("bytes", sum)
+        .raw("reader_bytes", &json_array(results.iter().map(|r| r.bytes)))
+        .raw("reader_reads", &json_array(results.iter().map(|r| r.reads)))
+        .num(
+            "readers_with_data",
+            results.iter().filter(|r| r.bytes > 0).count() as u64,
+        );
+    c.check(sum == o.bytes, || {
+        format!("the readers got {sum} bytes in all, expected {}", o.bytes)
+    });
+    for (i, r) in results.iter().enumerate() {
+        if let Some(e) = &r.error {
+            c.fail(format!("reader {i}: {e}"));
+        }
+    }
+    let mut hist = [0u64; 256];
+    for r in &results {
+        for (h, x) in hist.iter_mut().zip(r.histogram.iter()) {
+            *h += x;
+        }
+    }
+    let len = usize::try_from(o.bytes).map_err(|_| "--bytes too large".to_string())?;
+    let expect = histogram(&pattern(o.seed, len));
+    let hist_ok = hist == *expect;
+    c.report
+        .raw("histogram_ok", if hist_ok { "true" } else { "false" });
+    c.check(hist_ok, || {
+        "the bytes read are not those of the pattern (byte histogram differs)".into()
+    });
+
+    // One more reader and a writer, with the four still open.
+    match (
+        open_device(&o.device, Access::Read, true),
+        open_device(&o.device, Access::Write, false),
+    ) {
+        (Ok(rfd), Ok(wfd)) => {
+            match fionread(rfd.as_raw_fd()) {
+                Ok(n) => {
+                    c.report.num("leftover", n.max(0) as u64);
+                    c.check(n == 0, || format!("FIONREAD {n} after all bytes were read"));
+                }
+                Err(e) => c.fail(e),
+            }
+            let mut b = [0u8; 16];
+            let r = read_fd(rfd.as_raw_fd(), &mut b);
+            let text = match r {
+                Ok(n) => format!("returned {n}"),
+                Err(e) => errno_name(e),
+            };
+            c.report.text("extra_read", &text);
+            c.check(r == Err(libc::EAGAIN), || {
+                format!("a non-blocking read by a fifth opener: {text}, not EAGAIN")
+            });
+            let data = pattern(o.seed, TX_BYTES);
+            // SAFETY: `data` is a live buffer of TX_BYTES bytes.
+            let n = unsafe { libc::write(wfd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            if n == TX_BYTES as isize {
+                c.report
+                    .num("tx_bytes", TX_BYTES as u64)
+                    .text("tx_sha256", &hex::encode(Sha256::digest(&data)));
+            } else {
+                c.fail(format!(
+                    "write of {TX_BYTES} bytes by the extra writer: {}",
+                    if n < 0 {
+                        errno_name(last_errno())
+                    } else {
+                        format!("returned {n}")
+                    }
+                ));
+            }
+        }
+        (r, w) => {
+            if let Err(e) = r {
+                c.fail(format!("a fifth opener: {e}"));
+            }
+            if let Err(e) = w {
+                c.fail(format!("a writer next to the readers: {e}"));
+            }
+        }
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_and_arrays() {
+        let h = histogram(&[0, 1, 1, 255]);
+        assert_eq!((h[0], h[1], h[2], h[255]), (1, 2, 0, 1));
+        assert_eq!(json_array([1u64, 2, 3].into_iter()), "[1,2,3]");
+        assert_eq!(json_array(std::iter::empty()), "[]");
+    }
+}
