@@ -768,9 +768,16 @@ fn completions_before_a_ring_fault_are_signalled() {
     assert!(vmm.wait_used(RX, 1));
     let s = ctl.wait_stats(|s| s.queue_errors >= 1);
     assert_eq!(s.queue_errors, 1);
-    assert_eq!(vmm.all_used(RX).len(), 1, "only the good chain is completed");
+    assert_eq!(
+        vmm.all_used(RX).len(),
+        1,
+        "only the good chain is completed"
+    );
     std::thread::sleep(SETTLE);
-    assert!(vmm.calls(RX) > calls_before, "the completion before the fault was signalled");
+    assert!(
+        vmm.calls(RX) > calls_before,
+        "the completion before the fault was signalled"
+    );
 }
 
 #[test]
