@@ -204,6 +204,43 @@ fn driver_ioctls_pm_and_teardown(kernel: &str) {
     }
 }
 
+/// Dynamic debug: loaded with `dyndbg=+p`, the driver's debug lines trace
+/// the receive path on the console; in the other boots they stay off.
+#[test]
+fn driver_dynamic_debug() {
+    let (lab, kernel) = lab_kernel("trixie");
+    let cases = [StreamCase::new("blocking-rx", 8192, 3)];
+    let on = vdevlab_lab::scenario::run_streams_tuned(
+        &lab,
+        &kernel,
+        Vmm::Qemu,
+        Accel::Tcg,
+        &cases,
+        |b| b.dyndbg = true,
+    )
+    .expect("the scenario could run");
+    assert_passed(&on[0]);
+    let console = |o: &vdevlab_lab::scenario::Outcome| {
+        std::fs::read_to_string(o.record.console.as_ref().unwrap()).unwrap()
+    };
+    let traced = console(&on[0]);
+    assert!(
+        traced.contains("qw0: rx: buffer"),
+        "no rx trace with dyndbg=+p"
+    );
+    assert!(
+        traced.contains("qw0: read "),
+        "no read trace with dyndbg=+p"
+    );
+    let off =
+        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenario could run");
+    assert_passed(&off[0]);
+    assert!(
+        !console(&off[0]).contains("qw0: rx: buffer"),
+        "debug lines without dyndbg"
+    );
+}
+
 /// Two device instances in one guest: `/dev/qw0` and `/dev/qw1`, each with
 /// its own backend; streams on each reach the right device.
 #[test]

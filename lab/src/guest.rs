@@ -67,6 +67,8 @@ pub struct BootSpec {
     /// Device instances: each is its own backend process and vhost-user
     /// device, and the driver makes `/dev/qw0`, `/dev/qw1`, ... of them.
     pub instances: usize,
+    /// Load the driver with its dynamic-debug lines on (`dyndbg=+p`).
+    pub dyndbg: bool,
 }
 
 impl BootSpec {
@@ -80,6 +82,7 @@ impl BootSpec {
             accel: Accel::Tcg,
             reconnect_ms: None,
             instances: 1,
+            dyndbg: false,
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
             kernel: DEFAULT_KERNEL.to_string(),
         }
@@ -241,6 +244,9 @@ impl Guest {
             "{} quiet vdevlab.virtio_id={}",
             base.cmdline, spec.virtio_id
         );
+        if spec.dyndbg {
+            cmdline.push_str(" vdevlab.dyndbg=1");
+        }
         if !spec.runs.is_empty() {
             // init.sh splits runs at ';' and arguments at ','.
             let bad = |a: &String| a.is_empty() || a.contains([',', ';', ' ', '"']);

@@ -240,6 +240,7 @@ pub fn blocking_rx(
             StreamCase::new("blocking-rx", payload.len(), 0),
             Some(payload.to_vec()),
         )],
+        |_| {},
     )
     .map(|mut v| v.remove(0))
 }
@@ -253,8 +254,20 @@ pub fn run_streams(
     accel: Accel,
     cases: &[StreamCase],
 ) -> Result<Vec<Outcome>> {
+    run_streams_tuned(lab, kernel, vmm, accel, cases, |_| {})
+}
+
+/// [`run_streams`] with the boot adjusted by `tune` (e.g. `dyndbg`).
+pub fn run_streams_tuned(
+    lab: &Lab,
+    kernel: &Kernel,
+    vmm: Vmm,
+    accel: Accel,
+    cases: &[StreamCase],
+    tune: impl FnOnce(&mut BootSpec),
+) -> Result<Vec<Outcome>> {
     let with: Vec<_> = cases.iter().map(|c| (c.clone(), None)).collect();
-    run_streams_with(lab, kernel, vmm, accel, &with)
+    run_streams_with(lab, kernel, vmm, accel, &with, tune)
 }
 
 /// Drive one case on a booted guest: returns the guest's result and the
@@ -374,6 +387,7 @@ fn run_streams_with(
     vmm: Vmm,
     accel: Accel,
     cases: &[(StreamCase, Option<Vec<u8>>)],
+    tune: impl FnOnce(&mut BootSpec),
 ) -> Result<Vec<Outcome>> {
     let name = if cases.len() == 1 {
         cases[0].0.scenario.clone()
@@ -385,6 +399,7 @@ fn run_streams_with(
     spec.vmm = vmm;
     spec.accel = accel;
     spec.instances = cases.iter().map(|(c, _)| c.instance + 1).max().unwrap_or(1);
+    tune(&mut spec);
     let t0 = Instant::now();
     let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
     let vmm_version = match vmm {
