@@ -71,15 +71,21 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
+/// Run `cmd`; its exit status and its stdout then stderr as one log.
+fn output_log(cmd: &mut Command, what: &str) -> Result<(std::process::ExitStatus, String)> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
     let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
     log.push_str(&String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        bail!("{what} failed ({}):\n{log}", out.status);
+    Ok((out.status, log))
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let (status, log) = output_log(cmd, what)?;
+    if !status.success() {
+        bail!("{what} failed ({status}):\n{log}");
     }
     Ok(log)
 }
@@ -330,17 +336,11 @@ fn build_driver(kernel: &Kernel, dir: &Path) -> Result<(PathBuf, String, PathBuf
         "building guest-driver for {} {} (make W=1 modules, {what})",
         kernel.name, kernel.release
     );
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
-    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
-    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    let (status, log) = output_log(&mut cmd, &what)?;
     fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
-    if !out.status.success() {
+    if !status.success() {
         bail!(
-            "{what} failed ({}); log {}:\n{log}",
-            out.status,
+            "{what} failed ({status}); log {}:\n{log}",
             log_path.display()
         );
     }
