@@ -86,6 +86,13 @@ enum DeviceCmd {
     NeedsReset,
     /// Show the config space as the driver reads it.
     Config,
+    /// Inject a fault, e.g. '{"kind":"drop_interrupts","queue":"rx","count":2}'
+    /// (kinds: drop_interrupts, spurious_interrupts, stall, slow, corrupt_rx,
+    /// truncate_rx, clear; see docs/device-spec.md).
+    Fault {
+        /// The fault, as JSON.
+        json: String,
+    },
     /// Send a raw JSON request and print the raw reply.
     Raw {
         /// e.g. '{"op":"stats"}'
@@ -218,6 +225,10 @@ pub fn run(args: DeviceArgs) -> Result<bool> {
                     rate_bytes_per_sec,
                 },
             },
+        },
+        DeviceCmd::Fault { json } => Request::Fault {
+            fault: serde_json::from_str(&json)
+                .context("not a valid fault (see docs/device-spec.md, Faults)")?,
         },
         DeviceCmd::Reset => Request::Reset {},
         DeviceCmd::NeedsReset => Request::NeedsReset {},

@@ -41,6 +41,9 @@ pub const DEVICE_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Custom epoll event ids of the queues' interrupt timers (coalesce and
 /// delay modes): `IRQ_TIMER_EVENT + queue`.
 pub const IRQ_TIMER_EVENT: u16 = DEVICE_EVENT + 1;
+/// Custom epoll event ids of the queues' stall timers (fault injection):
+/// `STALL_TIMER_EVENT + queue`; a stalled queue resumes when it fires.
+pub const STALL_TIMER_EVENT: u16 = IRQ_TIMER_EVENT + NUM_QUEUES as u16;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -52,6 +55,7 @@ pub struct QwBackend {
     event_idx: AtomicBool,
     device_event: EventFd,
     irq_timers: Vec<Mutex<TimerFd>>,
+    stall_timers: Vec<Mutex<TimerFd>>,
     /// A queue whose ring was found broken is left alone until the driver
     /// resets it (GET_VRING_BASE) or the VMM reconnects.
     broken: [AtomicBool; NUM_QUEUES],
@@ -66,6 +70,9 @@ impl QwBackend {
             event_idx: AtomicBool::new(false),
             device_event: EventFd::new(EFD_NONBLOCK)?,
             irq_timers: (0..NUM_QUEUES)
+                .map(|_| nonblocking_timer().map(Mutex::new))
+                .collect::<io::Result<_>>()?,
+            stall_timers: (0..NUM_QUEUES)
                 .map(|_| nonblocking_timer().map(Mutex::new))
                 .collect::<io::Result<_>>()?,
             broken: Default::default(),
@@ -96,6 +103,30 @@ impl QwBackend {
             || self.device().needs_reset()
         {
             return Ok(());
+        }
+        // Injected faults: a stalled queue waits for its timer; a slow
+        // device sleeps before each pass.
+        let (stalled, slow) = {
+            let mut dev = self.device();
+            let stalled = dev
+                .faults_mut()
+                .stalled_for(queue, std::time::Instant::now());
+            if stalled.is_some() {
+                dev.stats_mut().stalled_passes += 1;
+            }
+            (stalled, dev.faults_mut().slow())
+        };
+        if let Some(left) = stalled {
+            if let Some(t) = self.stall_timers.get(queue as usize) {
+                let _ = t
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset(left.max(std::time::Duration::from_micros(1)), None);
+            }
+            return Ok(());
+        }
+        if !slow.is_zero() {
+            std::thread::sleep(slow);
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
@@ -196,6 +227,11 @@ impl QwBackend {
         queue: u16,
         state: &mut vhost_user_backend::VringState,
     ) -> Result<(), QueueError> {
+        if self.device().faults_mut().take_drop(queue) {
+            // Fault injection: this interrupt is lost on purpose.
+            self.device().stats_mut().interrupts_dropped += 1;
+            return Ok(());
+        }
         if self.driver_wants_interrupt(state)? {
             if let Err(e) = state.signal_used_queue() {
                 warn!(queue, error = %e, "could not signal the used queue");
@@ -220,6 +256,20 @@ impl QwBackend {
             let mut state = vring.get_mut();
             if let Err(e) = self.signal(queue, &mut state) {
                 warn!(queue, error = %e, "virtqueue error while signalling");
+            }
+        }
+    }
+
+    /// Fault injection: raise the requested spurious interrupts, with
+    /// nothing new in the used ring and regardless of suppression (a
+    /// misbehaving device does not ask).
+    fn spurious(&self, vrings: &[VringRwLock]) {
+        for (queue, vring) in vrings.iter().enumerate() {
+            let n = self.device().faults_mut().take_spurious(queue as u16);
+            for _ in 0..n {
+                if vring.get_ref().signal_used_queue().is_ok() {
+                    self.device().stats_mut().spurious_interrupts += 1;
+                }
             }
         }
     }
@@ -338,6 +388,14 @@ impl VhostUserBackend for QwBackend {
                 let _ = self.device_event.read();
                 self.pass(RX_QUEUE, vrings);
                 self.pass(TX_QUEUE, vrings);
+                self.spurious(vrings);
+            }
+            e if (STALL_TIMER_EVENT..STALL_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
+                let queue = e - STALL_TIMER_EVENT;
+                if let Some(t) = self.stall_timers.get(queue as usize) {
+                    let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
+                }
+                self.pass(queue, vrings);
             }
             e if (IRQ_TIMER_EVENT..IRQ_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
                 self.irq_timer(e - IRQ_TIMER_EVENT, vrings)
@@ -375,6 +433,12 @@ pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Resu
                 handler
                     .register_listener(fd, EventSet::IN, u64::from(IRQ_TIMER_EVENT) + q as u64)
                     .map_err(|e| anyhow::anyhow!("could not register the interrupt timer: {e}"))?;
+            }
+            for (q, timer) in backend.stall_timers.iter().enumerate() {
+                let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(STALL_TIMER_EVENT) + q as u64)
+                    .map_err(|e| anyhow::anyhow!("could not register the stall timer: {e}"))?;
             }
         }
         info!(socket = %socket.display(), "waiting for the VMM on the vhost-user socket");

@@ -71,6 +71,12 @@ pub enum Request {
     NeedsReset {},
     /// The config space as the driver would read it now, hex.
     Config {},
+    /// Inject a fault (see `crate::faults::Fault`), e.g.
+    /// `{"op":"fault","fault":{"kind":"drop_interrupts","queue":"rx","count":2}}`.
+    Fault {
+        /// The fault.
+        fault: crate::faults::Fault,
+    },
 }
 
 /// A control-plane reply. `ok` says whether the request succeeded; the other
@@ -248,6 +254,17 @@ pub fn handle_request(plane: &Plane, req: Request) -> Response {
                 ..Response::default()
             }
         }
+        Request::Fault { fault } => match dev.faults_mut().apply(&fault, std::time::Instant::now())
+        {
+            Ok(()) => {
+                tracing::info!(?fault, "fault injected");
+                Response {
+                    ok: true,
+                    ..Response::default()
+                }
+            }
+            Err(e) => Response::error(format!("fault: {e}")),
+        },
         Request::Config {} => Response {
             ok: true,
             data: Some(hex::encode(crate::config::render(&dev))),

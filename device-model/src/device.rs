@@ -16,6 +16,7 @@ use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestMemory, Permissions};
 
+use crate::faults::FaultState;
 use crate::irq::{IrqAction, IrqMode, IrqPolicy};
 use crate::sources::Source;
 use crate::spec::{MAX_CHAIN_BYTES, NUM_QUEUES};
@@ -118,6 +119,22 @@ pub struct Stats {
     /// Generator samples lost because the receive FIFO was full.
     #[serde(default)]
     pub overruns: u64,
+    /// Fault injection: due interrupts deliberately lost.
+    #[serde(default)]
+    pub interrupts_dropped: u64,
+    /// Fault injection: interrupts raised with nothing new to report.
+    #[serde(default)]
+    pub spurious_interrupts: u64,
+    /// Fault injection: passes skipped because a queue was stalled.
+    #[serde(default)]
+    pub stalled_passes: u64,
+    /// Fault injection: receive buffers delivered with a flipped byte.
+    #[serde(default)]
+    pub corrupted_buffers: u64,
+    /// Fault injection: bytes taken from the FIFO but not reported to the
+    /// driver (truncated receive buffers).
+    #[serde(default)]
+    pub truncated_bytes: u64,
 }
 
 /// What one pass over a queue did.
@@ -148,6 +165,7 @@ pub struct QwDevice {
     source: Source,
     needs_reset: bool,
     scratch: Vec<u8>,
+    faults: FaultState,
 }
 
 impl Default for QwDevice {
@@ -170,6 +188,7 @@ impl QwDevice {
             source: Source::default(),
             needs_reset: false,
             scratch: Vec::new(),
+            faults: FaultState::default(),
         }
     }
 
@@ -250,6 +269,11 @@ impl QwDevice {
         let got = source.pump(self);
         self.source = source;
         got
+    }
+
+    /// The armed faults (see [`crate::faults`]).
+    pub fn faults_mut(&mut self) -> &mut FaultState {
+        &mut self.faults
     }
 
     /// Whether the device has declared itself broken (DEVICE_NEEDS_RESET in
@@ -452,12 +476,22 @@ impl QwDevice {
             detail: e.to_string(),
         })?;
         let room = writer.available_bytes().min(self.rx_fifo.len());
-        let (a, b) = self.rx_fifo.as_slices();
-        let from_a = room.min(a.len());
         let access = |e: std::io::Error| ChainError::Access {
             head,
             detail: e.to_string(),
         };
+        if self.faults.rx_damage_armed() {
+            // Fault injection (rare path): damage a copy, then deliver it.
+            let mut data: Vec<u8> = self.rx_fifo.range(..room).copied().collect();
+            let (corrupted, cut) = self.faults.damage_rx(&mut data);
+            writer.write_all(&data).map_err(access)?;
+            self.rx_fifo.drain(..room);
+            self.stats.corrupted_buffers += u64::from(corrupted);
+            self.stats.truncated_bytes += cut as u64;
+            return Ok((room - cut) as u32);
+        }
+        let (a, b) = self.rx_fifo.as_slices();
+        let from_a = room.min(a.len());
         writer.write_all(&a[..from_a]).map_err(access)?;
         writer.write_all(&b[..room - from_a]).map_err(access)?;
         self.rx_fifo.drain(..room);

@@ -6,6 +6,7 @@
 //! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation;
 //! - [`config`]: the config space layout;
 //! - [`control`]: the host control plane (a Unix socket speaking JSON lines);
+//! - [`faults`]: injected faults (lost, spurious interrupts, stalls, damage);
 //! - [`irq`]: interrupt policies (immediate, coalesced, delayed);
 //! - [`sources`]: receive data sources (generator, file or pipe);
 //! - [`spec`]: the numbers of `docs/device-spec.md`.
@@ -16,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod faults;
 pub mod irq;
 pub mod sources;
 pub mod spec;

@@ -902,3 +902,117 @@ fn once_mode_exits_when_the_frontend_disconnects() {
         dev.log()
     );
 }
+
+// ---- Injected faults (the `fault` control request) ----
+
+fn fault(ctl: &mut Ctl, json: &str) {
+    let resp = ctl.raw(&format!(r#"{{"op":"fault","fault":{json}}}"#));
+    assert!(resp.ok, "fault {json} refused: {resp:?}");
+}
+
+#[test]
+fn fault_drop_interrupts_loses_exactly_that_many() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    for addr in [GOOD, GOOD2, GOOD2 + 0x100] {
+        vmm.post_rx(&[(addr, 8)]);
+    }
+    vmm.kick(RX);
+    fault(
+        &mut ctl,
+        r#"{"kind":"drop_interrupts","queue":"rx","count":2}"#,
+    );
+    let calls = vmm.calls(RX);
+    for i in 1..=3u16 {
+        ctl.inject(PAYLOAD);
+        assert!(vmm.wait_used(RX, i));
+        std::thread::sleep(SETTLE);
+        let expected = calls + u64::from(i == 3);
+        assert_eq!(vmm.calls(RX), expected, "after completion {i}");
+    }
+    assert_eq!(ctl.stats().interrupts_dropped, 2);
+}
+
+#[test]
+fn fault_spurious_interrupts_with_nothing_used() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    let calls = vmm.calls(TX);
+    fault(
+        &mut ctl,
+        r#"{"kind":"spurious_interrupts","queue":"tx","count":3}"#,
+    );
+    let s = ctl.wait_stats(|s| s.spurious_interrupts == 3);
+    assert_eq!(s.spurious_interrupts, 3);
+    std::thread::sleep(SETTLE);
+    // An eventfd counts: the three signals may arrive as one wakeup.
+    assert!(vmm.calls(TX) > calls, "a call was raised");
+    assert_eq!(vmm.used_idx(TX), 0, "nothing in the used ring");
+}
+
+#[test]
+fn fault_stall_holds_the_queue_then_resumes() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    fault(
+        &mut ctl,
+        r#"{"kind":"stall","queue":"rx","duration_ms":400}"#,
+    );
+    let t0 = std::time::Instant::now();
+    vmm.post_rx(&[(GOOD, 8)]);
+    vmm.kick(RX);
+    ctl.inject(PAYLOAD);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(vmm.used_idx(RX), 0, "stalled: nothing completed yet");
+    assert!(wait_until(std::time::Duration::from_secs(3), || vmm
+        .used_idx(RX)
+        == 1));
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(350),
+        "resumed too early"
+    );
+    assert_eq!(vmm.read(GOOD, 8), PAYLOAD);
+    assert!(ctl.stats().stalled_passes >= 1);
+}
+
+#[test]
+fn fault_corrupt_and_truncate_rx() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    fault(&mut ctl, r#"{"kind":"corrupt_rx","count":1,"seed":3}"#);
+    vmm.post_rx(&[(GOOD, 8)]);
+    vmm.kick(RX);
+    ctl.inject(PAYLOAD);
+    assert!(vmm.wait_used(RX, 1));
+    let got = vmm.read(GOOD, 8);
+    let diffs: Vec<usize> = (0..8).filter(|&i| got[i] != PAYLOAD[i]).collect();
+    assert_eq!(diffs.len(), 1, "exactly one byte flipped: {got:?}");
+    assert_eq!(got[diffs[0]], PAYLOAD[diffs[0]] ^ 0xff);
+    fault(&mut ctl, r#"{"kind":"truncate_rx","count":1}"#);
+    vmm.post_rx(&[(GOOD2, 8)]);
+    vmm.kick(RX);
+    ctl.inject(PAYLOAD);
+    assert!(vmm.wait_used(RX, 2));
+    assert_eq!(vmm.used_elem(RX, 1).1, 4, "half reported");
+    let s = ctl.stats();
+    assert_eq!((s.corrupted_buffers, s.truncated_bytes), (1, 4));
+    assert_eq!(
+        s.rx_bytes + s.truncated_bytes,
+        s.injected_bytes,
+        "the loss is counted"
+    );
+}
+
+#[test]
+fn fault_requests_with_bad_parameters_are_refused() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let resp = ctl.raw(r#"{"op":"fault","fault":{"kind":"stall","queue":"rx","duration_ms":0}}"#);
+    assert!(!resp.ok && resp.error.unwrap().contains("duration_ms"));
+    let resp = ctl.raw(r#"{"op":"fault","fault":{"kind":"slow","delay_us":5000000}}"#);
+    assert!(!resp.ok && resp.error.unwrap().contains("delay_us"));
+}

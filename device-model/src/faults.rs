@@ -1,0 +1,313 @@
+//! Injected faults: the device misbehaving on purpose, on command from the
+//! host, so a driver developer can see what their driver does when real
+//! hardware loses an interrupt, raises one for nothing, stalls, slows down
+//! or delivers damaged data. Everything here is counted in the device's
+//! stats; nothing is lost without a counter saying so.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+
+/// Which queue a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueSel {
+    /// The receive queue (0).
+    Rx,
+    /// The transmit queue (1).
+    Tx,
+    /// Both.
+    All,
+}
+
+impl QueueSel {
+    fn queues(self) -> &'static [u16] {
+        match self {
+            QueueSel::Rx => &[RX_QUEUE],
+            QueueSel::Tx => &[TX_QUEUE],
+            QueueSel::All => &[RX_QUEUE, TX_QUEUE],
+        }
+    }
+}
+
+/// A fault to inject (control request `{"op":"fault","fault":{...}}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Fault {
+    /// Lose the next `count` used-buffer interrupts that are due.
+    DropInterrupts {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many.
+        count: u32,
+    },
+    /// Raise `count` interrupts now with nothing new in the used ring.
+    SpuriousInterrupts {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many.
+        count: u32,
+    },
+    /// Stop serving the queue (no buffers taken, none completed) for a
+    /// while; it resumes by itself.
+    Stall {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How long, in milliseconds (at most 60 s).
+        duration_ms: u64,
+    },
+    /// Sleep this long before every pass over a queue (0: full speed).
+    Slow {
+        /// Delay per pass, in microseconds (at most 1 s).
+        delay_us: u64,
+    },
+    /// Flip one byte (seeded position) in each of the next `count` filled
+    /// receive buffers.
+    CorruptRx {
+        /// How many buffers.
+        count: u32,
+        /// Seed of the flipped positions.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Report only half of what the next `count` receive buffers hold
+    /// (the rest is lost, and counted in `truncated_bytes`).
+    TruncateRx {
+        /// How many buffers.
+        count: u32,
+    },
+    /// Cancel every pending fault and stall, and full speed again.
+    Clear {},
+}
+
+const MAX_STALL_MS: u64 = 60_000;
+const MAX_SLOW_US: u64 = 1_000_000;
+
+/// The device's armed faults.
+#[derive(Debug, Default)]
+pub struct FaultState {
+    drop_irqs: [u32; NUM_QUEUES],
+    spurious: [u32; NUM_QUEUES],
+    stall_until: [Option<Instant>; NUM_QUEUES],
+    slow: Duration,
+    corrupt: u32,
+    truncate: u32,
+    rng: u64,
+}
+
+impl FaultState {
+    /// Arm `fault`. Bad parameters are refused with a message naming them.
+    pub fn apply(&mut self, fault: &Fault, now: Instant) -> Result<(), String> {
+        match *fault {
+            Fault::DropInterrupts { queue, count } => {
+                for &q in queue.queues() {
+                    self.drop_irqs[q as usize] = self.drop_irqs[q as usize].saturating_add(count);
+                }
+            }
+            Fault::SpuriousInterrupts { queue, count } => {
+                if count > 100_000 {
+                    return Err(format!(
+                        "spurious_interrupts: count must be at most 100000, not {count}"
+                    ));
+                }
+                for &q in queue.queues() {
+                    self.spurious[q as usize] = self.spurious[q as usize].saturating_add(count);
+                }
+            }
+            Fault::Stall { queue, duration_ms } => {
+                if duration_ms == 0 || duration_ms > MAX_STALL_MS {
+                    return Err(format!(
+                        "stall: duration_ms must be 1..={MAX_STALL_MS}, not {duration_ms}"
+                    ));
+                }
+                for &q in queue.queues() {
+                    self.stall_until[q as usize] = Some(now + Duration::from_millis(duration_ms));
+                }
+            }
+            Fault::Slow { delay_us } => {
+                if delay_us > MAX_SLOW_US {
+                    return Err(format!(
+                        "slow: delay_us must be at most {MAX_SLOW_US}, not {delay_us}"
+                    ));
+                }
+                self.slow = Duration::from_micros(delay_us);
+            }
+            Fault::CorruptRx { count, seed } => {
+                self.corrupt = self.corrupt.saturating_add(count);
+                self.rng = seed | 1;
+            }
+            Fault::TruncateRx { count } => self.truncate = self.truncate.saturating_add(count),
+            Fault::Clear {} => *self = FaultState::default(),
+        }
+        Ok(())
+    }
+
+    /// Whether the next due interrupt of `queue` is to be lost (consumes one).
+    pub fn take_drop(&mut self, queue: u16) -> bool {
+        match self.drop_irqs.get_mut(queue as usize) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Spurious interrupts to raise now on `queue` (consumes them).
+    pub fn take_spurious(&mut self, queue: u16) -> u32 {
+        self.spurious
+            .get_mut(queue as usize)
+            .map_or(0, std::mem::take)
+    }
+
+    /// If `queue` is stalled, for how much longer.
+    pub fn stalled_for(&mut self, queue: u16, now: Instant) -> Option<Duration> {
+        let slot = self.stall_until.get_mut(queue as usize)?;
+        match *slot {
+            Some(until) if until > now => Some(until - now),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Delay before each pass.
+    pub fn slow(&self) -> Duration {
+        self.slow
+    }
+
+    /// Damage a receive buffer about to be written: returns the used length
+    /// to report for `len` written bytes, and flips a byte of `data` if a
+    /// corruption is armed. `(corrupted, truncated_bytes)` tell the caller
+    /// what to count.
+    pub fn damage_rx(&mut self, data: &mut [u8]) -> (bool, usize) {
+        let mut corrupted = false;
+        if self.corrupt > 0 && !data.is_empty() {
+            self.corrupt -= 1;
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let at = (self.rng % data.len() as u64) as usize;
+            data[at] ^= 0xff;
+            corrupted = true;
+        }
+        let mut cut = 0;
+        if self.truncate > 0 && data.len() > 1 {
+            self.truncate -= 1;
+            cut = data.len() - data.len() / 2;
+        }
+        (corrupted, cut)
+    }
+
+    /// Whether a receive buffer needs [`FaultState::damage_rx`].
+    pub fn rx_damage_armed(&self) -> bool {
+        self.corrupt > 0 || self.truncate > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_arm_count_and_clear() {
+        let now = Instant::now();
+        let mut f = FaultState::default();
+        f.apply(
+            &Fault::DropInterrupts {
+                queue: QueueSel::All,
+                count: 2,
+            },
+            now,
+        )
+        .unwrap();
+        assert!(f.take_drop(RX_QUEUE) && f.take_drop(RX_QUEUE) && !f.take_drop(RX_QUEUE));
+        assert!(f.take_drop(TX_QUEUE));
+        f.apply(
+            &Fault::SpuriousInterrupts {
+                queue: QueueSel::Tx,
+                count: 3,
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                f.take_spurious(RX_QUEUE),
+                f.take_spurious(TX_QUEUE),
+                f.take_spurious(TX_QUEUE)
+            ),
+            (0, 3, 0)
+        );
+        f.apply(
+            &Fault::Stall {
+                queue: QueueSel::Rx,
+                duration_ms: 100,
+            },
+            now,
+        )
+        .unwrap();
+        assert!(f.stalled_for(RX_QUEUE, now).is_some());
+        assert!(f.stalled_for(TX_QUEUE, now).is_none());
+        assert!(f
+            .stalled_for(RX_QUEUE, now + Duration::from_millis(101))
+            .is_none());
+        f.apply(&Fault::Slow { delay_us: 50 }, now).unwrap();
+        f.apply(&Fault::Clear {}, now).unwrap();
+        assert_eq!(f.slow(), Duration::ZERO);
+    }
+
+    #[test]
+    fn rx_damage_flips_one_byte_and_truncates() {
+        let now = Instant::now();
+        let mut f = FaultState::default();
+        f.apply(&Fault::CorruptRx { count: 1, seed: 5 }, now)
+            .unwrap();
+        let mut data = vec![0u8; 64];
+        assert_eq!(f.damage_rx(&mut data), (true, 0));
+        assert_eq!(data.iter().filter(|&&b| b == 0xff).count(), 1);
+        assert!(!f.rx_damage_armed());
+        f.apply(&Fault::TruncateRx { count: 1 }, now).unwrap();
+        let mut data = vec![0u8; 9];
+        assert_eq!(f.damage_rx(&mut data), (false, 5));
+    }
+
+    #[test]
+    fn bad_parameters_are_explained() {
+        let now = Instant::now();
+        let mut f = FaultState::default();
+        let e = f
+            .apply(
+                &Fault::Stall {
+                    queue: QueueSel::Rx,
+                    duration_ms: 0,
+                },
+                now,
+            )
+            .unwrap_err();
+        assert!(e.contains("duration_ms"));
+        let e = f
+            .apply(
+                &Fault::Slow {
+                    delay_us: 5_000_000,
+                },
+                now,
+            )
+            .unwrap_err();
+        assert!(e.contains("delay_us"));
+        let parsed: Fault =
+            serde_json::from_str(r#"{"kind":"drop_interrupts","queue":"rx","count":3}"#).unwrap();
+        assert_eq!(
+            parsed,
+            Fault::DropInterrupts {
+                queue: QueueSel::Rx,
+                count: 3
+            }
+        );
+        assert!(serde_json::from_str::<Fault>(r#"{"kind":"explode"}"#).is_err());
+    }
+}
