@@ -54,9 +54,11 @@
  *         or room, and never needed by remove(), so a reader stuck in a
  *         user copy (e.g. on a userfaultfd page) cannot stall removal.
  * state_mutex serializes the control path: remove, freeze/restore,
- *         QW_IOC_RESET and the config-change work.  It is the only place
- *         that creates or deletes virtqueues, and qw->vdev is only used
- *         under it (or from callbacks, which cannot outlive remove).
+ *         QW_IOC_RESET, the config-change work and the status poll.  It is
+ *         the only place that creates or deletes virtqueues, and qw->vdev
+ *         is only used under it (or from callbacks, which cannot outlive
+ *         remove).  Config space is only read under it, and only while
+ *         the device is live.
  * Order: state_mutex -> rx_lock -> tx_lock; read_mutex -> rx_lock;
  *        write_mutex -> tx_lock; (AIO ctx_lock ->) aio_lock.
  *
@@ -67,6 +69,22 @@
  * Every use of a virtqueue outside the callbacks happens under its lock and
  * after checking qw->live, so once freeze/reset/remove cleared that flag
  * nobody but them touches the virtqueues, and del_vqs() is safe.
+ *
+ * NEEDS_RESET in config space
+ * ---------------------------
+ * The device reports NEEDS_RESET in its config space status word, and a
+ * vhost-user backend cannot raise a config-change interrupt for it.  So
+ * status_work reads the word every QW_STATUS_POLL_MS while the device is
+ * live and not broken (and config_work reads it too); NEEDS_RESET then
+ * takes the same path as every other "needs a reset" (qw_mark_broken()).
+ * The word is only used if the config_status parameter allows reading
+ * config space at all and probe found the magic and the STATUS capability
+ * (virtio-pci BUG()s on a read past the device's config window).  The
+ * poll re-arms itself under state_mutex, and only while live, not broken
+ * and not gone; qw_start() arms it again after a reset or a restore.
+ * freeze() and teardown clear live (or set gone) under state_mutex, then
+ * cancel_delayed_work_sync() it after dropping the mutex (the work takes
+ * it): once that returns, nothing can arm it any more.
  *
  * Wakeups
  * -------
@@ -108,7 +126,8 @@
  * through qw_devs[] by minor, not through the cdev, for the same reason.
  * The workers run on a module workqueue that module exit destroys (and so
  * drains) after every device is gone; an AIO request pins its file and so
- * the module.
+ * the module.  The status poll holds no reference: it is cancelled
+ * (synchronously) before remove() drops the probe's.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -222,8 +241,33 @@ static int qw_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 #define QW_RX_BUFS_MAX		64
 #define QW_RX_BUF_SIZE		PAGE_SIZE
 #define QW_TX_BUF_SIZE		PAGE_SIZE
+#define QW_STATUS_POLL_MS	500	/* status word poll period */
+#define QW_CFG_TRIES		8	/* reads until the generation settles */
 
 enum { QW_VQ_RX, QW_VQ_TX, QW_NR_VQS };
+
+/*
+ * The device's config space (docs/device-spec.md, "Config space"): 48
+ * bytes of little-endian words, all read-only, every read live.
+ */
+struct qw_config {
+	__le32 magic;
+	__le32 version;
+	__le32 capabilities;
+	__le32 rx_fifo_bytes;
+	__le32 tx_capture_bytes;
+	__le32 status;
+	__le32 errors;
+	__le32 drops;
+	__le32 source;
+	__le32 sample_bytes;
+	__le32 period_us;
+	__le32 irq_modes;
+};
+
+#define QW_CFG_MAGIC		0x56445751	/* "QWDV" read as __le32 */
+#define QW_CFG_CAP_STATUS	BIT(4)		/* the status word is live */
+#define QW_CFG_STATUS_NEEDS_RESET BIT(0)
 
 /*
  * 21 is reserved by the virtio specification ("signal distribution") but
@@ -235,6 +279,17 @@ enum { QW_VQ_RX, QW_VQ_TX, QW_NR_VQS };
 static unsigned int virtio_id = QW_DEFAULT_VIRTIO_ID;
 module_param(virtio_id, uint, 0444);
 MODULE_PARM_DESC(virtio_id, "virtio device id to bind to (1..63, default 21)");
+
+/*
+ * Read the device's config space (magic at probe, then the status word)?
+ * virtio-pci BUG()s on a read past the config window the VMM exposes, so a
+ * VMM without any (QEMU's generic vhost-user device without config_size)
+ * needs config_status=0; a device-side NEEDS_RESET then goes unnoticed.
+ */
+static bool config_status = true;
+module_param(config_status, bool, 0444);
+MODULE_PARM_DESC(config_status,
+		 "read the config space status word for NEEDS_RESET (default Y; N if the VMM exposes no config space)");
 
 /*
  * Not const: module init writes virtio_id into .device.  The static
@@ -292,6 +347,8 @@ struct qw_dev {
 
 	struct mutex state_mutex;	/* control path, see the top */
 	bool ready;			/* probe finished (->scan ran) */
+	bool cfg_status;		/* config space has a live status word */
+	struct delayed_work status_work; /* polls it, see the top */
 
 	spinlock_t rx_lock;		/* rx vq and the fields below */
 	struct list_head rx_filled;	/* buffers with unread bytes, in order */
@@ -467,6 +524,153 @@ static ssize_t qw_check_dead(struct qw_dev *qw)
 	if (READ_ONCE(qw->broken))
 		return -EIO;
 	return 0;
+}
+
+/* ---- Config space: the status word ---- */
+
+static u32 qw_cfg_generation(struct virtio_device *vdev)
+{
+	return vdev->config->generation ? vdev->config->generation(vdev) : 0;
+}
+
+/* What the driver reads from config space, as one snapshot. */
+struct qw_cfg_words {
+	u32 magic;
+	u32 version;		/* @header only */
+	u32 capabilities;	/* @header only */
+	u32 status;
+};
+
+/*
+ * Read the magic and the status word (and with @header the version and the
+ * capabilities) as one consistent snapshot: again while the generation
+ * counter changes under us, as the virtio specification asks for a read of
+ * several fields.  -EAGAIN if it never settles.  May sleep; only for a
+ * device whose config space holds at least the status word.
+ */
+static int qw_cfg_read(struct virtio_device *vdev, struct qw_cfg_words *w,
+		       bool header)
+{
+	unsigned int tries;
+	u32 gen;
+
+	for (tries = 0; tries < QW_CFG_TRIES; tries++) {
+		gen = qw_cfg_generation(vdev);
+		virtio_cread_le(vdev, struct qw_config, magic, &w->magic);
+		if (header) {
+			virtio_cread_le(vdev, struct qw_config, version,
+					&w->version);
+			virtio_cread_le(vdev, struct qw_config, capabilities,
+					&w->capabilities);
+		}
+		virtio_cread_le(vdev, struct qw_config, status, &w->status);
+		if (qw_cfg_generation(vdev) == gen)
+			return 0;
+	}
+	return -EAGAIN;
+}
+
+/*
+ * Probe: may the driver use the status word?  Only if the config_status
+ * parameter lets it read config space at all, the magic at offset 0 (read
+ * on its own first: it is all a config window of another layout is sure
+ * to hold) is "QWDV", and the device says its status word is live.
+ */
+static bool qw_cfg_probe(struct virtio_device *vdev)
+{
+	struct qw_cfg_words w;
+	u32 magic;
+
+	if (!config_status) {
+		dev_info(&vdev->dev,
+			 "config_status=0: config space not read, a NEEDS_RESET in its status word goes unnoticed\n");
+		return false;
+	}
+	virtio_cread_le(vdev, struct qw_config, magic, &magic);
+	if (magic != QW_CFG_MAGIC) {
+		dev_warn(&vdev->dev,
+			 "config space magic %#x, not %#x: status word not used\n",
+			 magic, QW_CFG_MAGIC);
+		return false;
+	}
+	if (qw_cfg_read(vdev, &w, true)) {
+		dev_warn(&vdev->dev,
+			 "config space generation never settled: status word not used\n");
+		return false;
+	}
+	if (w.magic != QW_CFG_MAGIC || w.version < 1 ||
+	    !(w.capabilities & QW_CFG_CAP_STATUS)) {
+		dev_warn(&vdev->dev,
+			 "config space magic %#x version %u capabilities %#x: no live status word\n",
+			 w.magic, w.version, w.capabilities);
+		return false;
+	}
+	dev_info(&vdev->dev,
+		 "config space version %u, capabilities %#x, status %#x: polled every %d ms\n",
+		 w.version, w.capabilities, w.status, QW_STATUS_POLL_MS);
+	return true;
+}
+
+/*
+ * (Re)arm the status poll: only while the device has a status word, is
+ * live, not broken and not gone.  Under state_mutex, which is what makes
+ * cancel_delayed_work_sync() after clearing live (or setting gone) final.
+ */
+static void qw_status_arm(struct qw_dev *qw)
+{
+	lockdep_assert_held(&qw->state_mutex);
+
+	if (qw->cfg_status && qw->live && !qw->gone && !READ_ONCE(qw->broken))
+		queue_delayed_work(qw_wq, &qw->status_work,
+				   msecs_to_jiffies(QW_STATUS_POLL_MS));
+}
+
+/*
+ * Read the status word; NEEDS_RESET marks the device broken, as for every
+ * other reason it needs a reset.  Under state_mutex, so vdev is valid and
+ * no reset or stop runs meanwhile; only while live (a stopped device is
+ * not touched: it may be suspended, or read as all ones).  A wrong magic
+ * (a surprise removal reads all ones) is no NEEDS_RESET.
+ */
+static void qw_status_check(struct qw_dev *qw)
+{
+	struct virtio_device *vdev = qw->vdev;
+	struct qw_cfg_words w;
+
+	lockdep_assert_held(&qw->state_mutex);
+
+	if (!qw->cfg_status || !qw->live || qw->gone || READ_ONCE(qw->broken))
+		return;
+	if (qw_cfg_read(vdev, &w, false)) {
+		dev_warn_ratelimited(&vdev->dev,
+				     "config space generation never settled\n");
+		return;
+	}
+	if (w.magic != QW_CFG_MAGIC) {
+		dev_warn_ratelimited(&vdev->dev,
+				     "config space magic reads %#x: status word ignored\n",
+				     w.magic);
+		return;
+	}
+	if (w.status & QW_CFG_STATUS_NEEDS_RESET) {
+		/* Ratelimited: the device is not trusted to be quiet. */
+		dev_err_ratelimited(&vdev->dev,
+				    "device reports NEEDS_RESET in config space (status word %#x)\n",
+				    w.status);
+		qw_mark_broken(qw);
+	}
+}
+
+/* The status poll, every QW_STATUS_POLL_MS while armed. */
+static void qw_status_work(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(to_delayed_work(work), struct qw_dev,
+					 status_work);
+
+	mutex_lock(&qw->state_mutex);
+	qw_status_check(qw);
+	qw_status_arm(qw);
+	mutex_unlock(&qw->state_mutex);
 }
 
 /* ---- Receive side ---- */
@@ -1458,6 +1662,7 @@ static int qw_start(struct qw_dev *qw, bool handshake)
 		dev_warn(&vdev->dev, "cannot post any rx buffer\n");
 
 	qw_notify_state(qw, POLL_OUT);
+	qw_status_arm(qw);
 	return 0;
 }
 
@@ -1965,7 +2170,9 @@ static void qw_config_work(struct work_struct *work)
 		dev_info_ratelimited(&vdev->dev,
 				     "configuration changed (status %#x)\n",
 				     status);
-		/* Pollers re-check; nothing to read from config space yet. */
+		/* The device's own status word may say NEEDS_RESET. */
+		qw_status_check(qw);
+		/* Pollers re-check. */
 		wake_up_interruptible_all(&qw->rx_wq);
 		wake_up_interruptible_all(&qw->tx_wq);
 	}
@@ -1982,8 +2189,10 @@ out:
  * touches the vqs any more; wake every sleeper and poller (each re-checks
  * gone and returns -ENODEV or EPOLLHUP); complete queued AIO; then stop the
  * device and free its buffers.  Work items still queued hold their own
- * reference and find the device gone.  The sysfs files go with
- * device_destroy(), which waits for running ->show() calls.
+ * reference and find the device gone; the status poll holds none, so it
+ * is cancelled (outside state_mutex, which it takes) before the probe's
+ * reference goes.  The sysfs files go with device_destroy(), which waits
+ * for running ->show() calls.
  */
 static void qw_teardown(struct qw_dev *qw)
 {
@@ -1998,6 +2207,9 @@ static void qw_teardown(struct qw_dev *qw)
 	qw_del_vqs(qw);
 	qw_rx_free_filled(qw);
 	mutex_unlock(&qw->state_mutex);
+
+	/* Gone is set: nothing re-arms the poll; wait for a running one. */
+	cancel_delayed_work_sync(&qw->status_work);
 
 	if (!IS_ERR_OR_NULL(qw->dev))
 		device_destroy(qw_class, qw->devt);
@@ -2036,6 +2248,7 @@ static int qw_probe(struct virtio_device *vdev)
 	INIT_WORK(&qw->tx_work, qw_tx_work);
 	INIT_WORK(&qw->cancel_work, qw_aio_cancel_work);
 	INIT_WORK(&qw->config_work, qw_config_work);
+	INIT_DELAYED_WORK(&qw->status_work, qw_status_work);
 	atomic64_set(&qw->rx_bytes, 0);
 	atomic64_set(&qw->tx_bytes, 0);
 	atomic64_set(&qw->rx_interrupts, 0);
@@ -2059,6 +2272,9 @@ static int qw_probe(struct virtio_device *vdev)
 	qw->minor = minor;
 	qw->devt = MKDEV(MAJOR(qw_devt_base), minor);
 	snprintf(qw->name, sizeof(qw->name), "qw%u", qw->minor);
+
+	/* Armed in qw_scan(), once the device is fully up. */
+	qw->cfg_status = qw_cfg_probe(vdev);
 
 	err = qw_init_vqs(qw);
 	if (err) {
@@ -2137,6 +2353,7 @@ static void qw_scan(struct virtio_device *vdev)
 
 	mutex_lock(&qw->state_mutex);
 	qw->ready = true;
+	qw_status_arm(qw);
 	mutex_unlock(&qw->state_mutex);
 }
 
@@ -2162,6 +2379,8 @@ static int qw_freeze(struct virtio_device *vdev)
 	mutex_lock(&qw->state_mutex);
 	qw_stop(qw);
 	mutex_unlock(&qw->state_mutex);
+	/* Not live: nothing re-arms the poll; wait for a running one. */
+	cancel_delayed_work_sync(&qw->status_work);
 	return 0;
 }
 

@@ -12,8 +12,11 @@
 #                                       is a scenario and its arguments,
 #                                       comma separated; runs separated by ';'
 #   vdevlab.virtio_id=<id>              passed to the driver's virtio_id
+#   vdevlab.qw_params=<name>=<value>[,...]
+#                                       more driver module parameters (e.g.
+#                                       dyndbg=+p, config_status=0)
+#                                       more driver module parameters
 #   vdevlab.shell=1                     open a shell instead of powering off
-#   vdevlab.dyndbg=1                    load the driver with its debug lines on
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -21,13 +24,13 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "VDEVLAB-BOOT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
 
-run=""; vid=""; shell=""; dyndbg=""
+run=""; vid=""; shell=""; qwp=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vdevlab.run=*) run=${arg#vdevlab.run=} ;;
         vdevlab.virtio_id=*) vid=${arg#vdevlab.virtio_id=} ;;
         vdevlab.shell=*) shell=${arg#vdevlab.shell=} ;;
-        vdevlab.dyndbg=*) dyndbg=${arg#vdevlab.dyndbg=} ;;
+        vdevlab.qw_params=*) qwp=${arg#vdevlab.qw_params=} ;;
     esac
 done
 
@@ -62,8 +65,8 @@ if [ -f /lib/modules/preload.list ]; then
     done < /lib/modules/preload.list
 fi
 
-# dyndbg=+p turns on the driver's pr_debug/dev_dbg lines (dynamic debug).
-if ! insmod /lib/modules/vdevlab_qw.ko ${vid:+virtio_id=$vid} ${dyndbg:+dyndbg=+p}; then
+# shellcheck disable=SC2046 # one word per parameter
+if ! insmod /lib/modules/vdevlab_qw.ko ${vid:+virtio_id=$vid} $(echo "$qwp" | tr ',' ' '); then
     fail "insmod vdevlab_qw.ko failed"
 fi
 i=0

@@ -216,7 +216,7 @@ fn driver_dynamic_debug() {
         Vmm::Qemu,
         Accel::Tcg,
         &cases,
-        |b| b.dyndbg = true,
+        |b| b.driver_params.push("dyndbg=+p".into()),
     )
     .expect("the scenario could run");
     assert_passed(&on[0]);
@@ -239,6 +239,51 @@ fn driver_dynamic_debug() {
         !console(&off[0]).contains("qw0: rx: buffer"),
         "debug lines without dyndbg"
     );
+}
+
+/// The device declares itself broken (`{"op":"needs_reset"}`: NEEDS_RESET
+/// in its config space status word) while a blocking reader waits. The
+/// device then serves nothing and cannot raise a config interrupt, so the
+/// driver must find it by polling the status word: the read fails with EIO
+/// within 5 s, poll has POLLERR, sysfs and QW_IOC_GET_STATS show the
+/// needs-reset state; QW_IOC_RESET clears it (the VMM's GET_VRING_BASE
+/// clears the device's flag) and 100 bytes injected afterwards arrive.
+fn device_needs_reset_is_noticed(kernel: &str) {
+    use sha2::{Digest, Sha256};
+    use vdevlab_lab::scenario::{HostStep, Script};
+    let (lab, kernel) = lab_kernel(kernel);
+    let after_reset = pattern(43, 100);
+    let sha = serde_json::Value::String(hex::encode(Sha256::digest(&after_reset)));
+    let case = StreamCase::scripted(
+        "needs-reset",
+        Script {
+            args: vec![],
+            steps: vec![
+                HostStep::Ready("needs-reset".into()),
+                HostStep::Control(r#"{"op":"needs_reset"}"#.into()),
+                HostStep::Ready("needs-reset-2".into()),
+                HostStep::Inject(after_reset.clone()),
+            ],
+            expect: vec![
+                ("read".into(), "EIO".into()),
+                ("reset".into(), "ok".into()),
+                ("sha256_after_reset".into(), sha),
+            ],
+        },
+    );
+    let outs =
+        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &[case]).expect("the scenario could run");
+    assert_passed(&outs[0]);
+    let guest = outs[0].guest.as_ref().expect("the guest reported a result");
+    let ms = guest.extra.get("read_ms").and_then(|v| v.as_u64());
+    eprintln!(
+        "needs-reset on {}: the blocked read failed after {ms:?} ms",
+        kernel.name
+    );
+    assert!(ms.is_some_and(|ms| ms <= 5000), "read_ms {ms:?}");
+    // The device served again after the reset: exactly the 100 bytes.
+    let stats = outs[0].stats.expect("device stats");
+    assert_eq!(stats.rx_bytes, 100);
 }
 
 /// Two device instances in one guest: `/dev/qw0` and `/dev/qw1`, each with
@@ -447,6 +492,11 @@ macro_rules! kernel_tests {
             #[test]
             fn driver_ioctls_pm_and_teardown() {
                 super::driver_ioctls_pm_and_teardown(KERNEL);
+            }
+
+            #[test]
+            fn device_needs_reset_is_noticed() {
+                super::device_needs_reset_is_noticed(KERNEL);
             }
         }
     };

@@ -59,7 +59,8 @@ pub const SCENARIOS: &[&str] = &[
 pub const MIXED: &str = "mixed";
 
 /// The driver-robustness scenarios (see `models::teardown`,
-/// `models::ioctl_stats`, `models::pm_freeze`, `models::multi_open`). Each
+/// `models::ioctl_stats`, `models::pm_freeze`, `models::multi_open`,
+/// `models::needs_reset`). Each
 /// reports every observation, also on failure, and on failure its `error`
 /// lists every check that did not hold.
 pub const ROBUSTNESS: &[&str] = &[
@@ -68,6 +69,7 @@ pub const ROBUSTNESS: &[&str] = &[
     "ioctl-stats",
     "pm-freeze",
     "multi-open",
+    "needs-reset",
 ];
 
 /// Whether `name` is a scenario this program runs.

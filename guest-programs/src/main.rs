@@ -22,8 +22,8 @@ use std::process::ExitCode;
 use vdevlab_guest::models::qwdev::Checked;
 use vdevlab_guest::models::teardown::How;
 use vdevlab_guest::models::{
-    blocking, epoll, ioctl_stats, linux_aio, mixed, multi_open, nonblocking, pm_freeze, poll,
-    posix_aio, select, sigio, teardown, uring,
+    blocking, epoll, ioctl_stats, linux_aio, mixed, multi_open, needs_reset, nonblocking,
+    pm_freeze, poll, posix_aio, select, sigio, teardown, uring,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, MIXED,
@@ -38,6 +38,7 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
         "ioctl-stats" => ioctl_stats::run(o),
         "pm-freeze" => pm_freeze::run(o),
         "multi-open" => multi_open::run(o),
+        "needs-reset" => needs_reset::run(o),
         _ => return None,
     })
 }

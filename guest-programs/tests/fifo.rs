@@ -556,9 +556,20 @@ fn multi_open_splits_one_stream_between_four_readers() {
 /// nothing: they are not run here at all, to be safe on any host).
 #[test]
 fn ioctl_stats_on_a_fifo_fails_cleanly() {
+    robustness_on_a_fifo_fails_cleanly("ioctl-stats");
+}
+
+/// `needs-reset` likewise: it asks `QW_IOC_GET_STATS` before it starts its
+/// reader or prints anything.
+#[test]
+fn needs_reset_on_a_fifo_fails_cleanly() {
+    robustness_on_a_fifo_fails_cleanly("needs-reset");
+}
+
+fn robustness_on_a_fifo_fails_cleanly(scenario: &str) {
     let deadline = Instant::now() + TIMEOUT;
-    let fifo = Fifo::new("ioctl-stats");
-    let mut run = Run::scenario("ioctl-stats", &fifo, 100, CHUNK);
+    let fifo = Fifo::new(scenario);
+    let mut run = Run::scenario(scenario, &fifo, 100, CHUNK);
     let line = run.wait_for("VDEVLAB-RESULT ", deadline);
     assert_eq!(field(&line, "ok"), Some("false"), "{line}");
     assert!(line.contains("QW_IOC_GET_STATS"), "{line}");

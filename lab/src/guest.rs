@@ -67,8 +67,10 @@ pub struct BootSpec {
     /// Device instances: each is its own backend process and vhost-user
     /// device, and the driver makes `/dev/qw0`, `/dev/qw1`, ... of them.
     pub instances: usize,
-    /// Load the driver with its dynamic-debug lines on (`dyndbg=+p`).
-    pub dyndbg: bool,
+    /// More module parameters for the driver, `name=value` each (e.g.
+    /// `config_status=0`, or `dyndbg=+p` for its debug lines); `virtio_id`
+    /// comes from [`Self::virtio_id`].
+    pub driver_params: Vec<String>,
 }
 
 impl BootSpec {
@@ -82,9 +84,9 @@ impl BootSpec {
             accel: Accel::Tcg,
             reconnect_ms: None,
             instances: 1,
-            dyndbg: false,
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
             kernel: DEFAULT_KERNEL.to_string(),
+            driver_params: Vec::new(),
         }
     }
 
@@ -244,9 +246,6 @@ impl Guest {
             "{} quiet vdevlab.virtio_id={}",
             base.cmdline, spec.virtio_id
         );
-        if spec.dyndbg {
-            cmdline.push_str(" vdevlab.dyndbg=1");
-        }
         if !spec.runs.is_empty() {
             // init.sh splits runs at ';' and arguments at ','.
             let bad = |a: &String| a.is_empty() || a.contains([',', ';', ' ', '"']);
@@ -258,6 +257,22 @@ impl Guest {
             }
             let runs: Vec<String> = spec.runs.iter().map(|r| r.join(",")).collect();
             cmdline.push_str(&format!(" vdevlab.run={}", runs.join(";")));
+        }
+        if !spec.driver_params.is_empty() {
+            // init.sh splits them at ',' and passes them to insmod.
+            let bad = |p: &String| {
+                !p.contains('=') || p.starts_with('=') || p.contains([',', ';', ' ', '"'])
+            };
+            if spec.driver_params.iter().any(bad) {
+                bail!(
+                    "driver parameters must be name=value, without ',', ';', ' ' or '\"': {:?}",
+                    spec.driver_params
+                );
+            }
+            cmdline.push_str(&format!(
+                " vdevlab.qw_params={}",
+                spec.driver_params.join(",")
+            ));
         }
         let kernel_dir = kernel.image.parent().context("kernel path has no folder")?;
         let kernel_name = kernel

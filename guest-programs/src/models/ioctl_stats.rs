@@ -61,7 +61,7 @@ fn stats(c: &mut Checked, fd: i32, key: &str) -> Option<QwStats> {
 }
 
 /// Read exactly `n` bytes, waiting with `poll` up to `limit` in all.
-fn read_exact(fd: i32, n: usize, limit: Duration) -> Result<Vec<u8>, String> {
+pub fn read_exact(fd: i32, n: usize, limit: Duration) -> Result<Vec<u8>, String> {
     let start = Instant::now();
     let mut out = Vec::with_capacity(n);
     let mut buf = vec![0u8; n];

@@ -8,7 +8,7 @@
 //! stream, and two reads in flight at once could complete out of order.
 //!
 //! The robustness scenarios (`teardown`, `ioctl_stats`, `pm_freeze`,
-//! `multi_open`, with the driver interface in `qwdev`) have
+//! `multi_open`, `needs_reset`, with the driver interface in `qwdev`) have
 //! `run(opts) -> Result<Checked, String>`: `Err` when they cannot even
 //! start, else every observation and the list of checks that failed.
 
@@ -18,6 +18,7 @@ pub mod ioctl_stats;
 pub mod linux_aio;
 pub mod mixed;
 pub mod multi_open;
+pub mod needs_reset;
 pub mod nonblocking;
 pub mod pm_freeze;
 pub mod poll;

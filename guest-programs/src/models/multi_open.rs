@@ -52,7 +52,7 @@ extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// `SIGUSR1` interrupts a blocked `read()` with `EINTR`: a handler that
 /// does nothing, without `SA_RESTART`.
-fn install_interrupter() -> Result<(), String> {
+pub fn install_interrupter() -> Result<(), String> {
     // SAFETY: sigaction is plain data; all-zero is a valid start.
     let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
     sa.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
