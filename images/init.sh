@@ -15,7 +15,6 @@
 #   vdevlab.qw_params=<name>=<value>[,...]
 #                                       more driver module parameters (e.g.
 #                                       dyndbg=+p, config_status=0)
-#                                       more driver module parameters
 #   vdevlab.shell=1                     open a shell instead of powering off
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s

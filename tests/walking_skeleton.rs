@@ -164,6 +164,7 @@ fn driver_ioctls_pm_and_teardown(kernel: &str) {
                     HostStep::Inject(after_reset.clone()),
                 ],
                 expect: vec![("sha256_after_reset".into(), sha(&after_reset))],
+                ..Script::default()
             },
         ),
         StreamCase::scripted(
@@ -172,6 +173,7 @@ fn driver_ioctls_pm_and_teardown(kernel: &str) {
                 args: args(&["--bytes", "300001", "--seed", "5"]),
                 steps: vec![ready("multi-open"), HostStep::Inject(pattern(5, 300_001))],
                 expect: vec![],
+                ..Script::default()
             },
         ),
         StreamCase::scripted(
@@ -180,6 +182,7 @@ fn driver_ioctls_pm_and_teardown(kernel: &str) {
                 args: args(&["--bytes", "70000"]),
                 steps: vec![ready("pm-freeze"), HostStep::Inject(sampled.clone())],
                 expect: vec![("sha256".into(), sha(&sampled))],
+                ..Script::default()
             },
         ),
         StreamCase::scripted(
@@ -269,6 +272,7 @@ fn device_needs_reset_is_noticed(kernel: &str) {
                 ("reset".into(), "ok".into()),
                 ("sha256_after_reset".into(), sha),
             ],
+            ..Script::default()
         },
     );
     let outs =

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod device;
+mod faults;
 use vdevlab_lab::record::runs_file;
 use vdevlab_lab::scenario::{blocking_rx, pattern};
 use vdevlab_lab::Lab;
@@ -48,8 +49,11 @@ enum Cmd {
     /// Provision the lab and build the guest image, nothing else.
     Prepare,
     /// Drive a running device from the host: inject, capture, stats,
-    /// interrupt modes, data sources, reset.
+    /// interrupt modes, data sources, faults, reset.
     Device(device::DeviceArgs),
+    /// Run a fault-injection campaign (faults/*.toml) and report how the
+    /// driver held up.
+    Faults(faults::FaultsArgs),
 }
 
 fn demo(bytes: usize, seed: u64) -> Result<bool> {
@@ -157,6 +161,7 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Device(args) => device::run(args),
+        Cmd::Faults(args) => faults::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 //! ([`splat`]) and records every run ([`record`]).
 
 pub mod artifacts;
+pub mod campaign;
 pub mod env;
 pub mod guest;
 pub mod record;

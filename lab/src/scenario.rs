@@ -151,6 +151,8 @@ pub enum HostStep {
     /// Send this raw control request (one JSON object, e.g.
     /// `{"op":"needs_reset"}`); the reply must be `ok`.
     Control(String),
+    /// Wait this long.
+    Sleep(Duration),
 }
 
 /// Parse a [`HostStep::Control`] request.
@@ -167,6 +169,19 @@ pub struct Script {
     pub steps: Vec<HostStep>,
     /// Result fields that must have these values (besides `"ok": true`).
     pub expect: Vec<(String, serde_json::Value)>,
+    /// The guest program is expected to fail (`"ok": false`), e.g. with
+    /// EIO under an injected fault; its error is then not a problem.
+    pub expect_failure: bool,
+    /// Name for the run record (default: the guest scenario's name).
+    pub record_as: Option<String>,
+    /// Result fields that must NOT have these values (e.g. a SHA-256 that
+    /// injected corruption must have changed).
+    pub expect_not: Vec<(String, serde_json::Value)>,
+    /// Device counters that must be at least these values at the end.
+    pub stats_at_least: Vec<(String, u64)>,
+    /// The result line must come within this long after the last step
+    /// (default: the boot budget): no task blocked longer.
+    pub result_within: Option<Duration>,
 }
 
 impl StreamCase {
@@ -378,6 +393,7 @@ fn drive_script(
                     sent += n;
                 }
             }
+            HostStep::Sleep(d) => std::thread::sleep(*d),
             HostStep::Control(json) => {
                 let req = control_request(json)?;
                 let resp = ctl
@@ -393,7 +409,7 @@ fn drive_script(
     }
     let line = guest.wait_for(
         &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", case.scenario),
-        BOOT_TIMEOUT,
+        script.result_within.unwrap_or(BOOT_TIMEOUT),
     )?;
     let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
     let raw: serde_json::Value =
@@ -438,7 +454,12 @@ fn run_streams_with(
             let mut problems = Vec::new();
             let guest_result = match drive_script(&mut guest, case, script) {
                 Ok((g, raw)) => {
-                    if !g.ok {
+                    if script.expect_failure && g.ok {
+                        problems.push(
+                            "the guest program succeeded, but it was expected to fail".into(),
+                        );
+                    }
+                    if !g.ok && !script.expect_failure {
                         problems.push(format!(
                             "guest program failed: {}",
                             g.error.clone().unwrap_or_default()
@@ -467,6 +488,20 @@ fn run_streams_with(
                 .ok()
                 .and_then(|mut c| c.stats().ok())
                 .and_then(|r| r.stats);
+            if !script.stats_at_least.is_empty() {
+                let seen = stats.map(|s| serde_json::to_value(s).unwrap_or_default());
+                for (name, min) in &script.stats_at_least {
+                    let got = seen
+                        .as_ref()
+                        .and_then(|v| v.get(name))
+                        .and_then(|v| v.as_u64());
+                    if got.is_none_or(|g| g < *min) {
+                        problems.push(format!(
+                            "device counter {name} is {got:?}, expected at least {min}"
+                        ));
+                    }
+                }
+            }
             partial.push((case, guest_result, None, problems, stats));
             continue;
         }
@@ -557,8 +592,13 @@ fn run_streams_with(
     let mut outcomes = Vec::new();
     for (case, guest_result, host_sha, mut problems, stats) in partial {
         problems.extend(shared.iter().cloned());
+        let name = case
+            .script
+            .as_ref()
+            .and_then(|s| s.record_as.clone())
+            .unwrap_or_else(|| case.scenario.clone());
         let mut rec = RunRecord::new(
-            &case.scenario,
+            &name,
             vmm.name(),
             accel_name(accel),
             &kernel.release,

@@ -1,0 +1,66 @@
+//! `vdevlab faults`: run a fault-injection campaign and report.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use vdevlab_lab::campaign::{self, FaultScenario};
+use vdevlab_lab::Lab;
+
+/// Run fault scenarios (default: every `faults/*.toml`) in real guests.
+#[derive(Debug, Args)]
+pub struct FaultsArgs {
+    /// Only the fast subset (what CI runs on every change).
+    #[arg(long)]
+    fast: bool,
+    /// Guest kernel(s): trixie, bookworm, or all.
+    #[arg(long, default_value = "trixie")]
+    kernel: String,
+    /// Scenario files to run instead of the shipped ones (e.g. your own).
+    files: Vec<PathBuf>,
+}
+
+/// Run the campaign; true when every scenario passed.
+pub fn run(args: FaultsArgs) -> Result<bool> {
+    let scenarios: Vec<FaultScenario> = if args.files.is_empty() {
+        campaign::shipped()?
+    } else {
+        args.files
+            .iter()
+            .map(|f| FaultScenario::load(f))
+            .collect::<Result<_>>()?
+    };
+    let scenarios: Vec<FaultScenario> = scenarios
+        .into_iter()
+        .filter(|s| !args.fast || s.fast)
+        .collect();
+    eprintln!("[vdevlab] provisioning the lab and building the guest image");
+    let lab = Lab::get()?;
+    let kernels: Vec<_> = if args.kernel == "all" {
+        lab.env.kernels.clone()
+    } else {
+        vec![lab.env.kernel(&args.kernel)?.clone()]
+    };
+    let mut all_pass = true;
+    for kernel in &kernels {
+        eprintln!(
+            "[vdevlab] {} fault scenarios on {} ({})",
+            scenarios.len(),
+            kernel.name,
+            kernel.release
+        );
+        let verdicts = campaign::run(&lab, kernel, &scenarios)?;
+        println!(
+            "{} ({}):\n{}",
+            kernel.name,
+            kernel.release,
+            campaign::table(&verdicts)
+        );
+        all_pass &= verdicts.iter().all(|v| v.pass);
+    }
+    println!(
+        "reports: {}/faults/ (report-<kernel>.json, junit-<kernel>.xml); records: fault-<name> in runs.jsonl",
+        vdevlab_lab::env::runs_dir().display()
+    );
+    Ok(all_pass)
+}

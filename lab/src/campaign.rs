@@ -1,0 +1,397 @@
+//! Fault-injection campaigns: scenario files (TOML, under `faults/`) that
+//! break the emulated hardware on purpose and say what must still hold,
+//! run in real guests, reported as a table, JSON and JUnit XML.
+//!
+//! A scenario names a receive program of the guest programs (e.g.
+//! `blocking-rx`), the stream it reads (`bytes`, `seed`), the host's steps
+//! once the program is waiting (inject part of the stream, inject a fault,
+//! send a control request, sleep), and the expectations: what the reader
+//! gets (`intact` data, `corrupted` data of the right length, or an
+//! `error`), within how long, and which device counters must have moved.
+//! Any kernel splat (oops, BUG, WARN, lockdep, KASAN, hung task) fails it.
+//! Every scenario appends a `fault-<name>` record to `runs.jsonl`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use vdevlab_vmm_config::Accel;
+
+use crate::env::{runs_dir, workspace_root, Kernel};
+use crate::guest::Vmm;
+use crate::scenario::{pattern, run_streams, HostStep, Outcome, Script, StreamCase};
+use crate::Lab;
+
+/// One host step of a scenario file (`[[step]]`), exactly one key each.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Inject a fault (the `fault` control request's object).
+    #[serde(default)]
+    pub fault: Option<toml::Value>,
+    /// Inject this many bytes of the stream, or `"rest"`.
+    #[serde(default)]
+    pub inject: Option<toml::Value>,
+    /// Wait this long.
+    #[serde(default)]
+    pub sleep_ms: Option<u64>,
+    /// Send a raw control request (JSON).
+    #[serde(default)]
+    pub control: Option<String>,
+}
+
+/// What the reader must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataExpect {
+    /// Exactly the stream.
+    Intact,
+    /// The stream's length, different bytes (injected corruption is seen).
+    Corrupted,
+    /// The program fails (e.g. EIO); its data does not matter.
+    Error,
+}
+
+/// `[expect]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectSpec {
+    /// What the reader gets.
+    pub data: DataExpect,
+    /// The program's result must come within this long after the last step.
+    #[serde(default)]
+    pub max_ms: Option<u64>,
+    /// Device counters that must be at least these values.
+    #[serde(default)]
+    pub stats_at_least: std::collections::BTreeMap<String, u64>,
+}
+
+/// A scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultScenario {
+    /// Name (the record is `fault-<name>`).
+    pub name: String,
+    /// One line: what breaks and what must hold.
+    pub summary: String,
+    /// Part of the fast subset that CI runs on every change.
+    #[serde(default)]
+    pub fast: bool,
+    /// The guest program (a receive scenario, `*-rx`).
+    pub guest: String,
+    /// Stream length.
+    pub bytes: usize,
+    /// Stream seed (the run reproduces from it).
+    #[serde(default)]
+    pub seed: u64,
+    /// The host's steps once the program waits.
+    #[serde(default)]
+    pub step: Vec<StepSpec>,
+    /// What must hold.
+    pub expect: ExpectSpec,
+    /// Where it was read from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+impl FaultScenario {
+    /// Read and check one scenario file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut s: FaultScenario = toml::from_str(&text)
+            .with_context(|| format!("{}: not a valid fault scenario", path.display()))?;
+        s.file = path.to_path_buf();
+        if !s.guest.ends_with("-rx") {
+            bail!(
+                "{}: guest = {:?}: campaigns drive receive programs (*-rx) for now",
+                path.display(),
+                s.guest
+            );
+        }
+        for (i, st) in s.step.iter().enumerate() {
+            let keys = [
+                st.fault.is_some(),
+                st.inject.is_some(),
+                st.sleep_ms.is_some(),
+                st.control.is_some(),
+            ];
+            if keys.iter().filter(|&&k| k).count() != 1 {
+                bail!(
+                    "{}: step {}: exactly one of fault, inject, sleep_ms, control",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+        s.script()?; // catches bad injects and faults early
+        Ok(s)
+    }
+
+    /// A one-line description of the faults it injects.
+    pub fn faults(&self) -> String {
+        let kinds: Vec<String> = self
+            .step
+            .iter()
+            .filter_map(|s| {
+                s.fault
+                    .as_ref()
+                    .and_then(|f| f.get("kind"))
+                    .and_then(|k| k.as_str().map(str::to_string))
+                    .or_else(|| s.control.clone())
+            })
+            .collect();
+        kinds.join(", ")
+    }
+
+    fn script(&self) -> Result<Script> {
+        let stream = pattern(self.seed, self.bytes);
+        let mut sent = 0;
+        let mut steps = vec![HostStep::Ready(self.guest.clone())];
+        for st in &self.step {
+            if let Some(f) = &st.fault {
+                let json = serde_json::json!({ "op": "fault", "fault": f });
+                crate::scenario::control_request(&json.to_string())?;
+                steps.push(HostStep::Control(json.to_string()));
+            }
+            if let Some(n) = &st.inject {
+                let n = match n {
+                    toml::Value::Integer(n) if *n >= 0 => *n as usize,
+                    toml::Value::String(s) if s == "rest" => self.bytes - sent,
+                    other => bail!("inject = {other}: a byte count or \"rest\""),
+                };
+                if sent + n > self.bytes {
+                    bail!(
+                        "inject: {} bytes in all, but the stream has {}",
+                        sent + n,
+                        self.bytes
+                    );
+                }
+                steps.push(HostStep::Inject(stream[sent..sent + n].to_vec()));
+                sent += n;
+            }
+            if let Some(ms) = st.sleep_ms {
+                steps.push(HostStep::Sleep(Duration::from_millis(ms)));
+            }
+            if let Some(c) = &st.control {
+                crate::scenario::control_request(c)?;
+                steps.push(HostStep::Control(c.clone()));
+            }
+        }
+        let sha = serde_json::Value::String(hex::encode(Sha256::digest(&stream)));
+        let (expect, expect_not) = match self.expect.data {
+            DataExpect::Intact => (vec![("sha256".to_string(), sha)], vec![]),
+            DataExpect::Corrupted => (
+                vec![(
+                    "bytes".to_string(),
+                    serde_json::Value::from(self.bytes as u64),
+                )],
+                vec![("sha256".to_string(), sha)],
+            ),
+            DataExpect::Error => (vec![], vec![]),
+        };
+        Ok(Script {
+            args: vec![
+                "--bytes".into(),
+                self.bytes.to_string(),
+                "--chunk".into(),
+                "4000".into(),
+            ],
+            steps,
+            expect,
+            expect_failure: self.expect.data == DataExpect::Error,
+            record_as: Some(format!("fault-{}", self.name)),
+            expect_not,
+            stats_at_least: self
+                .expect
+                .stats_at_least
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            result_within: self.expect.max_ms.map(Duration::from_millis),
+        })
+    }
+}
+
+/// The shipped scenarios, `faults/*.toml`, sorted by file name.
+pub fn shipped() -> Result<Vec<FaultScenario>> {
+    let dir = workspace_root().join("faults");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| FaultScenario::load(f)).collect()
+}
+
+/// One scenario's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// Scenario name.
+    pub name: String,
+    /// Faults injected.
+    pub fault: String,
+    /// What was expected.
+    pub expected: String,
+    /// What happened (`as expected`, or the problems).
+    pub observed: String,
+    /// Passed.
+    pub pass: bool,
+    /// Console lines around the first problem (kernel messages).
+    pub console_excerpt: String,
+    /// The saved console.
+    pub console: Option<PathBuf>,
+}
+
+fn excerpt(out: &Outcome) -> String {
+    let Some(path) = &out.record.console else {
+        return String::new();
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("vdevlab_qw") || l.contains("qw0"))
+        .collect();
+    lines
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Run `scenarios` in one boot of `kernel` (in order), and write the report
+/// (JSON and JUnit XML) under `target/lab-runs/faults/`. Returns the verdicts.
+pub fn run(lab: &Lab, kernel: &Kernel, scenarios: &[FaultScenario]) -> Result<Vec<Verdict>> {
+    let cases: Vec<StreamCase> = scenarios
+        .iter()
+        .map(|s| {
+            s.script()
+                .map(|script| StreamCase::scripted(&s.guest, script))
+        })
+        .collect::<Result<_>>()?;
+    let outs = run_streams(lab, kernel, Vmm::Qemu, Accel::Tcg, &cases)?;
+    let verdicts: Vec<Verdict> = scenarios
+        .iter()
+        .zip(&outs)
+        .map(|(s, o)| Verdict {
+            name: s.name.clone(),
+            fault: s.faults(),
+            expected: format!("{:?}", s.expect.data).to_lowercase(),
+            observed: o
+                .record
+                .reason
+                .clone()
+                .unwrap_or_else(|| "as expected".into()),
+            pass: o.passed(),
+            console_excerpt: excerpt(o),
+            console: o.record.console.clone(),
+        })
+        .collect();
+    write_reports(kernel, &verdicts)?;
+    Ok(verdicts)
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn write_reports(kernel: &Kernel, verdicts: &[Verdict]) -> Result<()> {
+    let dir = runs_dir().join("faults");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join(format!("report-{}.json", kernel.name)),
+        serde_json::to_vec_pretty(
+            &serde_json::json!({ "kernel": kernel.release, "scenarios": verdicts }),
+        )?,
+    )?;
+    let failures = verdicts.iter().filter(|v| !v.pass).count();
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"vdevlab-faults-{}\" tests=\"{}\" failures=\"{failures}\">\n",
+        kernel.name,
+        verdicts.len()
+    );
+    for v in verdicts {
+        let _ = write!(
+            xml,
+            "  <testcase classname=\"faults.{}\" name=\"{}\">",
+            kernel.name,
+            xml_escape(&v.name)
+        );
+        if !v.pass {
+            let _ = write!(
+                xml,
+                "<failure message=\"{}\">{}</failure>",
+                xml_escape(&v.observed),
+                xml_escape(&v.console_excerpt)
+            );
+        }
+        xml.push_str("</testcase>\n");
+    }
+    xml.push_str("</testsuite>\n");
+    std::fs::write(dir.join(format!("junit-{}.xml", kernel.name)), xml)?;
+    Ok(())
+}
+
+/// The readable summary table.
+pub fn table(verdicts: &[Verdict]) -> String {
+    let mut out = format!(
+        "{:<28} {:<34} {:<10} {:<7} observed\n",
+        "scenario", "fault", "expected", "verdict"
+    );
+    for v in verdicts {
+        let _ = writeln!(
+            out,
+            "{:<28} {:<34} {:<10} {:<7} {}",
+            v.name,
+            v.fault,
+            v.expected,
+            if v.pass { "PASS" } else { "FAIL" },
+            v.observed
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scenarios_load() {
+        let all = shipped().unwrap();
+        assert!(all.len() >= 5);
+        assert!(all.iter().any(|s| s.fast));
+        for s in &all {
+            assert!(!s.summary.is_empty(), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn bad_files_are_explained() {
+        let dir = std::env::temp_dir().join(format!("vdevlab-faults-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.toml");
+        let base = "name = \"x\"\nsummary = \"s\"\nguest = \"blocking-rx\"\nbytes = 10\n[expect]\ndata = \"intact\"\n";
+        std::fs::write(&f, format!("{base}[[step]]\ninject = 11\n")).unwrap();
+        assert!(format!("{:#}", FaultScenario::load(&f).unwrap_err()).contains("stream has 10"));
+        std::fs::write(
+            &f,
+            format!("{base}[[step]]\nfault = {{ kind = \"melt\" }}\n"),
+        )
+        .unwrap();
+        assert!(FaultScenario::load(&f).is_err());
+        std::fs::write(&f, format!("{base}[[step]]\nsleep_ms = 1\ninject = 1\n")).unwrap();
+        assert!(format!("{:#}", FaultScenario::load(&f).unwrap_err()).contains("exactly one"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
