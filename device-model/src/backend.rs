@@ -44,6 +44,9 @@ pub const IRQ_TIMER_EVENT: u16 = DEVICE_EVENT + 1;
 /// Custom epoll event ids of the queues' stall timers (fault injection):
 /// `STALL_TIMER_EVENT + queue`; a stalled queue resumes when it fires.
 pub const STALL_TIMER_EVENT: u16 = IRQ_TIMER_EVENT + NUM_QUEUES as u16;
+/// Custom epoll event ids of the queues' interrupt-storm timers (fault
+/// injection): `STORM_TIMER_EVENT + queue`.
+pub const STORM_TIMER_EVENT: u16 = STALL_TIMER_EVENT + NUM_QUEUES as u16;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -56,6 +59,7 @@ pub struct QwBackend {
     device_event: EventFd,
     irq_timers: Vec<Mutex<TimerFd>>,
     stall_timers: Vec<Mutex<TimerFd>>,
+    storm_timers: Vec<Mutex<TimerFd>>,
     /// A queue whose ring was found broken is left alone until the driver
     /// resets it (GET_VRING_BASE) or the VMM reconnects.
     broken: [AtomicBool; NUM_QUEUES],
@@ -73,6 +77,9 @@ impl QwBackend {
                 .map(|_| nonblocking_timer().map(Mutex::new))
                 .collect::<io::Result<_>>()?,
             stall_timers: (0..NUM_QUEUES)
+                .map(|_| nonblocking_timer().map(Mutex::new))
+                .collect::<io::Result<_>>()?,
+            storm_timers: (0..NUM_QUEUES)
                 .map(|_| nonblocking_timer().map(Mutex::new))
                 .collect::<io::Result<_>>()?,
             broken: Default::default(),
@@ -264,6 +271,14 @@ impl QwBackend {
     /// nothing new in the used ring and regardless of suppression (a
     /// misbehaving device does not ask).
     fn spurious(&self, vrings: &[VringRwLock]) {
+        for (queue, timer) in self.storm_timers.iter().enumerate() {
+            if let Some(period) = self.device().faults_mut().take_storm_start(queue as u16) {
+                let _ = timer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset(period, Some(period));
+            }
+        }
         for (queue, vring) in vrings.iter().enumerate() {
             let n = self.device().faults_mut().take_spurious(queue as u16);
             for _ in 0..n {
@@ -390,6 +405,31 @@ impl VhostUserBackend for QwBackend {
                 self.pass(TX_QUEUE, vrings);
                 self.spurious(vrings);
             }
+            e if (STORM_TIMER_EVENT..STORM_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
+                let queue = e - STORM_TIMER_EVENT;
+                let Some(t) = self.storm_timers.get(queue as usize) else {
+                    return Ok(());
+                };
+                let mut timer = t.lock().unwrap_or_else(|e| e.into_inner());
+                let ticks = timer.wait().unwrap_or(0);
+                let on = self
+                    .device()
+                    .faults_mut()
+                    .storm_on(queue, std::time::Instant::now());
+                if !on {
+                    let _ = timer.clear();
+                    return Ok(());
+                }
+                drop(timer);
+                // One signal per tick due; an eventfd merges them anyway.
+                if ticks > 0 {
+                    if let Some(vring) = vrings.get(queue as usize) {
+                        if vring.get_ref().signal_used_queue().is_ok() {
+                            self.device().stats_mut().spurious_interrupts += ticks;
+                        }
+                    }
+                }
+            }
             e if (STALL_TIMER_EVENT..STALL_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
                 let queue = e - STALL_TIMER_EVENT;
                 if let Some(t) = self.stall_timers.get(queue as usize) {
@@ -433,6 +473,12 @@ pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Resu
                 handler
                     .register_listener(fd, EventSet::IN, u64::from(IRQ_TIMER_EVENT) + q as u64)
                     .map_err(|e| anyhow::anyhow!("could not register the interrupt timer: {e}"))?;
+            }
+            for (q, timer) in backend.storm_timers.iter().enumerate() {
+                let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(STORM_TIMER_EVENT) + q as u64)
+                    .map_err(|e| anyhow::anyhow!("could not register the storm timer: {e}"))?;
             }
             for (q, timer) in backend.stall_timers.iter().enumerate() {
                 let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();

@@ -50,6 +50,16 @@ pub enum Fault {
         /// How many.
         count: u32,
     },
+    /// An interrupt storm: spurious interrupts at `rate_hz` for
+    /// `duration_ms`.
+    InterruptStorm {
+        /// Queue(s).
+        queue: QueueSel,
+        /// Interrupts per second (1..=100000).
+        rate_hz: u32,
+        /// How long, in milliseconds (1..=60000).
+        duration_ms: u64,
+    },
     /// Stop serving the queue (no buffers taken, none completed) for a
     /// while; it resumes by itself.
     Stall {
@@ -91,6 +101,9 @@ pub struct FaultState {
     drop_irqs: [u32; NUM_QUEUES],
     spurious: [u32; NUM_QUEUES],
     stall_until: [Option<Instant>; NUM_QUEUES],
+    /// Storms not yet started by the transport: (period, until).
+    storm_start: [Option<(Duration, Instant)>; NUM_QUEUES],
+    storm_until: [Option<Instant>; NUM_QUEUES],
     slow: Duration,
     corrupt: u32,
     truncate: u32,
@@ -114,6 +127,28 @@ impl FaultState {
                 }
                 for &q in queue.queues() {
                     self.spurious[q as usize] = self.spurious[q as usize].saturating_add(count);
+                }
+            }
+            Fault::InterruptStorm {
+                queue,
+                rate_hz,
+                duration_ms,
+            } => {
+                if rate_hz == 0 || rate_hz > 100_000 {
+                    return Err(format!(
+                        "interrupt_storm: rate_hz must be 1..=100000, not {rate_hz}"
+                    ));
+                }
+                if duration_ms == 0 || duration_ms > MAX_STALL_MS {
+                    return Err(format!(
+                        "interrupt_storm: duration_ms must be 1..={MAX_STALL_MS}, not {duration_ms}"
+                    ));
+                }
+                let period = Duration::from_nanos(1_000_000_000 / u64::from(rate_hz));
+                let until = now + Duration::from_millis(duration_ms);
+                for &q in queue.queues() {
+                    self.storm_start[q as usize] = Some((period, until));
+                    self.storm_until[q as usize] = Some(until);
                 }
             }
             Fault::Stall { queue, duration_ms } => {
@@ -160,6 +195,28 @@ impl FaultState {
         self.spurious
             .get_mut(queue as usize)
             .map_or(0, std::mem::take)
+    }
+
+    /// A storm the transport must start on `queue` now: its timer period.
+    pub fn take_storm_start(&mut self, queue: u16) -> Option<Duration> {
+        self.storm_start
+            .get_mut(queue as usize)
+            .and_then(Option::take)
+            .map(|(period, _)| period)
+    }
+
+    /// Whether `queue`'s storm is still on (false once it is over).
+    pub fn storm_on(&mut self, queue: u16, now: Instant) -> bool {
+        let Some(slot) = self.storm_until.get_mut(queue as usize) else {
+            return false;
+        };
+        match *slot {
+            Some(until) if until > now => true,
+            _ => {
+                *slot = None;
+                false
+            }
+        }
     }
 
     /// If `queue` is stalled, for how much longer.
@@ -259,6 +316,28 @@ mod tests {
         f.apply(&Fault::Slow { delay_us: 50 }, now).unwrap();
         f.apply(&Fault::Clear {}, now).unwrap();
         assert_eq!(f.slow(), Duration::ZERO);
+    }
+
+    #[test]
+    fn storms_start_once_and_end() {
+        let now = Instant::now();
+        let mut f = FaultState::default();
+        let storm = Fault::InterruptStorm {
+            queue: QueueSel::Rx,
+            rate_hz: 1000,
+            duration_ms: 50,
+        };
+        f.apply(&storm, now).unwrap();
+        assert_eq!(f.take_storm_start(RX_QUEUE), Some(Duration::from_millis(1)));
+        assert_eq!(f.take_storm_start(RX_QUEUE), None);
+        assert!(f.storm_on(RX_QUEUE, now));
+        assert!(!f.storm_on(RX_QUEUE, now + Duration::from_millis(60)));
+        let bad = Fault::InterruptStorm {
+            queue: QueueSel::Rx,
+            rate_hz: 0,
+            duration_ms: 50,
+        };
+        assert!(f.apply(&bad, now).unwrap_err().contains("rate_hz"));
     }
 
     #[test]

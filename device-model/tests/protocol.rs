@@ -1016,3 +1016,26 @@ fn fault_requests_with_bad_parameters_are_refused() {
     let resp = ctl.raw(r#"{"op":"fault","fault":{"kind":"slow","delay_us":5000000}}"#);
     assert!(!resp.ok && resp.error.unwrap().contains("delay_us"));
 }
+
+#[test]
+fn fault_interrupt_storm_runs_at_its_rate_then_stops() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    let calls = vmm.calls(RX);
+    fault(
+        &mut ctl,
+        r#"{"kind":"interrupt_storm","queue":"rx","rate_hz":2000,"duration_ms":200}"#,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let during = ctl.stats().spurious_interrupts;
+    // 2000 Hz for 0.2 s is 400 ticks; a loaded 2-core machine loses some.
+    assert!(
+        (100..=450).contains(&during),
+        "{during} spurious interrupts"
+    );
+    assert!(vmm.calls(RX) > calls);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(ctl.stats().spurious_interrupts, during, "the storm ended");
+    assert_eq!(vmm.used_idx(RX), 0);
+}
