@@ -228,18 +228,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     }
 
     // The device still works.
-    marker(&format!("VDEVLAB-READY {}-2", o.scenario));
-    match read_exact(raw, AFTER_RESET_BYTES, READ_LIMIT) {
-        Ok(data) => {
-            c.report
-                .text("sha256_after_reset", &hex::encode(Sha256::digest(&data)))
-                .text(
-                    "head_after_reset",
-                    &hex::encode(&data[..16.min(data.len())]),
-                );
-        }
-        Err(e) => c.fail(format!("after the reset: {e}")),
-    }
+    read_after_reset(&mut c, raw, &o.scenario);
     // Nothing more than the 100 bytes came.
     if let Some(st) = stats(&mut c, raw, "stats_end") {
         c.check(st.rx_pending == 0, || {
@@ -279,4 +268,21 @@ fn sysfs_matches(c: &mut Checked, device: &str, st: &QwStats) {
         }
     }
     c.report.raw("sysfs", &format!("{{{}}}", fields.join(",")));
+}
+
+/// After a reset: announce `<scenario>-2`, read the host's 100 bytes and
+/// report their SHA-256 (`sha256_after_reset`) and first bytes.
+pub fn read_after_reset(c: &mut Checked, raw: i32, scenario: &str) {
+    marker(&format!("VDEVLAB-READY {scenario}-2"));
+    match read_exact(raw, AFTER_RESET_BYTES, READ_LIMIT) {
+        Ok(data) => {
+            c.report
+                .text("sha256_after_reset", &hex::encode(Sha256::digest(&data)))
+                .text(
+                    "head_after_reset",
+                    &hex::encode(&data[..16.min(data.len())]),
+                );
+        }
+        Err(e) => c.fail(format!("after the reset: {e}")),
+    }
 }

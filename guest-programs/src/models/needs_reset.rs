@@ -32,10 +32,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::common::{nap, open_device, Access};
-use crate::models::ioctl_stats::{read_exact, AFTER_RESET_BYTES};
+use crate::models::ioctl_stats::AFTER_RESET_BYTES;
 use crate::models::multi_open::install_interrupter;
 use crate::models::qwdev::{
     class_dir, errno_name, get_stats, ioctl_plain, last_errno, mask_name, poll_one, read_counter,
@@ -47,8 +45,6 @@ use crate::{marker, Opts};
 pub const EIO_LIMIT: Duration = Duration::from_secs(5);
 /// How long to wait for the blocked read at all before interrupting it.
 const GIVE_UP: Duration = Duration::from_secs(20);
-/// How long the host has to inject the bytes after the reset.
-const READ_LIMIT: Duration = Duration::from_secs(30);
 /// What the blocked reader asks for.
 const READ_LEN: usize = 4096;
 
@@ -303,18 +299,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     }
 
     // The device works again.
-    marker(&format!("VDEVLAB-READY {}-2", o.scenario));
-    match read_exact(raw, AFTER_RESET_BYTES, READ_LIMIT) {
-        Ok(data) => {
-            c.report
-                .text("sha256_after_reset", &hex::encode(Sha256::digest(&data)))
-                .text(
-                    "head_after_reset",
-                    &hex::encode(&data[..16.min(data.len())]),
-                );
-        }
-        Err(e) => c.fail(format!("after the reset: {e}")),
-    }
+    crate::models::ioctl_stats::read_after_reset(&mut c, raw, &o.scenario);
     if let Some(st) = stats(&mut c, raw, "stats_end") {
         c.check(st.rx_pending == 0, || {
             format!(
