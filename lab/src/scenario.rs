@@ -155,6 +155,14 @@ pub enum HostStep {
     Sleep(Duration),
 }
 
+/// The first JSON value of a console line. A kernel message can land on
+/// the same serial line right after the guest's result (seen in CI), so
+/// what follows the value is ignored.
+fn first_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<T>();
+    Ok(values.next().context("no JSON value")??)
+}
+
 /// Parse a [`HostStep::Control`] request.
 pub fn control_request(json: &str) -> Result<Request> {
     serde_json::from_str(json).with_context(|| format!("bad control request {json}"))
@@ -362,7 +370,7 @@ fn drive_case(
     )?;
     let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
     let result: GuestResult =
-        serde_json::from_str(json).with_context(|| format!("bad result line: {line}"))?;
+        first_json(json).with_context(|| format!("bad result line: {line}"))?;
     Ok((result, host_sha))
 }
 
@@ -413,7 +421,7 @@ fn drive_script(
     )?;
     let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
     let raw: serde_json::Value =
-        serde_json::from_str(json).with_context(|| format!("bad result line: {line}"))?;
+        first_json(json).with_context(|| format!("bad result line: {line}"))?;
     Ok((serde_json::from_value(raw.clone())?, raw))
 }
 
@@ -742,6 +750,14 @@ pub fn backend_crash_rx(lab: &Lab, kernel: &Kernel, half: usize) -> Result<Outco
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn result_lines_tolerate_a_kernel_message_after_them() {
+        let v: serde_json::Value =
+            first_json(r#"{"scenario":"x","ok":true}[   26.9] vdevlab_qw: bound"#).unwrap();
+        assert_eq!(v["ok"], true);
+        assert!(first_json::<serde_json::Value>("garbage").is_err());
+    }
 
     #[test]
     fn control_steps_parse_as_requests() {
