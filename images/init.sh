@@ -16,6 +16,11 @@
 #                                       more driver module parameters (e.g.
 #                                       dyndbg=+p, config_status=0)
 #   vdevlab.shell=1                     open a shell instead of powering off
+#   vdevlab.vport=<name>                wait for the virtio-serial port named
+#                                       <name> and link it (and every other
+#                                       named port) as /dev/virtio-ports/<name>
+# A run list too long for the command line comes as /vdevlab.run (same
+# format), in a second initramfs archive.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -23,13 +28,14 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "VDEVLAB-BOOT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
 
-run=""; vid=""; shell=""; qwp=""
+run=""; vid=""; shell=""; qwp=""; vport=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vdevlab.run=*) run=${arg#vdevlab.run=} ;;
         vdevlab.virtio_id=*) vid=${arg#vdevlab.virtio_id=} ;;
         vdevlab.shell=*) shell=${arg#vdevlab.shell=} ;;
         vdevlab.qw_params=*) qwp=${arg#vdevlab.qw_params=} ;;
+        vdevlab.vport=*) vport=${arg#vdevlab.vport=} ;;
     esac
 done
 
@@ -75,6 +81,26 @@ while [ ! -c /dev/qw0 ]; do
     sleep 0.1
 done
 echo "VDEVLAB-DRIVER-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+# Named virtio-serial ports (the benchmark's baseline): no udev here, so
+# link them as its rule does, /dev/virtio-ports/<name> -> ../vportNpM.
+if [ -n "$vport" ]; then
+    i=0
+    while [ ! -e "/dev/virtio-ports/$vport" ]; do
+        for f in /sys/class/virtio-ports/*/name; do
+            [ -s "$f" ] || continue
+            p=${f%/name}
+            mkdir -p /dev/virtio-ports
+            ln -sf "../${p##*/}" "/dev/virtio-ports/$(cat "$f")"
+        done
+        [ -e "/dev/virtio-ports/$vport" ] && break
+        i=$((i + 1))
+        [ $i -gt 100 ] && fail "no virtio-serial port named $vport 10 s after the driver (virtio_console loaded?)"
+        sleep 0.1
+    done
+    echo "VDEVLAB-VPORT $vport $(readlink "/dev/virtio-ports/$vport")"
+fi
+[ -z "$run" ] && [ -f /vdevlab.run ] && run=$(cat /vdevlab.run)
 
 if [ -z "$run" ]; then
     finish 0

@@ -284,9 +284,80 @@ if want_kernel bookworm; then
     fi
     echo "$(apt_lists_fingerprint) $abi" > "$CACHE/kernels/bookworm.choice"
     BW_MODULES=$(sed "s|^\(.*\)$|$BW_DIR/modules/\1.ko|" "$BW_DIR/modules/order" | paste -sd:)
+    # Modules the benchmark needs besides the driver's preloads
+    # (virtio_console, for the virtio-serial baseline of `vdevlab bench`),
+    # picked by name from the same image package into modules/, next to the
+    # preloads. They have no stamp of their own and leave modules/order (and
+    # the stamp above) alone: the harness adds them to the initramfs, after
+    # the preloads, when it finds them there.
+    BW_EXTRA=${VDEVLAB_BOOKWORM_EXTRA_MODULES:-virtio_console}
+    missing=""
+    for m in ${BW_EXTRA//,/ }; do [ -f "$BW_DIR/modules/$m.ko" ] || missing="$missing $m"; done
+    if [ -n "$missing" ]; then
+        ver=$(candidate "linux-headers-$BW_REL")
+        [ -n "$ver" ] || die "no candidate for linux-headers-$BW_REL on the host's apt"
+        image=linux-image-$BW_REL-unsigned
+        [ "$(candidate "$image")" = "$ver" ] || image=linux-image-$BW_REL
+        tmp=$BW_DIR.extra.tmp
+        rm -rf "$tmp" && mkdir -p "$tmp/debs" "$tmp/pkg"
+        say "modules for the benchmark:$missing (from $image $ver, about 60 MB)"
+        (cd "$tmp/debs" && host_apt download "$image=$ver") >&2 \
+            || die "could not download $image=$ver from the host's apt (for$missing)"
+        dpkg -x "$tmp/debs/${image}_"*.deb "$tmp/pkg" || die "dpkg -x $image failed"
+        for m in $missing; do
+            f=$(find "$tmp/pkg/lib/modules/$BW_REL" \( -name "$m.ko" -o -name "${m//_/-}.ko" \) | head -n 1)
+            [ -n "$f" ] || die "module $m is not in $image (built in? then drop it from VDEVLAB_BOOKWORM_EXTRA_MODULES)"
+            for d in $(modinfo_depends "$f"); do
+                [ -f "$BW_DIR/modules/$d.ko" ] || die "module $m needs $d, which is not preloaded; add it to VDEVLAB_BOOKWORM_MODULES"
+            done
+            cp "$f" "$BW_DIR/modules/$m.ko.tmp" && mv "$BW_DIR/modules/$m.ko.tmp" "$BW_DIR/modules/$m.ko"
+        done
+        rm -rf "$tmp"
+    fi
 else
     step 5 "bookworm 6.1 guest kernel: not wanted (VDEVLAB_KERNELS=$KERNELS)"
 fi
+
+# Every guest kernel also as an uncompressed ELF vmlinux, for QEMU's PVH
+# direct boot (-kernel vmlinux: no real-mode setup, no decompressor; both
+# Debian kernels have CONFIG_PVH=y, whose ELF note QEMU needs). The harness
+# uses kernels/<release>/vmlinux when it is there. Found the way the
+# kernel's scripts/extract-vmlinux does it: try the decompressor at each
+# offset where its magic occurs in the bzImage (zstd for trixie, xz for
+# bookworm) until the output is an ELF file. Cached: done once per kernel.
+extract_vmlinux() { # extract_vmlinux <vmlinuz> <vmlinux>
+    local img=$1 out=$2 tmp spec magic cmd pos
+    tmp=$(mktemp)
+    for spec in "28b52ffd:zstd -dcq" "fd377a585a00:xz -dcq"; do
+        magic=${spec%%:*}; cmd=${spec#*:}
+        for pos in $(od -An -v -tx1 "$img" | tr -d ' \n' | grep -ob "$magic" | cut -d: -f1); do
+            [ $((pos % 2)) -eq 0 ] || continue
+            # The payload is followed by more of the image: the
+            # decompressor complains about it after writing the kernel.
+            tail -c +$((pos / 2 + 1)) "$img" | $cmd > "$tmp" 2>/dev/null || true
+            if [ "$(head -c 4 "$tmp" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
+                chmod 644 "$tmp"
+                mv "$tmp" "$out"
+                return 0
+            fi
+        done
+    done
+    rm -f "$tmp"
+    return 1
+}
+host_pkg zstd zstd
+host_pkg xz xz-utils
+host_pkg readelf binutils
+for kdir in "$KDIR" ${BW_DIR:+"$BW_DIR"}; do
+    [ -f "$kdir/vmlinux" ] && continue
+    say "extracting $kdir/vmlinux (PVH direct boot) from vmlinuz"
+    extract_vmlinux "$kdir/vmlinuz" "$kdir/vmlinux.tmp" \
+        || die "found no zstd or xz payload that decompresses to an ELF kernel in $kdir/vmlinuz"
+    # XEN_ELFNOTE_PHYS32_ENTRY (18): the PVH entry point QEMU boots.
+    readelf -n "$kdir/vmlinux.tmp" | grep -Eq 'Xen .*(0x00000012|PHYS32_ENTRY)' \
+        || die "$kdir/vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): is the kernel built with CONFIG_PVH=y?"
+    mv "$kdir/vmlinux.tmp" "$kdir/vmlinux"
+done
 
 step 6 "checkpatch.pl from Debian's linux-source (for the driver's style check)"
 CP_DIR=$CACHE/checkpatch
@@ -343,5 +414,11 @@ in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-u
     echo "VDEVLAB_KERNEL=$KDIR/vmlinuz"
     echo "VDEVLAB_KERNEL_HEADERS=/usr/src/$HEADERS"
 } > "$CACHE/lab.env.tmp"
+# The opt-in debug kernel, once images/debug-kernel.sh has built it: keep it
+# listed (`debug` in VDEVLAB_KERNELS and its VDEVLAB_KERNEL_DEBUG_* keys).
+if [ -f "$CACHE/debug-kernel/.vdevlab-debug-kernel" ] && [ -f "$CACHE/debug-kernel/lab.env" ]; then
+    sed -i 's/^VDEVLAB_KERNELS=.*/&,debug/' "$CACHE/lab.env.tmp"
+    cat "$CACHE/debug-kernel/lab.env" >> "$CACHE/lab.env.tmp"
+fi
 mv "$CACHE/lab.env.tmp" "$CACHE/lab.env"
 say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}"

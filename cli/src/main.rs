@@ -5,13 +5,16 @@
 //! - `vdevlab test`: provision and build with progress shown, then run the
 //!   test suite (cargo-nextest);
 //! - `vdevlab prepare`: provision and build only;
-//! - `vdevlab ctl`: talk to a running device's control plane.
+//! - `vdevlab ctl`: talk to a running device's control plane;
+//! - `vdevlab bench`: latency and throughput per I/O model against the
+//!   virtio-serial baseline and a host-pipe floor, in one run.
 
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod device;
 mod faults;
 use vdevlab_lab::record::runs_file;
@@ -54,6 +57,10 @@ enum Cmd {
     /// Run a fault-injection campaign (faults/*.toml) and report how the
     /// driver held up.
     Faults(faults::FaultsArgs),
+    /// Measure round-trip latency and throughput per I/O model, against
+    /// QEMU's virtio-serial and a host pipe in the same run (tables, JSON
+    /// and SVG under target/lab-runs/bench/).
+    Bench(bench::BenchArgs),
 }
 
 fn demo(bytes: usize, seed: u64) -> Result<bool> {
@@ -162,6 +169,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Device(args) => device::run(args),
         Cmd::Faults(args) => faults::run(args),
+        Cmd::Bench(args) => bench::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -72,9 +72,25 @@ pub const ROBUSTNESS: &[&str] = &[
     "needs-reset",
 ];
 
+/// The echo scenarios of `vdevlab bench` (`models::echo`): `echo-<model>`
+/// for each of [`MODELS`]. Not printed by `list`, which names the test
+/// suite's scenarios.
+pub const ECHO: &[&str] = &[
+    "echo-blocking",
+    "echo-nonblocking",
+    "echo-select",
+    "echo-poll",
+    "echo-epoll-lt",
+    "echo-epoll-et",
+    "echo-sigio",
+    "echo-posix-aio",
+    "echo-linux-aio",
+    "echo-io-uring",
+];
+
 /// Whether `name` is a scenario this program runs.
 pub fn known_scenario(name: &str) -> bool {
-    name == MIXED || SCENARIOS.contains(&name) || ROBUSTNESS.contains(&name)
+    name == MIXED || SCENARIOS.contains(&name) || ROBUSTNESS.contains(&name) || ECHO.contains(&name)
 }
 
 /// A seeded pseudo-random stream (xorshift64*), reproducible from its seed.

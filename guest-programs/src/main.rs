@@ -22,12 +22,12 @@ use std::process::ExitCode;
 use vdevlab_guest::models::qwdev::Checked;
 use vdevlab_guest::models::teardown::How;
 use vdevlab_guest::models::{
-    blocking, epoll, ioctl_stats, linux_aio, mixed, multi_open, needs_reset, nonblocking,
+    blocking, echo, epoll, ioctl_stats, linux_aio, mixed, multi_open, needs_reset, nonblocking,
     pm_freeze, poll, posix_aio, select, sigio, teardown, uring,
 };
 use vdevlab_guest::{
-    checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, MIXED,
-    ROBUSTNESS, SCENARIOS,
+    checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
+    MIXED, ROBUSTNESS, SCENARIOS,
 };
 
 /// A robustness scenario, or `None` for the I/O-model ones.
@@ -46,6 +46,9 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
 fn dispatch(o: &Opts) -> Result<Report, String> {
     if o.scenario == MIXED {
         return mixed::run(o);
+    }
+    if ECHO.contains(&o.scenario.as_str()) {
+        return echo::run(o);
     }
     let (model, dir) =
         split_scenario(&o.scenario).ok_or_else(|| format!("unknown scenario {}", o.scenario))?;

@@ -172,9 +172,16 @@ fn prepare_kernel(
     ];
     // The kernel's own modules the driver needs, and their load order for
     // init.sh (empty where virtio is built in).
-    let names = kernel.preload_names();
+    let mut names = kernel.preload_names();
     for (path, name) in kernel.preload.iter().zip(&names) {
         files.push((format!("lib/modules/{name}.ko"), 0o644, read(path)?));
+    }
+    // Modules the benchmark needs (virtio_console), loaded after the
+    // preloads where provision.sh put them next to those.
+    for path in extra_modules(kernel) {
+        let name = path.file_stem().unwrap_or_default().to_string_lossy();
+        files.push((format!("lib/modules/{name}.ko"), 0o644, read(&path)?));
+        names.push(name.into_owned());
     }
     let list: String = names.iter().map(|n| format!("{n}\n")).collect();
     files.push(("lib/modules/preload.list".into(), 0o644, list.into_bytes()));
@@ -187,6 +194,24 @@ fn prepare_kernel(
         driver_build_log_path,
         initramfs,
     })
+}
+
+/// Kernel modules the benchmark's baseline needs, picked by name: the
+/// virtio-serial driver (`virtio_console`). Where virtio is modular,
+/// `images/provision.sh` puts them in the folder of the kernel's preloaded
+/// modules; where it is built in (trixie), there is nothing to load.
+pub const EXTRA_MODULES: &[&str] = &["virtio_console"];
+
+/// The [`EXTRA_MODULES`] that were provisioned for `kernel` (host paths).
+pub fn extra_modules(kernel: &Kernel) -> Vec<PathBuf> {
+    let Some(dir) = kernel.preload.first().and_then(|p| p.parent()) else {
+        return Vec::new();
+    };
+    EXTRA_MODULES
+        .iter()
+        .map(|m| dir.join(format!("{m}.ko")))
+        .filter(|p| p.is_file() && !kernel.preload.contains(p))
+        .collect()
 }
 
 /// The `key=value` strings of a module's `.modinfo` (NUL-separated; a scan

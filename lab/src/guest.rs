@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use vdevlab_device::control::ControlClient;
-use vdevlab_vmm_config::{Accel, VmConfig, LAB_CONFIG_TOML};
+use vdevlab_vmm_config::{Accel, VirtioSerialPort, VmConfig, LAB_CONFIG_TOML};
 
 use crate::artifacts::Artifacts;
 use crate::env::{in_root_script, runs_dir, Kernel, LabEnv, QemuRuntime, DEFAULT_KERNEL};
@@ -71,6 +71,16 @@ pub struct BootSpec {
     /// `config_status=0`, or `dyndbg=+p` for its debug lines); `virtio_id`
     /// comes from [`Self::virtio_id`].
     pub driver_params: Vec<String>,
+    /// A named virtio-serial port (QEMU only), e.g. the benchmark's
+    /// baseline: QEMU listens for its host side on `bench.sock` in the run
+    /// folder ([`Guest::bench_socket`]), and the guest's init waits for the
+    /// port and links it as `/dev/virtio-ports/<name>`, as udev would.
+    pub bench_port: Option<String>,
+    /// Boot the uncompressed ELF `vmlinux` by PVH (QEMU's `-kernel` with an
+    /// ELF kernel: no real-mode setup, no decompression in the guest)
+    /// instead of `vmlinuz`. `None`: QEMU does when `images/provision.sh`
+    /// extracted it (`kernels/<release>/vmlinux`), unless `VDEVLAB_PVH=0`.
+    pub pvh: Option<bool>,
 }
 
 impl BootSpec {
@@ -87,6 +97,8 @@ impl BootSpec {
             virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
             kernel: DEFAULT_KERNEL.to_string(),
             driver_params: Vec::new(),
+            bench_port: None,
+            pvh: None,
         }
     }
 
@@ -129,6 +141,10 @@ pub struct Guest {
     pub vmm: Vmm,
     /// The guest kernel it boots.
     pub kernel: Kernel,
+    /// The host side of [`BootSpec::bench_port`]: the Unix socket QEMU
+    /// listens on (connect once it exists; the guest sees end of file on
+    /// the port until a client is connected).
+    pub bench_socket: Option<PathBuf>,
     vmm_child: Child,
     backend: Child,
     /// Instances 1.. (see [`BootSpec::instances`]): process and control socket.
@@ -139,6 +155,8 @@ pub struct Guest {
     seen: Vec<ConsoleLine>,
     /// Lines before this index were matched already by `wait_for`.
     cursor: usize,
+    /// When the line `wait_for` last matched arrived (since VMM start).
+    matched_at: Option<Duration>,
     started: Instant,
     exited: bool,
 }
@@ -152,6 +170,57 @@ pub struct Finished {
     pub splats: Vec<Splat>,
     /// The whole console.
     pub console: String,
+}
+
+/// The kernel image `spec` boots: `vmlinux` (PVH direct boot) or
+/// `vmlinuz`; see [`BootSpec::pvh`].
+pub fn boot_image(kernel: &Kernel, spec: &BootSpec) -> Result<PathBuf> {
+    let vmlinux = kernel.image.with_file_name("vmlinux");
+    let pvh = spec.pvh.unwrap_or_else(|| {
+        spec.vmm == Vmm::Qemu
+            && std::env::var("VDEVLAB_PVH").as_deref() != Ok("0")
+            && vmlinux.is_file()
+    });
+    if !pvh {
+        return Ok(kernel.image.clone());
+    }
+    if spec.vmm != Vmm::Qemu {
+        bail!("PVH direct boot of vmlinux is set up for QEMU only");
+    }
+    if !vmlinux.is_file() {
+        bail!(
+            "no {} for a PVH boot: images/provision.sh extracts it from vmlinuz",
+            vmlinux.display()
+        );
+    }
+    Ok(vmlinux)
+}
+
+/// Longest `vdevlab.run=` value put on the kernel command line; longer run
+/// lists go into the initramfs (x86's command line holds 2048 bytes).
+const MAX_CMDLINE_RUNS: usize = 1200;
+
+/// Copy `base` (an uncompressed initramfs) to `out` and append a second
+/// newc archive holding `/vdevlab.run` = `runs`, which init.sh reads when
+/// the command line has no `vdevlab.run=`.
+fn append_runs_archive(base: &Path, out: &Path, runs: &str) -> Result<()> {
+    let extra_path = out.with_extension("runs.cpio");
+    crate::artifacts::write_initramfs(
+        &extra_path,
+        &[("vdevlab.run", 0o644, runs.as_bytes().to_vec())],
+    )?;
+    let extra = fs::read(&extra_path)?;
+    let _ = fs::remove_file(&extra_path);
+    let tmp = out.with_extension("tmp");
+    fs::copy(base, &tmp).with_context(|| format!("copying {}", base.display()))?;
+    let mut f = fs::OpenOptions::new().append(true).open(&tmp)?;
+    // Each archive must start 4-byte aligned; zeros between are skipped.
+    let len = f.metadata()?.len();
+    f.write_all(&vec![0u8; ((4 - len % 4) % 4) as usize])?;
+    f.write_all(&extra)?;
+    drop(f);
+    fs::rename(&tmp, out)?;
+    Ok(())
 }
 
 fn unique_run_dir(scenario: &str) -> Result<PathBuf> {
@@ -246,6 +315,7 @@ impl Guest {
             "{} quiet vdevlab.virtio_id={}",
             base.cmdline, spec.virtio_id
         );
+        let mut runs_file = None;
         if !spec.runs.is_empty() {
             // init.sh splits runs at ';' and arguments at ','.
             let bad = |a: &String| a.is_empty() || a.contains([',', ';', ' ', '"']);
@@ -256,7 +326,17 @@ impl Guest {
                 );
             }
             let runs: Vec<String> = spec.runs.iter().map(|r| r.join(",")).collect();
-            cmdline.push_str(&format!(" vdevlab.run={}", runs.join(";")));
+            let runs = runs.join(";");
+            if runs.len() <= MAX_CMDLINE_RUNS {
+                cmdline.push_str(&format!(" vdevlab.run={runs}"));
+            } else {
+                // Too long for the kernel command line (2048 bytes on x86):
+                // init.sh reads the same list from /vdevlab.run instead.
+                runs_file = Some(runs);
+            }
+        }
+        if let Some(name) = &spec.bench_port {
+            cmdline.push_str(&format!(" vdevlab.vport={name}"));
         }
         if !spec.driver_params.is_empty() {
             // init.sh splits them at ',' and passes them to insmod.
@@ -274,27 +354,42 @@ impl Guest {
                 spec.driver_params.join(",")
             ));
         }
-        let kernel_dir = kernel.image.parent().context("kernel path has no folder")?;
-        let kernel_name = kernel
-            .image
-            .file_name()
-            .context("kernel path has no file name")?;
-        let initramfs_name = kernel_art
-            .initramfs
+        let image = boot_image(&kernel, spec)?;
+        let kernel_dir = image.parent().context("kernel path has no folder")?;
+        // A long run list goes into a second initramfs archive appended to
+        // a copy of the kernel's (the kernel unpacks both).
+        let initramfs_host = match &runs_file {
+            Some(runs) => {
+                let copy = run_dir.join("initramfs.cpio");
+                append_runs_archive(&kernel_art.initramfs, &copy, runs)?;
+                copy
+            }
+            None => kernel_art.initramfs.clone(),
+        };
+        let kernel_name = image.file_name().context("kernel path has no file name")?;
+        let initramfs_name = initramfs_host
             .file_name()
             .context("initramfs has no file name")?;
+        let initramfs_dir = if runs_file.is_some() {
+            "/lab/run"
+        } else {
+            "/lab/artifacts"
+        };
         let in_root = spec.vmm == Vmm::Qemu && matches!(env.qemu, QemuRuntime::InRoot { .. });
-        let (kernel_path, initramfs, socket) = if in_root {
+        let bench_sock = run_dir.join("bench.sock");
+        let (kernel_path, initramfs, socket, bench_sock_vmm) = if in_root {
             (
                 Path::new("/lab/kernel").join(kernel_name),
-                Path::new("/lab/artifacts").join(initramfs_name),
+                Path::new(initramfs_dir).join(initramfs_name),
                 PathBuf::from("/lab/run/vu.sock"),
+                PathBuf::from("/lab/run/bench.sock"),
             )
         } else {
             (
-                kernel.image.clone(),
-                kernel_art.initramfs.clone(),
+                image.clone(),
+                initramfs_host.clone(),
                 vu_sock.clone(),
+                bench_sock.clone(),
             )
         };
         let mut cfg = base.clone();
@@ -315,6 +410,13 @@ impl Guest {
             d.id = format!("vu{i}");
             d.socket = first.socket.with_file_name(format!("vu{i}.sock"));
             cfg.vhost_user.push(d);
+        }
+        if let Some(name) = &spec.bench_port {
+            cfg.virtio_serial.push(VirtioSerialPort::new(
+                "bench0",
+                bench_sock_vmm,
+                name.clone(),
+            ));
         }
         let mut cmd = match spec.vmm {
             Vmm::CloudHypervisor => {
@@ -397,6 +499,7 @@ impl Guest {
             accel: spec.accel,
             vmm: spec.vmm,
             kernel,
+            bench_socket: spec.bench_port.as_ref().map(|_| bench_sock),
             vmm_child,
             backend,
             extra,
@@ -405,6 +508,7 @@ impl Guest {
             lines,
             seen: Vec::new(),
             cursor: 0,
+            matched_at: None,
             started,
             exited: false,
         })
@@ -428,8 +532,10 @@ impl Guest {
         loop {
             while self.cursor < self.seen.len() {
                 let text = &self.seen[self.cursor].text;
+                let at = self.seen[self.cursor].at;
                 self.cursor += 1;
                 if let Some(pos) = text.find(marker) {
+                    self.matched_at = Some(at);
                     return Ok(text[pos..].to_string());
                 }
                 if let Some(pos) = text.find("VDEVLAB-FAIL ") {
@@ -485,6 +591,19 @@ impl Guest {
             )
         })?;
         Ok(ControlClient::connect(ctl)?)
+    }
+
+    /// When the line that [`Guest::wait_for`] last returned reached the
+    /// host (time since the VMM started; the console reader stamps every
+    /// line as it arrives, however late the caller looks at it).
+    pub fn matched_at(&self) -> Option<Duration> {
+        self.matched_at
+    }
+
+    /// The VMM's process id (QEMU's own, also when it runs in the lab
+    /// root: the helper script execs it).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm_child.id()
     }
 
     /// Time since the VMM started.

@@ -5,6 +5,7 @@
 //! ([`splat`]) and records every run ([`record`]).
 
 pub mod artifacts;
+pub mod bench;
 pub mod campaign;
 pub mod env;
 pub mod guest;

@@ -15,6 +15,12 @@ pub(crate) fn render(cfg: &VmConfig) -> Result<Vec<String>, ConfigError> {
     if cfg.accel == Accel::Tcg {
         return Err(ConfigError::CloudHypervisorNeedsKvm);
     }
+    if let Some(port) = cfg.virtio_serial.first() {
+        return Err(ConfigError::CloudHypervisorVirtioSerialUnsupported {
+            port: port.port_ref(0),
+            name: port.name.clone(),
+        });
+    }
     for (index, dev) in cfg.vhost_user.iter().enumerate() {
         if let Some(value) = dev.reconnect_ms {
             return Err(ConfigError::CloudHypervisorReconnectUnsupported {
@@ -196,6 +202,35 @@ mod tests {
         );
         let msg = err.to_string();
         for needle in ["vhost_user[0] (vu0)", "/run/a,b.sock", "','"] {
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn virtio_serial_ports_are_refused_naming_the_limitation() {
+        let cfg = lab_kvm().with_serial_port(crate::VirtioSerialPort::new(
+            "vs0",
+            "/lab/run/bench.sock",
+            "vdevlab.bench",
+        ));
+        cfg.qemu_args().unwrap();
+        let err = cfg.cloud_hypervisor_args().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::CloudHypervisorVirtioSerialUnsupported { .. }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        for needle in [
+            "virtio_serial[0] (vs0)",
+            "Cloud Hypervisor",
+            "--console",
+            "VIRTIO_CONSOLE_F_MULTIPORT",
+            "vdevlab.bench",
+            "use QEMU",
+        ] {
             assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         }
     }

@@ -36,6 +36,35 @@ impl fmt::Display for DeviceRef {
     }
 }
 
+/// Names one entry of `virtio_serial` in error messages, e.g.
+/// `virtio_serial[0] (vs0)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRef {
+    /// Position in the `virtio_serial` list.
+    pub index: usize,
+    /// The port's `id` (may be empty when the id itself is the problem).
+    pub id: String,
+}
+
+impl PortRef {
+    pub(crate) fn new(index: usize, id: &str) -> Self {
+        Self {
+            index,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.id.is_empty() {
+            write!(f, "virtio_serial[{}]", self.index)
+        } else {
+            write!(f, "virtio_serial[{}] ({})", self.index, self.id)
+        }
+    }
+}
+
 /// Everything that can be wrong with a [`crate::VmConfig`].
 ///
 /// Every message names the offending field and value and says how to fix it.
@@ -280,5 +309,96 @@ pub enum ConfigError {
         path: PathBuf,
         /// The first unsupported character.
         ch: char,
+    },
+
+    /// A virtio-serial port's `id` is empty.
+    #[error(
+        "{port}: id is empty: give every virtio_serial port a non-empty id made of [A-Za-z0-9_-], e.g. \"vs{index}\"",
+        index = port.index
+    )]
+    EmptyPortId {
+        /// The port.
+        port: PortRef,
+    },
+
+    /// A virtio-serial port's `id` contains a character other than `[A-Za-z0-9_-]`.
+    #[error(
+        "{port}: id {id:?} contains {ch:?}: port ids become QEMU chardev ids, so only [A-Za-z0-9_-] is allowed; rename it",
+        id = port.id
+    )]
+    InvalidPortId {
+        /// The port.
+        port: PortRef,
+        /// The first forbidden character.
+        ch: char,
+    },
+
+    /// A virtio-serial port's `id` is already used by a device or another port.
+    #[error(
+        "{port}: id {id:?} is already used by {first}: ports and vhost_user devices share QEMU's chardev ids, which must be unique; rename one of them",
+        id = port.id
+    )]
+    DuplicatePortId {
+        /// The later port.
+        port: PortRef,
+        /// The device or port that has the id first, e.g. `vhost_user[0] (vu0)`.
+        first: String,
+    },
+
+    /// Two virtio-serial ports share a `name`.
+    #[error(
+        "{port}: name {name:?} is already used by virtio_serial[{first_index}]: the guest finds ports by name, so names must be unique; rename one of them"
+    )]
+    DuplicatePortName {
+        /// The later port.
+        port: PortRef,
+        /// The shared name.
+        name: String,
+        /// Index of the first port with the same name.
+        first_index: usize,
+    },
+
+    /// A virtio-serial port's `socket` path is empty.
+    #[error("{port}: socket is empty: set socket to the Unix socket path QEMU should listen on for this port")]
+    EmptyPortSocket {
+        /// The port.
+        port: PortRef,
+    },
+
+    /// A virtio-serial port's `socket` path does not fit in `sun_path`.
+    #[error(
+        "{port}: socket {path:?} is {len} bytes long: a Unix socket path must be shorter than 108 bytes (the sun_path limit, at most {MAX_SOCKET_PATH_LEN} bytes plus the NUL terminator); use a shorter directory such as /tmp or /run",
+        path = path.display()
+    )]
+    PortSocketPathTooLong {
+        /// The port.
+        port: PortRef,
+        /// The rejected path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+
+    /// A virtio-serial port's `name` is empty or has a character other
+    /// than `[A-Za-z0-9._-]`.
+    #[error(
+        "{port}: name {name:?} is invalid: a port name must be non-empty and made of [A-Za-z0-9._-] (it is a QEMU option value and the guest's /dev/virtio-ports/<name> link), e.g. \"org.example.port0\""
+    )]
+    InvalidPortName {
+        /// The port.
+        port: PortRef,
+        /// The rejected name.
+        name: String,
+    },
+
+    /// Cloud Hypervisor cannot present named virtio-serial ports.
+    #[error(
+        "{port}: virtio_serial ports are not supported by Cloud Hypervisor: its only virtio-console device (--console) is a single unnamed console port without the multiport feature (VIRTIO_CONSOLE_F_MULTIPORT), so a named port such as {name:?} cannot be presented to the guest; remove virtio_serial, or use QEMU"
+    )]
+    CloudHypervisorVirtioSerialUnsupported {
+        /// The first port.
+        port: PortRef,
+        /// Its name.
+        name: String,
     },
 }

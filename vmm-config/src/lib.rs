@@ -39,6 +39,11 @@
 //!   -chardev socket,id=<id>,path=<socket>[,reconnect-ms=<n>]
 //!   -device vhost-user-test-device-pci,chardev=<id>,virtio-id=<virtio_id>,
 //!           num_vqs=<queues>,vq_size=<size>[,config_size=<bytes>]
+//! with virtio-serial ports, after the devices:
+//!   -device virtio-serial-pci,id=vserial0
+//!   per port:
+//!   -chardev socket,id=<id>,path=<socket>,server=on,wait=off
+//!   -device virtserialport,bus=vserial0.0,chardev=<id>,name=<name>
 //! ```
 //!
 //! QEMU's option parser splits `-chardev`/`-object`/`-device` values on
@@ -63,7 +68,10 @@
 //! Cloud Hypervisor supports per-queue sizes but needs KVM (there is no TCG),
 //! has no reconnecting vhost-user client (`reconnect_ms` must be unset) and
 //! takes no config space size on the command line: the backend provides the
-//! device config space over the vhost-user `CONFIG` protocol feature.
+//! device config space over the vhost-user `CONFIG` protocol feature. It
+//! cannot present named virtio-serial ports (its `--console` is one
+//! unnamed console port, without `VIRTIO_CONSOLE_F_MULTIPORT`), so a config
+//! with `virtio_serial` ports is refused with an error that says so.
 //!
 //! # Why the guest RAM is shared memory
 //!
@@ -86,7 +94,7 @@ mod cloud_hypervisor;
 mod error;
 mod qemu;
 
-pub use error::{ConfigError, DeviceRef};
+pub use error::{ConfigError, DeviceRef, PortRef};
 
 /// The lab's default VM description (`configs/lab.toml`).
 pub const LAB_CONFIG_TOML: &str = include_str!("../configs/lab.toml");
@@ -150,7 +158,32 @@ pub struct VmConfig {
     /// vhost-user devices, in guest PCI order (TOML `[[vhost_user]]`).
     #[serde(default)]
     pub vhost_user: Vec<VhostUserDevice>,
+    /// Named virtio-serial ports whose host side is a Unix socket (TOML
+    /// `[[virtio_serial]]`). QEMU only: they share one `virtio-serial-pci`
+    /// controller, placed after the vhost-user devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio_serial: Vec<VirtioSerialPort>,
 }
+
+/// A named virtio-serial port (QEMU `virtserialport`), for instance a
+/// baseline to compare the vhost-user device with. The guest finds it by
+/// `name` in `/sys/class/virtio-ports/*/name` (udev links it as
+/// `/dev/virtio-ports/<name>`). QEMU listens on `socket`
+/// (`server=on,wait=off`): the host connects to it to talk to the port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioSerialPort {
+    /// Identifier, `[A-Za-z0-9_-]+`, unique per VM among all device and
+    /// port ids: it becomes the QEMU chardev id.
+    pub id: String,
+    /// The Unix socket QEMU listens on (shorter than 108 bytes).
+    pub socket: PathBuf,
+    /// The port's name as the guest sees it, `[A-Za-z0-9._-]+`, unique.
+    pub name: String,
+}
+
+/// Id of the `virtio-serial-pci` controller that carries the ports.
+pub const VIRTIO_SERIAL_CONTROLLER_ID: &str = "vserial0";
 
 /// A virtio device implemented by an external vhost-user backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +234,7 @@ impl VmConfig {
             vcpus: default_vcpus(),
             accel: Accel::default(),
             vhost_user: Vec::new(),
+            virtio_serial: Vec::new(),
         }
     }
 
@@ -237,6 +271,12 @@ impl VmConfig {
     /// Appends a vhost-user device.
     pub fn with_device(mut self, device: VhostUserDevice) -> Self {
         self.vhost_user.push(device);
+        self
+    }
+
+    /// Appends a virtio-serial port.
+    pub fn with_serial_port(mut self, port: VirtioSerialPort) -> Self {
+        self.virtio_serial.push(port);
         self
     }
 
@@ -308,6 +348,33 @@ impl VmConfig {
                 });
             }
             seen.insert(&dev.id, index);
+        }
+        // Port ids share QEMU's chardev namespace with the devices' ids.
+        let mut ids: HashMap<&str, String> = self
+            .vhost_user
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.as_str(), d.device_ref(i).to_string()))
+            .collect();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (index, port) in self.virtio_serial.iter().enumerate() {
+            port.validate(index)?;
+            let this = port.port_ref(index);
+            if let Some(first) = ids.get(port.id.as_str()) {
+                return Err(ConfigError::DuplicatePortId {
+                    port: this,
+                    first: first.clone(),
+                });
+            }
+            if let Some(&first_index) = names.get(port.name.as_str()) {
+                return Err(ConfigError::DuplicatePortName {
+                    port: this,
+                    name: port.name.clone(),
+                    first_index,
+                });
+            }
+            ids.insert(&port.id, this.to_string());
+            names.insert(&port.name, index);
         }
         Ok(())
     }
@@ -416,6 +483,60 @@ impl VhostUserDevice {
             return Err(ConfigError::ConfigSizeTooLarge {
                 device: device(),
                 value: self.config_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl VirtioSerialPort {
+    /// A port with host socket `socket`, named `name` in the guest.
+    pub fn new(id: impl Into<String>, socket: impl Into<PathBuf>, name: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            socket: socket.into(),
+            name: name.into(),
+        }
+    }
+
+    /// `virtio_serial[index] (id)` for error messages.
+    pub(crate) fn port_ref(&self, index: usize) -> PortRef {
+        PortRef::new(index, &self.id)
+    }
+
+    /// Per-port rules (uniqueness is checked by [`VmConfig::validate`]).
+    fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        let port = || self.port_ref(index);
+        if self.id.is_empty() {
+            return Err(ConfigError::EmptyPortId { port: port() });
+        }
+        if let Some(ch) = self
+            .id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+        {
+            return Err(ConfigError::InvalidPortId { port: port(), ch });
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(ConfigError::EmptyPortSocket { port: port() });
+        }
+        let len = self.socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH_LEN {
+            return Err(ConfigError::PortSocketPathTooLong {
+                port: port(),
+                path: self.socket.clone(),
+                len,
+            });
+        }
+        check_utf8(&format!("{}.socket", port()), &self.socket)?;
+        let bad = self
+            .name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+        if self.name.is_empty() || bad.is_some() {
+            return Err(ConfigError::InvalidPortName {
+                port: port(),
+                name: self.name.clone(),
             });
         }
         Ok(())
@@ -784,5 +905,91 @@ mod tests {
                 "{err:?}"
             );
         }
+    }
+
+    fn with_port() -> VmConfig {
+        base().with_serial_port(VirtioSerialPort::new(
+            "vs0",
+            "/lab/run/bench.sock",
+            "vdevlab.bench",
+        ))
+    }
+
+    #[test]
+    fn virtio_serial_ports_parse_validate_and_round_trip() {
+        let text = format!(
+            "{LAB_CONFIG_TOML}\n[[virtio_serial]]\nid = \"vs0\"\nsocket = \"/lab/run/bench.sock\"\nname = \"vdevlab.bench\"\n"
+        );
+        let cfg = VmConfig::from_toml_str(&text).unwrap();
+        assert_eq!(cfg, with_port());
+        cfg.validate().unwrap();
+        assert_eq!(
+            VmConfig::from_toml_str(&cfg.to_toml_string().unwrap()).unwrap(),
+            cfg
+        );
+        // No ports: nothing is written, so older readers still parse it.
+        assert!(!base().to_toml_string().unwrap().contains("virtio_serial"));
+        let typo = text.replace("name = ", "nmae = ");
+        assert_mentions(
+            &VmConfig::from_toml_str(&typo).unwrap_err().to_string(),
+            &["unknown field", "nmae"],
+        );
+    }
+
+    #[test]
+    fn virtio_serial_port_errors_name_the_port() {
+        let mut cfg = with_port();
+        cfg.virtio_serial[0].id = String::new();
+        assert_mentions(&err_of(&cfg), &["virtio_serial[0]", "id is empty"]);
+        let mut cfg = with_port();
+        cfg.virtio_serial[0].id = "v s".into();
+        assert_mentions(&err_of(&cfg), &["virtio_serial[0] (v s)", "' '"]);
+        let mut cfg = with_port();
+        cfg.virtio_serial[0].socket = PathBuf::new();
+        assert_mentions(
+            &err_of(&cfg),
+            &["virtio_serial[0] (vs0)", "socket is empty"],
+        );
+        let mut cfg = with_port();
+        cfg.virtio_serial[0].socket = format!("/{}", "s".repeat(107)).into();
+        assert_mentions(&err_of(&cfg), &["virtio_serial[0] (vs0)", "108 bytes"]);
+        for bad in ["", "a,b", "a b", "a/b"] {
+            let mut cfg = with_port();
+            cfg.virtio_serial[0].name = bad.into();
+            assert_mentions(
+                &err_of(&cfg),
+                &[
+                    "virtio_serial[0] (vs0)",
+                    &format!("name {bad:?}"),
+                    "[A-Za-z0-9._-]",
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn virtio_serial_ids_and_names_must_be_unique() {
+        // A port may not reuse a vhost-user device's id (both are chardevs).
+        let mut cfg = with_port();
+        cfg.virtio_serial[0].id = "vu0".into();
+        assert_mentions(
+            &err_of(&cfg),
+            &["virtio_serial[0] (vu0)", "vhost_user[0] (vu0)", "unique"],
+        );
+        let cfg = with_port().with_serial_port(VirtioSerialPort::new("vs0", "/s2", "other"));
+        assert_mentions(
+            &err_of(&cfg),
+            &["virtio_serial[1] (vs0)", "virtio_serial[0] (vs0)"],
+        );
+        let cfg =
+            with_port().with_serial_port(VirtioSerialPort::new("vs1", "/s2", "vdevlab.bench"));
+        assert_mentions(
+            &err_of(&cfg),
+            &[
+                "virtio_serial[1] (vs1)",
+                "\"vdevlab.bench\"",
+                "virtio_serial[0]",
+            ],
+        );
     }
 }

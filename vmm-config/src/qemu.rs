@@ -1,6 +1,9 @@
 //! QEMU (>= 10.2) rendering with `vhost-user-test-device-pci`.
 
-use crate::{path_str, Accel, ConfigError, VmConfig, QEMU_MAX_QUEUE_SIZE, QEMU_MAX_VIRTIO_ID};
+use crate::{
+    path_str, Accel, ConfigError, VmConfig, QEMU_MAX_QUEUE_SIZE, QEMU_MAX_VIRTIO_ID,
+    VIRTIO_SERIAL_CONTROLLER_ID,
+};
 
 /// Escapes a value for QEMU's `key=value,...` option syntax: a literal
 /// comma is written as `,,`.
@@ -85,6 +88,31 @@ pub(crate) fn render(cfg: &VmConfig) -> Result<Vec<String>, ConfigError> {
             device.push_str(&format!(",config_size={}", dev.config_size));
         }
         push(&["-chardev", &chardev, "-device", &device]);
+    }
+
+    // Named virtio-serial ports: one controller after the vhost-user
+    // devices (so their PCI slots do not move), QEMU listening on each
+    // port's socket without waiting for a client.
+    if !cfg.virtio_serial.is_empty() {
+        push(&[
+            "-device",
+            &format!("virtio-serial-pci,id={VIRTIO_SERIAL_CONTROLLER_ID}"),
+        ]);
+    }
+    for port in &cfg.virtio_serial {
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id={},path={},server=on,wait=off",
+                port.id,
+                escape_opt_value(path_str(&port.socket))
+            ),
+            "-device",
+            &format!(
+                "virtserialport,bus={VIRTIO_SERIAL_CONTROLLER_ID}.0,chardev={},name={}",
+                port.id, port.name
+            ),
+        ]);
     }
     Ok(args)
 }
@@ -289,5 +317,44 @@ mod tests {
         for needle in ["vhost_user[0] (vu0)", "2048", "VIRTQUEUE_MAX_SIZE", "1024"] {
             assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         }
+    }
+
+    #[test]
+    fn virtio_serial_ports_follow_the_devices_on_one_controller() {
+        use crate::VirtioSerialPort;
+        let cfg = lab()
+            .with_serial_port(VirtioSerialPort::new(
+                "vs0",
+                "/lab/run/bench.sock",
+                "vdevlab.bench",
+            ))
+            .with_serial_port(VirtioSerialPort::new("vs1", "/run/a,b.sock", "second"));
+        let args = cfg.qemu_args().unwrap();
+        assert_eq!(
+            &args[args.len() - 14..],
+            argv(&[
+                "-chardev",
+                "socket,id=vu0,path=/lab/vu.sock",
+                "-device",
+                "vhost-user-test-device-pci,chardev=vu0,virtio-id=21,num_vqs=2,vq_size=256,config_size=48",
+                "-device",
+                "virtio-serial-pci,id=vserial0",
+                "-chardev",
+                "socket,id=vs0,path=/lab/run/bench.sock,server=on,wait=off",
+                "-device",
+                "virtserialport,bus=vserial0.0,chardev=vs0,name=vdevlab.bench",
+                "-chardev",
+                "socket,id=vs1,path=/run/a,,b.sock,server=on,wait=off",
+                "-device",
+                "virtserialport,bus=vserial0.0,chardev=vs1,name=second",
+            ])
+            .as_slice()
+        );
+        // Without ports, no controller.
+        assert!(!lab()
+            .qemu_args()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains("virtio-serial")));
     }
 }

@@ -13,6 +13,7 @@
 //! start, else every observation and the list of checks that failed.
 
 pub mod blocking;
+pub mod echo;
 pub mod epoll;
 pub mod ioctl_stats;
 pub mod linux_aio;

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Build the lab's debug guest kernel from Debian's linux-source-* and list it
+# in lab.env as the third guest kernel, `debug` (opt-in: nothing builds it
+# unless you run this script; CI never does).
+#
+#   $VDEVLAB_CACHE/debug-kernel/linux-source-<v>/   the kernel tree, built
+#                       in place (bzImage + modules_prepare): the driver is
+#                       built against it with `make -C <tree> M=<dir>`
+#   $VDEVLAB_CACHE/debug-kernel/vmlinuz             the image
+#   $VDEVLAB_CACHE/debug-kernel/config              its .config
+#   $VDEVLAB_CACHE/debug-kernel/lab.env             its VDEVLAB_KERNEL_DEBUG_*
+#                       keys; provision.sh and this script merge them into
+#                       $VDEVLAB_CACHE/lab.env
+#   $VDEVLAB_CACHE/debug-kernel/build-seconds       the build's wall time
+#   $VDEVLAB_CACHE/debug-kernel/.vdevlab-debug-kernel   the stamp
+#
+# The kernel: x86_64_defconfig with the big subsystems the lab never uses
+# switched off (DRM, sound, USB, wireless, netfilter, ...), everything the
+# lab's guests need built in (virtio-pci, the serial console, initramfs,
+# devtmpfs, aio, io_uring, pm_test, PCI hotplug, dynamic debug, ...), and the
+# debug options: generic inline KASAN, PROVE_LOCKING, DEBUG_ATOMIC_SLEEP,
+# DEBUG_LIST and the kernel's fault injection (failslab, fail_page_alloc,
+# with their debugfs knobs). It is built by the host's gcc, so the driver is
+# built on the host too (BUILD_ROOT=host), like for the bookworm kernel.
+#
+# Needs: root (apt-get for the build dependencies), the host's apt offering
+# a linux-source-<major.minor> package (Debian bookworm: 6.1, and 6.12 from
+# bookworm-backports; the newest is taken, or VDEVLAB_DEBUG_SOURCE=
+# linux-source-6.1), and images/provision.sh run first (for lab.env).
+# Two CPUs take about half an hour. Idempotent: a second run with the stamp
+# in place only re-registers the kernel in lab.env.
+set -euo pipefail
+
+CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
+DK=$CACHE/debug-kernel
+# Bump when the config below changes: the kernel is then rebuilt.
+STAMP_VERSION=1
+JOBS=${VDEVLAB_DEBUG_JOBS:-$(nproc)}
+say() { printf '[vdevlab debug-kernel] %s\n' "$*" >&2; }
+die() { printf '[vdevlab debug-kernel] error: %s\n' "$*" >&2; exit 1; }
+step() { say "($1/6) $2"; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root: it installs the kernel's build dependencies with apt-get. Re-run with sudo."
+[ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
+[ -f "$CACHE/lab.env" ] || die "no $CACHE/lab.env: run 'sudo images/provision.sh' first (the debug kernel's guests use the lab's QEMU and busybox)"
+command -v apt-get >/dev/null 2>&1 || die "this host has no apt-get: the debug kernel is built from Debian's linux-source package"
+mkdir -p "$DK"
+
+# One build at a time.
+exec 9>"$DK/.lock"
+flock -n 9 || die "another debug-kernel.sh is running (lock $DK/.lock); wait for it"
+
+# The lab.env merge, shared with provision.sh: add `debug` to
+# VDEVLAB_KERNELS and (re)place the VDEVLAB_KERNEL_DEBUG_* keys.
+register() {
+    local env=$CACHE/lab.env
+    # Under provision.sh's lock, which rewrites lab.env on every run.
+    exec 8>"$CACHE/.provision.lock"
+    flock 8
+    {
+        grep -v '^VDEVLAB_KERNEL_DEBUG_' "$env" | sed '/^VDEVLAB_KERNELS=/{/[=,]debug\(,\|$\)/!s/$/,debug/}'
+        cat "$DK/lab.env"
+    } > "$env.debug.tmp"
+    mv "$env.debug.tmp" "$env"
+    flock -u 8
+    say "registered in $env: VDEVLAB_KERNELS=$(sed -n 's/^VDEVLAB_KERNELS=//p' "$env")"
+}
+
+step 1 "host build dependencies"
+DEPS="build-essential gcc-12 make bc bison flex libelf-dev libssl-dev cpio xz-utils kmod python3"
+missing=""
+for p in $DEPS; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    say "installing:$missing"
+    apt-get update -q >&2 || die "apt-get update failed on the host"
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2 \
+        || die "could not install the build dependencies: apt-get install$missing"
+else
+    say "installed"
+fi
+
+step 2 "Debian kernel source"
+SRC=${VDEVLAB_DEBUG_SOURCE:-}
+if [ -z "$SRC" ]; then
+    SRC=$(apt-cache search --names-only '^linux-source-[0-9.]+$' 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1)
+fi
+[ -n "$SRC" ] || die "no linux-source-* package in the host's apt lists: run apt-get update, or add bookworm-backports (linux-source-6.12) to the host's apt sources"
+VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+[ -n "$VER" ] && [ "$VER" != "(none)" ] || die "$SRC has no candidate version on the host's apt (apt-cache policy $SRC)"
+WANT="$STAMP_VERSION $SRC $VER"
+say "$SRC $VER"
+
+if [ "$(cat "$DK/.vdevlab-debug-kernel" 2>/dev/null)" = "$WANT" ] && [ -f "$DK/lab.env" ]; then
+    say "cached ($(sed -n 's/^VDEVLAB_KERNEL_DEBUG_RELEASE=//p' "$DK/lab.env"), built in $(cat "$DK/build-seconds" 2>/dev/null || echo '?') s)"
+    step 6 "lab.env"
+    register
+    exit 0
+fi
+rm -f "$DK/.vdevlab-debug-kernel"
+
+TREE=$DK/$SRC
+if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
+    rm -rf "$TREE" "$DK/dl" && mkdir -p "$DK/dl"
+    say "downloading $SRC $VER (about 150 MB)"
+    (cd "$DK/dl" && apt-get download -q -o APT::Sandbox::User=root "$SRC=$VER" >&2) \
+        || die "apt-get download $SRC=$VER failed (stale lists? run apt-get update)"
+    say "unpacking into $TREE (a minute or two)"
+    dpkg-deb --fsys-tarfile "$DK"/dl/"$SRC"_*.deb | tar -xO --wildcards '*/linux-source-*.tar.xz' \
+        | tar -xJ -C "$DK" || die "could not unpack the source tarball of $SRC"
+    [ -f "$TREE/Makefile" ] || die "no $TREE/Makefile after unpacking $SRC (the tarball's top folder is not $SRC?)"
+    rm -rf "$DK/dl"
+    echo "$SRC $VER" > "$TREE/.vdevlab-source"
+else
+    say "unpacked ($TREE)"
+fi
+
+step 3 "configuring (x86_64_defconfig + the lab's needs + debug options)"
+cd "$TREE"
+export ARCH=x86_64
+make -s x86_64_defconfig >&2 || die "make x86_64_defconfig failed in $TREE"
+C() { scripts/config --file .config "$@"; }
+# What the lab's guests need, built in.
+ENABLE="PCI VIRTIO_MENU VIRTIO VIRTIO_PCI VIRTIO_CONSOLE TTY SERIAL_8250 SERIAL_8250_CONSOLE
+  BLK_DEV_INITRD DEVTMPFS DEVTMPFS_MOUNT PROC_FS SYSFS TMPFS BINFMT_ELF BINFMT_SCRIPT
+  MODULES MODULE_UNLOAD AIO IO_URING EPOLL SIGNALFD EVENTFD TIMERFD FHANDLE FUTEX
+  SUSPEND PM_SLEEP PM_DEBUG PM_SLEEP_DEBUG HOTPLUG_PCI ACPI HOTPLUG_PCI_ACPI
+  DYNAMIC_DEBUG HYPERVISOR_GUEST PARAVIRT PVH KVM_GUEST NUMA MEMFD_CREATE
+  DEBUG_KERNEL DEBUG_FS DEBUG_FS_ALLOW_ALL MAGIC_SYSRQ DETECT_HUNG_TASK SOFTLOCKUP_DETECTOR
+  KASAN KASAN_GENERIC KASAN_INLINE PROVE_LOCKING DEBUG_ATOMIC_SLEEP DEBUG_LIST
+  FAULT_INJECTION FAILSLAB FAIL_PAGE_ALLOC FAULT_INJECTION_DEBUG_FS STACKTRACE"
+# Big and useless here: off, for a shorter build (and no debug info).
+DISABLE="DRM SOUND USB_SUPPORT WLAN WIRELESS CFG80211 MAC80211 RFKILL BT NETFILTER
+  IPV6 ETHERNET NET_VENDOR_INTEL HID INPUT_JOYSTICK INPUT_TABLET INPUT_TOUCHSCREEN
+  AGP FB FRAMEBUFFER_CONSOLE NFS_FS NETWORK_FILESYSTEMS MD ATA SCSI BLK_DEV_SD
+  MACINTOSH_DRIVERS THERMAL HWMON WATCHDOG EFI KEXEC CRASH_DUMP HIBERNATION
+  DEBUG_INFO DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT DEBUG_INFO_DWARF4 DEBUG_INFO_DWARF5 DEBUG_INFO_BTF
+  KASAN_OUTLINE KASAN_SW_TAGS KASAN_HW_TAGS MODULE_SIG WERROR LOCALVERSION_AUTO"
+# shellcheck disable=SC2086
+for o in $ENABLE; do C --enable "$o"; done
+# shellcheck disable=SC2086
+for o in $DISABLE; do C --disable "$o"; done
+C --enable DEBUG_INFO_NONE
+C --set-str LOCALVERSION "-vdevlab-debug"
+C --set-str SYSTEM_TRUSTED_KEYS "" --set-str SYSTEM_REVOCATION_KEYS ""
+make -s olddefconfig >&2 || die "make olddefconfig failed in $TREE"
+# Verify: olddefconfig silently drops what it cannot satisfy.
+REQUIRED="PCI VIRTIO VIRTIO_PCI VIRTIO_CONSOLE SERIAL_8250_CONSOLE BLK_DEV_INITRD DEVTMPFS
+  PROC_FS SYSFS MODULES MODULE_UNLOAD AIO IO_URING EPOLL SIGNALFD EVENTFD TIMERFD FHANDLE
+  PM_SLEEP PM_DEBUG HOTPLUG_PCI HOTPLUG_PCI_ACPI DYNAMIC_DEBUG PVH DETECT_HUNG_TASK
+  DEBUG_KERNEL KASAN KASAN_GENERIC KASAN_INLINE PROVE_LOCKING DEBUG_ATOMIC_SLEEP DEBUG_LIST
+  FAULT_INJECTION FAILSLAB FAIL_PAGE_ALLOC FAULT_INJECTION_DEBUG_FS"
+bad=""
+for o in $REQUIRED; do grep -qx "CONFIG_$o=y" .config || bad="$bad $o"; done
+[ -z "$bad" ] || die "after 'make olddefconfig' these are not =y in $TREE/.config:$bad (a missing dependency in $SRC? see 'make menuconfig' / scripts/config)"
+say "config verified: $(echo $REQUIRED | wc -w) options built in"
+
+step 4 "building bzImage + modules_prepare with -j$JOBS (about half an hour on two CPUs; log: $DK/build.log)"
+start=$(date +%s)
+if ! make -j"$JOBS" bzImage modules_prepare > "$DK/build.log" 2>&1; then
+    tail -n 30 "$DK/build.log" >&2
+    die "the kernel build failed: see $DK/build.log"
+fi
+# Module.symvers lists vmlinux's exports for out-of-tree modules; `make
+# vmlinux` writes it, older trees only in `make modules`.
+if [ ! -s Module.symvers ]; then
+    say "no Module.symvers after bzImage; building the in-tree modules for it"
+    make -j"$JOBS" modules >> "$DK/build.log" 2>&1 || { tail -n 30 "$DK/build.log" >&2; die "make modules failed: see $DK/build.log"; }
+fi
+[ -s Module.symvers ] || die "no Module.symvers in $TREE: out-of-tree modules cannot be linked against it"
+secs=$(( $(date +%s) - start ))
+echo "$secs" > "$DK/build-seconds"
+say "built in ${secs} s ($(( secs / 60 )) min $(( secs % 60 )) s)"
+
+step 5 "installing the image"
+REL=$(make -s kernelrelease)
+[ -n "$REL" ] || die "make kernelrelease printed nothing in $TREE"
+cp arch/x86/boot/bzImage "$DK/vmlinuz.tmp" && mv "$DK/vmlinuz.tmp" "$DK/vmlinuz"
+cp .config "$DK/config"
+{
+    echo "VDEVLAB_KERNEL_DEBUG_RELEASE=$REL"
+    echo "VDEVLAB_KERNEL_DEBUG_IMAGE=$DK/vmlinuz"
+    echo "VDEVLAB_KERNEL_DEBUG_HEADERS=$TREE"
+    echo "VDEVLAB_KERNEL_DEBUG_BUILD_ROOT=host"
+    echo "VDEVLAB_KERNEL_DEBUG_MODULES="
+} > "$DK/lab.env"
+echo "$WANT" > "$DK/.vdevlab-debug-kernel"
+
+step 6 "lab.env"
+register
+say "ready: debug kernel $REL ($SRC $VER), built in ${secs} s; run: ./vdevlab faults --kernel debug"

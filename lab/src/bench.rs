@@ -1,0 +1,1455 @@
+//! `vdevlab bench`: round-trip latency and throughput of the qw device per
+//! I/O model, against baselines measured in the same guest and run.
+//!
+//! One boot of the lab guest carries the qw device and a named
+//! virtio-serial port (QEMU's built-in `virtio-serial-pci` +
+//! `virtserialport`, the baseline), and runs, in order:
+//!
+//! 1. per model, `echo-<model>` on `/dev/qw0` and then on the port
+//!    (`/dev/virtio-ports/vdevlab.bench`): the host sends one 16-byte
+//!    stamped message (sequence number, host timestamp) at a time and times
+//!    its return, host side. For qw the message goes in through the control
+//!    socket (`inject`) and comes back through it (`capture`, polled); for
+//!    the port through QEMU's chardev socket. The first messages are a
+//!    warm-up and are not counted.
+//! 2. per transfer size: the blocking stream scenario on `/dev/zero` and
+//!    `/dev/null` in the guest (no transport: the guest program's own
+//!    ceiling, system calls, copies and the SHA-256 it keeps of the
+//!    stream), then per model and direction the suite's stream scenarios
+//!    (`<model>-rx`, `<model>-tx`, `--chunk` = the size) on qw and then on
+//!    the port. The host feeds qw through a file source (which skips the
+//!    control socket's hex encoding) and the port through its socket; it
+//!    drains qw's capture with `reset` as it fills and reads the port's
+//!    socket. Each run is timed host side from the arrival of its
+//!    `VDEVLAB-READY` line (stamped by the console reader) to the end: rx,
+//!    the arrival of the `VDEVLAB-RESULT` line (the program read it all);
+//!    tx, the last byte reaching the host (qw's `tx_bytes` counter, polled
+//!    every 0.5 ms; the port's socket).
+//!
+//! The floor is the same echo and the same streams between two threads of
+//! this process over a pair of pipes: no guest, no VMM.
+//!
+//! Combinations that cannot work are reported, not hidden: `linux-aio` on
+//! the port fails (`io_submit` gives `EINVAL`: virtio_console has no
+//! `read_iter`/`write_iter`), and `sigio-tx` on the port is not run (see
+//! [`unsupported`]).
+//!
+//! Benchmarks measure; nothing here asserts a timing.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use vdevlab_device::control::{ControlClient, Request};
+use vdevlab_device::sources::SourceConfig;
+
+use crate::guest::{BootSpec, Guest, Vmm};
+use crate::record::{self, RunRecord, Verdict};
+use crate::scenario::pattern;
+use crate::Lab;
+
+/// The I/O models, in the suite's order.
+pub use vdevlab_guest::MODELS;
+
+/// The virtio-serial port's name in the guest.
+pub const PORT_NAME: &str = "vdevlab.bench";
+/// The port's device path in the guest (linked by init.sh).
+pub const PORT_PATH: &str = "/dev/virtio-ports/vdevlab.bench";
+/// Bytes per echo message: sequence number and host timestamp.
+pub const MSG_LEN: usize = 16;
+/// Transfer sizes of the throughput runs.
+pub const SIZES: [usize; 3] = [64, 4096, 65536];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The guest kernel's name.
+    pub kernel: String,
+    /// Latency samples per model and device (after the warm-up).
+    pub samples: usize,
+    /// Warm-up messages per echo run (not counted).
+    pub warmup: usize,
+    /// The I/O models, in order.
+    pub models: Vec<String>,
+    /// Transfer sizes of the throughput runs.
+    pub sizes: Vec<usize>,
+    /// Bytes moved per throughput run, per size (same order as `sizes`).
+    pub stream_bytes: Vec<usize>,
+    /// Skip the throughput runs.
+    pub no_throughput: bool,
+    /// Extra boots without any scenario, to measure boot time.
+    pub boot_runs: usize,
+    /// How long the host sleeps between two `capture` polls while it waits
+    /// for a qw echo, in µs (0: poll back to back).
+    pub poll_us: u64,
+}
+
+impl BenchOptions {
+    /// The full run: 10,000 samples per model and device, and streams of
+    /// 1 MiB (64 B), 8 MiB (4 KiB) and 32 MiB (64 KiB).
+    pub fn full(kernel: &str) -> Self {
+        Self {
+            kernel: kernel.into(),
+            samples: 10_000,
+            warmup: 200,
+            models: vdevlab_guest::MODELS
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            sizes: SIZES.to_vec(),
+            stream_bytes: vec![1 << 20, 8 << 20, 32 << 20],
+            no_throughput: false,
+            boot_runs: 0,
+            poll_us: 0,
+        }
+    }
+
+    /// A quick run: 1,000 samples and shorter streams (256 KiB, 2 MiB,
+    /// 8 MiB).
+    pub fn quick(kernel: &str) -> Self {
+        Self {
+            samples: 1000,
+            warmup: 50,
+            stream_bytes: vec![256 << 10, 2 << 20, 8 << 20],
+            ..Self::full(kernel)
+        }
+    }
+}
+
+/// The devices compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Device {
+    /// The qw device (vhost-user backend, the lab's driver).
+    Qw,
+    /// QEMU's virtio-serial port (virtio_console), the baseline.
+    VirtioSerial,
+    /// Two host threads over pipes, the floor.
+    Pipe,
+    /// The guest program alone: the blocking stream scenario reading
+    /// `/dev/zero` or writing `/dev/null` in the guest. No transport at
+    /// all: the ceiling the guest program itself (system calls, copies and
+    /// the SHA-256 it keeps of the stream) allows under this accelerator.
+    GuestNull,
+}
+
+impl Device {
+    /// Its name in tables and files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Qw => "qw",
+            Device::VirtioSerial => "virtio-serial",
+            Device::Pipe => "pipe",
+            Device::GuestNull => "guest-null",
+        }
+    }
+
+    fn guest_path(self, dir: Dir) -> &'static str {
+        match (self, dir) {
+            (Device::Qw, _) => "/dev/qw0",
+            (Device::GuestNull, Dir::Rx) => "/dev/zero",
+            (Device::GuestNull, Dir::Tx) => "/dev/null",
+            _ => PORT_PATH,
+        }
+    }
+}
+
+/// Percentiles of a set of round-trip times, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Samples.
+    pub n: usize,
+    /// Mean.
+    pub mean_ns: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Largest.
+    pub max_ns: u64,
+}
+
+/// The `q`-quantile (0..=1) of sorted samples, nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl Summary {
+    /// The summary of `samples` (any order).
+    pub fn of(samples: &[u64]) -> Self {
+        let mut s = samples.to_vec();
+        s.sort_unstable();
+        if s.is_empty() {
+            return Self::default();
+        }
+        Self {
+            n: s.len(),
+            mean_ns: (s.iter().map(|&v| v as u128).sum::<u128>() / s.len() as u128) as u64,
+            p50_ns: quantile(&s, 0.5),
+            p90_ns: quantile(&s, 0.9),
+            p99_ns: quantile(&s, 0.99),
+            p999_ns: quantile(&s, 0.999),
+            max_ns: s[s.len() - 1],
+        }
+    }
+}
+
+/// One echo run: a model on a device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// The I/O model (`blocking`, ...; `blocking` for the pipe floor).
+    pub model: String,
+    /// The device.
+    pub device: Device,
+    /// The percentiles.
+    pub summary: Summary,
+    /// Every round-trip time, in order, ns.
+    pub samples_ns: Vec<u64>,
+    /// qw only: the round trips of the `inject` requests (part of every
+    /// sample: the message is on its way once the device replied).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inject: Option<Summary>,
+    /// qw only: `capture` requests per echo, mean (the echo is seen up to
+    /// one capture round trip after it reached the device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture_polls_mean: Option<f64>,
+    /// What the guest program reported (its counters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<serde_json::Value>,
+    /// Why the run failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Which way a throughput run moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dir {
+    /// Host to guest program.
+    Rx,
+    /// Guest program to host.
+    Tx,
+}
+
+impl Dir {
+    /// `rx` or `tx`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dir::Rx => "rx",
+            Dir::Tx => "tx",
+        }
+    }
+}
+
+/// One throughput run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// The I/O model.
+    pub model: String,
+    /// The device.
+    pub device: Device,
+    /// The direction.
+    pub dir: Dir,
+    /// Bytes per read/write call (`--chunk`).
+    pub size: usize,
+    /// Bytes moved.
+    pub bytes: usize,
+    /// Wall-clock seconds of the timed window.
+    pub secs: f64,
+    /// 10^6 bytes per second.
+    pub mb_per_s: f64,
+    /// `size`-byte transfers per second.
+    pub msgs_per_s: f64,
+    /// What the guest program reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<serde_json::Value>,
+    /// Why the run failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Boot times, ms from VMM start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BootTimes {
+    /// The kernel image booted: `vmlinux` (PVH direct boot) or `vmlinuz`.
+    pub image: String,
+    /// To the guest's init (`VDEVLAB-BOOT`).
+    pub boot_ms: Option<u64>,
+    /// To the driver bound (`VDEVLAB-DRIVER-READY`).
+    pub driver_ready_ms: Option<u64>,
+    /// CPU time the VMM process had used by then (all its threads): less
+    /// sensitive than wall time to other load on a shared machine.
+    pub vmm_cpu_ms: Option<u64>,
+}
+
+/// CPU time (user + system) of process `pid` so far, ms.
+fn cpu_ms(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1000 / hz)
+}
+
+/// Where and how the figures were taken.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Host CPUs online.
+    pub cpus: usize,
+    /// Host CPU model.
+    pub cpu_model: String,
+    /// Host kernel release.
+    pub host_kernel: String,
+    /// Load averages (1, 5, 15 min) at the start and at the end.
+    pub loadavg_start: String,
+    /// See `loadavg_start`.
+    pub loadavg_end: String,
+    /// The VMM's version line.
+    pub vmm: String,
+    /// `tcg` or `kvm`.
+    pub accel: String,
+    /// The guest kernel: series and release.
+    pub guest_kernel: String,
+}
+
+/// Everything one `vdevlab bench` run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Unix time of the start.
+    pub ts: u64,
+    /// The machine.
+    pub machine: Machine,
+    /// Latency samples per model and device (after `warmup` messages).
+    pub samples: usize,
+    /// Warm-up messages per echo run.
+    pub warmup: usize,
+    /// The bench boot's own boot times.
+    pub boot: BootTimes,
+    /// Boots without scenario (`boot_runs`), each.
+    pub boot_runs: Vec<BootTimes>,
+    /// The control socket's own round trip (`ping`), for reading qw's
+    /// latency: a qw round trip includes at least two of them (inject,
+    /// capture).
+    pub control_rtt: Summary,
+    /// Echo runs: qw and virtio-serial per model, and the pipe floor.
+    pub latency: Vec<Latency>,
+    /// Throughput runs.
+    pub throughput: Vec<Throughput>,
+    /// The guest's console.
+    pub console: Option<PathBuf>,
+    /// Wall-clock seconds of the whole bench.
+    pub duration_s: f64,
+    /// Why the bench boot ended early or failed (the steps after the
+    /// failure are missing), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
+}
+
+impl BenchReport {
+    /// The echo run of `model` on `device`.
+    pub fn latency_of(&self, model: &str, device: Device) -> Option<&Latency> {
+        self.latency
+            .iter()
+            .find(|l| l.model == model && l.device == device)
+    }
+
+    /// The throughput run of `model`, `device`, `dir`, `size`.
+    pub fn throughput_of(
+        &self,
+        model: &str,
+        device: Device,
+        dir: Dir,
+        size: usize,
+    ) -> Option<&Throughput> {
+        self.throughput
+            .iter()
+            .find(|t| t.model == model && t.device == device && t.dir == dir && t.size == size)
+    }
+}
+
+/// An echo message: sequence number and host timestamp (ns since the
+/// bench's epoch), little endian.
+pub fn encode_msg(seq: u64, stamp_ns: u64) -> [u8; MSG_LEN] {
+    let mut m = [0u8; MSG_LEN];
+    m[..8].copy_from_slice(&seq.to_le_bytes());
+    m[8..].copy_from_slice(&stamp_ns.to_le_bytes());
+    m
+}
+
+/// The sequence number and timestamp of an echo message.
+pub fn decode_msg(m: &[u8; MSG_LEN]) -> (u64, u64) {
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&m[..8]);
+    b.copy_from_slice(&m[8..]);
+    (u64::from_le_bytes(a), u64::from_le_bytes(b))
+}
+
+/// One step of the guest's plan.
+#[derive(Debug, Clone)]
+enum Step {
+    Echo {
+        model: String,
+        device: Device,
+        msgs: usize,
+    },
+    Stream {
+        model: String,
+        device: Device,
+        dir: Dir,
+        size: usize,
+        bytes: usize,
+        seed: u64,
+    },
+}
+
+impl Step {
+    fn scenario(&self) -> String {
+        match self {
+            Step::Echo { model, .. } => format!("echo-{model}"),
+            Step::Stream { model, dir, .. } => format!("{model}-{}", dir.name()),
+        }
+    }
+
+    fn guest_args(&self) -> Vec<String> {
+        let mut a = vec![self.scenario()];
+        match self {
+            Step::Echo { device, msgs, .. } => a.extend([
+                "--device".into(),
+                device.guest_path(Dir::Rx).into(),
+                "--bytes".into(),
+                (msgs * MSG_LEN).to_string(),
+                "--chunk".into(),
+                "4096".into(),
+            ]),
+            Step::Stream {
+                device,
+                size,
+                bytes,
+                seed,
+                dir,
+                ..
+            } => {
+                a.extend([
+                    "--device".into(),
+                    device.guest_path(*dir).into(),
+                    "--bytes".into(),
+                    bytes.to_string(),
+                    "--chunk".into(),
+                    size.to_string(),
+                ]);
+                if *dir == Dir::Tx {
+                    a.extend(["--seed".into(), seed.to_string()]);
+                }
+            }
+        }
+        a
+    }
+}
+
+/// Why a stream run cannot work on a device, if it cannot: it is then
+/// reported as not run rather than left to hang the guest.
+pub fn unsupported(model: &str, device: Device, dir: Dir) -> Option<&'static str> {
+    match (model, device, dir) {
+        ("sigio", Device::VirtioSerial, Dir::Tx) => Some(
+            "not run: virtio_console sends SIGIO only when data arrives or the host \
+             opens/closes the port (send_sigio_to_port), never when the port becomes writable \
+             again, so sigio-tx waits for good once the port's queue is full",
+        ),
+        _ => None,
+    }
+}
+
+impl Step {
+    fn runs_in_guest(&self) -> bool {
+        match self {
+            Step::Echo { .. } => true,
+            Step::Stream {
+                model, device, dir, ..
+            } => unsupported(model, *device, *dir).is_none(),
+        }
+    }
+}
+
+fn plan(o: &BenchOptions) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for model in &o.models {
+        for device in [Device::Qw, Device::VirtioSerial] {
+            steps.push(Step::Echo {
+                model: model.clone(),
+                device,
+                msgs: o.warmup + o.samples,
+            });
+        }
+    }
+    if !o.no_throughput {
+        let mut seed = 0xbe_0000;
+        for (&size, &bytes) in o.sizes.iter().zip(&o.stream_bytes) {
+            // The guest program's own ceiling at this size, first.
+            for dir in [Dir::Rx, Dir::Tx] {
+                seed += 1;
+                steps.push(Step::Stream {
+                    model: "blocking".into(),
+                    device: Device::GuestNull,
+                    dir,
+                    size,
+                    bytes,
+                    seed,
+                });
+            }
+            for model in &o.models {
+                for dir in [Dir::Rx, Dir::Tx] {
+                    for device in [Device::Qw, Device::VirtioSerial] {
+                        seed += 1;
+                        steps.push(Step::Stream {
+                            model: model.clone(),
+                            device,
+                            dir,
+                            size,
+                            bytes,
+                            seed,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    steps
+}
+
+/// A marker line of `scenario`: its READY, or its RESULT (the program
+/// ended, possibly before getting ready).
+enum Mark {
+    Ready,
+    Result(serde_json::Value),
+}
+
+fn next_mark(guest: &mut Guest, scenario: &str, timeout: Duration) -> Result<Mark> {
+    let ready = format!("VDEVLAB-READY {scenario}");
+    let result = format!("VDEVLAB-RESULT {{\"scenario\":\"{scenario}\"");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = guest.wait_for("VDEVLAB-", left)?;
+        if let Some(why) = line.strip_prefix("VDEVLAB-FAIL ") {
+            bail!("guest init failed: {why}");
+        }
+        if line.trim_end() == ready {
+            return Ok(Mark::Ready);
+        }
+        if line.starts_with(&result) {
+            let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
+            let v: serde_json::Value =
+                serde_json::from_str(json).with_context(|| format!("bad result line: {line}"))?;
+            return Ok(Mark::Result(v));
+        }
+    }
+}
+
+fn wait_result(guest: &mut Guest, scenario: &str, timeout: Duration) -> Result<serde_json::Value> {
+    loop {
+        if let Mark::Result(v) = next_mark(guest, scenario, timeout)? {
+            return Ok(v);
+        }
+    }
+}
+
+/// The guest's verdict: its error, if it reported `ok: false`.
+fn guest_error(v: &serde_json::Value) -> Option<String> {
+    if v.get("ok") == Some(&serde_json::Value::Bool(true)) {
+        None
+    } else {
+        Some(format!(
+            "guest program failed: {}",
+            v.get("error").and_then(|e| e.as_str()).unwrap_or("?")
+        ))
+    }
+}
+
+/// The host side of the virtio-serial port.
+struct Port {
+    path: PathBuf,
+    stream: UnixStream,
+}
+
+impl Port {
+    fn connect(path: &Path, timeout: Duration) -> Result<Port> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => {
+                    return Ok(Port {
+                        path: path.to_path_buf(),
+                        stream,
+                    })
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "connecting to the virtio-serial port's socket {}",
+                            path.display()
+                        )
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Drop the connection (and whatever is buffered in it) and connect
+    /// again, after a run that failed half-way.
+    fn reconnect(&mut self) -> Result<()> {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        *self = Port::connect(&self.path, Duration::from_secs(10))?;
+        Ok(())
+    }
+}
+
+/// Per-message timeout of the echo: a reply later than this means the
+/// guest program is gone.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Budget for one stream run.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn echo_qw(
+    ctl: &mut ControlClient,
+    msgs: usize,
+    epoch: Instant,
+    poll: Duration,
+) -> Result<(Vec<u64>, HostSide)> {
+    let mut rtts = Vec::with_capacity(msgs);
+    let mut host = HostSide::default();
+    let mut got = Vec::with_capacity(MSG_LEN);
+    for seq in 0..msgs as u64 {
+        let t_send = epoch.elapsed().as_nanos() as u64;
+        let msg = encode_msg(seq, t_send);
+        let n = ctl.inject(&msg).context("injecting an echo message")?;
+        host.inject_ns
+            .push((epoch.elapsed().as_nanos() as u64).saturating_sub(t_send));
+        let mut polls = 0u32;
+        if n != MSG_LEN {
+            bail!("the device accepted {n} of {MSG_LEN} bytes (receive FIFO full?)");
+        }
+        got.clear();
+        let deadline = Instant::now() + ECHO_TIMEOUT;
+        while got.len() < MSG_LEN {
+            let part = ctl
+                .capture(Some(MSG_LEN - got.len()))
+                .context("capturing the echo")?;
+            polls += 1;
+            if part.is_empty() {
+                if Instant::now() > deadline {
+                    bail!("message {seq}: no echo within {ECHO_TIMEOUT:?}");
+                }
+                if poll.is_zero() {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(poll);
+                }
+            }
+            got.extend_from_slice(&part);
+        }
+        let now = epoch.elapsed().as_nanos() as u64;
+        let back: [u8; MSG_LEN] = got[..].try_into().expect("16 bytes");
+        let (s, stamp) = decode_msg(&back);
+        if s != seq {
+            bail!("echo of message {seq} carries sequence number {s}");
+        }
+        rtts.push(now.saturating_sub(stamp));
+        host.polls.push(polls);
+    }
+    Ok((rtts, host))
+}
+
+/// What the host's side of a qw echo cost, per message.
+#[derive(Debug, Default)]
+struct HostSide {
+    /// The `inject` request's round trip.
+    inject_ns: Vec<u64>,
+    /// `capture` requests until the echo was complete.
+    polls: Vec<u32>,
+}
+
+fn echo_stream<S: Read + Write>(io: &mut S, msgs: usize, epoch: Instant) -> Result<Vec<u64>> {
+    let mut rtts = Vec::with_capacity(msgs);
+    for seq in 0..msgs as u64 {
+        let msg = encode_msg(seq, epoch.elapsed().as_nanos() as u64);
+        io.write_all(&msg).context("sending an echo message")?;
+        let mut back = [0u8; MSG_LEN];
+        io.read_exact(&mut back)
+            .with_context(|| format!("message {seq}: waiting for its echo"))?;
+        let now = epoch.elapsed().as_nanos() as u64;
+        let (s, stamp) = decode_msg(&back);
+        if s != seq {
+            bail!("echo of message {seq} carries sequence number {s}");
+        }
+        rtts.push(now.saturating_sub(stamp));
+    }
+    Ok(rtts)
+}
+
+/// The pipe floor: an echo thread between two pipes, `warmup + samples`
+/// messages; the round-trip times after the warm-up.
+pub fn pipe_latency(warmup: usize, samples: usize) -> Result<Vec<u64>> {
+    let (mut to_echo, from_host) = pipe()?;
+    let (to_host, mut from_echo) = pipe()?;
+    let total = warmup + samples;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut r, mut w) = (from_host, to_host);
+        let mut buf = [0u8; MSG_LEN];
+        for _ in 0..total {
+            r.read_exact(&mut buf)?;
+            w.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let epoch = Instant::now();
+    let mut both = Duplex {
+        r: &mut from_echo,
+        w: &mut to_echo,
+    };
+    let rtts = echo_stream(&mut both, total, epoch)?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the pipe echo thread panicked"))??;
+    Ok(rtts[warmup..].to_vec())
+}
+
+/// The pipe floor's throughput: `bytes` through a pipe in `size`-byte
+/// writes and reads, one thread each way; seconds.
+pub fn pipe_throughput(size: usize, bytes: usize) -> Result<f64> {
+    let (mut w, mut r) = pipe()?;
+    let data = pattern(7, bytes);
+    let t0 = Instant::now();
+    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let mut buf = vec![0u8; size];
+        let mut total = 0;
+        while total < bytes {
+            let want = size.min(bytes - total);
+            let n = r.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        Ok(total)
+    });
+    for chunk in data.chunks(size) {
+        w.write_all(chunk)?;
+    }
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pipe reader panicked"))??;
+    let secs = t0.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("the pipe delivered {got} of {bytes} bytes");
+    }
+    Ok(secs)
+}
+
+struct Duplex<'a> {
+    r: &'a mut fs::File,
+    w: &'a mut fs::File,
+}
+
+impl Read for Duplex<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.r.read(buf)
+    }
+}
+
+impl Write for Duplex<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// A pipe: (write end, read end).
+fn pipe() -> Result<(fs::File, fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (fs::File::from_raw_fd(fds[1]), fs::File::from_raw_fd(fds[0])) })
+}
+
+fn control_rtt(ctl: &mut ControlClient, n: usize) -> Result<Vec<u64>> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        ctl.request(&Request::Ping {})?;
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    Ok(v)
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// The timed part of a stream run.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    secs: f64,
+}
+
+/// Drive one stream run after its READY; returns the timed part: from
+/// the READY line's arrival at the host (stamped by the console reader, so
+/// however late this thread looks) to the end: rx, the RESULT line's
+/// arrival (the program read everything); tx, the last byte reaching the
+/// host (qw: the device's tx counter, polled every 0.5 ms; the port: the
+/// socket).
+#[allow(clippy::too_many_arguments)]
+fn drive_stream(
+    guest: &mut Guest,
+    ctl: &mut ControlClient,
+    port: &mut Port,
+    scenario: &str,
+    device: Device,
+    dir: Dir,
+    data: &[u8],
+    file: &Path,
+    tx_base: u64,
+) -> Result<(Timed, serde_json::Value)> {
+    let bytes = data.len();
+    let vm_start = Instant::now() - guest.elapsed();
+    let t_ready = vm_start + guest.matched_at().context("no READY time")?;
+    let timed = |end: Instant| Timed {
+        secs: end.saturating_duration_since(t_ready).as_secs_f64(),
+    };
+    match (device, dir) {
+        (Device::Qw, Dir::Rx) => {
+            ctl.request(&Request::Source {
+                source: SourceConfig::File {
+                    path: file.to_path_buf(),
+                    rate_bytes_per_sec: None,
+                },
+            })
+            .and_then(ok_or_err)
+            .context("setting the file source")?;
+            let v = wait_result(guest, scenario, STREAM_TIMEOUT)?;
+            let end = vm_start + guest.matched_at().context("no RESULT time")?;
+            let _ = ctl.request(&Request::Source {
+                source: SourceConfig::Inject,
+            });
+            check_rx(&v, data)?;
+            Ok((timed(end), v))
+        }
+        (Device::Qw, Dir::Tx) => {
+            let deadline = Instant::now() + STREAM_TIMEOUT;
+            let end = loop {
+                let r = ctl.stats()?;
+                let now = Instant::now();
+                let done = r.stats.map_or(0, |s| s.tx_bytes).saturating_sub(tx_base);
+                if done >= bytes as u64 {
+                    break now;
+                }
+                if r.tx_captured.unwrap_or(0) >= 256 << 10 {
+                    ctl.request(&Request::Reset {}).and_then(ok_or_err)?;
+                }
+                if now > deadline {
+                    bail!("the device took {done} of {bytes} bytes in {STREAM_TIMEOUT:?}");
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            };
+            ctl.request(&Request::Reset {}).and_then(ok_or_err)?;
+            let v = wait_result(guest, scenario, STREAM_TIMEOUT)?;
+            check_tx(&v, data)?;
+            Ok((timed(end), v))
+        }
+        (Device::VirtioSerial, Dir::Rx) => {
+            let mut w = port.stream.try_clone()?;
+            let owned = data.to_vec();
+            let writer = std::thread::spawn(move || w.write_all(&owned));
+            let v = wait_result(guest, scenario, STREAM_TIMEOUT);
+            let end = vm_start + guest.matched_at().unwrap_or_default();
+            if v.is_err() || v.as_ref().is_ok_and(|v| guest_error(v).is_some()) {
+                // Unblock the writer: the guest is not reading.
+                let _ = port.stream.shutdown(std::net::Shutdown::Both);
+            }
+            let w = writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+            let v = v?;
+            check_rx(&v, data)?;
+            w.context("writing to the port")?;
+            Ok((timed(end), v))
+        }
+        (Device::VirtioSerial, Dir::Tx) => {
+            // A reader thread; the guest's result is watched meanwhile, so
+            // a program that fails does not leave the reader waiting.
+            let mut r = port.stream.try_clone()?;
+            let reader = std::thread::spawn(move || -> std::io::Result<(Instant, String)> {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut hash = Sha256::new();
+                let mut got = 0usize;
+                while got < bytes {
+                    let want = buf.len().min(bytes - got);
+                    let n = r.read(&mut buf[..want])?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    hash.update(&buf[..n]);
+                    got += n;
+                }
+                Ok((Instant::now(), hex::encode(hash.finalize())))
+            });
+            let v = wait_result(guest, scenario, STREAM_TIMEOUT);
+            let failed = v.is_err() || v.as_ref().is_ok_and(|v| guest_error(v).is_some());
+            if failed {
+                let _ = port.stream.shutdown(std::net::Shutdown::Both);
+            }
+            let got = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+            let v = v?;
+            check_tx(&v, data)?;
+            let (end, sha) = got.context("reading the port's stream")?;
+            if sha != sha_hex(data) {
+                bail!("the port delivered different bytes than the guest wrote");
+            }
+            Ok((timed(end), v))
+        }
+        (Device::GuestNull, _) => {
+            let v = wait_result(guest, scenario, STREAM_TIMEOUT)?;
+            let end = vm_start + guest.matched_at().context("no RESULT time")?;
+            if let Some(e) = guest_error(&v) {
+                bail!(e);
+            }
+            if v.get("bytes").and_then(|b| b.as_u64()) != Some(bytes as u64) {
+                bail!("the guest moved {:?} bytes, not {bytes}", v.get("bytes"));
+            }
+            Ok((timed(end), v))
+        }
+        (Device::Pipe, _) => unreachable!("the pipe floor runs on the host"),
+    }
+}
+
+fn ok_or_err(r: vdevlab_device::control::Response) -> std::io::Result<()> {
+    if r.ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(r.error.unwrap_or_default()))
+    }
+}
+
+fn check_rx(v: &serde_json::Value, data: &[u8]) -> Result<()> {
+    if let Some(e) = guest_error(v) {
+        bail!(e);
+    }
+    let bytes = v.get("bytes").and_then(|b| b.as_u64());
+    if bytes != Some(data.len() as u64) {
+        bail!("the guest read {bytes:?} bytes, not {}", data.len());
+    }
+    if v.get("sha256").and_then(|s| s.as_str()) != Some(sha_hex(data).as_str()) {
+        bail!("the guest read different bytes than the host sent");
+    }
+    Ok(())
+}
+
+fn check_tx(v: &serde_json::Value, data: &[u8]) -> Result<()> {
+    if let Some(e) = guest_error(v) {
+        bail!(e);
+    }
+    let bytes = v.get("bytes").and_then(|b| b.as_u64());
+    if bytes != Some(data.len() as u64) {
+        bail!("the guest wrote {bytes:?} bytes, not {}", data.len());
+    }
+    Ok(())
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine(lab: &Lab, kernel: &crate::env::Kernel) -> Machine {
+    let cpu_model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        host_kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        loadavg_start: loadavg(),
+        loadavg_end: String::new(),
+        vmm: lab.env.qemu_version.clone(),
+        accel: "tcg".into(),
+        guest_kernel: format!("{} ({})", kernel.release, kernel.name),
+    }
+}
+
+/// Boot `kernel` with no scenario `n` times per kernel image (`vmlinuz`,
+/// and `vmlinux` by PVH when provisioned), alternating; the boot times of
+/// each.
+pub fn boot_times(lab: &Lab, kernel: &str, n: usize) -> Result<Vec<BootTimes>> {
+    let k = lab.env.kernel(kernel)?;
+    let mut ways = vec![Some(false)];
+    if k.image.with_file_name("vmlinux").is_file() {
+        ways.push(Some(true));
+    }
+    let mut out = Vec::new();
+    for _ in 0..n {
+        for &pvh in &ways {
+            let mut spec = BootSpec::new("bench-boot", Vec::new()).on_kernel(kernel);
+            spec.pvh = pvh;
+            let image = image_name(k, &spec);
+            let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
+            guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
+            out.push(BootTimes {
+                image,
+                boot_ms: guest.boot_ms,
+                driver_ready_ms: guest.driver_ready_ms,
+                vmm_cpu_ms: cpu_ms(guest.vmm_pid()),
+            });
+            let _ = guest.finish(Duration::from_secs(30));
+        }
+    }
+    Ok(out)
+}
+
+fn image_name(kernel: &crate::env::Kernel, spec: &BootSpec) -> String {
+    crate::guest::boot_image(kernel, spec)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
+
+/// Run the benchmark: one boot with every echo and stream run, the pipe
+/// floor, and `boot_runs` extra boots. `progress` gets one line per step.
+pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    let t_start = Instant::now();
+    let kernel = lab.env.kernel(&o.kernel)?.clone();
+    // Short sleeps between polls should be short: 1 µs timer slack (the
+    // default is 50 µs).
+    // SAFETY: PR_SET_TIMERSLACK takes a value and changes only this thread.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
+    let mut machine = machine(lab, &kernel);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let steps = plan(o);
+
+    // The floor first, on a quiet host (no guest running yet).
+    progress("pipe floor: echo and streams between two host threads");
+    let mut latency = Vec::new();
+    let mut throughput = Vec::new();
+    let rtts = pipe_latency(o.warmup, o.samples)?;
+    latency.push(Latency {
+        model: "blocking".into(),
+        device: Device::Pipe,
+        summary: Summary::of(&rtts),
+        samples_ns: rtts,
+        inject: None,
+        capture_polls_mean: None,
+        guest: None,
+        error: None,
+    });
+    if !o.no_throughput {
+        for (&size, &bytes) in o.sizes.iter().zip(&o.stream_bytes) {
+            let secs = pipe_throughput(size, bytes)?;
+            for dir in [Dir::Rx, Dir::Tx] {
+                throughput.push(Throughput {
+                    model: "blocking".into(),
+                    device: Device::Pipe,
+                    dir,
+                    size,
+                    bytes,
+                    secs,
+                    mb_per_s: bytes as f64 / secs / 1e6,
+                    msgs_per_s: (bytes / size) as f64 / secs,
+                    guest: None,
+                    error: None,
+                });
+            }
+        }
+    }
+
+    let mut spec = BootSpec::new(
+        "bench",
+        steps
+            .iter()
+            .filter(|s| s.runs_in_guest())
+            .map(Step::guest_args)
+            .collect::<Vec<_>>(),
+    )
+    .on_kernel(&kernel.name);
+    spec.bench_port = Some(PORT_NAME.into());
+    progress(&format!(
+        "booting {} ({}) with the qw device and the virtio-serial port '{PORT_NAME}'",
+        kernel.name, kernel.release
+    ));
+    let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
+    let sock = guest
+        .bench_socket
+        .clone()
+        .context("the bench boot has no port socket")?;
+    let mut port = Port::connect(&sock, Duration::from_secs(30))?;
+    let console = guest.console_path.clone();
+    let run_dir = guest.run_dir.clone();
+    let mut control_rtt_summary = Summary::default();
+    let mut driver_cpu_ms = None;
+    let outcome = (|| -> Result<()> {
+        guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
+        driver_cpu_ms = cpu_ms(guest.vmm_pid());
+        let mut ctl = guest.control()?;
+        control_rtt_summary = Summary::of(&control_rtt(&mut ctl, 2000)?);
+        // What the qw device's tx counter should read once every qw
+        // program so far has finished writing (a tx run's start).
+        let mut qw_tx_total = ctl.stats()?.stats.map_or(0, |s| s.tx_bytes);
+        let epoch = Instant::now();
+        for (i, step) in steps.iter().enumerate() {
+            let scenario = step.scenario();
+            match step {
+                Step::Echo {
+                    model,
+                    device,
+                    msgs,
+                } => {
+                    progress(&format!(
+                        "[{}/{}] latency {model} on {}: {} messages",
+                        i + 1,
+                        steps.len(),
+                        device.name(),
+                        msgs
+                    ));
+                    let mut res = Latency {
+                        model: model.clone(),
+                        device: *device,
+                        summary: Summary::default(),
+                        samples_ns: Vec::new(),
+                        inject: None,
+                        capture_polls_mean: None,
+                        guest: None,
+                        error: None,
+                    };
+                    match next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
+                        Mark::Result(v) => {
+                            res.error = guest_error(&v);
+                            res.guest = Some(v);
+                        }
+                        Mark::Ready => {
+                            let r = match device {
+                                Device::Qw => echo_qw(
+                                    &mut ctl,
+                                    *msgs,
+                                    epoch,
+                                    Duration::from_micros(o.poll_us),
+                                )
+                                .map(|(rtts, host)| {
+                                    let skip = o.warmup.min(rtts.len());
+                                    res.inject = Some(Summary::of(&host.inject_ns[skip..]));
+                                    let polls = &host.polls[skip..];
+                                    res.capture_polls_mean = Some(
+                                        polls.iter().map(|&p| p as f64).sum::<f64>()
+                                            / polls.len().max(1) as f64,
+                                    );
+                                    rtts
+                                }),
+                                _ => {
+                                    port.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+                                    echo_stream(&mut port.stream, *msgs, epoch)
+                                }
+                            };
+                            let v =
+                                wait_result(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)?;
+                            res.error = guest_error(&v);
+                            res.guest = Some(v);
+                            match r {
+                                Ok(rtts) => {
+                                    let kept = rtts[o.warmup.min(rtts.len())..].to_vec();
+                                    res.summary = Summary::of(&kept);
+                                    res.samples_ns = kept;
+                                }
+                                Err(e) => {
+                                    res.error.get_or_insert(format!("{e:#}"));
+                                }
+                            }
+                        }
+                    }
+                    if let Some(e) = &res.error {
+                        progress(&format!("  n/a: {e}"));
+                        recover(&mut ctl, &mut port, *device)?;
+                        if *device == Device::Qw {
+                            // The failed program has ended; the next one
+                            // runs on the port, so the counter is still.
+                            qw_tx_total = ctl.stats()?.stats.map_or(0, |s| s.tx_bytes);
+                        }
+                    } else if *device == Device::Qw {
+                        qw_tx_total += (msgs * MSG_LEN) as u64;
+                    }
+                    latency.push(res);
+                }
+                Step::Stream {
+                    model,
+                    device,
+                    dir,
+                    size,
+                    bytes,
+                    seed,
+                } => {
+                    progress(&format!(
+                        "[{}/{}] throughput {model} {} {size} B on {}: {bytes} bytes",
+                        i + 1,
+                        steps.len(),
+                        dir.name(),
+                        device.name()
+                    ));
+                    if let Some(why) = unsupported(model, *device, *dir) {
+                        progress(&format!("  {why}"));
+                        throughput.push(Throughput {
+                            model: model.clone(),
+                            device: *device,
+                            dir: *dir,
+                            size: *size,
+                            bytes: *bytes,
+                            secs: 0.0,
+                            mb_per_s: 0.0,
+                            msgs_per_s: 0.0,
+                            guest: None,
+                            error: Some(why.into()),
+                        });
+                        continue;
+                    }
+                    let data = pattern(*seed, *bytes);
+                    let file = run_dir.join("rx-source.bin");
+                    if *device == Device::Qw && *dir == Dir::Rx {
+                        fs::write(&file, &data)?;
+                    }
+                    let mut res = Throughput {
+                        model: model.clone(),
+                        device: *device,
+                        dir: *dir,
+                        size: *size,
+                        bytes: *bytes,
+                        secs: 0.0,
+                        mb_per_s: 0.0,
+                        msgs_per_s: 0.0,
+                        guest: None,
+                        error: None,
+                    };
+                    let tx_base = qw_tx_total;
+                    match next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
+                        Mark::Result(v) => {
+                            res.error = guest_error(&v);
+                            res.guest = Some(v);
+                        }
+                        Mark::Ready => match drive_stream(
+                            &mut guest, &mut ctl, &mut port, &scenario, *device, *dir, &data,
+                            &file, tx_base,
+                        ) {
+                            Ok((t, v)) => {
+                                res.secs = t.secs;
+                                res.mb_per_s = *bytes as f64 / t.secs / 1e6;
+                                res.msgs_per_s = bytes.div_ceil(*size) as f64 / t.secs;
+                                res.guest = Some(v);
+                                if *device == Device::Qw && *dir == Dir::Tx {
+                                    qw_tx_total += *bytes as u64;
+                                }
+                            }
+                            Err(e) => res.error = Some(format!("{e:#}")),
+                        },
+                    }
+                    if let Some(e) = &res.error {
+                        progress(&format!("  n/a: {e}"));
+                        recover(&mut ctl, &mut port, *device)?;
+                        if *device == Device::Qw {
+                            // The failed program has ended; the next one
+                            // runs on the port, so the counter is still.
+                            qw_tx_total = ctl.stats()?.stats.map_or(0, |s| s.tx_bytes);
+                        }
+                    } else {
+                        progress(&format!("  {:.2} MB/s in {:.2} s", res.mb_per_s, res.secs));
+                    }
+                    throughput.push(res);
+                }
+            }
+        }
+        Ok(())
+    })();
+    let boot = BootTimes {
+        image: image_name(&kernel, &spec),
+        boot_ms: guest.boot_ms,
+        driver_ready_ms: guest.driver_ready_ms,
+        vmm_cpu_ms: driver_cpu_ms,
+    };
+    let finished = guest.finish(Duration::from_secs(60));
+    let mut rec = RunRecord::new(
+        "bench",
+        Vmm::Qemu.name(),
+        "tcg",
+        &kernel.release,
+        Verdict::Pass,
+    );
+    rec.kernel_name = Some(kernel.name.clone());
+    rec.vmm_version = Some(lab.env.qemu_version.clone());
+    rec.boot_ms = boot.boot_ms;
+    rec.driver_ready_ms = boot.driver_ready_ms;
+    rec.console = Some(console.clone());
+    rec.duration_ms = Some(t_start.elapsed().as_millis() as u64);
+    let mut problems = Vec::new();
+    if let Err(e) = &outcome {
+        problems.push(format!("{e:#}"));
+    }
+    match &finished {
+        Ok(f) => problems.extend(
+            f.splats
+                .iter()
+                .map(|s| format!("kernel {}: {}", s.kind, s.line.trim())),
+        ),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    if !problems.is_empty() {
+        rec.result = Verdict::Fail;
+        rec.reason = Some(problems.join("; "));
+    }
+    record::append(&rec)?;
+    // A failed boot or step ends the run; what was measured is kept.
+    let aborted = rec.reason.clone();
+    if let Some(why) = &aborted {
+        progress(&format!("the bench boot failed: {why}"));
+    }
+
+    let mut boot_runs = Vec::new();
+    if o.boot_runs > 0 {
+        progress(&format!(
+            "{} boots without a scenario, for boot time",
+            o.boot_runs
+        ));
+        boot_runs = boot_times(lab, &kernel.name, o.boot_runs)?;
+    }
+    machine.loadavg_end = loadavg();
+    Ok(BenchReport {
+        ts,
+        machine,
+        samples: o.samples,
+        warmup: o.warmup,
+        boot,
+        boot_runs,
+        control_rtt: control_rtt_summary,
+        latency,
+        throughput,
+        console: Some(console),
+        duration_s: t_start.elapsed().as_secs_f64(),
+        aborted,
+    })
+}
+
+/// After a failed run: empty the qw device, or reconnect to the port so
+/// nothing buffered leaks into the next run.
+fn recover(ctl: &mut ControlClient, port: &mut Port, device: Device) -> Result<()> {
+    match device {
+        Device::Qw => {
+            let _ = ctl.request(&Request::Source {
+                source: SourceConfig::Inject,
+            });
+            ctl.request(&Request::Reset {}).and_then(ok_or_err)?;
+        }
+        Device::VirtioSerial => port.reconnect()?,
+        Device::Pipe | Device::GuestNull => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let m = encode_msg(7, 123_456_789);
+        assert_eq!(m.len(), MSG_LEN);
+        assert_eq!(decode_msg(&m), (7, 123_456_789));
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u64> = (1..=1000).rev().collect();
+        let s = Summary::of(&v);
+        assert_eq!(s.n, 1000);
+        assert_eq!(s.p50_ns, 500);
+        assert_eq!(s.p90_ns, 900);
+        assert_eq!(s.p99_ns, 990);
+        assert_eq!(s.p999_ns, 999);
+        assert_eq!(s.max_ns, 1000);
+        assert_eq!(s.mean_ns, 500);
+        assert_eq!(Summary::of(&[]), Summary::default());
+        assert_eq!(quantile(&[5], 0.0), 5);
+    }
+
+    #[test]
+    fn the_plan_interleaves_ours_and_the_baseline() {
+        let mut o = BenchOptions::quick("trixie");
+        o.models = vec!["poll".into(), "io-uring".into()];
+        let steps = plan(&o);
+        // 2 models x 2 devices echo, then per size (3) the guest-only
+        // ceiling both ways and 2 models x 2 dirs x 2 devices.
+        assert_eq!(steps.len(), 4 + 3 * (2 + 8));
+        let args: Vec<String> = steps.iter().map(|s| s.guest_args().join(" ")).collect();
+        assert_eq!(
+            args[0],
+            "echo-poll --device /dev/qw0 --bytes 16800 --chunk 4096"
+        );
+        assert_eq!(
+            args[1],
+            format!("echo-poll --device {PORT_PATH} --bytes 16800 --chunk 4096")
+        );
+        assert_eq!(
+            args[4],
+            "blocking-rx --device /dev/zero --bytes 262144 --chunk 64"
+        );
+        assert!(args[5].starts_with("blocking-tx --device /dev/null --bytes 262144 --chunk 64"));
+        assert_eq!(
+            args[6],
+            "poll-rx --device /dev/qw0 --bytes 262144 --chunk 64"
+        );
+        assert!(args[7].starts_with(&format!("poll-rx --device {PORT_PATH} ")));
+        assert!(args[8].contains("poll-tx") && args[8].contains("--seed"));
+        // Guest arguments are safe for init.sh's splitting.
+        for a in steps.iter().flat_map(Step::guest_args) {
+            assert!(!a.contains([',', ';', ' ', '"']) && !a.is_empty(), "{a}");
+        }
+    }
+
+    /// The floor's machinery moves every message and byte (no timing
+    /// checked).
+    #[test]
+    fn the_pipe_floor_echoes_and_streams() {
+        let rtts = pipe_latency(5, 50).unwrap();
+        assert_eq!(rtts.len(), 50);
+        assert!(pipe_throughput(4096, 100_000).unwrap() > 0.0);
+        assert!(pipe_throughput(64, 1000).unwrap() > 0.0);
+    }
+}
