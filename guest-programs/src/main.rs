@@ -23,7 +23,7 @@ use vdevlab_guest::models::qwdev::Checked;
 use vdevlab_guest::models::teardown::How;
 use vdevlab_guest::models::{
     blocking, echo, epoll, ioctl_stats, linux_aio, mixed, multi_open, needs_reset, nonblocking,
-    pm_freeze, poll, posix_aio, select, sigio, teardown, uring,
+    pm_freeze, poll, posix_aio, select, sensor, sigio, teardown, uring,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
@@ -75,12 +75,29 @@ fn main() -> ExitCode {
         let mut names = SCENARIOS.join("\n");
         names.push('\n');
         names.push_str(MIXED);
-        for name in ROBUSTNESS {
+        for name in ROBUSTNESS.iter().chain(sensor::SENSOR_SCENARIOS) {
             names.push('\n');
             names.push_str(name);
         }
         marker(&names);
         return ExitCode::SUCCESS;
+    }
+    // The sensor device's scenarios have options of their own.
+    if let Some(outcome) = sensor::dispatch(&args) {
+        let name = args.first().map(String::as_str).unwrap_or("");
+        let (line, ok) = match outcome {
+            Ok(c) => (
+                checked_result_line(name, &c.report, &c.problems),
+                c.problems.is_empty(),
+            ),
+            Err(e) => (result_line(name, &Err(e)), false),
+        };
+        marker(&line);
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let opts = match parse_args(args.iter().cloned()) {
         Ok(o) => o,

@@ -99,6 +99,10 @@ pub use error::{ConfigError, DeviceRef, PortRef};
 /// The lab's default VM description (`configs/lab.toml`).
 pub const LAB_CONFIG_TOML: &str = include_str!("../configs/lab.toml");
 
+/// The sampling sensor's VM description (`configs/sensor.toml`,
+/// docs/sensor-spec.md): the same guest with the sensor device.
+pub const SENSOR_CONFIG_TOML: &str = include_str!("../configs/sensor.toml");
+
 /// Smallest accepted `memory_mib`.
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Largest accepted `memory_mib` (1 TiB).
@@ -579,6 +583,22 @@ mod tests {
         for needle in needles {
             assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         }
+    }
+
+    #[test]
+    fn sensor_toml_renders_the_sensor_device() {
+        let cfg = VmConfig::from_toml_str(SENSOR_CONFIG_TOML).expect("sensor.toml parses");
+        cfg.validate().expect("sensor config is valid");
+        let dev = &cfg.vhost_user[0];
+        assert_eq!(
+            (dev.virtio_id, dev.queue_sizes.as_slice(), dev.config_size),
+            (10, &[64u16, 64, 64][..], 64)
+        );
+        let args = cfg.qemu_args().unwrap().join(" ");
+        assert!(
+            args.contains("virtio-id=10,num_vqs=3,vq_size=64,config_size=64"),
+            "{args}"
+        );
     }
 
     #[test]

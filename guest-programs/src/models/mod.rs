@@ -26,6 +26,7 @@ pub mod poll;
 pub mod posix_aio;
 pub mod qwdev;
 pub mod select;
+pub mod sensor;
 pub mod sigio;
 pub mod teardown;
 pub mod uring;

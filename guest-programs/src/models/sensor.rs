@@ -1,0 +1,874 @@
+//! The sampling sensor's scenarios (`docs/sensor-spec.md`, driver
+//! `guest-driver/sensor/`, `/dev/sensorN`):
+//!
+//! - `sensor-stream`: sets a threshold (both directions) and a rate, waits
+//!   in `poll(POLLPRI)` for the first alarm, reads `--samples` samples and
+//!   checks every one (sequence, value from the seeded waveform, timestamp
+//!   step = the period); changes the rate, reads `--samples2` more and
+//!   checks that the step switches once to the new period; stops, drains,
+//!   and checks that the alarms are exactly the threshold crossings of the
+//!   samples read; then that a stopped sensor stays quiet, that bad
+//!   arguments get `EINVAL`, and that nothing was dropped.
+//! - `sensor-unbind`: a blocked reader, a blocked `poll` and an alarm
+//!   waiter sleep on a stopped sensor while the device is unbound through
+//!   sysfs: each must wake with `ENODEV` / `POLLHUP`; the open file still
+//!   answers `SENSOR_IOC_GET_STATS` (state REMOVED); after a rebind
+//!   `/dev/sensor0` works again.
+//!
+//! Both print `VDEVLAB-READY <scenario>` after opening the device, and a
+//! result line that keeps every observation and lists every failed check.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::{nap, open_device, Access};
+use crate::marker;
+use crate::models::qwdev::{errno_name, last_errno, mask_name, poll_one, read_fd, Checked};
+
+/// The sensor scenarios.
+pub const SENSOR_SCENARIOS: &[&str] = &["sensor-stream", "sensor-unbind"];
+
+/// The driver's name: module, virtio driver and device class.
+pub const SENSOR_DRIVER: &str = "vdevlab_sensor";
+
+const fn ioc(dir: u64, nr: u8, size: usize) -> libc::c_ulong {
+    ((dir << 30) | ((size as u64) << 16) | ((b'q' as u64) << 8) | nr as u64) as libc::c_ulong
+}
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+
+/// `SENSOR_IOC_SET_RATE`: `_IOW('q', 0x50, __u32)`.
+pub const SENSOR_IOC_SET_RATE: libc::c_ulong = ioc(IOC_WRITE, 0x50, 4);
+/// `SENSOR_IOC_SET_THRESHOLD`: `_IOW('q', 0x51, struct sensor_threshold)`.
+pub const SENSOR_IOC_SET_THRESHOLD: libc::c_ulong = ioc(IOC_WRITE, 0x51, 8);
+/// `SENSOR_IOC_GET_ALARM`: `_IOR('q', 0x52, struct sensor_alarm)`.
+pub const SENSOR_IOC_GET_ALARM: libc::c_ulong =
+    ioc(IOC_READ, 0x52, std::mem::size_of::<SensorAlarm>());
+/// `SENSOR_IOC_GET_INFO`: `_IOR('q', 0x53, struct sensor_info)`.
+pub const SENSOR_IOC_GET_INFO: libc::c_ulong =
+    ioc(IOC_READ, 0x53, std::mem::size_of::<SensorInfo>());
+/// `SENSOR_IOC_GET_STATS`: `_IOR('q', 0x54, struct sensor_stats)`.
+pub const SENSOR_IOC_GET_STATS: libc::c_ulong =
+    ioc(IOC_READ, 0x54, std::mem::size_of::<SensorStats>());
+
+/// Alarm kinds and threshold mode bits.
+pub const ALARM_RISING: u32 = 1;
+/// See [`ALARM_RISING`].
+pub const ALARM_FALLING: u32 = 2;
+/// `sensor_info.status`: sampling (rate > 0).
+pub const STATUS_SAMPLING: u32 = 1 << 1;
+/// `sensor_stats.state`: removed.
+pub const STATE_REMOVED: u64 = 1;
+
+/// `struct sensor_sample`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SensorSample {
+    /// Device clock, ns.
+    pub timestamp_ns: u64,
+    /// Sequence number.
+    pub seq: u32,
+    /// Value.
+    pub value: i32,
+}
+
+/// `struct sensor_alarm`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SensorAlarm {
+    /// Timestamp of the sample that crossed.
+    pub timestamp_ns: u64,
+    /// Its sequence number.
+    pub seq: u32,
+    /// Its value.
+    pub value: i32,
+    /// The threshold in force.
+    pub threshold: i32,
+    /// [`ALARM_RISING`] or [`ALARM_FALLING`].
+    pub kind: u32,
+}
+
+/// `struct sensor_threshold`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SensorThreshold {
+    /// Level.
+    pub threshold: i32,
+    /// Mode bits.
+    pub mode: u32,
+}
+
+/// `struct sensor_info`: the device's config space.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SensorInfo {
+    /// Waveform seed.
+    pub seed: u64,
+    /// Layout version.
+    pub version: u32,
+    /// Highest rate.
+    pub max_rate_hz: u32,
+    /// Current rate.
+    pub rate_hz: u32,
+    /// Current threshold.
+    pub threshold: i32,
+    /// Current alarm mode.
+    pub alarm_mode: u32,
+    /// Waveform amplitude.
+    pub amplitude: u32,
+    /// Waveform period in samples.
+    pub wave_period: u32,
+    /// Noise amplitude.
+    pub noise: u32,
+    /// Status bits.
+    pub status: u32,
+    /// Samples the device dropped.
+    pub samples_dropped: u32,
+    /// Alarms the device dropped.
+    pub alarms_dropped: u32,
+    /// 0.
+    pub reserved: u32,
+}
+
+/// `struct sensor_stats`: the driver's counters.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SensorStats {
+    /// Samples received.
+    pub samples: u64,
+    /// Sample buffers returned.
+    pub sample_buffers: u64,
+    /// Alarms received.
+    pub alarms: u64,
+    /// Samples the driver dropped.
+    pub samples_dropped: u64,
+    /// Alarms the driver dropped.
+    pub alarms_dropped: u64,
+    /// Control requests sent.
+    pub ctrl_requests: u64,
+    /// Control requests refused.
+    pub ctrl_errors: u64,
+    /// Device bugs, failures to post.
+    pub errors: u64,
+    /// Samples not read yet.
+    pub pending: u64,
+    /// State bits.
+    pub state: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<SensorSample>() == 16);
+const _: () = assert!(std::mem::size_of::<SensorAlarm>() == 24);
+const _: () = assert!(std::mem::size_of::<SensorInfo>() == 56);
+const _: () = assert!(std::mem::size_of::<SensorStats>() == 80);
+
+impl SensorStats {
+    /// As one JSON object.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"samples\":{},\"sample_buffers\":{},\"alarms\":{},\"samples_dropped\":{},\
+             \"alarms_dropped\":{},\"ctrl_requests\":{},\"ctrl_errors\":{},\"errors\":{},\
+             \"pending\":{},\"state\":{}}}",
+            self.samples,
+            self.sample_buffers,
+            self.alarms,
+            self.samples_dropped,
+            self.alarms_dropped,
+            self.ctrl_requests,
+            self.ctrl_errors,
+            self.errors,
+            self.pending,
+            self.state
+        )
+    }
+}
+
+/// The waveform parameters (from the config space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wave {
+    /// Seed of the noise.
+    pub seed: u64,
+    /// Amplitude A.
+    pub amplitude: u32,
+    /// Period P in samples.
+    pub period: u32,
+    /// Noise amplitude N.
+    pub noise: u32,
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Wave {
+    /// The value of sample `seq` (docs/sensor-spec.md, "The waveform"). The
+    /// device model has its own copy; both pin the same values in tests.
+    pub fn value(&self, seq: u32) -> i32 {
+        let a = i64::from(self.amplitude);
+        let p = i64::from(self.period.max(1));
+        let phase = i64::from(seq) % p;
+        let tri = if 2 * phase < p {
+            -a + (4 * a * phase) / p
+        } else {
+            3 * a - (4 * a * phase) / p
+        };
+        let noise = if self.noise == 0 {
+            0
+        } else {
+            let n = u64::from(self.noise);
+            (splitmix64(self.seed ^ u64::from(seq)) % (2 * n + 1)) as i64 - n as i64
+        };
+        (tri + noise) as i32
+    }
+
+    /// The alarm kind sample `seq` raises under `threshold` and `mode`.
+    pub fn crossing(&self, seq: u32, threshold: i32, mode: u32) -> Option<u32> {
+        if seq == 0 {
+            return None;
+        }
+        let (prev, cur) = (self.value(seq - 1), self.value(seq));
+        if mode & ALARM_RISING != 0 && prev < threshold && threshold <= cur {
+            Some(ALARM_RISING)
+        } else if mode & ALARM_FALLING != 0 && prev >= threshold && threshold > cur {
+            Some(ALARM_FALLING)
+        } else {
+            None
+        }
+    }
+}
+
+/// Command line of a sensor scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SensorOpts {
+    /// Scenario name.
+    pub scenario: String,
+    /// Device node.
+    pub device: String,
+    /// First rate, Hz.
+    pub rate: u32,
+    /// Second rate, Hz.
+    pub rate2: u32,
+    /// Samples to read at the first rate.
+    pub samples: u32,
+    /// Samples to read after the rate change.
+    pub samples2: u32,
+    /// Samples per read() call.
+    pub chunk: u32,
+    /// Threshold; `None`: half the amplitude.
+    pub threshold: Option<i32>,
+}
+
+/// Parse `SCENARIO [--device P] [--rate R] [--rate2 R] [--samples N]
+/// [--samples2 N] [--chunk N] [--threshold T]`.
+pub fn parse(args: &[String]) -> Result<SensorOpts, String> {
+    let mut it = args.iter();
+    let scenario = it.next().ok_or("no scenario")?.clone();
+    if !SENSOR_SCENARIOS.contains(&scenario.as_str()) {
+        return Err(format!("unknown sensor scenario {scenario}"));
+    }
+    let mut o = SensorOpts {
+        scenario,
+        device: "/dev/sensor0".into(),
+        rate: 500,
+        rate2: 250,
+        samples: 300,
+        samples2: 100,
+        chunk: 7,
+        threshold: None,
+    };
+    while let Some(flag) = it.next() {
+        let (flag, value) = match flag.split_once('=') {
+            Some((f, v)) => (f.to_string(), v.to_string()),
+            None => (
+                flag.clone(),
+                it.next()
+                    .ok_or_else(|| format!("{flag} needs a value"))?
+                    .clone(),
+            ),
+        };
+        let num = |v: &str| v.parse::<u32>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--device" => o.device = value,
+            "--rate" => o.rate = num(&value)?,
+            "--rate2" => o.rate2 = num(&value)?,
+            "--samples" => o.samples = num(&value)?,
+            "--samples2" => o.samples2 = num(&value)?,
+            "--chunk" => o.chunk = num(&value)?.max(1),
+            "--threshold" => {
+                o.threshold = Some(value.parse().map_err(|e| format!("{flag} {value}: {e}"))?)
+            }
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if o.rate == 0 || o.rate2 == 0 || o.rate == o.rate2 {
+        return Err("--rate and --rate2 must be different and not 0".into());
+    }
+    Ok(o)
+}
+
+fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> Result<(), i32> {
+    // SAFETY: every request here reads or writes exactly one T at `arg`
+    // (sizes encoded in the request numbers, checked against the header's
+    // layout above); `fd` is open.
+    if unsafe { libc::ioctl(fd, req, arg) } < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
+/// `SENSOR_IOC_SET_RATE`.
+pub fn set_rate(fd: RawFd, mut hz: u32) -> Result<(), i32> {
+    ioctl_ptr(fd, SENSOR_IOC_SET_RATE, &mut hz)
+}
+
+/// `SENSOR_IOC_SET_THRESHOLD`.
+pub fn set_threshold(fd: RawFd, threshold: i32, mode: u32) -> Result<(), i32> {
+    let mut t = SensorThreshold { threshold, mode };
+    ioctl_ptr(fd, SENSOR_IOC_SET_THRESHOLD, &mut t)
+}
+
+/// `SENSOR_IOC_GET_ALARM`: `Ok(None)` when none is pending.
+pub fn get_alarm(fd: RawFd) -> Result<Option<SensorAlarm>, i32> {
+    let mut a = SensorAlarm::default();
+    match ioctl_ptr(fd, SENSOR_IOC_GET_ALARM, &mut a) {
+        Ok(()) => Ok(Some(a)),
+        Err(libc::EAGAIN) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `SENSOR_IOC_GET_INFO`.
+pub fn get_info(fd: RawFd) -> Result<SensorInfo, String> {
+    let mut i = SensorInfo::default();
+    ioctl_ptr(fd, SENSOR_IOC_GET_INFO, &mut i)
+        .map_err(|e| format!("SENSOR_IOC_GET_INFO: {}", errno_name(e)))?;
+    Ok(i)
+}
+
+/// `SENSOR_IOC_GET_STATS`.
+pub fn get_stats(fd: RawFd) -> Result<SensorStats, String> {
+    let mut s = SensorStats::default();
+    ioctl_ptr(fd, SENSOR_IOC_GET_STATS, &mut s)
+        .map_err(|e| format!("SENSOR_IOC_GET_STATS: {}", errno_name(e)))?;
+    Ok(s)
+}
+
+/// Read up to `max` samples (one read() call): the samples or the errno.
+pub fn read_samples(fd: RawFd, max: usize) -> Result<Vec<SensorSample>, i32> {
+    let mut buf = vec![0u8; max * 16];
+    let n = read_fd(fd, &mut buf)?;
+    Ok(buf[..n - n % 16]
+        .chunks_exact(16)
+        .map(|c| SensorSample {
+            timestamp_ns: u64::from_ne_bytes(c[0..8].try_into().unwrap_or_default()),
+            seq: u32::from_ne_bytes(c[8..12].try_into().unwrap_or_default()),
+            value: i32::from_ne_bytes(c[12..16].try_into().unwrap_or_default()),
+        })
+        .collect())
+}
+
+/// Checks a run of samples as they arrive.
+#[derive(Debug)]
+struct Stream {
+    wave: Wave,
+    got: Vec<SensorSample>,
+    /// Byte count of a read() that was not a multiple of 16, or a sample
+    /// out of order / with a wrong value: the first few, spelled out.
+    bad: Vec<String>,
+}
+
+impl Stream {
+    fn push(&mut self, s: SensorSample) {
+        if let Some(prev) = self.got.last() {
+            if s.seq != prev.seq.wrapping_add(1) && self.bad.len() < 5 {
+                self.bad
+                    .push(format!("seq {} follows seq {}", s.seq, prev.seq));
+            }
+            if s.timestamp_ns <= prev.timestamp_ns && self.bad.len() < 5 {
+                self.bad.push(format!(
+                    "seq {}: timestamp {} not after {}",
+                    s.seq, s.timestamp_ns, prev.timestamp_ns
+                ));
+            }
+        }
+        let want = self.wave.value(s.seq);
+        if s.value != want && self.bad.len() < 5 {
+            self.bad
+                .push(format!("seq {}: value {} expected {want}", s.seq, s.value));
+        }
+        self.got.push(s);
+    }
+
+    /// Read until `n` more samples arrived (blocking reads of `chunk`).
+    fn read_n(&mut self, fd: RawFd, n: usize, chunk: usize) -> Result<(), String> {
+        let goal = self.got.len() + n;
+        while self.got.len() < goal {
+            let want = chunk.min(goal - self.got.len());
+            let batch = read_samples(fd, want).map_err(|e| format!("read: {}", errno_name(e)))?;
+            if batch.is_empty() {
+                return Err("read returned 0".into());
+            }
+            for s in batch {
+                self.push(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The timestamp steps from index `from` on.
+    fn steps(&self, from: usize) -> Vec<u64> {
+        self.got
+            .windows(2)
+            .skip(from.saturating_sub(1))
+            .map(|w| w[1].timestamp_ns - w[0].timestamp_ns)
+            .collect()
+    }
+}
+
+/// `sensor-stream` (see the module's documentation).
+pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
+    let file = open_device(&o.device, Access::Read, false)?;
+    let fd = file.as_raw_fd();
+    let mut c = Checked::new();
+    let info = get_info(fd)?;
+    c.report.raw("info_start", &info_json(&info));
+    c.check(info.version == 1, || {
+        format!("config version {}", info.version)
+    });
+    c.check(
+        info.rate_hz == 0 && info.status & STATUS_SAMPLING == 0,
+        || format!("the sensor samples before it was asked to: {info:?}"),
+    );
+    let wave = Wave {
+        seed: info.seed,
+        amplitude: info.amplitude,
+        period: info.wave_period,
+        noise: info.noise,
+    };
+    let threshold = o
+        .threshold
+        .unwrap_or_else(|| i32::try_from(info.amplitude / 2).unwrap_or(0));
+    marker(&format!("VDEVLAB-READY {}", o.scenario));
+
+    // Bad arguments are refused by the device, through the driver.
+    let bad_rate = set_rate(fd, info.max_rate_hz.saturating_add(1));
+    c.report.text("bad_rate", &outcome(&bad_rate));
+    c.check(bad_rate == Err(libc::EINVAL), || {
+        format!("rate max+1 gave {}, expected EINVAL", outcome(&bad_rate))
+    });
+    let bad_mode = set_threshold(fd, threshold, 7);
+    c.report.text("bad_mode", &outcome(&bad_mode));
+    c.check(bad_mode == Err(libc::EINVAL), || {
+        format!("mode 7 gave {}, expected EINVAL", outcome(&bad_mode))
+    });
+
+    let r = set_threshold(fd, threshold, ALARM_RISING | ALARM_FALLING);
+    c.check(r.is_ok(), || format!("SET_THRESHOLD: {}", outcome(&r)));
+    let t0 = Instant::now();
+    if let Err(e) = set_rate(fd, o.rate) {
+        c.fail(format!("SET_RATE {}: {}", o.rate, errno_name(e)));
+        return Ok(c);
+    }
+    // Wait for the first alarm: the waveform crosses the threshold within
+    // one period.
+    let pri = poll_one(fd, libc::POLLPRI, 10_000)?;
+    let alarm_wait_ms = t0.elapsed().as_millis() as u64;
+    c.report
+        .text("alarm_poll", &mask_name(pri as u32))
+        .num("alarm_wait_ms", alarm_wait_ms);
+    c.check(pri & libc::POLLPRI != 0, || {
+        format!(
+            "no POLLPRI within 10 s of starting ({})",
+            mask_name(pri as u32)
+        )
+    });
+
+    let mut st = Stream {
+        wave,
+        got: Vec::new(),
+        bad: Vec::new(),
+    };
+    st.read_n(fd, o.samples as usize, o.chunk as usize)?;
+    let elapsed = t0.elapsed();
+    let p1 = 1_000_000_000 / u64::from(o.rate);
+    let p2 = 1_000_000_000 / u64::from(o.rate2);
+    let first = st.got[0];
+    c.report
+        .num("first_seq", u64::from(first.seq))
+        .num("first_elapsed_ms", elapsed.as_millis() as u64);
+    c.check(first.seq == 0 && first.timestamp_ns == 0, || {
+        format!("first sample after start is {first:?}, expected seq 0 at 0 ns")
+    });
+    let steps1 = st.steps(1);
+    let off: Vec<&u64> = steps1.iter().filter(|&&d| d != p1).collect();
+    c.check(off.is_empty(), || {
+        format!(
+            "{} steps at rate {} were not {p1} ns: {:?}",
+            off.len(),
+            o.rate,
+            &off[..off.len().min(5)]
+        )
+    });
+    // Samples never come early: the last one read was taken at its
+    // timestamp on the device clock, which started after t0. The guest's
+    // clock under TCG may be calibrated a few percent off the host's, so
+    // allow 10%: a device that ignored the rate would be far off.
+    let last_ts = st.got.last().map_or(0, |s| s.timestamp_ns);
+    c.check(elapsed.as_nanos() as u64 * 11 / 10 >= last_ts, || {
+        format!(
+            "{} samples at {} Hz arrived after {elapsed:?}, before the last one's timestamp {last_ts} ns",
+            o.samples, o.rate
+        )
+    });
+    let mid = get_info(fd)?;
+    c.check(
+        mid.rate_hz == o.rate && mid.status & STATUS_SAMPLING != 0,
+        || format!("config while sampling: {mid:?}"),
+    );
+
+    // Change the rate: the step switches once, from p1 to p2.
+    let change_at = st.got.len();
+    let r = set_rate(fd, o.rate2);
+    c.check(r.is_ok(), || {
+        format!("SET_RATE {}: {}", o.rate2, outcome(&r))
+    });
+    st.read_n(fd, o.samples2 as usize, o.chunk as usize)?;
+    let steps2 = st.steps(change_at);
+    let switch = steps2.iter().position(|&d| d == p2);
+    let old = steps2.iter().take_while(|&&d| d == p1).count();
+    c.report.num("old_rate_steps_after_change", old as u64);
+    c.check(
+        switch == Some(old) && steps2[old..].iter().all(|&d| d == p2),
+        || {
+            format!(
+                "after the change to {} Hz the steps were not {p1} then only {p2}: {:?}",
+                o.rate2,
+                &steps2[..steps2.len().min(12)]
+            )
+        },
+    );
+
+    // Stop: what was taken still arrives, then nothing.
+    let r = set_rate(fd, 0);
+    c.check(r.is_ok(), || format!("SET_RATE 0: {}", outcome(&r)));
+    nap(Duration::from_millis(300));
+    crate::common::set_fl(fd, libc::O_NONBLOCK, 0)?;
+    loop {
+        match read_samples(fd, 64) {
+            Ok(b) if b.is_empty() => break,
+            Ok(b) => b.into_iter().for_each(|s| st.push(s)),
+            Err(libc::EAGAIN) => break,
+            Err(e) => {
+                c.fail(format!("draining read: {}", errno_name(e)));
+                break;
+            }
+        }
+    }
+    let quiet = poll_one(fd, libc::POLLIN, 300)?;
+    c.report.text("poll_stopped", &mask_name(quiet as u32));
+    c.check(quiet == 0, || {
+        format!(
+            "a stopped sensor still delivers: poll {}",
+            mask_name(quiet as u32)
+        )
+    });
+    let again = read_samples(fd, 1).map(|v| v.len());
+    c.report.text("read_stopped", &outcome(&again));
+    c.check(again == Err(libc::EAGAIN), || {
+        format!("O_NONBLOCK read of a stopped sensor: {}", outcome(&again))
+    });
+
+    let last = *st.got.last().unwrap_or(&first);
+    c.report
+        .num("samples", st.got.len() as u64)
+        .num("last_seq", u64::from(last.seq));
+    for b in &st.bad {
+        c.fail(b.clone());
+    }
+
+    // The alarms are exactly the crossings of the samples taken.
+    let mut alarms = Vec::new();
+    loop {
+        match get_alarm(fd) {
+            Ok(Some(a)) => alarms.push(a),
+            Ok(None) => break,
+            Err(e) => {
+                c.fail(format!("SENSOR_IOC_GET_ALARM: {}", errno_name(e)));
+                break;
+            }
+        }
+    }
+    let expected: Vec<(u32, u32)> = (first.seq..=last.seq)
+        .filter_map(|s| {
+            wave.crossing(s, threshold, ALARM_RISING | ALARM_FALLING)
+                .map(|k| (s, k))
+        })
+        .collect();
+    let seen: Vec<(u32, u32)> = alarms.iter().map(|a| (a.seq, a.kind)).collect();
+    c.report
+        .num("alarms", alarms.len() as u64)
+        .num("alarms_expected", expected.len() as u64);
+    c.check(!expected.is_empty(), || {
+        "the samples read cross the threshold nowhere: the run proves nothing".into()
+    });
+    c.check(seen == expected, || {
+        format!(
+            "alarms (seq, kind) {:?} differ from the crossings {:?}",
+            &seen[..seen.len().min(8)],
+            &expected[..expected.len().min(8)]
+        )
+    });
+    for a in &alarms {
+        let sample = st.got.iter().find(|s| s.seq == a.seq);
+        let ok = a.threshold == threshold
+            && a.value == wave.value(a.seq)
+            && sample.is_none_or(|s| s.timestamp_ns == a.timestamp_ns);
+        if !c.check(ok, || {
+            format!("alarm {a:?} does not match its sample {sample:?}")
+        }) {
+            break;
+        }
+    }
+
+    let stats = get_stats(fd)?;
+    let end = get_info(fd)?;
+    c.report
+        .raw("stats", &stats.json())
+        .raw("info_end", &info_json(&end));
+    c.check(
+        stats.samples_dropped == 0 && stats.alarms_dropped == 0 && stats.errors == 0,
+        || format!("driver dropped or erred: {}", stats.json()),
+    );
+    c.check(end.samples_dropped == 0 && end.alarms_dropped == 0, || {
+        format!("device dropped: {end:?}")
+    });
+    c.check(
+        end.rate_hz == 0 && end.status & STATUS_SAMPLING == 0,
+        || format!("config after stop: {end:?}"),
+    );
+    Ok(c)
+}
+
+fn info_json(i: &SensorInfo) -> String {
+    format!(
+        "{{\"seed\":{},\"version\":{},\"max_rate_hz\":{},\"rate_hz\":{},\"threshold\":{},\
+         \"alarm_mode\":{},\"amplitude\":{},\"wave_period\":{},\"noise\":{},\"status\":{},\
+         \"samples_dropped\":{},\"alarms_dropped\":{}}}",
+        i.seed,
+        i.version,
+        i.max_rate_hz,
+        i.rate_hz,
+        i.threshold,
+        i.alarm_mode,
+        i.amplitude,
+        i.wave_period,
+        i.noise,
+        i.status,
+        i.samples_dropped,
+        i.alarms_dropped
+    )
+}
+
+fn outcome<T: std::fmt::Debug>(r: &Result<T, i32>) -> String {
+    match r {
+        Ok(v) => format!("ok {v:?}"),
+        Err(e) => errno_name(*e),
+    }
+}
+
+/// `sensor-unbind` (see the module's documentation).
+pub fn unbind(o: &SensorOpts) -> Result<Checked, String> {
+    let file = open_device(&o.device, Access::Read, false)?;
+    let fd = file.as_raw_fd();
+    let mut c = Checked::new();
+    let node = Path::new(&o.device)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let link = Path::new("/sys/class")
+        .join(SENSOR_DRIVER)
+        .join(&node)
+        .join("device");
+    let vdev = std::fs::read_link(&link)
+        .map_err(|e| format!("{}: {e}", link.display()))?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    c.report.text("virtio_device", &vdev);
+
+    // Three sleepers on a stopped sensor.
+    let (tx, rx) = std::sync::mpsc::channel::<(&'static str, String)>();
+    let t1 = tx.clone();
+    let reader = std::thread::spawn(move || {
+        let r = read_samples(fd, 4).map(|v| v.len());
+        let _ = t1.send(("read", outcome(&r)));
+    });
+    let t2 = tx.clone();
+    let poller = std::thread::spawn(move || {
+        let r = poll_one(fd, libc::POLLIN, 20_000);
+        let _ = t2.send(("poll", r.map_or_else(|e| e, |m| mask_name(m as u32))));
+    });
+    let t3 = tx;
+    let alarm = std::thread::spawn(move || {
+        let r = poll_one(fd, libc::POLLPRI, 20_000);
+        let _ = t3.send(("poll_pri", r.map_or_else(|e| e, |m| mask_name(m as u32))));
+    });
+    nap(Duration::from_millis(500));
+    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    let unbind_path = Path::new("/sys/bus/virtio/drivers")
+        .join(SENSOR_DRIVER)
+        .join("unbind");
+    let t = Instant::now();
+    if let Err(e) = crate::models::qwdev::write_sysfs(&unbind_path, &vdev) {
+        c.fail(e);
+    }
+    let mut woke = Vec::new();
+    for _ in 0..3 {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok((what, how)) => {
+                c.report.text(what, &how);
+                woke.push((what, how));
+            }
+            Err(_) => {
+                c.fail("a sleeper did not wake within 10 s of the unbind");
+                break;
+            }
+        }
+    }
+    c.report.num("wake_ms", t.elapsed().as_millis() as u64);
+    if woke.len() < 3 {
+        // A sleeper is stuck in the driver: do not wait for it.
+        return Ok(c);
+    }
+    for (what, how) in &woke {
+        let ok = match *what {
+            "read" => how == "ENODEV",
+            _ => how.contains("HUP"),
+        };
+        c.check(ok, || format!("{what} woke with {how}"));
+    }
+    let _ = (reader.join(), poller.join(), alarm.join());
+    match get_stats(fd) {
+        Ok(s) => {
+            c.report.raw("stats_removed", &s.json());
+            c.check(s.state & STATE_REMOVED != 0, || {
+                format!("GET_STATS after unbind: state {}", s.state)
+            });
+        }
+        Err(e) => c.fail(e),
+    }
+    let r = set_rate(fd, 100);
+    c.report.text("set_rate_removed", &outcome(&r));
+    c.check(r == Err(libc::ENODEV), || {
+        format!("SET_RATE after unbind: {}", outcome(&r))
+    });
+    drop(file);
+
+    // Bind again: the device comes back and samples.
+    let bind = Path::new("/sys/bus/virtio/drivers")
+        .join(SENSOR_DRIVER)
+        .join("bind");
+    if let Err(e) = crate::models::qwdev::write_sysfs(&bind, &vdev) {
+        c.fail(e);
+        return Ok(c);
+    }
+    crate::models::qwdev::wait_for_chardev(&o.device, Duration::from_secs(10))?;
+    let file = open_device(&o.device, Access::Read, false)?;
+    let fd = file.as_raw_fd();
+    let r = set_rate(fd, o.rate);
+    c.check(r.is_ok(), || {
+        format!("SET_RATE after rebind: {}", outcome(&r))
+    });
+    match read_samples(fd, 4) {
+        Ok(v) => {
+            c.report.num("samples_after_rebind", v.len() as u64);
+            let first = v.first().copied().unwrap_or_default();
+            c.check(!v.is_empty() && first.seq == 0, || {
+                format!("after the rebind (a device reset) the first sample is {first:?}, expected seq 0")
+            });
+        }
+        Err(e) => c.fail(format!("read after rebind: {}", errno_name(e))),
+    }
+    let _ = set_rate(fd, 0);
+    Ok(c)
+}
+
+/// Run a sensor scenario from its arguments; `None` if `args` names none.
+pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
+    let name = args.first()?;
+    if !SENSOR_SCENARIOS.contains(&name.as_str()) {
+        return None;
+    }
+    Some(parse(args).and_then(|o| match o.scenario.as_str() {
+        "sensor-stream" => stream(&o),
+        _ => unbind(&o),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_uapi_header() {
+        assert_eq!(SENSOR_IOC_SET_RATE, 0x4004_7150);
+        assert_eq!(SENSOR_IOC_SET_THRESHOLD, 0x4008_7151);
+        assert_eq!(SENSOR_IOC_GET_ALARM, 0x8018_7152);
+        assert_eq!(SENSOR_IOC_GET_INFO, 0x8038_7153);
+        assert_eq!(SENSOR_IOC_GET_STATS, 0x8050_7154);
+    }
+
+    /// Pinned values: the device model's copy
+    /// (`device-model/sensor/src/wave.rs`) pins the same ones.
+    #[test]
+    fn waveform_pinned_values() {
+        let w = Wave {
+            seed: 42,
+            amplitude: 1000,
+            period: 64,
+            noise: 50,
+        };
+        let got: Vec<i32> = (0..6).map(|s| w.value(s)).collect();
+        let tri = Wave { noise: 0, ..w };
+        assert_eq!(tri.value(0), -1000);
+        assert_eq!(tri.value(16), 0);
+        assert_eq!(tri.value(32), 1000);
+        assert_eq!(tri.value(48), 0);
+        assert_eq!(tri.value(64), -1000);
+        assert_eq!(got, PINNED);
+    }
+
+    /// `Wave { seed: 42, amplitude: 1000, period: 64, noise: 50 }`, seq 0..6.
+    const PINNED: [i32; 6] = [-1027, -908, -835, -818, -705, -736];
+
+    #[test]
+    fn crossings() {
+        let w = Wave {
+            seed: 1,
+            amplitude: 100,
+            period: 8,
+            noise: 0,
+        };
+        // -100 -50 0 50 100 50 0 -50 -100
+        assert_eq!(w.crossing(0, 0, 3), None);
+        assert_eq!(w.crossing(2, 0, 3), Some(ALARM_RISING));
+        assert_eq!(w.crossing(2, 0, ALARM_FALLING), None);
+        assert_eq!(w.crossing(7, 0, 3), Some(ALARM_FALLING));
+        assert_eq!(w.crossing(3, 0, 3), None);
+    }
+
+    #[test]
+    fn parse_options() {
+        let a: Vec<String> = ["sensor-stream", "--rate", "100", "--samples=50"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let o = parse(&a).unwrap();
+        assert_eq!((o.rate, o.samples, o.rate2), (100, 50, 250));
+        assert!(parse(&["sensor-stream".into(), "--rate".into(), "250".into()]).is_err());
+        assert!(parse(&["nope".into()]).is_err());
+    }
+}
