@@ -478,7 +478,7 @@ static ssize_t sensor_read(struct file *filp, char __user *buf, size_t count,
 {
 	struct sensor_dev *s = filp->private_data;
 	unsigned int copied = 0;
-	int err;
+	ssize_t err;
 
 	if (count < sizeof(struct sensor_sample))
 		return -EINVAL;
@@ -514,7 +514,8 @@ static ssize_t sensor_read(struct file *filp, char __user *buf, size_t count,
 	err = kfifo_to_user(&s->samples, buf, count, &copied);
 out:
 	mutex_unlock(&s->read_mutex);
-	return copied ? copied : err;
+	/* Both signed: an unsigned 0 : int would turn -EAGAIN into 4 GiB. */
+	return copied ? (ssize_t)copied : err;
 }
 
 static __poll_t sensor_poll(struct file *filp, poll_table *wait)
