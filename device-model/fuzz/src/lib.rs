@@ -1,5 +1,6 @@
-//! Fuzz harness for the qw device's request path (`QwDevice::process_rx` and
-//! `QwDevice::process_tx`).
+//! Fuzz harness for the qw device's request path: the framework's
+//! validation and pass (`Engine::process`, through `QwEngine::process_rx`
+//! and `QwEngine::process_tx`) and the qw device behind it.
 //!
 //! The fuzz input is a small program for a hostile driver: a header that
 //! places the two split virtqueues in guest memory, then a list of operations
@@ -17,7 +18,8 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-use vdevlab_device::device::{Pass, QueueError, QwDevice, Stats};
+use vdevlab_device::core::{Engine, Pass, QueueError};
+use vdevlab_device::device::{QwDevice, QwEngine, Stats};
 use vdevlab_device::spec::MAX_CHAIN_BYTES;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -526,7 +528,7 @@ pub fn run(data: &[u8]) -> Outcome {
         QueueModel::new(&mem, &h.tx, h.base, event_idx),
     ];
     let tx_capacity = h.tx_capacity as usize;
-    let mut dev = QwDevice::new(h.rx_capacity as usize, tx_capacity);
+    let mut dev = Engine::new(QwDevice::new(h.rx_capacity as usize, tx_capacity));
     let mut books = Books::default();
     let mut out = Outcome::default();
 
@@ -571,7 +573,7 @@ pub fn run(data: &[u8]) -> Outcome {
                 let start = books.injected + dev.stats().inject_rejected_bytes;
                 let bytes = pattern_slice(start, usize::from(*len));
                 let before = dev.stats();
-                let accepted = dev.inject(bytes);
+                let accepted = dev.device.inject(bytes);
                 books.injected += accepted as u64;
                 let after = dev.stats();
                 assert_eq!(
@@ -586,7 +588,7 @@ pub fn run(data: &[u8]) -> Outcome {
                 );
             }
             Op::Take { max } => {
-                let got = dev.take_capture(usize::from(*max));
+                let got = dev.device.take_capture(usize::from(*max));
                 books.taken += got.len() as u64;
                 out.captured.extend_from_slice(&got);
             }
@@ -617,7 +619,7 @@ pub fn run(data: &[u8]) -> Outcome {
 /// driver resets it; the harness goes on calling the device anyway (the
 /// device must stay robust, and every invariant below still holds).
 fn pass(
-    dev: &mut QwDevice,
+    dev: &mut Engine<QwDevice>,
     q: &mut QueueModel,
     qi: u8,
     mem: &GuestMemoryMmap,
@@ -630,7 +632,7 @@ fn pass(
     // The device reads the available index once, before it writes anything.
     let ring_broken = (Wrapping(q.avail_idx(mem)) - avail_before).0 > size;
     let stats_before = dev.stats();
-    let captured_before = dev.tx_captured();
+    let captured_before = dev.device.tx_captured();
     // The available entries as they are before the pass (for the broken-ring
     // check below: add_used may overwrite them when the guest made the rings
     // overlap, and rx data may overwrite them while the device walks).
@@ -655,30 +657,30 @@ fn pass(
         "{name}: injected_bytes matches what the host injected"
     );
     assert_eq!(
-        s.rx_bytes + dev.rx_pending() as u64,
+        s.rx_bytes + dev.device.rx_pending() as u64,
         s.injected_bytes,
         "{name} pass ({result:?}): rx_bytes + rx_pending == injected_bytes \
          (a byte left the FIFO without being reported delivered, or was invented)"
     );
     assert_eq!(
         s.tx_bytes,
-        books.taken + dev.tx_captured() as u64,
+        books.taken + dev.device.tx_captured() as u64,
         "{name} pass ({result:?}): tx_bytes == bytes taken + bytes still captured"
     );
-    let tx_pass_bytes = (dev.tx_captured() - captured_before.min(dev.tx_captured())) as u64;
+    let tx_pass_bytes = (dev.device.tx_captured() - captured_before.min(dev.device.tx_captured())) as u64;
     // Capacity. The spec lets an *empty* capture take one buffer larger than
     // the whole capture (at most MAX_CHAIN_BYTES), so that a big buffer
     // cannot wedge the queue; otherwise the capture stays within capacity.
     assert!(
-        dev.tx_captured() <= tx_capacity
-            || dev.tx_captured() <= captured_before
+        dev.device.tx_captured() <= tx_capacity
+            || dev.device.tx_captured() <= captured_before
             || (captured_before == 0
                 && qi == TX
                 && s.tx_buffers - stats_before.tx_buffers == 1
-                && dev.tx_captured() as u64 <= MAX_CHAIN_BYTES),
+                && dev.device.tx_captured() as u64 <= MAX_CHAIN_BYTES),
         "{name}: capture holds {} bytes (was {captured_before}), more than its capacity \
          {tx_capacity}, and not as the single oversized buffer an empty capture may take",
-        dev.tx_captured()
+        dev.device.tx_captured()
     );
     assert!(advanced <= size, "{name}: more completions than the queue size");
 
@@ -738,8 +740,10 @@ fn pass(
                 "{name}: next_used advanced by exactly the completions reported"
             );
             assert_eq!(taken, advanced, "{name}: every chain taken off the available ring was completed");
-            let bytes = if qi == RX { sum } else { tx_pass_bytes };
-            assert_eq!(p.bytes, bytes, "{name}: the pass reports the bytes it moved");
+            // The pass reports the used lengths: the bytes written on rx,
+            // none on tx.
+            let bytes = if qi == RX { sum } else { 0 };
+            assert_eq!(p.bytes, bytes, "{name}: the pass reports the used lengths");
             // The transport asks this after a pass with completions; it must
             // not fail on a ring inside memory, whatever the guest wrote.
             if p.completed > 0 {

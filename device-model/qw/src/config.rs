@@ -18,9 +18,12 @@
 //! | 0x28 | generator period, microseconds (0 otherwise) |
 //! | 0x2c | interrupt modes: bits 0-3 rx, 4-7 tx (0 immediate, 1 coalesce, 2 delay) |
 
+use vdevlab_device_core::config::{le_words, sat_u32 as sat};
+use vdevlab_device_core::irq::IrqMode;
+use vdevlab_device_core::sources::SourceConfig;
+use vdevlab_device_core::{Core, Engine};
+
 use crate::device::QwDevice;
-use crate::irq::IrqMode;
-use crate::sources::SourceConfig;
 use crate::spec::{RX_QUEUE, TX_QUEUE};
 
 /// Config space size in bytes.
@@ -46,10 +49,6 @@ pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
 /// A generator or file source is feeding the receive FIFO.
 pub const STATUS_SOURCE_ACTIVE: u32 = 1 << 1;
 
-fn sat(v: u64) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
-
 fn irq_code(mode: Option<IrqMode>) -> u32 {
     match mode {
         Some(IrqMode::Coalesce { .. }) => 1,
@@ -58,11 +57,12 @@ fn irq_code(mode: Option<IrqMode>) -> u32 {
     }
 }
 
-/// The config space of `dev` as the driver sees it now.
-pub fn render(dev: &QwDevice) -> [u8; CONFIG_SIZE] {
-    let st = dev.stats();
+/// The config space of `dev` (with its core `core`) as the driver sees it now.
+pub fn render(dev: &QwDevice, core: &Core) -> [u8; CONFIG_SIZE] {
+    let st = dev.counters();
+    let cc = core.counters();
     let mut status = 0;
-    if dev.needs_reset() {
+    if core.needs_reset() {
         status |= STATUS_NEEDS_RESET;
     }
     let (source, gen_bytes, gen_period) = match dev.source().config() {
@@ -82,31 +82,22 @@ pub fn render(dev: &QwDevice) -> [u8; CONFIG_SIZE] {
         sat(dev.rx_capacity() as u64),
         sat(dev.tx_capacity() as u64),
         status,
-        sat(st.bad_chains + st.queue_errors),
+        sat(cc.bad_chains + cc.queue_errors),
         sat(st.inject_rejected_bytes + st.overruns),
         source,
         gen_bytes,
         gen_period,
-        irq_code(dev.irq_mode(RX_QUEUE)) | irq_code(dev.irq_mode(TX_QUEUE)) << 4,
+        irq_code(core.irq_mode(RX_QUEUE)) | irq_code(core.irq_mode(TX_QUEUE)) << 4,
     ];
     let mut out = [0u8; CONFIG_SIZE];
-    for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&w.to_le_bytes());
-    }
+    out.copy_from_slice(&le_words(&words));
     out
 }
 
-/// Bytes `offset..offset+size` of the config space; reads past the end
-/// return zeros (a frontend may ask for a larger window than the layout).
-pub fn read(dev: &QwDevice, offset: u32, size: u32) -> Vec<u8> {
-    let space = render(dev);
-    let mut out = vec![0u8; size.min(4096) as usize];
-    let start = offset as usize;
-    if start < CONFIG_SIZE {
-        let n = out.len().min(CONFIG_SIZE - start);
-        out[..n].copy_from_slice(&space[start..start + n]);
-    }
-    out
+/// Bytes `offset..offset+size` of the config space of `eng`; reads past the
+/// end return zeros (a frontend may ask for a larger window than the layout).
+pub fn read(eng: &Engine<QwDevice>, offset: u32, size: u32) -> Vec<u8> {
+    eng.read_config(offset, size)
 }
 
 #[cfg(test)]
@@ -119,32 +110,34 @@ mod tests {
 
     #[test]
     fn layout_reports_identity_capacities_and_state() {
-        let mut dev = QwDevice::new(1000, 2000);
-        let b = render(&dev);
+        let mut eng = Engine::new(QwDevice::new(1000, 2000));
+        let b = render(&eng.device, &eng.core);
         assert_eq!(&b[0..4], b"QWDV");
         assert_eq!(word(&b, 4), 1);
         assert_eq!(word(&b, 0x0c), 1000);
         assert_eq!(word(&b, 0x10), 2000);
         assert_eq!(word(&b, 0x14), 0);
-        dev.set_needs_reset(true);
-        dev.set_irq_mode(
-            TX_QUEUE,
-            IrqMode::Delay {
-                usecs: 1,
-                jitter_usecs: 0,
-                seed: 0,
-            },
-        )
-        .unwrap();
-        dev.source_mut()
+        eng.core.set_needs_reset(true);
+        eng.core
+            .set_irq_mode(
+                TX_QUEUE,
+                IrqMode::Delay {
+                    usecs: 1,
+                    jitter_usecs: 0,
+                    seed: 0,
+                },
+            )
+            .unwrap();
+        eng.device
+            .source_mut()
             .set(SourceConfig::Generator {
                 bytes: 16,
                 period_us: 1000,
                 seed: 1,
             })
             .unwrap();
-        dev.inject(&[0u8; 1200]);
-        let b = render(&dev);
+        eng.device.inject(&[0u8; 1200]);
+        let b = render(&eng.device, &eng.core);
         assert_eq!(word(&b, 0x14), STATUS_NEEDS_RESET | STATUS_SOURCE_ACTIVE);
         assert_eq!(word(&b, 0x1c), 200, "refused injection counts as drops");
         assert_eq!(
@@ -156,7 +149,7 @@ mod tests {
 
     #[test]
     fn reads_are_windowed_and_bounded() {
-        let dev = QwDevice::default();
+        let dev = Engine::new(QwDevice::default());
         assert_eq!(read(&dev, 0, 4), b"QWDV");
         assert_eq!(
             read(&dev, 46, 4),

@@ -1,11 +1,12 @@
-//! The vhost-user transport for the qw device.
+//! The vhost-user transport, generic over the device.
 //!
-//! [`QwBackend`] implements [`VhostUserBackend`]: it advertises the device's
-//! features and queues, and on every kick (or host-side event) runs the
-//! device logic of [`crate::device`] over the vrings, then raises the
-//! used-buffer interrupt unless the driver suppressed it (EVENT_IDX or the
-//! no-interrupt flag). Errors never leave [`VhostUserBackend::handle_event`]:
-//! in vhost-user-backend an `Err` there ends the worker's event loop and the
+//! [`CoreBackend`] implements [`VhostUserBackend`] for any
+//! [`VirtioDevice`]: it advertises the device's features and queues, and on
+//! every kick (or host-side event) runs [`Engine::process`] over the vrings,
+//! then raises the used-buffer interrupt according to the queue's interrupt
+//! policy, unless the driver suppressed it (EVENT_IDX or the no-interrupt
+//! flag). Errors never leave [`VhostUserBackend::handle_event`]: in
+//! vhost-user-backend an `Err` there ends the worker's event loop and the
 //! device would silently die.
 
 use std::io;
@@ -30,30 +31,47 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::device::{Pass, QueueError, QwDevice};
+use crate::chain::QueueError;
+use crate::device::VirtioDevice;
+use crate::engine::{Engine, Pass};
 use crate::irq::IrqAction;
-use crate::spec::{MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
-
-/// Custom epoll event id: the host side changed the device's data (bytes
-/// injected, capture drained), so both queues need another pass. Ids up to
-/// `NUM_QUEUES` are reserved by vhost-user-backend.
-pub const DEVICE_EVENT: u16 = NUM_QUEUES as u16 + 1;
-/// Custom epoll event ids of the queues' interrupt timers (coalesce and
-/// delay modes): `IRQ_TIMER_EVENT + queue`.
-pub const IRQ_TIMER_EVENT: u16 = DEVICE_EVENT + 1;
-/// Custom epoll event ids of the queues' stall timers (fault injection):
-/// `STALL_TIMER_EVENT + queue`; a stalled queue resumes when it fires.
-pub const STALL_TIMER_EVENT: u16 = IRQ_TIMER_EVENT + NUM_QUEUES as u16;
-/// Custom epoll event ids of the queues' interrupt-storm timers (fault
-/// injection): `STORM_TIMER_EVENT + queue`.
-pub const STORM_TIMER_EVENT: u16 = STALL_TIMER_EVENT + NUM_QUEUES as u16;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// The qw device as a vhost-user backend.
+/// The epoll event ids the backend registers besides the queues' own
+/// (ids up to the queue count are reserved by vhost-user-backend).
+#[derive(Debug, Clone, Copy)]
+struct EventIds {
+    queues: u16,
+}
+
+impl EventIds {
+    /// The host side changed the device's data (a control request, a timer
+    /// tick, a config write): every queue needs another pass.
+    fn device(self) -> u16 {
+        self.queues + 1
+    }
+    /// The queues' interrupt timers (coalesce and delay modes).
+    fn irq_timer(self) -> u16 {
+        self.device() + 1
+    }
+    /// The queues' stall timers (fault injection); a stalled queue resumes
+    /// when its timer fires.
+    fn stall_timer(self) -> u16 {
+        self.irq_timer() + self.queues
+    }
+    /// The queues' interrupt-storm timers (fault injection).
+    fn storm_timer(self) -> u16 {
+        self.stall_timer() + self.queues
+    }
+}
+
+/// A device as a vhost-user backend.
 #[derive(Debug)]
-pub struct QwBackend {
-    device: Arc<Mutex<QwDevice>>,
+pub struct CoreBackend<D> {
+    device: Arc<Mutex<Engine<D>>>,
+    ids: EventIds,
+    max_queue_size: usize,
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
     device_event: EventFd,
@@ -62,28 +80,43 @@ pub struct QwBackend {
     storm_timers: Vec<Mutex<TimerFd>>,
     /// A queue whose ring was found broken is left alone until the driver
     /// resets it (GET_VRING_BASE) or the VMM reconnects.
-    broken: [AtomicBool; NUM_QUEUES],
+    broken: Vec<AtomicBool>,
 }
 
-impl QwBackend {
+impl<D: VirtioDevice> CoreBackend<D> {
     /// A backend around `device`.
-    pub fn new(device: Arc<Mutex<QwDevice>>) -> io::Result<Self> {
+    pub fn new(device: Arc<Mutex<Engine<D>>>) -> io::Result<Self> {
+        let (n, max_queue_size) = {
+            let eng = device.lock().unwrap_or_else(|e| e.into_inner());
+            let specs = eng.core.queues();
+            (
+                specs.len(),
+                specs.iter().map(|q| q.max_size).max().unwrap_or(1),
+            )
+        };
+        let ids = EventIds { queues: n as u16 };
+        let timers = || {
+            (0..n)
+                .map(|_| nonblocking_timer().map(Mutex::new))
+                .collect::<io::Result<Vec<_>>>()
+        };
         Ok(Self {
             device,
+            ids,
+            max_queue_size: usize::from(max_queue_size),
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             device_event: EventFd::new(EFD_NONBLOCK)?,
-            irq_timers: (0..NUM_QUEUES)
-                .map(|_| nonblocking_timer().map(Mutex::new))
-                .collect::<io::Result<_>>()?,
-            stall_timers: (0..NUM_QUEUES)
-                .map(|_| nonblocking_timer().map(Mutex::new))
-                .collect::<io::Result<_>>()?,
-            storm_timers: (0..NUM_QUEUES)
-                .map(|_| nonblocking_timer().map(Mutex::new))
-                .collect::<io::Result<_>>()?,
-            broken: Default::default(),
+            irq_timers: timers()?,
+            stall_timers: timers()?,
+            storm_timers: timers()?,
+            broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
         })
+    }
+
+    /// The device and its core, shared with the control plane.
+    pub fn engine(&self) -> Arc<Mutex<Engine<D>>> {
+        self.device.clone()
     }
 
     /// A handle that the control plane uses to ask for a pass over the queues.
@@ -91,7 +124,7 @@ impl QwBackend {
         self.device_event.try_clone()
     }
 
-    fn device(&self) -> MutexGuard<'_, QwDevice> {
+    fn device(&self) -> MutexGuard<'_, Engine<D>> {
         // A poisoned lock means a panic elsewhere; the data is still usable.
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -107,21 +140,22 @@ impl QwBackend {
         if !state.is_enabled()
             || !state.get_queue().ready()
             || self.is_broken(queue)
-            || self.device().needs_reset()
+            || self.device().core.needs_reset()
         {
             return Ok(());
         }
         // Injected faults: a stalled queue waits for its timer; a slow
         // device sleeps before each pass.
         let (stalled, slow) = {
-            let mut dev = self.device();
-            let stalled = dev
+            let mut eng = self.device();
+            let core = &mut eng.core;
+            let stalled = core
                 .faults_mut()
                 .stalled_for(queue, std::time::Instant::now());
             if stalled.is_some() {
-                dev.stats_mut().stalled_passes += 1;
+                core.counters_mut().stalled_passes += 1;
             }
-            (stalled, dev.faults_mut().slow())
+            (stalled, core.faults_mut().slow())
         };
         if let Some(left) = stalled {
             if let Some(t) = self.stall_timers.get(queue as usize) {
@@ -141,13 +175,7 @@ impl QwBackend {
                 state.disable_notification()?;
             }
             let used_before = state.get_queue().next_used();
-            let result = {
-                let mut dev = self.device();
-                match queue {
-                    RX_QUEUE => dev.process_rx(state.get_queue_mut(), &*mem),
-                    _ => dev.process_tx(state.get_queue_mut(), &*mem),
-                }
-            };
+            let result = self.device().process(queue, state.get_queue_mut(), &mem);
             let pass: Pass = match result {
                 Ok(pass) => pass,
                 Err(e) => {
@@ -156,14 +184,14 @@ impl QwBackend {
                     // interrupt (found by the fuzz target).
                     let done = state.get_queue().next_used().wrapping_sub(used_before);
                     if done > 0 {
-                        self.device().on_completions(queue, u32::from(done));
+                        self.device().core.on_completions(queue, u32::from(done));
                         self.signal(queue, &mut state)?;
                     }
                     return Err(e);
                 }
             };
             if pass.completed > 0 {
-                let action = self.device().on_completions(queue, pass.completed);
+                let action = self.device().core.on_completions(queue, pass.completed);
                 match action {
                     IrqAction::SignalNow => self.signal(queue, &mut state)?,
                     IrqAction::ArmTimer(after) => {
@@ -234,18 +262,18 @@ impl QwBackend {
         queue: u16,
         state: &mut vhost_user_backend::VringState,
     ) -> Result<(), QueueError> {
-        if self.device().faults_mut().take_drop(queue) {
+        if self.device().core.faults_mut().take_drop(queue) {
             // Fault injection: this interrupt is lost on purpose.
-            self.device().stats_mut().interrupts_dropped += 1;
+            self.device().core.counters_mut().interrupts_dropped += 1;
             return Ok(());
         }
         if self.driver_wants_interrupt(state)? {
             if let Err(e) = state.signal_used_queue() {
                 warn!(queue, error = %e, "could not signal the used queue");
             }
-            self.device().stats_mut().interrupts_raised += 1;
+            self.device().core.counters_mut().interrupts_raised += 1;
         } else {
-            self.device().stats_mut().interrupts_suppressed += 1;
+            self.device().core.counters_mut().interrupts_suppressed += 1;
         }
         Ok(())
     }
@@ -256,7 +284,7 @@ impl QwBackend {
             // Clear the expiry count (non-blocking: the timer fired).
             let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
         }
-        if !self.device().on_irq_timer(queue) {
+        if !self.device().core.on_irq_timer(queue) {
             return;
         }
         if let Some(vring) = vrings.get(queue as usize) {
@@ -272,7 +300,12 @@ impl QwBackend {
     /// misbehaving device does not ask).
     fn spurious(&self, vrings: &[VringRwLock]) {
         for (queue, timer) in self.storm_timers.iter().enumerate() {
-            if let Some(period) = self.device().faults_mut().take_storm_start(queue as u16) {
+            if let Some(period) = self
+                .device()
+                .core
+                .faults_mut()
+                .take_storm_start(queue as u16)
+            {
                 let _ = timer
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -280,10 +313,10 @@ impl QwBackend {
             }
         }
         for (queue, vring) in vrings.iter().enumerate() {
-            let n = self.device().faults_mut().take_spurious(queue as u16);
+            let n = self.device().core.faults_mut().take_spurious(queue as u16);
             for _ in 0..n {
                 if vring.get_ref().signal_used_queue().is_ok() {
-                    self.device().stats_mut().spurious_interrupts += 1;
+                    self.device().core.counters_mut().spurious_interrupts += 1;
                 }
             }
         }
@@ -296,7 +329,7 @@ impl QwBackend {
         if let Err(e) = self.process_queue(queue, vring) {
             // The ring itself is unusable until the driver resets the
             // device: stop serving it (so the fault is counted and logged
-            // once) and keep the worker alive for the other queue.
+            // once) and keep the worker alive for the other queues.
             if let Some(b) = self.broken.get(queue as usize) {
                 b.store(true, Ordering::Release);
             }
@@ -307,7 +340,7 @@ impl QwBackend {
 
 /// A timerfd whose read never blocks: a timer re-armed after its expiry was
 /// reported (in the same epoll batch) has nothing to read any more.
-pub(crate) fn nonblocking_timer() -> io::Result<TimerFd> {
+pub fn nonblocking_timer() -> io::Result<TimerFd> {
     let t = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     let fd = t.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own, with flags read from it.
@@ -319,20 +352,21 @@ pub(crate) fn nonblocking_timer() -> io::Result<TimerFd> {
     Ok(t)
 }
 
-impl VhostUserBackend for QwBackend {
+impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
     type Bitmap = ();
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        self.broken.len()
     }
 
     fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE
+        self.max_queue_size
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1)
+        self.device().device.features()
+            | (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -351,16 +385,32 @@ impl VhostUserBackend for QwBackend {
             features = format_args!("{features:#x}"),
             "driver features acknowledged"
         );
+        self.device().device.acked_features(features);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        crate::config::read(&self.device(), offset, size)
+        self.device().read_config(offset, size)
     }
 
-    fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
-        // The config space is read-only; say so rather than ignore the write.
-        warn!(offset, "the driver wrote to the read-only config space");
-        Err(io::Error::from_raw_os_error(libc::EPERM))
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let result = {
+            let mut eng = self.device();
+            let Engine { device, core } = &mut *eng;
+            device.write_config(offset, buf, core)
+        };
+        match result {
+            Ok(()) => {
+                // The write may have given the device work (a new rate, a
+                // new threshold): run the queues.
+                let _ = self.device_event.write(1);
+                Ok(())
+            }
+            Err(e) => {
+                // Say so rather than ignore the write.
+                warn!(offset, len = buf.len(), error = %e, "config-space write refused");
+                Err(io::Error::from_raw_os_error(libc::EPERM))
+            }
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -378,7 +428,10 @@ impl VhostUserBackend for QwBackend {
         if let Some(b) = self.broken.get(queue_index as usize) {
             b.store(false, Ordering::Release);
         }
-        self.device().set_needs_reset(false);
+        let mut eng = self.device();
+        let Engine { device, core } = &mut *eng;
+        core.set_needs_reset(false);
+        device.queue_stopped(queue_index as u16, core);
         Ok(())
     }
 
@@ -395,18 +448,21 @@ impl VhostUserBackend for QwBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        let ids = self.ids;
+        let n = ids.queues;
         match device_event {
-            RX_QUEUE | TX_QUEUE => self.pass(device_event, vrings),
-            DEVICE_EVENT => {
+            q if q < n => self.pass(q, vrings),
+            e if e == ids.device() => {
                 // Level-triggered: consume the count first so we are not
                 // woken again for the same change.
                 let _ = self.device_event.read();
-                self.pass(RX_QUEUE, vrings);
-                self.pass(TX_QUEUE, vrings);
+                for q in 0..n {
+                    self.pass(q, vrings);
+                }
                 self.spurious(vrings);
             }
-            e if (STORM_TIMER_EVENT..STORM_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
-                let queue = e - STORM_TIMER_EVENT;
+            e if (ids.storm_timer()..ids.storm_timer() + n).contains(&e) => {
+                let queue = e - ids.storm_timer();
                 let Some(t) = self.storm_timers.get(queue as usize) else {
                     return Ok(());
                 };
@@ -414,6 +470,7 @@ impl VhostUserBackend for QwBackend {
                 let ticks = timer.wait().unwrap_or(0);
                 let on = self
                     .device()
+                    .core
                     .faults_mut()
                     .storm_on(queue, std::time::Instant::now());
                 if !on {
@@ -425,20 +482,20 @@ impl VhostUserBackend for QwBackend {
                 if ticks > 0 {
                     if let Some(vring) = vrings.get(queue as usize) {
                         if vring.get_ref().signal_used_queue().is_ok() {
-                            self.device().stats_mut().spurious_interrupts += ticks;
+                            self.device().core.counters_mut().spurious_interrupts += ticks;
                         }
                     }
                 }
             }
-            e if (STALL_TIMER_EVENT..STALL_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
-                let queue = e - STALL_TIMER_EVENT;
+            e if (ids.stall_timer()..ids.stall_timer() + n).contains(&e) => {
+                let queue = e - ids.stall_timer();
                 if let Some(t) = self.stall_timers.get(queue as usize) {
                     let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
                 }
                 self.pass(queue, vrings);
             }
-            e if (IRQ_TIMER_EVENT..IRQ_TIMER_EVENT + NUM_QUEUES as u16).contains(&e) => {
-                self.irq_timer(e - IRQ_TIMER_EVENT, vrings)
+            e if (ids.irq_timer()..ids.irq_timer() + n).contains(&e) => {
+                self.irq_timer(e - ids.irq_timer(), vrings)
             }
             other => warn!(event = other, "unknown device event"),
         }
@@ -449,13 +506,19 @@ impl VhostUserBackend for QwBackend {
 /// Serve the device on the vhost-user socket `socket`, one VMM connection at
 /// a time. With `once`, return after the first connection ends; otherwise
 /// wait for the next one (a VMM reconnecting after a restart).
-pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Result<()> {
+pub fn serve<D: VirtioDevice>(
+    socket: &Path,
+    backend: Arc<CoreBackend<D>>,
+    once: bool,
+) -> anyhow::Result<()> {
+    let name = format!("vdevlab-{}", backend.device().device.name());
+    let ids = backend.ids;
     loop {
         for b in &backend.broken {
             b.store(false, Ordering::Release);
         }
         let mut daemon = VhostUserDaemon::new(
-            "vdevlab-qw".to_string(),
+            name.clone(),
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
@@ -465,25 +528,25 @@ pub fn serve(socket: &Path, backend: Arc<QwBackend>, once: bool) -> anyhow::Resu
                 .register_listener(
                     backend.device_event.as_raw_fd(),
                     EventSet::IN,
-                    u64::from(DEVICE_EVENT),
+                    u64::from(ids.device()),
                 )
                 .map_err(|e| anyhow::anyhow!("could not register the device event: {e}"))?;
             for (q, timer) in backend.irq_timers.iter().enumerate() {
                 let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
                 handler
-                    .register_listener(fd, EventSet::IN, u64::from(IRQ_TIMER_EVENT) + q as u64)
+                    .register_listener(fd, EventSet::IN, u64::from(ids.irq_timer()) + q as u64)
                     .map_err(|e| anyhow::anyhow!("could not register the interrupt timer: {e}"))?;
             }
             for (q, timer) in backend.storm_timers.iter().enumerate() {
                 let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
                 handler
-                    .register_listener(fd, EventSet::IN, u64::from(STORM_TIMER_EVENT) + q as u64)
+                    .register_listener(fd, EventSet::IN, u64::from(ids.storm_timer()) + q as u64)
                     .map_err(|e| anyhow::anyhow!("could not register the storm timer: {e}"))?;
             }
             for (q, timer) in backend.stall_timers.iter().enumerate() {
                 let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
                 handler
-                    .register_listener(fd, EventSet::IN, u64::from(STALL_TIMER_EVENT) + q as u64)
+                    .register_listener(fd, EventSet::IN, u64::from(ids.stall_timer()) + q as u64)
                     .map_err(|e| anyhow::anyhow!("could not register the stall timer: {e}"))?;
             }
         }

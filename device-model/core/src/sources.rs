@@ -1,5 +1,7 @@
-//! Receive data sources: where the bytes the device delivers to the driver
-//! come from, besides host injection.
+//! Data sources: where the bytes a device delivers to the driver come from,
+//! besides host injection. A device keeps a [`Source`], pumps it from its
+//! timer ([`crate::VirtioDevice::tick`], period [`SourceConfig::tick`]) into
+//! whatever implements [`Sink`] (a FIFO, a sample buffer).
 //!
 //! - a **generator**: `bytes` bytes every `period_us` microseconds, like a
 //!   sensor sampling at a fixed rate. Samples that find the receive FIFO
@@ -8,8 +10,8 @@
 //!   the FIFO drains), never more than the FIFO has room for, so nothing is
 //!   lost. End of file ends the source.
 //!
-//! Both are pumped by one timer on the control-plane thread; the pump only
-//! touches the device's FIFO and then kicks the vhost-user worker.
+//! Both are pumped by the device's timer on the control-plane thread; the
+//! pump only touches the sink, and the core then kicks the vhost-user worker.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -19,7 +21,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::QwDevice;
+/// Where a source puts its bytes.
+pub trait Sink {
+    /// Bytes the sink can take now.
+    fn room(&self) -> usize;
+    /// Take `data` (at most [`Sink::room`] bytes are offered); returns how
+    /// many were taken.
+    fn push(&mut self, data: &[u8]) -> usize;
+}
+
+/// What one pump did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pumped {
+    /// Bytes put into the sink.
+    pub bytes: usize,
+    /// A generator sample was lost because the sink was full.
+    pub overrun: bool,
+}
 
 /// The pattern stream: xorshift64* from a seed, 8 bytes per step, little
 /// endian. Identical to `vdevlab_guest::pattern`, so a guest program can
@@ -165,26 +183,30 @@ impl Source {
         &self.config
     }
 
-    /// One timer tick: move data into the device's FIFO. Returns whether
-    /// the FIFO got new bytes (so the worker should be kicked).
-    pub fn pump(&mut self, dev: &mut QwDevice) -> bool {
+    /// One timer tick: move data into `sink`.
+    pub fn pump(&mut self, sink: &mut dyn Sink) -> Pumped {
         match self.config.clone() {
-            SourceConfig::Inject => false,
+            SourceConfig::Inject => Pumped::default(),
             SourceConfig::Generator { bytes, .. } => {
                 let sample = self
                     .pattern
                     .get_or_insert_with(|| PatternStream::new(0))
                     .take(bytes as usize);
-                if dev.rx_room() < sample.len() {
+                if sink.room() < sample.len() {
                     // A sensor does not wait for its reader: the sample is
                     // lost, and counted, rather than queued without bound.
                     self.overruns += 1;
-                    dev.stats_mut().overruns += 1;
-                    return false;
+                    return Pumped {
+                        bytes: 0,
+                        overrun: true,
+                    };
                 }
-                dev.inject(&sample);
-                self.produced += sample.len() as u64;
-                true
+                let n = sink.push(&sample);
+                self.produced += n as u64;
+                Pumped {
+                    bytes: n,
+                    overrun: false,
+                }
             }
             SourceConfig::File {
                 rate_bytes_per_sec, ..
@@ -198,12 +220,12 @@ impl Source {
                     }
                     None => usize::MAX,
                 };
-                let want = dev.rx_room().min(allowed).min(256 * 1024);
+                let want = sink.room().min(allowed).min(256 * 1024);
                 if want == 0 {
-                    return false;
+                    return Pumped::default();
                 }
                 let Some(f) = self.file.as_mut() else {
-                    return false;
+                    return Pumped::default();
                 };
                 let mut buf = vec![0u8; want];
                 match f.read(&mut buf) {
@@ -212,25 +234,28 @@ impl Source {
                         tracing::info!(produced = self.produced, "file source reached its end");
                         self.config = SourceConfig::Inject;
                         self.file = None;
-                        false
+                        Pumped::default()
                     }
                     Ok(n) => {
-                        dev.inject(&buf[..n]);
+                        let n = sink.push(&buf[..n]);
                         self.produced += n as u64;
                         self.credit = self.credit.saturating_sub(n as u64);
-                        true
+                        Pumped {
+                            bytes: n,
+                            overrun: false,
+                        }
                     }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
                             || e.kind() == io::ErrorKind::Interrupted =>
                     {
-                        false
+                        Pumped::default()
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "file source read failed; source stopped");
                         self.config = SourceConfig::Inject;
                         self.file = None;
-                        false
+                        Pumped::default()
                     }
                 }
             }
@@ -253,6 +278,36 @@ fn set_nonblocking(f: &File) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A bounded FIFO, as a device would keep.
+    struct Fifo {
+        data: Vec<u8>,
+        cap: usize,
+    }
+
+    impl Sink for Fifo {
+        fn room(&self) -> usize {
+            self.cap - self.data.len()
+        }
+        fn push(&mut self, data: &[u8]) -> usize {
+            let n = data.len().min(self.room());
+            self.data.extend_from_slice(&data[..n]);
+            n
+        }
+    }
+
+    impl Fifo {
+        fn new(cap: usize) -> Self {
+            Self {
+                data: Vec::new(),
+                cap,
+            }
+        }
+        fn take(&mut self, n: usize) -> Vec<u8> {
+            let n = n.min(self.data.len());
+            self.data.drain(..n).collect()
+        }
+    }
+
     #[test]
     fn pattern_stream_is_chunking_independent() {
         let whole = PatternStream::new(7).take(1000);
@@ -271,7 +326,7 @@ mod tests {
 
     #[test]
     fn generator_fills_then_overruns() {
-        let mut dev = QwDevice::new(10, 10);
+        let mut dev = Fifo::new(10);
         let mut src = Source::default();
         src.set(SourceConfig::Generator {
             bytes: 4,
@@ -279,12 +334,12 @@ mod tests {
             seed: 3,
         })
         .unwrap();
-        assert!(src.pump(&mut dev));
-        assert!(src.pump(&mut dev));
-        assert!(!src.pump(&mut dev), "only 2 bytes of room left");
+        assert_eq!(src.pump(&mut dev).bytes, 4);
+        assert_eq!(src.pump(&mut dev).bytes, 4);
+        let p = src.pump(&mut dev);
+        assert!(p.overrun && p.bytes == 0, "only 2 bytes of room left");
         assert_eq!(src.overruns, 1);
-        assert_eq!(dev.stats().overruns, 1);
-        assert_eq!(dev.rx_pending(), 8);
+        assert_eq!(dev.data.len(), 8);
     }
 
     #[test]
@@ -293,20 +348,23 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("data");
         std::fs::write(&path, b"0123456789").unwrap();
-        let mut dev = QwDevice::new(4, 4);
+        let mut dev = Fifo::new(4);
         let mut src = Source::default();
         src.set(SourceConfig::File {
             path: path.clone(),
             rate_bytes_per_sec: None,
         })
         .unwrap();
-        assert!(src.pump(&mut dev));
-        assert_eq!(dev.rx_pending(), 4);
-        assert!(!src.pump(&mut dev), "no room: nothing read, nothing lost");
-        let mut got = dev.take_rx(4);
+        assert_eq!(src.pump(&mut dev).bytes, 4);
+        assert_eq!(
+            src.pump(&mut dev),
+            Pumped::default(),
+            "no room: nothing read, nothing lost"
+        );
+        let mut got = dev.take(4);
         for _ in 0..10 {
             src.pump(&mut dev);
-            got.extend(dev.take_rx(4));
+            got.extend(dev.take(4));
         }
         assert_eq!(
             src.config(),

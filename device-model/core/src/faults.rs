@@ -8,27 +8,21 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{NUM_QUEUES, RX_QUEUE, TX_QUEUE};
-
-/// Which queue a fault applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueSel {
-    /// The receive queue (0).
-    Rx,
-    /// The transmit queue (1).
-    Tx,
-    /// Both.
-    All,
-}
+/// Which queue(s) a fault applies to: a queue name the device declared
+/// (the qw device: `"rx"`, `"tx"`) or `"all"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct QueueSel(pub String);
 
 impl QueueSel {
-    fn queues(self) -> &'static [u16] {
-        match self {
-            QueueSel::Rx => &[RX_QUEUE],
-            QueueSel::Tx => &[TX_QUEUE],
-            QueueSel::All => &[RX_QUEUE, TX_QUEUE],
-        }
+    /// Every queue.
+    pub fn all() -> Self {
+        Self("all".into())
+    }
+
+    /// The queue named `name`.
+    pub fn named(name: &str) -> Self {
+        Self(name.into())
     }
 }
 
@@ -98,41 +92,68 @@ const MAX_SLOW_US: u64 = 1_000_000;
 /// The device's armed faults.
 #[derive(Debug, Default)]
 pub struct FaultState {
-    drop_irqs: [u32; NUM_QUEUES],
-    spurious: [u32; NUM_QUEUES],
-    stall_until: [Option<Instant>; NUM_QUEUES],
+    drop_irqs: Vec<u32>,
+    spurious: Vec<u32>,
+    stall_until: Vec<Option<Instant>>,
     /// Storms not yet started by the transport: (period, until).
-    storm_start: [Option<(Duration, Instant)>; NUM_QUEUES],
-    storm_until: [Option<Instant>; NUM_QUEUES],
+    storm_start: Vec<Option<(Duration, Instant)>>,
+    storm_until: Vec<Option<Instant>>,
     slow: Duration,
     corrupt: u32,
     truncate: u32,
     rng: u64,
 }
 
+impl Fault {
+    /// The queues the fault names, if it names any.
+    pub fn queue(&self) -> Option<&QueueSel> {
+        match self {
+            Fault::DropInterrupts { queue, .. }
+            | Fault::SpuriousInterrupts { queue, .. }
+            | Fault::InterruptStorm { queue, .. }
+            | Fault::Stall { queue, .. } => Some(queue),
+            _ => None,
+        }
+    }
+}
+
 impl FaultState {
-    /// Arm `fault`. Bad parameters are refused with a message naming them.
-    pub fn apply(&mut self, fault: &Fault, now: Instant) -> Result<(), String> {
+    /// Nothing armed, for a device with `queues` queues.
+    pub fn new(queues: usize) -> Self {
+        Self {
+            drop_irqs: vec![0; queues],
+            spurious: vec![0; queues],
+            stall_until: vec![None; queues],
+            storm_start: vec![None; queues],
+            storm_until: vec![None; queues],
+            ..Self::default()
+        }
+    }
+
+    /// Arm `fault` on `queues` (the indices its [`Fault::queue`] names,
+    /// resolved by the caller; ignored by faults without a queue). Bad
+    /// parameters are refused with a message naming them.
+    pub fn apply(&mut self, fault: &Fault, queues: &[u16], now: Instant) -> Result<(), String> {
         match *fault {
-            Fault::DropInterrupts { queue, count } => {
-                for &q in queue.queues() {
+            Fault::DropInterrupts { count, .. } => {
+                for &q in queues {
                     self.drop_irqs[q as usize] = self.drop_irqs[q as usize].saturating_add(count);
                 }
             }
-            Fault::SpuriousInterrupts { queue, count } => {
+            Fault::SpuriousInterrupts { count, .. } => {
                 if count > 100_000 {
                     return Err(format!(
                         "spurious_interrupts: count must be at most 100000, not {count}"
                     ));
                 }
-                for &q in queue.queues() {
+                for &q in queues {
                     self.spurious[q as usize] = self.spurious[q as usize].saturating_add(count);
                 }
             }
             Fault::InterruptStorm {
-                queue,
                 rate_hz,
                 duration_ms,
+                ..
             } => {
                 if rate_hz == 0 || rate_hz > 100_000 {
                     return Err(format!(
@@ -146,18 +167,18 @@ impl FaultState {
                 }
                 let period = Duration::from_nanos(1_000_000_000 / u64::from(rate_hz));
                 let until = now + Duration::from_millis(duration_ms);
-                for &q in queue.queues() {
+                for &q in queues {
                     self.storm_start[q as usize] = Some((period, until));
                     self.storm_until[q as usize] = Some(until);
                 }
             }
-            Fault::Stall { queue, duration_ms } => {
+            Fault::Stall { duration_ms, .. } => {
                 if duration_ms == 0 || duration_ms > MAX_STALL_MS {
                     return Err(format!(
                         "stall: duration_ms must be 1..={MAX_STALL_MS}, not {duration_ms}"
                     ));
                 }
-                for &q in queue.queues() {
+                for &q in queues {
                     self.stall_until[q as usize] = Some(now + Duration::from_millis(duration_ms));
                 }
             }
@@ -174,7 +195,7 @@ impl FaultState {
                 self.rng = seed | 1;
             }
             Fault::TruncateRx { count } => self.truncate = self.truncate.saturating_add(count),
-            Fault::Clear {} => *self = FaultState::default(),
+            Fault::Clear {} => *self = FaultState::new(self.drop_irqs.len()),
         }
         Ok(())
     }
@@ -270,13 +291,27 @@ impl FaultState {
 mod tests {
     use super::*;
 
+    const RX_QUEUE: u16 = 0;
+    const TX_QUEUE: u16 = 1;
+
+    /// Arm `fault` the way the core does for a device with queues rx and tx.
+    fn arm(f: &mut FaultState, fault: &Fault, now: Instant) -> Result<(), String> {
+        let queues: Vec<u16> = match fault.queue().map(|q| q.0.as_str()) {
+            Some("rx") => vec![RX_QUEUE],
+            Some("tx") => vec![TX_QUEUE],
+            _ => vec![RX_QUEUE, TX_QUEUE],
+        };
+        f.apply(fault, &queues, now)
+    }
+
     #[test]
     fn faults_arm_count_and_clear() {
         let now = Instant::now();
-        let mut f = FaultState::default();
-        f.apply(
+        let mut f = FaultState::new(2);
+        arm(
+            &mut f,
             &Fault::DropInterrupts {
-                queue: QueueSel::All,
+                queue: QueueSel::all(),
                 count: 2,
             },
             now,
@@ -284,9 +319,10 @@ mod tests {
         .unwrap();
         assert!(f.take_drop(RX_QUEUE) && f.take_drop(RX_QUEUE) && !f.take_drop(RX_QUEUE));
         assert!(f.take_drop(TX_QUEUE));
-        f.apply(
+        arm(
+            &mut f,
             &Fault::SpuriousInterrupts {
-                queue: QueueSel::Tx,
+                queue: QueueSel::named("tx"),
                 count: 3,
             },
             now,
@@ -300,9 +336,10 @@ mod tests {
             ),
             (0, 3, 0)
         );
-        f.apply(
+        arm(
+            &mut f,
             &Fault::Stall {
-                queue: QueueSel::Rx,
+                queue: QueueSel::named("rx"),
                 duration_ms: 100,
             },
             now,
@@ -313,44 +350,43 @@ mod tests {
         assert!(f
             .stalled_for(RX_QUEUE, now + Duration::from_millis(101))
             .is_none());
-        f.apply(&Fault::Slow { delay_us: 50 }, now).unwrap();
-        f.apply(&Fault::Clear {}, now).unwrap();
+        arm(&mut f, &Fault::Slow { delay_us: 50 }, now).unwrap();
+        arm(&mut f, &Fault::Clear {}, now).unwrap();
         assert_eq!(f.slow(), Duration::ZERO);
     }
 
     #[test]
     fn storms_start_once_and_end() {
         let now = Instant::now();
-        let mut f = FaultState::default();
+        let mut f = FaultState::new(2);
         let storm = Fault::InterruptStorm {
-            queue: QueueSel::Rx,
+            queue: QueueSel::named("rx"),
             rate_hz: 1000,
             duration_ms: 50,
         };
-        f.apply(&storm, now).unwrap();
+        arm(&mut f, &storm, now).unwrap();
         assert_eq!(f.take_storm_start(RX_QUEUE), Some(Duration::from_millis(1)));
         assert_eq!(f.take_storm_start(RX_QUEUE), None);
         assert!(f.storm_on(RX_QUEUE, now));
         assert!(!f.storm_on(RX_QUEUE, now + Duration::from_millis(60)));
         let bad = Fault::InterruptStorm {
-            queue: QueueSel::Rx,
+            queue: QueueSel::named("rx"),
             rate_hz: 0,
             duration_ms: 50,
         };
-        assert!(f.apply(&bad, now).unwrap_err().contains("rate_hz"));
+        assert!(arm(&mut f, &bad, now).unwrap_err().contains("rate_hz"));
     }
 
     #[test]
     fn rx_damage_flips_one_byte_and_truncates() {
         let now = Instant::now();
-        let mut f = FaultState::default();
-        f.apply(&Fault::CorruptRx { count: 1, seed: 5 }, now)
-            .unwrap();
+        let mut f = FaultState::new(2);
+        arm(&mut f, &Fault::CorruptRx { count: 1, seed: 5 }, now).unwrap();
         let mut data = vec![0u8; 64];
         assert_eq!(f.damage_rx(&mut data), (true, 0));
         assert_eq!(data.iter().filter(|&&b| b == 0xff).count(), 1);
         assert!(!f.rx_damage_armed());
-        f.apply(&Fault::TruncateRx { count: 1 }, now).unwrap();
+        arm(&mut f, &Fault::TruncateRx { count: 1 }, now).unwrap();
         let mut data = vec![0u8; 9];
         assert_eq!(f.damage_rx(&mut data), (false, 5));
     }
@@ -358,32 +394,32 @@ mod tests {
     #[test]
     fn bad_parameters_are_explained() {
         let now = Instant::now();
-        let mut f = FaultState::default();
-        let e = f
-            .apply(
-                &Fault::Stall {
-                    queue: QueueSel::Rx,
-                    duration_ms: 0,
-                },
-                now,
-            )
-            .unwrap_err();
+        let mut f = FaultState::new(2);
+        let e = arm(
+            &mut f,
+            &Fault::Stall {
+                queue: QueueSel::named("rx"),
+                duration_ms: 0,
+            },
+            now,
+        )
+        .unwrap_err();
         assert!(e.contains("duration_ms"));
-        let e = f
-            .apply(
-                &Fault::Slow {
-                    delay_us: 5_000_000,
-                },
-                now,
-            )
-            .unwrap_err();
+        let e = arm(
+            &mut f,
+            &Fault::Slow {
+                delay_us: 5_000_000,
+            },
+            now,
+        )
+        .unwrap_err();
         assert!(e.contains("delay_us"));
         let parsed: Fault =
             serde_json::from_str(r#"{"kind":"drop_interrupts","queue":"rx","count":3}"#).unwrap();
         assert_eq!(
             parsed,
             Fault::DropInterrupts {
-                queue: QueueSel::Rx,
+                queue: QueueSel::named("rx"),
                 count: 3
             }
         );

@@ -1,0 +1,370 @@
+//! The device's generic half ([`Core`]) and the unit the transport and the
+//! control plane lock and drive ([`Engine`]): a device plus its core.
+//!
+//! [`Engine::process`] is the one place where chains leave the available ring
+//! and land on the used ring: it validates each chain, hands it to the
+//! device, and puts the result on the used ring. It runs under the real
+//! backend and under unit tests with mock queues alike.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::chain::{validate, ChainError, QueueError, QueueSpec};
+use crate::device::{to_fields, Fields, Outcome, VirtioDevice};
+use crate::faults::FaultState;
+use crate::irq::{IrqAction, IrqMode, IrqPolicy};
+
+/// The core's counters, reported (merged with the device's) by the control
+/// plane's `stats` request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreCounters {
+    /// Chains refused as malformed (completed with length 0).
+    pub bad_chains: u64,
+    /// Used-buffer interrupts raised.
+    pub interrupts_raised: u64,
+    /// Used-buffer interrupts the driver asked us not to send.
+    pub interrupts_suppressed: u64,
+    /// Times a queue was found broken as a whole.
+    pub queue_errors: u64,
+    /// Fault injection: due interrupts deliberately lost.
+    pub interrupts_dropped: u64,
+    /// Fault injection: interrupts raised with nothing new to report.
+    pub spurious_interrupts: u64,
+    /// Fault injection: passes skipped because a queue was stalled.
+    pub stalled_passes: u64,
+    /// Fault injection: device-to-driver buffers delivered with a flipped byte.
+    pub corrupted_buffers: u64,
+    /// Fault injection: bytes taken from the device but not reported to the
+    /// driver (truncated buffers).
+    pub truncated_bytes: u64,
+    /// Hostile mode: used entries naming an id the driver never posted.
+    #[serde(default)]
+    pub hostile_bogus_ids: u64,
+    /// Hostile mode: used entries with a length larger than the buffer.
+    #[serde(default)]
+    pub hostile_overlong: u64,
+    /// Hostile mode: used-index jumps (the index moved past the entries written).
+    #[serde(default)]
+    pub hostile_index_jumps: u64,
+    /// Hostile mode: heads completed a second time.
+    #[serde(default)]
+    pub hostile_double_completions: u64,
+}
+
+/// The error of [`Core::notify_config_change`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "config-change interrupts are unsupported by vhost 0.18: the backend cannot send \
+     VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (its sender is private); re-read the config \
+     space on another event (a used buffer on an event queue) instead"
+)]
+pub struct ConfigChangeUnsupported;
+
+/// What one pass over a queue did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Chains completed (added to the used ring).
+    pub completed: u32,
+    /// Sum of the used lengths reported.
+    pub bytes: u64,
+}
+
+/// The generic state of a device: its queue list, interrupt policies, armed
+/// faults, needs-reset, counters and timer. A device gets it in every call
+/// of [`VirtioDevice`].
+#[derive(Debug)]
+pub struct Core {
+    queues: Vec<QueueSpec>,
+    counters: CoreCounters,
+    irq: Vec<IrqPolicy>,
+    faults: FaultState,
+    needs_reset: bool,
+    bad_chain_logged: bool,
+    tick_period: Option<Duration>,
+    tick_timer: Option<Arc<Mutex<TimerFd>>>,
+}
+
+impl Core {
+    /// The core of a device with these queues.
+    pub fn new(queues: Vec<QueueSpec>) -> Self {
+        let n = queues.len();
+        Self {
+            irq: vec![IrqPolicy::default(); n],
+            faults: FaultState::new(n),
+            queues,
+            counters: CoreCounters::default(),
+            needs_reset: false,
+            bad_chain_logged: false,
+            tick_period: None,
+            tick_timer: None,
+        }
+    }
+
+    /// The queues, in index order.
+    pub fn queues(&self) -> &[QueueSpec] {
+        &self.queues
+    }
+
+    /// Queue indices named by `sel`: a queue name, or `"all"`. The error
+    /// lists the names the device has.
+    pub fn resolve_queues(&self, sel: &str) -> Result<Vec<u16>, String> {
+        if sel == "all" {
+            return Ok((0..self.queues.len() as u16).collect());
+        }
+        match self.queues.iter().position(|q| q.name == sel) {
+            Some(i) => Ok(vec![i as u16]),
+            None => {
+                let names: Vec<&str> = self.queues.iter().map(|q| q.name).collect();
+                Err(format!(
+                    "queue must be {} or all, not {sel:?}",
+                    names.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// The core's counters.
+    pub fn counters(&self) -> CoreCounters {
+        self.counters
+    }
+
+    /// Mutable access to the counters (the transport's interrupt bookkeeping).
+    pub fn counters_mut(&mut self) -> &mut CoreCounters {
+        &mut self.counters
+    }
+
+    /// The armed faults (see [`crate::faults`]).
+    pub fn faults_mut(&mut self) -> &mut FaultState {
+        &mut self.faults
+    }
+
+    /// The data-damage fault hook, for a device writing device-to-driver
+    /// data: if a `corrupt_rx` or `truncate_rx` fault is armed, flip a byte
+    /// of `data` and/or choose to report only part of it. Returns how many
+    /// bytes at the end of `data` are *not* to be reported to the driver
+    /// (already counted in `truncated_bytes`). Cheap when nothing is armed.
+    pub fn damage(&mut self, data: &mut [u8]) -> usize {
+        if !self.faults.rx_damage_armed() {
+            return 0;
+        }
+        let (corrupted, cut) = self.faults.damage_rx(data);
+        self.counters.corrupted_buffers += u64::from(corrupted);
+        self.counters.truncated_bytes += cut as u64;
+        cut
+    }
+
+    /// Whether a data-damage fault is armed (so a device can take its slow,
+    /// copying path only then).
+    pub fn damage_armed(&self) -> bool {
+        self.faults.rx_damage_armed()
+    }
+
+    /// Whether the device has declared itself broken (DEVICE_NEEDS_RESET).
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+
+    /// Declare (or clear) the device broken: it stops serving its queues
+    /// until the driver resets them.
+    pub fn set_needs_reset(&mut self, on: bool) {
+        self.needs_reset = on;
+    }
+
+    /// Set queue `queue`'s interrupt mode.
+    pub fn set_irq_mode(&mut self, queue: u16, mode: IrqMode) -> Result<(), String> {
+        mode.validate()?;
+        let p = self
+            .irq
+            .get_mut(queue as usize)
+            .ok_or_else(|| format!("no queue {queue}"))?;
+        p.set_mode(mode);
+        Ok(())
+    }
+
+    /// Queue `queue`'s interrupt mode.
+    pub fn irq_mode(&self, queue: u16) -> Option<IrqMode> {
+        self.irq.get(queue as usize).map(IrqPolicy::mode)
+    }
+
+    /// `n` buffers of `queue` were completed: what to do about the interrupt.
+    pub fn on_completions(&mut self, queue: u16, n: u32) -> IrqAction {
+        self.irq
+            .get_mut(queue as usize)
+            .map_or(IrqAction::Wait, |p| p.on_completions(n))
+    }
+
+    /// `queue`'s interrupt timer expired: whether to raise the interrupt.
+    pub fn on_irq_timer(&mut self, queue: u16) -> bool {
+        self.irq
+            .get_mut(queue as usize)
+            .is_some_and(IrqPolicy::on_timer)
+    }
+
+    /// Run the device's timer every `period` ([`VirtioDevice::tick`]), or stop
+    /// it (`None`). Under the real transport a timerfd on the control-plane
+    /// thread drives it; in unit tests only the period is recorded.
+    pub fn set_tick(&mut self, period: Option<Duration>) -> Result<(), String> {
+        if period.is_some_and(|p| p < Duration::from_micros(10)) {
+            return Err("the device timer's period must be at least 10 us".into());
+        }
+        if let Some(t) = &self.tick_timer {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            match period {
+                Some(p) => t.reset(p, Some(p)),
+                None => t.clear(),
+            }
+            .map_err(|e| format!("device timer: {e}"))?;
+        }
+        self.tick_period = period;
+        Ok(())
+    }
+
+    /// The device timer's period, if it runs.
+    pub fn tick_period(&self) -> Option<Duration> {
+        self.tick_period
+    }
+
+    pub(crate) fn attach_tick_timer(&mut self, timer: Arc<Mutex<TimerFd>>) {
+        self.tick_timer = Some(timer);
+    }
+
+    /// Raise a config-change interrupt. Not possible with vhost 0.18 (see
+    /// [`ConfigChangeUnsupported`]); the hook is here so a device can be
+    /// written against it and the error says why it does nothing.
+    pub fn notify_config_change(&mut self) -> Result<(), ConfigChangeUnsupported> {
+        tracing::debug!("config-change interrupt requested; unsupported by vhost 0.18");
+        Err(ConfigChangeUnsupported)
+    }
+
+    /// Count and log a refused chain.
+    pub fn refuse(&mut self, e: &ChainError) {
+        self.counters.bad_chains += 1;
+        // One warning per device, then debug: a hostile guest must not be
+        // able to flood the host's log.
+        if self.bad_chain_logged {
+            tracing::debug!(error = %e, "refused a descriptor chain");
+        } else {
+            self.bad_chain_logged = true;
+            tracing::warn!(error = %e, "refused a descriptor chain (further ones are logged at debug level)");
+        }
+    }
+
+    /// A whole-queue fault was found (counted in `queue_errors`).
+    pub fn queue_error(&mut self) {
+        self.counters.queue_errors += 1;
+    }
+}
+
+/// A device and its core: what the transport and the control plane share
+/// (behind one lock) and drive.
+#[derive(Debug)]
+pub struct Engine<D> {
+    /// The device.
+    pub device: D,
+    /// Its generic state.
+    pub core: Core,
+}
+
+impl<D: VirtioDevice> Engine<D> {
+    /// Put `device` on the core.
+    pub fn new(device: D) -> Self {
+        let core = Core::new(device.queues());
+        Self { device, core }
+    }
+
+    /// Counters, the core's and the device's, as one JSON object.
+    pub fn stats_fields(&self) -> Fields {
+        let mut all = to_fields(&self.core.counters);
+        all.extend(self.device.counters());
+        all
+    }
+
+    /// The config space as the driver would read it now.
+    pub fn config_space(&self) -> Vec<u8> {
+        self.device.config_space(&self.core)
+    }
+
+    /// Bytes `offset..offset+size` of the config space; reads past the end
+    /// return zeros (a frontend may ask for a larger window than the layout),
+    /// and at most 4096 bytes are returned.
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        crate::config::window(&self.config_space(), offset, size)
+    }
+
+    /// Serve queue `queue` once: take available chains while the device
+    /// wants them, validate each, let the device handle it, and put the
+    /// results on the used ring, in order.
+    ///
+    /// A malformed chain is completed with length 0 and counted; it never
+    /// stops the queue. A broken ring (an available index more than the queue
+    /// size ahead, a head outside the table, a ring outside memory) is a
+    /// [`QueueError`]: the completions made before it are on the used ring
+    /// either way, and the transport then leaves the queue alone until the
+    /// driver resets it.
+    pub fn process(
+        &mut self,
+        queue: u16,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Pass, QueueError> {
+        let Some(spec) = self.core.queues.get(queue as usize).copied() else {
+            return Ok(Pass::default());
+        };
+        let mut completions: Vec<(u16, u32, u64)> = Vec::new();
+        let size = q.size();
+        let mut ring_error = None;
+        {
+            let core = &mut self.core;
+            let mut iter = q.iter(mem).inspect_err(|_| core.queue_error())?;
+            while self.device.wants_buffers(queue) {
+                let Some(chain) = iter.next() else { break };
+                let head = chain.head_index();
+                if head >= size {
+                    // A head outside the table cannot even be completed:
+                    // the ring is broken. Stop before any byte moves.
+                    ring_error = Some(virtio_queue::Error::InvalidDescriptorIndex);
+                    break;
+                }
+                let (len, writable) = match validate(mem, chain, &spec) {
+                    Err(e) => {
+                        core.refuse(&e);
+                        (0, 0)
+                    }
+                    Ok(c) => match self.device.handle_chain(queue, &c, core) {
+                        Outcome::Complete { used_len } => {
+                            (used_len.min(c.writable_len() as u32), c.writable_len())
+                        }
+                        Outcome::Defer => {
+                            iter.go_to_previous_position();
+                            break;
+                        }
+                        Outcome::Refuse(e) => {
+                            core.refuse(&e);
+                            (0, c.writable_len())
+                        }
+                    },
+                };
+                completions.push((head, len, writable));
+            }
+        }
+        let mut pass = Pass::default();
+        for (head, len, writable) in completions {
+            crate::hostile::complete(&mut self.core, queue, q, mem, head, len, writable)
+                .inspect_err(|_| self.core.queue_error())?;
+            pass.completed += 1;
+            pass.bytes += u64::from(len);
+        }
+        match ring_error {
+            Some(e) => {
+                self.core.queue_error();
+                Err(QueueError::Ring(e))
+            }
+            None => Ok(pass),
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! vdevlab's device framework: the generic half of a vhost-user device model.
+//!
+//! A device implements [`VirtioDevice`] (its queues, config space, how it
+//! handles a descriptor chain, reset, its own control requests and
+//! counters); the core does the rest:
+//!
+//! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] transport;
+//! - [`chain`]: queue helpers: every chain validated before a device sees it;
+//! - [`engine`]: the device's generic state ([`Core`]) and the pass over a
+//!   queue ([`Engine::process`]);
+//! - [`irq`]: interrupt policies (immediate, coalesced, delayed);
+//! - [`control`]: the host control plane (a Unix socket speaking JSON lines);
+//! - [`faults`]: injected faults (lost and spurious interrupts, storms,
+//!   stalls, slowness, damaged data);
+//! - [`hostile`]: hostile-device mode (virtio contract violations);
+//! - [`sources`]: data sources (a seeded generator, a file or pipe);
+//! - [`config`]: config-space helpers;
+//! - [`daemon`]: the daemon's flags and main loop.
+//!
+//! A device never knows which VMM or VM it serves. See
+//! `docs/device-framework.md` for how to write one.
+
+pub mod backend;
+pub mod chain;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod device;
+pub mod engine;
+pub mod faults;
+pub mod hostile;
+pub mod irq;
+pub mod sources;
+
+pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};
+pub use device::{to_fields, Fields, Outcome, VirtioDevice};
+pub use engine::{ConfigChangeUnsupported, Core, CoreCounters, Engine, Pass};

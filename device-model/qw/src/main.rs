@@ -1,0 +1,28 @@
+//! `vdevlab-device`: serve the qw device as a vhost-user backend.
+
+use clap::Parser;
+use vdevlab_device::device::{QwDevice, DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
+use vdevlab_device_core::daemon::{init_logging, run, DaemonArgs};
+
+/// The vdevlab reference device (qw) as a vhost-user backend.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// Receive FIFO size: bytes the host may inject ahead of the driver.
+    #[arg(long, default_value_t = DEFAULT_RX_FIFO_BYTES)]
+    rx_fifo_bytes: usize,
+    /// Transmit capture size: bytes the driver may write before back-pressure.
+    #[arg(long, default_value_t = DEFAULT_TX_CAPTURE_BYTES)]
+    tx_capture_bytes: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    run(
+        &args.daemon,
+        QwDevice::new(args.rx_fifo_bytes, args.tx_capture_bytes),
+    )
+}
