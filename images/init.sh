@@ -10,12 +10,25 @@
 #   vdevlab.run=<scenario>[,<arg>...][;<scenario>...]
 #                                       guest programs to run in order: each
 #                                       is a scenario and its arguments,
-#                                       comma separated; runs separated by ';'
+#                                       comma separated; runs separated by ';'.
+#                                       A run whose first word is a path
+#                                       (/...) runs that program instead of
+#                                       /bin/vdevlab-guest
 #   vdevlab.virtio_id=<id>              passed to the driver's virtio_id
 #   vdevlab.qw_params=<name>=<value>[,...]
 #                                       more driver module parameters (e.g.
 #                                       dyndbg=+p, config_status=0)
-#   vdevlab.shell=1                     open a shell instead of powering off
+#   vdevlab.shell=1                     open a shell on the console: after the
+#                                       runs, or instead of them when there are
+#                                       none (`vdevlab up`); between the markers
+#                                       VDEVLAB-SHELL and VDEVLAB-SHELL-END
+#   vdevlab.driver=<name>               the driver module to load,
+#                                       /lib/modules/<name>.ko (default
+#                                       vdevlab_qw; a user's own driver comes
+#                                       in a second initramfs archive)
+#   vdevlab.dev=<path>                  the device node the driver makes, waited
+#                                       for before the runs (default /dev/qw0;
+#                                       "none": do not wait)
 #   vdevlab.vport=<name>                wait for the virtio-serial port named
 #                                       <name> and link it (and every other
 #                                       named port) as /dev/virtio-ports/<name>
@@ -28,7 +41,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "VDEVLAB-BOOT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
 
-run=""; vid=""; shell=""; qwp=""; vport=""
+run=""; vid=""; shell=""; qwp=""; vport=""; drv=vdevlab_qw; dev=/dev/qw0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vdevlab.run=*) run=${arg#vdevlab.run=} ;;
@@ -36,6 +49,8 @@ for arg in $(cat /proc/cmdline); do
         vdevlab.shell=*) shell=${arg#vdevlab.shell=} ;;
         vdevlab.qw_params=*) qwp=${arg#vdevlab.qw_params=} ;;
         vdevlab.vport=*) vport=${arg#vdevlab.vport=} ;;
+        vdevlab.driver=*) drv=${arg#vdevlab.driver=} ;;
+        vdevlab.dev=*) dev=${arg#vdevlab.dev=} ;;
     esac
 done
 
@@ -54,10 +69,23 @@ finish() {
     echo "VDEVLAB-DMESG-BEGIN"
     dmesg
     echo "VDEVLAB-DMESG-END"
-    if [ "$shell" = 1 ]; then
-        setsid cttyhack sh
-    fi
+    [ "$shell" = 1 ] && console_shell
     poweroff -f
+}
+# An interactive shell on the serial console (its controlling tty, so
+# Ctrl-C and job control work). This script is PID 1 and handles no
+# signals, so a plain poweroff would do nothing: the shell's poweroff and
+# reboot are the immediate kind.
+console_shell() {
+    shell=""
+    cat > /tmp/vdevlab-shrc <<'EOF'
+alias poweroff='poweroff -f'
+alias reboot='poweroff -f'
+PS1='vdevlab:\w# '
+EOF
+    echo "VDEVLAB-SHELL"
+    ENV=/tmp/vdevlab-shrc setsid cttyhack sh
+    echo "VDEVLAB-SHELL-END"
 }
 
 # The kernel's own modules the driver needs first (virtio and virtio_pci
@@ -70,14 +98,17 @@ if [ -f /lib/modules/preload.list ]; then
     done < /lib/modules/preload.list
 fi
 
+# The reference driver takes the device's virtio id; a user's driver gets
+# only the parameters it was given.
+[ "$drv" = vdevlab_qw ] || vid=""
 # shellcheck disable=SC2046 # one word per parameter
-if ! insmod /lib/modules/vdevlab_qw.ko ${vid:+virtio_id=$vid} $(echo "$qwp" | tr ',' ' '); then
-    fail "insmod vdevlab_qw.ko failed"
+if ! insmod "/lib/modules/$drv.ko" ${vid:+virtio_id=$vid} $(echo "$qwp" | tr ',' ' '); then
+    fail "insmod $drv.ko failed"
 fi
 i=0
-while [ ! -c /dev/qw0 ]; do
+while [ "$dev" != none ] && [ ! -e "$dev" ]; do
     i=$((i + 1))
-    [ $i -gt 100 ] && fail "no /dev/qw0 10 s after loading the driver (device not bound?)"
+    [ $i -gt 100 ] && fail "no $dev 10 s after loading $drv (device not bound?)"
     sleep 0.1
 done
 echo "VDEVLAB-DRIVER-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -103,6 +134,8 @@ fi
 [ -z "$run" ] && [ -f /vdevlab.run ] && run=$(cat /vdevlab.run)
 
 if [ -z "$run" ]; then
+    # `vdevlab up`: the shell first, then the usual end.
+    [ "$shell" = 1 ] && console_shell
     finish 0
 fi
 # Run every scenario in order; the exit marker counts the failures. A
@@ -113,8 +146,12 @@ IFS=';'
 set -f
 for one in $run; do
     IFS=$old_ifs
+    case "$one" in
+        /*) prog="" ;;
+        *) prog=/bin/vdevlab-guest ;;
+    esac
     # shellcheck disable=SC2046
-    /bin/vdevlab-guest $(echo "$one" | tr ',' ' ') || failures=$((failures + 1))
+    $prog $(echo "$one" | tr ',' ' ') || failures=$((failures + 1))
     IFS=';'
 done
 IFS=$old_ifs

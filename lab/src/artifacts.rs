@@ -154,9 +154,15 @@ fn prepare_kernel(
             BuildPlace::Host => "on the host",
         }
     ));
-    let (driver_ko, driver_build_log, driver_build_log_path) = build_driver(kernel, dir)?;
+    let (driver_ko, driver_build_log, driver_build_log_path) = build_module(
+        kernel,
+        &workspace_root().join("guest-driver"),
+        "vdevlab_qw",
+        dir,
+        "driver",
+    )?;
     let driver = read(&driver_ko)?;
-    check_driver(kernel, &driver)?;
+    check_module(kernel, "vdevlab_qw", &driver)?;
 
     step(&format!("packing the initramfs for {}", kernel.name));
     let initramfs = dir.join(format!("initramfs-{}.cpio", kernel.release));
@@ -223,13 +229,13 @@ fn modinfo<'a>(ko: &'a [u8], key: &str) -> Option<&'a str> {
         .find_map(|s| s.strip_prefix(prefix.as_str()))
 }
 
-/// The driver must be built for this kernel (vermagic) and load with what
-/// the initramfs preloads (its `depends=`).
-fn check_driver(kernel: &Kernel, ko: &[u8]) -> Result<()> {
+/// A driver module (`name`.ko) must be built for this kernel (vermagic) and
+/// load with what the initramfs preloads (its `depends=`).
+pub fn check_module(kernel: &Kernel, name: &str, ko: &[u8]) -> Result<()> {
     let vermagic = modinfo(ko, "vermagic").unwrap_or("");
     if vermagic.split_whitespace().next() != Some(kernel.release.as_str()) {
         bail!(
-            "the driver built for {} has vermagic '{vermagic}', not {}: wrong headers?",
+            "{name}.ko built for {} has vermagic '{vermagic}', not {}: wrong headers?",
             kernel.name,
             kernel.release
         );
@@ -242,7 +248,7 @@ fn check_driver(kernel: &Kernel, ko: &[u8]) -> Result<()> {
         .collect();
     if !missing.is_empty() {
         bail!(
-            "vdevlab_qw.ko for {} needs the modules {missing:?}, which the initramfs does not \
+            "{name}.ko for {} needs the modules {missing:?}, which the initramfs does not \
              load first (preloaded: {preload:?}); add them to VDEVLAB_BOOKWORM_MODULES and \
              re-run images/provision.sh",
             kernel.name
@@ -259,21 +265,30 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Build `guest-driver/` out of tree against `kernel`'s headers, W=1, where
-/// the kernel's own compiler is: inside the lab root (trixie: gcc-14) or on
-/// the host (bookworm 6.1: the host's gcc-12). Returns the module, the
-/// build's log and where the log is kept (`target/lab/driver-<release>.log`).
+/// Build an out-of-tree module (the Kbuild folder `src`, making `name`.ko)
+/// against `kernel`'s headers, W=1, where the kernel's own compiler is:
+/// inside the lab root (trixie: gcc-14) or on the host (bookworm 6.1: the
+/// host's gcc-12, with sparse). The build happens in a copy,
+/// `dir/<label>-<release>/`. Returns the module, the build's log and where
+/// the log is kept (`dir/<label>-<release>.log`). `guest-driver/` is built
+/// this way (label `driver`), and so is a user's driver.
 ///
 /// Every test process prepares the lab, and even a no-op kbuild run costs
 /// seconds per kernel, so make only runs when the sources, the headers or
 /// the build place changed since the last successful build (a stamp); the
 /// log is then the one of the build that made the module.
-fn build_driver(kernel: &Kernel, dir: &Path) -> Result<(PathBuf, String, PathBuf)> {
+pub fn build_module(
+    kernel: &Kernel,
+    src: &Path,
+    name: &str,
+    dir: &Path,
+    label: &str,
+) -> Result<(PathBuf, String, PathBuf)> {
     use sha2::{Digest, Sha256};
-    let build = dir.join(format!("driver-{}", kernel.release));
-    let ko = build.join("vdevlab_qw.ko");
-    let log_path = dir.join(format!("driver-{}.log", kernel.release));
-    let stamp_path = dir.join(format!("driver-{}.stamp", kernel.release));
+    let build = dir.join(format!("{label}-{}", kernel.release));
+    let ko = build.join(format!("{name}.ko"));
+    let log_path = dir.join(format!("{label}-{}.log", kernel.release));
+    let stamp_path = dir.join(format!("{label}-{}.stamp", kernel.release));
     fs::create_dir_all(&build)?;
     let mut hash = Sha256::new();
     // The build's flags too (W=1 everywhere, C=1 on the host).
@@ -281,14 +296,14 @@ fn build_driver(kernel: &Kernel, dir: &Path) -> Result<(PathBuf, String, PathBuf
         "{:?}\n{:?}\nW=1 C=1-on-host\n",
         kernel.build, kernel.headers
     ));
-    let src = workspace_root().join("guest-driver");
     let mut names = Vec::new();
-    for entry in fs::read_dir(&src).with_context(|| format!("reading {}", src.display()))? {
+    for entry in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if entry.file_type()?.is_file()
             && (name.ends_with(".c")
                 || name.ends_with(".h")
+                || name.ends_with(".S")
                 || name == "Kbuild"
                 || name == "Makefile")
         {
@@ -358,14 +373,23 @@ fn build_driver(kernel: &Kernel, dir: &Path) -> Result<(PathBuf, String, PathBuf
     // English compiler messages: the warning check looks for "warning:".
     cmd.env("LC_ALL", "C");
     let what = format!(
-        "building guest-driver for {} {} (make W=1 modules, {what})",
-        kernel.name, kernel.release
+        "building {} for {} {} (make W=1 modules, {what})",
+        src.display(),
+        kernel.name,
+        kernel.release
     );
     let (status, log) = output_log(&mut cmd, &what)?;
     fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
     if !status.success() {
         bail!(
             "{what} failed ({status}); log {}:\n{log}",
+            log_path.display()
+        );
+    }
+    if !ko.is_file() {
+        bail!(
+            "{what} made no {name}.ko (is obj-m in {}/Kbuild {name}.o?); log {}:\n{log}",
+            src.display(),
             log_path.display()
         );
     }
@@ -405,15 +429,7 @@ fn copy_tree(from: &Path, to: &Path, hash: &mut sha2::Sha256) -> Result<()> {
 /// device node (the kernel opens /dev/console for init before anything can
 /// mount devtmpfs), and the given files.
 pub fn write_initramfs<N: AsRef<str>>(path: &Path, files: &[(N, u32, Vec<u8>)]) -> Result<()> {
-    use cpio::newc::{Builder, ModeFileType};
-    let tmp = path.with_extension("cpio.tmp");
-    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
-    let mut ino = 1;
-    let mut next = || {
-        ino += 1;
-        ino
-    };
-    for d in [
+    let dirs = [
         "bin",
         "sbin",
         "dev",
@@ -425,8 +441,37 @@ pub fn write_initramfs<N: AsRef<str>>(path: &Path, files: &[(N, u32, Vec<u8>)]) 
         "usr",
         "usr/bin",
         "usr/sbin",
-    ] {
-        out = Builder::new(d)
+    ];
+    write_newc(path, &dirs, true, files)
+}
+
+/// Write a newc archive of folders (parents first) and files, to be laid
+/// over the lab's initramfs (see `BootSpec::overlays`): a folder that is
+/// there already is kept, a file replaces the one there.
+pub fn write_archive<D: AsRef<str>, N: AsRef<str>>(
+    path: &Path,
+    dirs: &[D],
+    files: &[(N, u32, Vec<u8>)],
+) -> Result<()> {
+    write_newc(path, dirs, false, files)
+}
+
+fn write_newc<D: AsRef<str>, N: AsRef<str>>(
+    path: &Path,
+    dirs: &[D],
+    console: bool,
+    files: &[(N, u32, Vec<u8>)],
+) -> Result<()> {
+    use cpio::newc::{Builder, ModeFileType};
+    let tmp = path.with_extension("cpio.tmp");
+    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    let mut ino = 1;
+    let mut next = || {
+        ino += 1;
+        ino
+    };
+    for d in dirs {
+        out = Builder::new(d.as_ref())
             .ino(next())
             .mode(0o755)
             .set_mode_file_type(ModeFileType::Directory)
@@ -434,15 +479,17 @@ pub fn write_initramfs<N: AsRef<str>>(path: &Path, files: &[(N, u32, Vec<u8>)]) 
             .write(out, 0)
             .finish()?;
     }
-    out = Builder::new("dev/console")
-        .ino(next())
-        .mode(0o600)
-        .set_mode_file_type(ModeFileType::Char)
-        .rdev_major(5)
-        .rdev_minor(1)
-        .nlink(1)
-        .write(out, 0)
-        .finish()?;
+    if console {
+        out = Builder::new("dev/console")
+            .ino(next())
+            .mode(0o600)
+            .set_mode_file_type(ModeFileType::Char)
+            .rdev_major(5)
+            .rdev_minor(1)
+            .nlink(1)
+            .write(out, 0)
+            .finish()?;
+    }
     for (name, mode, data) in files {
         let size = u32::try_from(data.len()).context("initramfs file over 4 GiB")?;
         let mut w = Builder::new(name.as_ref())
@@ -479,15 +526,22 @@ mod tests {
         };
         let ko = b"\x7fELF\0license=GPL\0depends=virtio_ring,virtio\0\
                    vermagic=6.1.0-56-amd64 SMP preempt mod_unload modversions \0";
-        check_driver(&kernel(&["virtio_ring", "virtio", "virtio_pci"]), ko).unwrap();
-        let err = check_driver(&kernel(&[]), ko).unwrap_err().to_string();
+        check_module(
+            &kernel(&["virtio_ring", "virtio", "virtio_pci"]),
+            "vdevlab_qw",
+            ko,
+        )
+        .unwrap();
+        let err = check_module(&kernel(&[]), "vdevlab_qw", ko)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("virtio_ring"), "{err}");
         let mut other = kernel(&["virtio_ring", "virtio"]);
         other.release = "7.3.4+deb13-amd64".into();
-        assert!(check_driver(&other, ko).is_err());
+        assert!(check_module(&other, "vdevlab_qw", ko).is_err());
         // Built in (trixie): no dependencies, nothing to preload.
         let builtin = b"\0depends=\0vermagic=6.1.0-56-amd64 SMP\0";
-        check_driver(&kernel(&[]), builtin).unwrap();
+        check_module(&kernel(&[]), "vdevlab_qw", builtin).unwrap();
     }
 
     #[test]

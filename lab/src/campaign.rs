@@ -22,7 +22,7 @@ use vdevlab_vmm_config::Accel;
 
 use crate::env::{runs_dir, workspace_root, Kernel};
 use crate::guest::Vmm;
-use crate::scenario::{pattern, run_streams, HostStep, Outcome, Script, StreamCase};
+use crate::scenario::{pattern, run_streams_tuned, HostStep, Outcome, Script, StreamCase};
 use crate::Lab;
 
 /// One host step of a scenario file (`[[step]]`), exactly one key each.
@@ -254,7 +254,15 @@ fn excerpt(out: &Outcome) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("vdevlab_qw") || l.contains("qw0"))
+        .filter(|l| {
+            l.contains("vdevlab_qw")
+                || l.contains("qw0")
+                || out
+                    .record
+                    .driver
+                    .as_ref()
+                    .is_some_and(|d| l.contains(d.as_str()))
+        })
         .collect();
     lines
         .iter()
@@ -269,14 +277,37 @@ fn excerpt(out: &Outcome) -> String {
 /// Run `scenarios` in one boot of `kernel` (in order), and write the report
 /// (JSON and JUnit XML) under `target/lab-runs/faults/`. Returns the verdicts.
 pub fn run(lab: &Lab, kernel: &Kernel, scenarios: &[FaultScenario]) -> Result<Vec<Verdict>> {
+    run_against(lab, kernel, scenarios, None)
+}
+
+/// [`run`] against a user's own driver for the qw device (`vdevlab faults
+/// --driver DIR`): the project's module is loaded instead of the reference
+/// one, and the guest programs open the device node it makes (default
+/// `/dev/qw0`). Its records name the module (`driver`).
+pub fn run_against(
+    lab: &Lab,
+    kernel: &Kernel,
+    scenarios: &[FaultScenario],
+    driver: Option<&crate::project::Project>,
+) -> Result<Vec<Verdict>> {
+    let built = driver.map(|p| p.build(kernel)).transpose()?;
+    let dev = driver.and_then(|p| p.manifest.driver.dev.clone());
     let cases: Vec<StreamCase> = scenarios
         .iter()
         .map(|s| {
-            s.script()
-                .map(|script| StreamCase::scripted(&s.guest, script))
+            s.script().map(|mut script| {
+                if let Some(dev) = &dev {
+                    script.args.extend(["--device".to_string(), dev.clone()]);
+                }
+                StreamCase::scripted(&s.guest, script)
+            })
         })
         .collect::<Result<_>>()?;
-    let outs = run_streams(lab, kernel, Vmm::Qemu, Accel::Tcg, &cases)?;
+    let outs = run_streams_tuned(lab, kernel, Vmm::Qemu, Accel::Tcg, &cases, |spec| {
+        if let (Some(p), Some(b)) = (driver, &built) {
+            p.tune(spec, b);
+        }
+    })?;
     let verdicts: Vec<Verdict> = scenarios
         .iter()
         .zip(&outs)
@@ -294,22 +325,28 @@ pub fn run(lab: &Lab, kernel: &Kernel, scenarios: &[FaultScenario]) -> Result<Ve
             console: o.record.console.clone(),
         })
         .collect();
-    write_reports(kernel, &verdicts)?;
+    // A user's driver gets its own report files, beside the reference's.
+    let tag = match driver {
+        Some(p) => format!("{}-{}", kernel.name, p.module),
+        None => kernel.name.clone(),
+    };
+    write_reports(kernel, &tag, &verdicts)?;
     Ok(verdicts)
 }
 
-fn xml_escape(s: &str) -> String {
+/// Escape text for XML attributes and content.
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
 }
 
-fn write_reports(kernel: &Kernel, verdicts: &[Verdict]) -> Result<()> {
+fn write_reports(kernel: &Kernel, tag: &str, verdicts: &[Verdict]) -> Result<()> {
     let dir = runs_dir().join("faults");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
-        dir.join(format!("report-{}.json", kernel.name)),
+        dir.join(format!("report-{tag}.json")),
         serde_json::to_vec_pretty(
             &serde_json::json!({ "kernel": kernel.release, "scenarios": verdicts }),
         )?,
@@ -338,7 +375,7 @@ fn write_reports(kernel: &Kernel, verdicts: &[Verdict]) -> Result<()> {
         xml.push_str("</testcase>\n");
     }
     xml.push_str("</testsuite>\n");
-    std::fs::write(dir.join(format!("junit-{}.xml", kernel.name)), xml)?;
+    std::fs::write(dir.join(format!("junit-{tag}.xml")), xml)?;
     Ok(())
 }
 

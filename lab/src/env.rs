@@ -306,6 +306,25 @@ pub fn kvm_usable() -> Result<(), String> {
         .map_err(|e| format!("cannot open /dev/kvm: {e}"))
 }
 
+/// The accelerator for boots that may pick one (`vdevlab user-test`,
+/// `vdevlab up`): `VDEVLAB_ACCEL=tcg|kvm|auto`, default `auto` (KVM where
+/// [`kvm_usable`], else TCG). The test suite's cells name theirs.
+pub fn default_accel() -> Result<vdevlab_vmm_config::Accel> {
+    use vdevlab_vmm_config::Accel;
+    match std::env::var("VDEVLAB_ACCEL").as_deref() {
+        Ok("tcg") => Ok(Accel::Tcg),
+        Ok("kvm") => kvm_usable()
+            .map(|()| Accel::Kvm)
+            .map_err(|why| anyhow::anyhow!("VDEVLAB_ACCEL=kvm, but {why}")),
+        Ok("auto") | Ok("") | Err(_) => Ok(if kvm_usable().is_ok() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }),
+        Ok(other) => bail!("VDEVLAB_ACCEL={other}: tcg, kvm or auto"),
+    }
+}
+
 /// A Cloud Hypervisor binary (v52+ for generic vhost-user), if installed.
 pub fn cloud_hypervisor() -> Result<(PathBuf, String), String> {
     let bin = std::env::var_os("VDEVLAB_CLOUD_HYPERVISOR")

@@ -3,7 +3,7 @@
 //! everything down. Every test and the CLI boot guests through [`Guest`].
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -81,6 +81,60 @@ pub struct BootSpec {
     /// instead of `vmlinuz`. `None`: QEMU does when `images/provision.sh`
     /// extracted it (`kernels/<release>/vmlinux`), unless `VDEVLAB_PVH=0`.
     pub pvh: Option<bool>,
+    /// The driver module to load instead of the reference `vdevlab_qw`
+    /// (init.sh's `vdevlab.driver`). Its `.ko` must be in the initramfs as
+    /// `lib/modules/<name>.ko`, e.g. from one of [`Self::overlays`].
+    pub driver: Option<GuestDriver>,
+    /// More newc archives (host paths) appended to the kernel's initramfs:
+    /// the kernel unpacks them in order, a later file replacing an earlier
+    /// one. A user's driver, programs and files come this way.
+    pub overlays: Vec<PathBuf>,
+    /// The device backend; `None`: the reference device (`vdevlab-device`).
+    pub backend: Option<BackendCommand>,
+    /// An interactive boot (`vdevlab up`): the VMM's stdin is a pipe to the
+    /// serial console ([`Guest::console_input`]), the raw console output is
+    /// available as it arrives ([`Guest::raw_console`]), and init opens a
+    /// shell on the console (`vdevlab.shell=1`).
+    pub interactive: bool,
+}
+
+/// A guest driver other than the reference one (see [`BootSpec::driver`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDriver {
+    /// The module's name (`lib/modules/<name>.ko` in the initramfs).
+    pub module: String,
+    /// The device node init waits for after loading it (e.g. `/dev/mydev0`);
+    /// `None`: do not wait.
+    pub dev: Option<String>,
+}
+
+/// A device backend of the user's own: any vhost-user backend program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendCommand {
+    /// Program and arguments. `{socket}` is replaced by the vhost-user
+    /// socket it must listen on, `{control}` by a control socket path (the
+    /// harness then waits for that too, and [`Guest::control`] connects to
+    /// it), `{run}` by the run's folder.
+    pub argv: Vec<String>,
+    /// The device's queue sizes (one per queue).
+    pub queue_sizes: Vec<u16>,
+    /// The device's config space size in bytes (QEMU's `config_size`).
+    pub config_size: u32,
+}
+
+impl BackendCommand {
+    fn uses_control(&self) -> bool {
+        self.argv.iter().any(|a| a.contains("{control}"))
+    }
+}
+
+/// How a backend process is started (restarts use the same).
+#[derive(Debug, Clone)]
+enum Launch {
+    /// `vdevlab-device --socket .. --control .. --once`.
+    Reference(PathBuf),
+    /// The user's own command.
+    Command(BackendCommand, PathBuf),
 }
 
 impl BootSpec {
@@ -99,6 +153,10 @@ impl BootSpec {
             driver_params: Vec::new(),
             bench_port: None,
             pvh: None,
+            driver: None,
+            overlays: Vec::new(),
+            backend: None,
+            interactive: false,
         }
     }
 
@@ -149,8 +207,10 @@ pub struct Guest {
     backend: Child,
     /// Instances 1.. (see [`BootSpec::instances`]): process and control socket.
     extra: Vec<(Child, PathBuf)>,
-    device_bin: PathBuf,
+    launch: Launch,
     vu_sock: PathBuf,
+    console_input: Option<std::process::ChildStdin>,
+    raw_console: Option<Receiver<Vec<u8>>>,
     lines: Receiver<ConsoleLine>,
     seen: Vec<ConsoleLine>,
     /// Lines before this index were matched already by `wait_for`.
@@ -200,24 +260,38 @@ pub fn boot_image(kernel: &Kernel, spec: &BootSpec) -> Result<PathBuf> {
 /// lists go into the initramfs (x86's command line holds 2048 bytes).
 const MAX_CMDLINE_RUNS: usize = 1200;
 
-/// Copy `base` (an uncompressed initramfs) to `out` and append a second
-/// newc archive holding `/vdevlab.run` = `runs`, which init.sh reads when
-/// the command line has no `vdevlab.run=`.
-fn append_runs_archive(base: &Path, out: &Path, runs: &str) -> Result<()> {
-    let extra_path = out.with_extension("runs.cpio");
-    crate::artifacts::write_initramfs(
-        &extra_path,
-        &[("vdevlab.run", 0o644, runs.as_bytes().to_vec())],
-    )?;
-    let extra = fs::read(&extra_path)?;
-    let _ = fs::remove_file(&extra_path);
+/// Copy `base` (an uncompressed initramfs) to `out` and append the newc
+/// archives `overlays`, then, if there is a run list, one holding
+/// `/vdevlab.run` = `runs`, which init.sh reads when the command line has
+/// no `vdevlab.run=`.
+fn append_archives(
+    base: &Path,
+    out: &Path,
+    overlays: &[PathBuf],
+    runs: Option<&str>,
+) -> Result<()> {
+    let mut extras = Vec::new();
+    for o in overlays {
+        extras.push(fs::read(o).with_context(|| format!("reading {}", o.display()))?);
+    }
+    if let Some(runs) = runs {
+        let extra_path = out.with_extension("runs.cpio");
+        crate::artifacts::write_initramfs(
+            &extra_path,
+            &[("vdevlab.run", 0o644, runs.as_bytes().to_vec())],
+        )?;
+        extras.push(fs::read(&extra_path)?);
+        let _ = fs::remove_file(&extra_path);
+    }
     let tmp = out.with_extension("tmp");
     fs::copy(base, &tmp).with_context(|| format!("copying {}", base.display()))?;
     let mut f = fs::OpenOptions::new().append(true).open(&tmp)?;
-    // Each archive must start 4-byte aligned; zeros between are skipped.
-    let len = f.metadata()?.len();
-    f.write_all(&vec![0u8; ((4 - len % 4) % 4) as usize])?;
-    f.write_all(&extra)?;
+    for extra in extras {
+        // Each archive must start 4-byte aligned; zeros between are skipped.
+        let len = f.metadata()?.len();
+        f.write_all(&vec![0u8; ((4 - len % 4) % 4) as usize])?;
+        f.write_all(&extra)?;
+    }
     drop(f);
     fs::rename(&tmp, out)?;
     Ok(())
@@ -233,9 +307,16 @@ fn unique_run_dir(scenario: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Start `vdevlab-device` on the two sockets and wait until both exist.
-/// Its output is appended to `log` (a restart adds to the same file).
-fn start_backend(bin: &Path, vu_sock: &Path, ctl_sock: &Path, log_path: &Path) -> Result<Child> {
+/// Start the backend on its sockets and wait until they exist: the
+/// reference `vdevlab-device`, or the user's command (waiting for the
+/// control socket only if it names one). Its output is appended to `log`
+/// (a restart adds to the same file).
+fn start_backend(
+    launch: &Launch,
+    vu_sock: &Path,
+    ctl_sock: &Path,
+    log_path: &Path,
+) -> Result<Child> {
     // A restart must not find the old sockets and think it is ready.
     let _ = fs::remove_file(vu_sock);
     let _ = fs::remove_file(ctl_sock);
@@ -243,12 +324,33 @@ fn start_backend(bin: &Path, vu_sock: &Path, ctl_sock: &Path, log_path: &Path) -
         .create(true)
         .append(true)
         .open(log_path)?;
-    let mut backend = Command::new(bin)
-        .arg("--socket")
-        .arg(vu_sock)
-        .arg("--control")
-        .arg(ctl_sock)
-        .arg("--once")
+    let (mut cmd, wait_ctl) = match launch {
+        Launch::Reference(bin) => {
+            let mut c = Command::new(bin);
+            c.arg("--socket")
+                .arg(vu_sock)
+                .arg("--control")
+                .arg(ctl_sock)
+                .arg("--once");
+            (c, true)
+        }
+        Launch::Command(bc, run_dir) => {
+            let subst = |a: &String| {
+                a.replace("{socket}", &vu_sock.to_string_lossy())
+                    .replace("{control}", &ctl_sock.to_string_lossy())
+                    .replace("{run}", &run_dir.to_string_lossy())
+            };
+            let argv: Vec<String> = bc.argv.iter().map(subst).collect();
+            let Some((prog, args)) = argv.split_first() else {
+                bail!("the backend command is empty");
+            };
+            let mut c = Command::new(prog);
+            c.args(args);
+            (c, bc.uses_control())
+        }
+    };
+    let what = format!("{:?}", cmd.get_program());
+    let mut backend = cmd
         .env(
             "RUST_LOG",
             std::env::var("VDEVLAB_DEVICE_LOG").unwrap_or_else(|_| "info".into()),
@@ -257,9 +359,11 @@ fn start_backend(bin: &Path, vu_sock: &Path, ctl_sock: &Path, log_path: &Path) -
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
+        .with_context(|| format!("starting the device backend {what}"))?;
     wait_for_path(vu_sock, &mut backend, log_path, Duration::from_secs(10))?;
-    wait_for_path(ctl_sock, &mut backend, log_path, Duration::from_secs(10))?;
+    if wait_ctl {
+        wait_for_path(ctl_sock, &mut backend, log_path, Duration::from_secs(10))?;
+    }
     Ok(backend)
 }
 
@@ -296,12 +400,16 @@ impl Guest {
         let backend_log = run_dir.join("backend.log");
         let console_path = run_dir.join("console.log");
 
-        let backend = start_backend(&art.device_bin, &vu_sock, &ctl_sock, &backend_log)?;
+        let launch = match &spec.backend {
+            None => Launch::Reference(art.device_bin.clone()),
+            Some(bc) => Launch::Command(bc.clone(), run_dir.clone()),
+        };
+        let backend = start_backend(&launch, &vu_sock, &ctl_sock, &backend_log)?;
         let mut extra = Vec::new();
         for i in 1..spec.instances.max(1) {
             let ctl = run_dir.join(format!("ctl{i}.sock"));
             let child = start_backend(
-                &art.device_bin,
+                &launch,
                 &run_dir.join(format!("vu{i}.sock")),
                 &ctl,
                 &run_dir.join(format!("backend{i}.log")),
@@ -338,6 +446,20 @@ impl Guest {
         if let Some(name) = &spec.bench_port {
             cmdline.push_str(&format!(" vdevlab.vport={name}"));
         }
+        if let Some(d) = &spec.driver {
+            let ok = |w: &str| !w.is_empty() && !w.contains([',', ';', ' ', '"', '=']);
+            if !ok(&d.module) || d.dev.as_deref().is_some_and(|p| !ok(p)) {
+                bail!("bad driver module name or device node: {d:?}");
+            }
+            cmdline.push_str(&format!(
+                " vdevlab.driver={} vdevlab.dev={}",
+                d.module,
+                d.dev.as_deref().unwrap_or("none")
+            ));
+        }
+        if spec.interactive {
+            cmdline.push_str(" vdevlab.shell=1");
+        }
         if !spec.driver_params.is_empty() {
             // init.sh splits them at ',' and passes them to insmod.
             let bad = |p: &String| {
@@ -358,19 +480,24 @@ impl Guest {
         let kernel_dir = image.parent().context("kernel path has no folder")?;
         // A long run list goes into a second initramfs archive appended to
         // a copy of the kernel's (the kernel unpacks both).
-        let initramfs_host = match &runs_file {
-            Some(runs) => {
-                let copy = run_dir.join("initramfs.cpio");
-                append_runs_archive(&kernel_art.initramfs, &copy, runs)?;
-                copy
-            }
-            None => kernel_art.initramfs.clone(),
+        let combined = runs_file.is_some() || !spec.overlays.is_empty();
+        let initramfs_host = if combined {
+            let copy = run_dir.join("initramfs.cpio");
+            append_archives(
+                &kernel_art.initramfs,
+                &copy,
+                &spec.overlays,
+                runs_file.as_deref(),
+            )?;
+            copy
+        } else {
+            kernel_art.initramfs.clone()
         };
         let kernel_name = image.file_name().context("kernel path has no file name")?;
         let initramfs_name = initramfs_host
             .file_name()
             .context("initramfs has no file name")?;
-        let initramfs_dir = if runs_file.is_some() {
+        let initramfs_dir = if combined {
             "/lab/run"
         } else {
             "/lab/artifacts"
@@ -404,6 +531,10 @@ impl Guest {
         dev.socket = socket;
         dev.virtio_id = spec.virtio_id;
         dev.reconnect_ms = spec.reconnect_ms;
+        if let Some(bc) = &spec.backend {
+            dev.queue_sizes = bc.queue_sizes.clone();
+            dev.config_size = bc.config_size;
+        }
         let first = dev.clone();
         for i in 1..spec.instances.max(1) {
             let mut d = first.clone();
@@ -450,40 +581,64 @@ impl Guest {
         fs::write(run_dir.join("vmm.cmdline"), format!("{cmd:?}\n"))?;
         let started = Instant::now();
         let mut vmm_child = cmd
-            .stdin(Stdio::null())
+            .stdin(if spec.interactive {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(File::create(run_dir.join("vmm.stderr"))?)
             .spawn()
             .with_context(|| format!("starting {}", spec.vmm.name()))?;
 
         let stdout = vmm_child.stdout.take().context("QEMU stdout")?;
+        let console_input = vmm_child.stdin.take();
         let (tx, lines) = mpsc::channel();
+        let (raw_tx, raw_console) = if spec.interactive {
+            let (t, r) = mpsc::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
         let mut console = File::create(&console_path)?;
         std::thread::Builder::new()
             .name("vdevlab-console".into())
             .spawn(move || {
-                let mut reader = BufReader::new(stdout);
-                let mut raw = Vec::new();
-                loop {
-                    raw.clear();
-                    match reader.read_until(b'\n', &mut raw) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    let _ = console.write_all(&raw);
-                    let text = String::from_utf8_lossy(&raw)
+                // Chunks as they come (an interactive prompt has no end of
+                // line yet), cut into lines for the markers.
+                let mut reader = stdout;
+                let mut buf = [0u8; 4096];
+                let mut line = Vec::new();
+                let send = |raw: &[u8]| {
+                    let text = String::from_utf8_lossy(raw)
                         .trim_end_matches(['\r', '\n'])
                         .to_string();
-                    if tx
-                        .send(ConsoleLine {
-                            at: started.elapsed(),
-                            text,
-                        })
-                        .is_err()
-                    {
-                        // Keep saving the console even if nobody listens.
-                        continue;
+                    // Keep saving the console even if nobody listens.
+                    let _ = tx.send(ConsoleLine {
+                        at: started.elapsed(),
+                        text,
+                    });
+                };
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let chunk = &buf[..n];
+                    let _ = console.write_all(chunk);
+                    if let Some(raw) = &raw_tx {
+                        let _ = raw.send(chunk.to_vec());
                     }
+                    for piece in chunk.split_inclusive(|&b| b == b'\n') {
+                        line.extend_from_slice(piece);
+                        if line.ends_with(b"\n") {
+                            send(&line);
+                            line.clear();
+                        }
+                    }
+                }
+                if !line.is_empty() {
+                    send(&line);
                 }
                 let _ = console.flush();
             })?;
@@ -503,8 +658,10 @@ impl Guest {
             vmm_child,
             backend,
             extra,
-            device_bin: art.device_bin.clone(),
+            launch,
             vu_sock,
+            console_input,
+            raw_console,
             lines,
             seen: Vec::new(),
             cursor: 0,
@@ -571,6 +728,18 @@ impl Guest {
                 }
             }
         }
+    }
+
+    /// The VMM's serial console input (interactive boots only; see
+    /// [`BootSpec::interactive`]). Taken once.
+    pub fn console_input(&mut self) -> Option<std::process::ChildStdin> {
+        self.console_input.take()
+    }
+
+    /// The console's bytes as they arrive (interactive boots only), besides
+    /// the lines [`Guest::wait_for`] sees. Taken once.
+    pub fn raw_console(&mut self) -> Option<Receiver<Vec<u8>>> {
+        self.raw_console.take()
     }
 
     /// A client of this guest's device control plane.
@@ -689,7 +858,7 @@ impl Guest {
         self.kill_backend();
         std::thread::sleep(down_for);
         self.backend = start_backend(
-            &self.device_bin,
+            &self.launch,
             &self.vu_sock,
             &self.control_path,
             &self.backend_log,
@@ -722,12 +891,25 @@ impl Guest {
         // give it a moment, then make sure.
         for _ in 0..50 {
             if matches!(self.backend.try_wait(), Ok(Some(_))) {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.backend.kill();
         let _ = self.backend.wait();
+        self.remove_sockets();
+    }
+
+    /// The sockets (`*.sock` in the run folder) go with the processes that
+    /// served them.
+    fn remove_sockets(&self) {
+        if let Ok(entries) = fs::read_dir(&self.run_dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".sock") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 

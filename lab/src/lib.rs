@@ -9,9 +9,11 @@ pub mod bench;
 pub mod campaign;
 pub mod env;
 pub mod guest;
+pub mod project;
 pub mod record;
 pub mod scenario;
 pub mod splat;
+pub mod up;
 
 use std::sync::OnceLock;
 

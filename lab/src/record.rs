@@ -56,6 +56,10 @@ pub struct RunRecord {
     /// Whole run, VMM start to teardown, in milliseconds.
     #[serde(default)]
     pub duration_ms: Option<u64>,
+    /// The driver module under test, when it is not the reference
+    /// `vdevlab_qw` (a user's own, `vdevlab user-test` or `faults --driver`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 impl RunRecord {
@@ -78,6 +82,7 @@ impl RunRecord {
             reason: None,
             console: None,
             duration_ms: None,
+            driver: None,
         }
     }
 }

@@ -444,6 +444,7 @@ fn run_streams_with(
     spec.accel = accel;
     spec.instances = cases.iter().map(|(c, _)| c.instance + 1).max().unwrap_or(1);
     tune(&mut spec);
+    let driver = spec.driver.as_ref().map(|d| d.module.clone());
     let t0 = Instant::now();
     let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
     let vmm_version = match vmm {
@@ -585,7 +586,14 @@ fn run_streams_with(
     let boot_ms = guest.boot_ms;
     let driver_ready_ms = guest.driver_ready_ms;
     let console = guest.console_path.clone();
-    let finished = guest.finish(Duration::from_secs(30));
+    // After a case that could not finish (e.g. a reader still blocked),
+    // the guest would not power off by itself: end it now, so the cases
+    // before keep their own verdicts.
+    let finished = if aborted.is_some() {
+        Ok(guest.abort())
+    } else {
+        guest.finish(Duration::from_secs(30))
+    };
     let duration_ms = t0.elapsed().as_millis() as u64;
     let mut shared = Vec::new();
     match &finished {
@@ -618,6 +626,7 @@ fn run_streams_with(
         rec.driver_ready_ms = driver_ready_ms;
         rec.console = Some(console.clone());
         rec.duration_ms = Some(duration_ms);
+        rec.driver = driver.clone();
         if problems.is_empty() && guest_result.is_some() {
             rec.result = Verdict::Pass;
         } else {

@@ -1,0 +1,984 @@
+//! A user's own driver and tests ("bring your own"): a folder with a
+//! manifest, `vdevlab.toml`, naming an out-of-tree kernel module (a Kbuild
+//! folder), the device to attach (the shipped qw device, or the user's own
+//! vhost-user backend), files and programs to put into the guest, and
+//! scenarios: shell commands run in the guest with the exit status and
+//! output they must give, and host steps (inject, control requests,
+//! faults, host commands) while they run.
+//!
+//! [`Project::run`] builds the module against each selected lab kernel the
+//! way the reference driver is built (W=1, the kernel's own compiler; a
+//! warning fails unless the manifest allows it), packs it and the files
+//! into an initramfs archive laid over the lab's, boots once per kernel,
+//! loads the module, runs every scenario in order, and gives each one a
+//! run record (`<project>/<scenario>` in `runs.jsonl`), with the console
+//! kept and scanned for kernel splats like every other run. Reports go to
+//! `target/lab-runs/user/<project>/` (JSON and JUnit XML).
+//!
+//! A folder without a manifest but with a `Kbuild` file is a driver alone
+//! (module name from its `obj-m`): enough for `vdevlab faults --driver`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::artifacts::{build_module, check_module, write_archive};
+use crate::env::{runs_dir, target_dir, Kernel};
+use crate::guest::{accel_name, BackendCommand, BootSpec, Guest, GuestDriver};
+use crate::record::{self, RunRecord, Verdict};
+use crate::scenario::{control_request, BOOT_TIMEOUT};
+use crate::Lab;
+
+/// The manifest's file name.
+pub const MANIFEST: &str = "vdevlab.toml";
+
+/// `vdevlab.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The project's name (records, reports); default: the folder's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Guest kernels to run on (`trixie`, `bookworm`, ...); default: the
+    /// lab's default kernel.
+    #[serde(default)]
+    pub kernels: Vec<String>,
+    /// Host commands run (`sh -c`) in the project folder before anything
+    /// else, e.g. to build the guest programs or the backend.
+    #[serde(default)]
+    pub prepare: Vec<String>,
+    /// The driver module.
+    pub driver: DriverSpec,
+    /// The device; default: the shipped qw device.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Files and folders to put into the guest.
+    #[serde(default)]
+    pub file: Vec<FileSpec>,
+    /// The scenarios, run in this order in one boot per kernel.
+    #[serde(default)]
+    pub scenario: Vec<ScenarioSpec>,
+}
+
+/// `[driver]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriverSpec {
+    /// The Kbuild folder, relative to the project (default: the project).
+    #[serde(default)]
+    pub src: Option<PathBuf>,
+    /// The module's name (`<module>.ko`); default: the first `obj-m` of the
+    /// folder's Kbuild (or Makefile).
+    #[serde(default)]
+    pub module: Option<String>,
+    /// Module parameters, `name=value` each.
+    #[serde(default)]
+    pub params: Vec<String>,
+    /// The device node the driver makes; init waits for it after loading
+    /// the module. Default: no wait.
+    #[serde(default)]
+    pub dev: Option<String>,
+    /// Let compiler (W=1) and sparse warnings pass. Default: a warning
+    /// fails the build, as for the reference driver.
+    #[serde(default)]
+    pub allow_warnings: bool,
+}
+
+/// `[device]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Virtio device id presented to the guest (1..=41 with QEMU's generic
+    /// device); default: the qw device's, 21.
+    #[serde(default)]
+    pub virtio_id: Option<u16>,
+    /// Your own vhost-user backend: program and arguments, relative paths
+    /// from the project folder. `{socket}` becomes the vhost-user socket it
+    /// must listen on, `{control}` a control socket (waited for, and used by
+    /// `control`/`inject`/`capture`/`fault` steps if it speaks the qw
+    /// control protocol), `{run}` the run folder. Default: the shipped qw
+    /// device (`vdevlab-device`).
+    #[serde(default)]
+    pub backend: Vec<String>,
+    /// Queue sizes of your backend's device, one per queue (default: two
+    /// queues of 256).
+    #[serde(default)]
+    pub queue_sizes: Vec<u16>,
+    /// Config space size in bytes of your backend's device (default 0).
+    #[serde(default)]
+    pub config_size: Option<u32>,
+}
+
+/// `[[file]]`: a file or folder copied into the guest's initramfs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Host path, relative to the project folder.
+    pub src: PathBuf,
+    /// Absolute guest path (a folder's files go below it).
+    pub dest: String,
+    /// Permission bits (e.g. `0o755`); default: 0755 if the host file is
+    /// executable, else 0644.
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// `[[scenario]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioSpec {
+    /// Name: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Shell commands run in the guest (busybox sh, stdin /dev/null).
+    pub run: String,
+    /// The exit status it must end with.
+    #[serde(default)]
+    pub status: i32,
+    /// The guest kills it after this long (and the host gives up a little
+    /// later).
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Texts that must each appear in its output.
+    #[serde(default)]
+    pub expect_output: Vec<String>,
+    /// Host steps, in order, once the command has started.
+    #[serde(default)]
+    pub step: Vec<StepSpec>,
+}
+
+fn default_timeout() -> u64 {
+    60
+}
+
+/// One host step, exactly one key each.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Wait until a console line contains this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for: Option<String>,
+    /// Wait this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_ms: Option<u64>,
+    /// Inject this text into the device (qw control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<String>,
+    /// Inject these bytes, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject_hex: Option<String>,
+    /// Capture from the device until this text has come, which must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
+    /// Inject a fault (`docs/device-spec.md`, "Injected faults").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<toml::Value>,
+    /// A raw control request (one JSON object); its reply must be `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
+    /// A host command (`sh -c`, in the project folder) that must exit 0.
+    /// It gets `VDEVLAB_CONTROL` (the control socket), `VDEVLAB_SOCKET`
+    /// (the vhost-user socket) and `VDEVLAB_RUN_DIR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl StepSpec {
+    fn keys(&self) -> usize {
+        [
+            self.wait_for.is_some(),
+            self.sleep_ms.is_some(),
+            self.inject.is_some(),
+            self.inject_hex.is_some(),
+            self.capture.is_some(),
+            self.fault.is_some(),
+            self.control.is_some(),
+            self.host.is_some(),
+        ]
+        .iter()
+        .filter(|&&k| k)
+        .count()
+    }
+}
+
+/// A loaded project.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// Its folder (absolute).
+    pub dir: PathBuf,
+    /// Its name.
+    pub name: String,
+    /// The module's name.
+    pub module: String,
+    /// The module's Kbuild folder (absolute).
+    pub driver_src: PathBuf,
+    /// The manifest (a synthesized one for a bare driver folder).
+    pub manifest: Manifest,
+}
+
+/// The module a Kbuild (or Makefile) folder makes: its first `obj-m`.
+pub fn kbuild_module(src: &Path) -> Result<String> {
+    for f in ["Kbuild", "Makefile"] {
+        let Ok(text) = std::fs::read_to_string(src.join(f)) else {
+            continue;
+        };
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("obj-m") {
+                let rest = rest.trim_start_matches([' ', '\t', ':', '+', '=']);
+                if let Some(obj) = rest.split_whitespace().next() {
+                    if let Some(m) = obj.strip_suffix(".o") {
+                        return Ok(m.to_string());
+                    }
+                }
+            }
+        }
+    }
+    bail!(
+        "{}: no `obj-m := NAME.o` in a Kbuild or Makefile; name the module in [driver] module",
+        src.display()
+    )
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("{what} {name:?}: use letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+impl Project {
+    /// Load `dir/vdevlab.toml`, or treat `dir` as a bare driver folder (a
+    /// `Kbuild`, no scenarios).
+    pub fn load(dir: &Path) -> Result<Project> {
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("no project folder {}", dir.display()))?;
+        let path = dir.join(MANIFEST);
+        let manifest: Manifest = if path.is_file() {
+            let text = std::fs::read_to_string(&path)?;
+            toml::from_str(&text)
+                .with_context(|| format!("{}: not a valid manifest", path.display()))?
+        } else if dir.join("Kbuild").is_file() || dir.join("Makefile").is_file() {
+            Manifest {
+                name: None,
+                kernels: Vec::new(),
+                prepare: Vec::new(),
+                driver: DriverSpec {
+                    src: None,
+                    module: None,
+                    params: Vec::new(),
+                    dev: None,
+                    allow_warnings: false,
+                },
+                device: DeviceSpec::default(),
+                file: Vec::new(),
+                scenario: Vec::new(),
+            }
+        } else {
+            bail!(
+                "{} has neither a {MANIFEST} nor a Kbuild file (see examples/user-driver/)",
+                dir.display()
+            );
+        };
+        let driver_src = dir.join(manifest.driver.src.clone().unwrap_or_default());
+        let module = match &manifest.driver.module {
+            Some(m) => m.clone(),
+            None => kbuild_module(&driver_src)?,
+        };
+        let name = manifest.name.clone().unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| module.clone())
+        });
+        check_name("project name", &name)?;
+        check_name("module name", &module)?;
+        let bad_word = |w: &str| w.is_empty() || w.contains([',', ';', ' ', '"']);
+        for p in &manifest.driver.params {
+            if !p.contains('=') || bad_word(p) {
+                bail!("[driver] params: {p:?} must be name=value, without ',', ';', ' ' or '\"'");
+            }
+        }
+        if let Some(d) = &manifest.driver.dev {
+            if !d.starts_with('/') || bad_word(d) {
+                bail!("[driver] dev = {d:?}: an absolute path, e.g. /dev/mydev0");
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for s in &manifest.scenario {
+            check_name("scenario name", &s.name)?;
+            if !seen.insert(s.name.clone()) {
+                bail!("two scenarios are named {}", s.name);
+            }
+            for (i, st) in s.step.iter().enumerate() {
+                if st.keys() != 1 {
+                    bail!(
+                        "scenario {} step {}: exactly one of wait_for, sleep_ms, inject, \
+                         inject_hex, capture, fault, control, host",
+                        s.name,
+                        i + 1
+                    );
+                }
+                if let Some(c) = &st.control {
+                    control_request(c)?;
+                }
+                if let Some(f) = &st.fault {
+                    fault_request(f)?;
+                }
+                if let Some(h) = &st.inject_hex {
+                    hex::decode(h).with_context(|| format!("scenario {} inject_hex", s.name))?;
+                }
+            }
+        }
+        for f in &manifest.file {
+            if !f.dest.starts_with('/') {
+                bail!("[[file]] dest = {:?}: an absolute guest path", f.dest);
+            }
+        }
+        if !manifest.device.backend.is_empty() && manifest.device.virtio_id.is_none() {
+            bail!("[device] backend is set: give its virtio_id too");
+        }
+        Ok(Project {
+            dir,
+            name,
+            module,
+            driver_src,
+            manifest,
+        })
+    }
+
+    /// The kernels to run on: `choice` (a name or `all`), else the
+    /// manifest's, else the lab's default.
+    pub fn kernels(&self, lab: &Lab, choice: Option<&str>) -> Result<Vec<Kernel>> {
+        let names: Vec<String> = match choice {
+            Some("all") => return Ok(lab.env.kernels.clone()),
+            Some(k) => vec![k.to_string()],
+            None if !self.manifest.kernels.is_empty() => self.manifest.kernels.clone(),
+            None => vec![lab.env.default_kernel().name.clone()],
+        };
+        names.iter().map(|n| lab.env.kernel(n).cloned()).collect()
+    }
+
+    /// Run the manifest's `prepare` commands in the project folder.
+    pub fn prepare(&self) -> Result<()> {
+        for cmd in &self.manifest.prepare {
+            eprintln!("[vdevlab] {}: {cmd}", self.name);
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(&self.dir)
+                .stdin(Stdio::null())
+                .status()
+                .with_context(|| format!("running {cmd}"))?;
+            if !status.success() {
+                bail!(
+                    "prepare command `{cmd}` failed ({status}) in {}",
+                    self.dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Where this project's builds and archives go: `target/lab/user/<name>/`.
+    pub fn build_dir(&self) -> PathBuf {
+        target_dir().join("lab/user").join(&self.name)
+    }
+
+    /// Build the module for `kernel` (W=1, the kernel's compiler) and pack
+    /// the archive laid over the lab's initramfs: the module, the files,
+    /// the scenarios and their runner.
+    pub fn build(&self, kernel: &Kernel) -> Result<Built> {
+        let dir = self.build_dir();
+        std::fs::create_dir_all(&dir)?;
+        eprintln!(
+            "[vdevlab] building {} ({}) for {} ({})",
+            self.module,
+            self.driver_src.display(),
+            kernel.name,
+            kernel.release
+        );
+        let (ko, log, log_path) =
+            build_module(kernel, &self.driver_src, &self.module, &dir, "driver")?;
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("warning:") || l.contains("error:"))
+            .collect();
+        if !warnings.is_empty() && !self.manifest.driver.allow_warnings {
+            bail!(
+                "{}.ko for {}: the W=1 build warns (the lab holds drivers to a warning-free \
+                 build; set [driver] allow_warnings = true to let it pass); log {}:\n{}",
+                self.module,
+                kernel.name,
+                log_path.display(),
+                warnings.join("\n")
+            );
+        }
+        let data = std::fs::read(&ko)?;
+        check_module(kernel, &self.module, &data)?;
+        let mut files: Vec<(String, u32, Vec<u8>)> =
+            vec![(format!("lib/modules/{}.ko", self.module), 0o644, data)];
+        for f in &self.manifest.file {
+            let src = self.dir.join(&f.src);
+            add_host_path(&src, f.dest.trim_start_matches('/'), f.mode, &mut files)
+                .with_context(|| format!("[[file]] src = {}", f.src.display()))?;
+        }
+        files.push((
+            "vdevlab/run-scenario".into(),
+            0o755,
+            RUNNER.as_bytes().to_vec(),
+        ));
+        for s in &self.manifest.scenario {
+            files.push((
+                format!("vdevlab/scenarios/{}.sh", s.name),
+                0o644,
+                s.run.as_bytes().to_vec(),
+            ));
+        }
+        let overlay = dir.join(format!("overlay-{}.cpio", kernel.release));
+        write_archive(&overlay, &parent_dirs(&files), &files)?;
+        Ok(Built {
+            kernel: kernel.name.clone(),
+            ko,
+            build_log: log_path,
+            warnings: warnings.iter().map(|w| w.to_string()).collect(),
+            overlay,
+        })
+    }
+
+    /// Set up `spec` for this project: its module, its archive, its device.
+    pub fn tune(&self, spec: &mut BootSpec, built: &Built) {
+        spec.driver = Some(GuestDriver {
+            module: self.module.clone(),
+            dev: self.manifest.driver.dev.clone(),
+        });
+        spec.driver_params = self.manifest.driver.params.clone();
+        spec.overlays.push(built.overlay.clone());
+        let dev = &self.manifest.device;
+        if let Some(id) = dev.virtio_id {
+            spec.virtio_id = id;
+        }
+        if !dev.backend.is_empty() {
+            let mut argv = dev.backend.clone();
+            // A relative program path is the project's.
+            if argv[0].contains('/') && !argv[0].starts_with('/') {
+                argv[0] = self.dir.join(&argv[0]).to_string_lossy().into_owned();
+            }
+            spec.backend = Some(BackendCommand {
+                argv,
+                queue_sizes: if dev.queue_sizes.is_empty() {
+                    vec![256, 256]
+                } else {
+                    dev.queue_sizes.clone()
+                },
+                config_size: dev.config_size.unwrap_or(0),
+            });
+        }
+    }
+
+    /// Build for `kernel`, boot once, run every scenario, record each, and
+    /// write the reports. Returns the verdicts.
+    pub fn run(&self, lab: &Lab, kernel: &Kernel) -> Result<Vec<ScenarioVerdict>> {
+        let built = self.build(kernel)?;
+        let scenarios = &self.manifest.scenario;
+        if scenarios.is_empty() {
+            bail!("{}: no [[scenario]] in {MANIFEST}", self.dir.display());
+        }
+        let runs: Vec<Vec<String>> = scenarios
+            .iter()
+            .map(|s| {
+                vec![
+                    "/vdevlab/run-scenario".to_string(),
+                    s.name.clone(),
+                    s.timeout_s.to_string(),
+                ]
+            })
+            .collect();
+        let mut spec = BootSpec::new(&self.name, runs).on_kernel(&kernel.name);
+        spec.accel = crate::env::default_accel()?;
+        self.tune(&mut spec, &built);
+        let t0 = Instant::now();
+        let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
+        let mut partial: Vec<(Option<i32>, Vec<String>)> = Vec::new();
+        let mut aborted: Option<String> = None;
+        for s in scenarios {
+            if let Some(why) = &aborted {
+                partial.push((None, vec![format!("not run: {why}")]));
+                continue;
+            }
+            match self.drive(&mut guest, s) {
+                Ok((status, problems)) => partial.push((Some(status), problems)),
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    aborted = Some(format!("an earlier scenario ({}) failed: {why}", s.name));
+                    partial.push((None, vec![why]));
+                }
+            }
+        }
+        let boot_ms = guest.boot_ms;
+        let driver_ready_ms = guest.driver_ready_ms;
+        let console = guest.console_path.clone();
+        let finished = if aborted.is_some() {
+            Ok(guest.abort())
+        } else {
+            guest.finish(Duration::from_secs(30))
+        };
+        let duration_ms = t0.elapsed().as_millis() as u64;
+        let mut shared = Vec::new();
+        let text = match &finished {
+            Ok(f) => {
+                for s in &f.splats {
+                    shared.push(format!("kernel {}: {}", s.kind, s.line.trim()));
+                }
+                f.console.clone()
+            }
+            Err(e) => {
+                shared.push(format!("{e:#}"));
+                std::fs::read_to_string(&console).unwrap_or_default()
+            }
+        };
+        let mut verdicts = Vec::new();
+        for (s, (status, mut problems)) in scenarios.iter().zip(partial) {
+            let output = scenario_output(&text, &s.name);
+            if status.is_some() {
+                for want in &s.expect_output {
+                    if !output.contains(want.as_str()) {
+                        problems.push(format!("output lacks {want:?}"));
+                    }
+                }
+            }
+            problems.extend(shared.iter().cloned());
+            let mut rec = RunRecord::new(
+                &format!("{}/{}", self.name, s.name),
+                spec.vmm.name(),
+                accel_name(spec.accel),
+                &kernel.release,
+                Verdict::Fail,
+            );
+            rec.kernel_name = Some(kernel.name.clone());
+            rec.vmm_version = Some(lab.env.qemu_version.clone());
+            rec.boot_ms = boot_ms;
+            rec.driver_ready_ms = driver_ready_ms;
+            rec.console = Some(console.clone());
+            rec.duration_ms = Some(duration_ms);
+            rec.driver = Some(self.module.clone());
+            if problems.is_empty() && status.is_some() {
+                rec.result = Verdict::Pass;
+            } else {
+                rec.reason = Some(problems.join("; "));
+            }
+            record::append(&rec)?;
+            verdicts.push(ScenarioVerdict {
+                name: s.name.clone(),
+                kernel: kernel.name.clone(),
+                status,
+                expected_status: s.status,
+                pass: rec.result == Verdict::Pass,
+                observed: rec.reason.clone().unwrap_or_else(|| "as expected".into()),
+                output,
+                console: console.clone(),
+            });
+        }
+        self.write_reports(kernel, &verdicts)?;
+        Ok(verdicts)
+    }
+
+    /// One scenario on the booted guest: the host steps, then its result.
+    /// Returns its exit status and the problems seen; an error means the
+    /// guest is no longer usable for the next scenarios.
+    fn drive(&self, guest: &mut Guest, s: &ScenarioSpec) -> Result<(i32, Vec<String>)> {
+        let budget = Duration::from_secs(s.timeout_s) + Duration::from_secs(30);
+        guest.wait_for(&format!("VDEVLAB-READY {}", s.name), BOOT_TIMEOUT)?;
+        let started = Instant::now();
+        let left = |budget: Duration| budget.saturating_sub(started.elapsed());
+        let mut problems = Vec::new();
+        for (i, st) in s.step.iter().enumerate() {
+            let what = format!("step {} ({})", i + 1, describe(st));
+            if let Some(text) = &st.wait_for {
+                guest
+                    .wait_for(text, left(budget))
+                    .with_context(|| what.clone())?;
+                continue;
+            }
+            if let Err(e) = self.host_step(guest, st, left(budget)) {
+                problems.push(format!("{what}: {e:#}"));
+                break;
+            }
+        }
+        let line = guest.wait_for(
+            &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", s.name),
+            left(budget).max(Duration::from_secs(5)),
+        )?;
+        let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
+        let mut values = serde_json::Deserializer::from_str(json).into_iter::<serde_json::Value>();
+        let v = values
+            .next()
+            .context("no JSON on the result line")?
+            .with_context(|| format!("bad result line: {line}"))?;
+        let status = v["status"]
+            .as_i64()
+            .with_context(|| format!("no status in {line}"))? as i32;
+        if status != s.status {
+            let note = if status == 143 || status == 137 {
+                format!(" (killed by the {} s timeout)", s.timeout_s)
+            } else {
+                String::new()
+            };
+            problems.push(format!("exit status {status}{note}, expected {}", s.status));
+        }
+        Ok((status, problems))
+    }
+
+    fn host_step(&self, guest: &mut Guest, st: &StepSpec, budget: Duration) -> Result<()> {
+        if let Some(ms) = st.sleep_ms {
+            std::thread::sleep(Duration::from_millis(ms));
+        } else if let Some(data) = st
+            .inject
+            .as_ref()
+            .map(|t| t.as_bytes().to_vec())
+            .or_else(|| st.inject_hex.as_ref().and_then(|h| hex::decode(h).ok()))
+        {
+            let mut ctl = guest.control()?;
+            let deadline = Instant::now() + budget;
+            let mut sent = 0;
+            while sent < data.len() {
+                let n = ctl.inject(&data[sent..]).context("injecting")?;
+                if n == 0 {
+                    anyhow::ensure!(Instant::now() < deadline, "the receive FIFO never drained");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                sent += n;
+            }
+        } else if let Some(want) = &st.capture {
+            let mut ctl = guest.control()?;
+            let deadline = Instant::now() + budget;
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                let chunk = ctl
+                    .capture(Some(want.len() - got.len()))
+                    .context("capturing")?;
+                if chunk.is_empty() {
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "captured {:?} of the {} bytes expected",
+                        String::from_utf8_lossy(&got),
+                        want.len()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                got.extend(chunk);
+            }
+            anyhow::ensure!(
+                got == want.as_bytes(),
+                "captured {:?}, expected {want:?}",
+                String::from_utf8_lossy(&got)
+            );
+        } else if let Some(json) = st
+            .control
+            .clone()
+            .or_else(|| st.fault.as_ref().map(fault_json))
+        {
+            let req = control_request(&json)?;
+            let resp = guest.control()?.request(&req)?;
+            anyhow::ensure!(resp.ok, "{json}: {}", resp.error.unwrap_or_default());
+        } else if let Some(cmd) = &st.host {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(&self.dir)
+                .env("VDEVLAB_CONTROL", &guest.control_path)
+                .env("VDEVLAB_SOCKET", guest.run_dir.join("vu.sock"))
+                .env("VDEVLAB_RUN_DIR", &guest.run_dir)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("running {cmd}"))?;
+            if !out.status.success() {
+                bail!(
+                    "`{cmd}` failed ({}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn write_reports(&self, kernel: &Kernel, verdicts: &[ScenarioVerdict]) -> Result<()> {
+        let dir = runs_dir().join("user").join(&self.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join(format!("report-{}.json", kernel.name)),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "project": self.name,
+                "module": self.module,
+                "kernel": kernel.release,
+                "scenarios": verdicts,
+            }))?,
+        )?;
+        let failures = verdicts.iter().filter(|v| !v.pass).count();
+        let esc = crate::campaign::xml_escape;
+        let mut xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"{}.{}\" tests=\"{}\" failures=\"{failures}\">\n",
+            esc(&self.name),
+            kernel.name,
+            verdicts.len()
+        );
+        for v in verdicts {
+            let _ = write!(
+                xml,
+                "  <testcase classname=\"{}.{}\" name=\"{}\">",
+                esc(&self.name),
+                kernel.name,
+                esc(&v.name)
+            );
+            if !v.pass {
+                let _ = write!(
+                    xml,
+                    "<failure message=\"{}\">{}</failure>",
+                    esc(&v.observed),
+                    esc(&v.output)
+                );
+            }
+            let _ = write!(xml, "<system-out>{}</system-out>", esc(&v.output));
+            xml.push_str("</testcase>\n");
+        }
+        xml.push_str("</testsuite>\n");
+        std::fs::write(dir.join(format!("junit-{}.xml", kernel.name)), xml)?;
+        Ok(())
+    }
+}
+
+/// What [`Project::build`] made for one kernel.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The kernel's name.
+    pub kernel: String,
+    /// The module.
+    pub ko: PathBuf,
+    /// The build's log.
+    pub build_log: PathBuf,
+    /// Warning lines of the build (allowed ones).
+    pub warnings: Vec<String>,
+    /// The archive laid over the lab's initramfs.
+    pub overlay: PathBuf,
+}
+
+/// One scenario's verdict on one kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioVerdict {
+    /// Scenario name.
+    pub name: String,
+    /// Kernel name.
+    pub kernel: String,
+    /// Exit status, if it got that far.
+    pub status: Option<i32>,
+    /// The status it had to end with.
+    pub expected_status: i32,
+    /// Passed.
+    pub pass: bool,
+    /// `as expected`, or the problems.
+    pub observed: String,
+    /// What the command printed (console lines between its start and
+    /// its result, kernel messages included).
+    pub output: String,
+    /// The saved console.
+    pub console: PathBuf,
+}
+
+/// The readable table of verdicts.
+pub fn table(verdicts: &[ScenarioVerdict]) -> String {
+    let mut out = format!(
+        "{:<24} {:<10} {:<8} {:<7} observed\n",
+        "scenario", "kernel", "status", "verdict"
+    );
+    for v in verdicts {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<10} {:<8} {:<7} {}",
+            v.name,
+            v.kernel,
+            v.status.map_or("-".into(), |s| s.to_string()),
+            if v.pass { "PASS" } else { "FAIL" },
+            v.observed
+        );
+    }
+    out
+}
+
+/// The guest side of a scenario: announce it, run its commands with a
+/// timeout and stdin from /dev/null, report the exit status.
+const RUNNER: &str = r#"#!/bin/sh
+# vdevlab: run one scenario of a user project (written by the harness).
+name=$1; secs=$2
+echo "VDEVLAB-READY $name"
+timeout "$secs" sh "/vdevlab/scenarios/$name.sh" < /dev/null
+status=$?
+echo "VDEVLAB-RESULT {\"scenario\":\"$name\",\"ok\":true,\"status\":$status}"
+"#;
+
+/// The console lines between a scenario's start and its result.
+fn scenario_output(console: &str, name: &str) -> String {
+    let start = format!("VDEVLAB-READY {name}");
+    let end = format!("VDEVLAB-RESULT {{\"scenario\":\"{name}\"");
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in console.lines() {
+        if line.contains(&end) {
+            break;
+        }
+        if inside {
+            out.push(line.trim_end_matches('\r'));
+        }
+        if line.contains(&start) {
+            inside = true;
+        }
+    }
+    out.join("\n")
+}
+
+fn fault_json(f: &toml::Value) -> String {
+    serde_json::json!({ "op": "fault", "fault": f }).to_string()
+}
+
+fn fault_request(f: &toml::Value) -> Result<()> {
+    control_request(&fault_json(f)).map(|_| ())
+}
+
+fn describe(st: &StepSpec) -> String {
+    serde_json::to_string(st).unwrap_or_default()
+}
+
+/// Add a host file (or a folder's files, recursively) at guest path `dest`.
+fn add_host_path(
+    src: &Path,
+    dest: &str,
+    mode: Option<u32>,
+    files: &mut Vec<(String, u32, Vec<u8>)>,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(src).with_context(|| format!("no {}", src.display()))?;
+    if meta.is_dir() {
+        let mut entries = std::fs::read_dir(src)?.collect::<std::io::Result<Vec<_>>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            add_host_path(&e.path(), &format!("{dest}/{name}"), mode, files)?;
+        }
+        return Ok(());
+    }
+    let mode = mode.unwrap_or(if meta.permissions().mode() & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    });
+    files.push((dest.to_string(), mode, std::fs::read(src)?));
+    Ok(())
+}
+
+/// Every folder the files need, parents first.
+fn parent_dirs(files: &[(String, u32, Vec<u8>)]) -> Vec<String> {
+    let mut dirs = BTreeSet::new();
+    for (name, _, _) in files {
+        let mut p = Path::new(name).parent();
+        while let Some(d) = p {
+            if d.as_os_str().is_empty() {
+                break;
+            }
+            dirs.insert(d.to_string_lossy().into_owned());
+            p = d.parent();
+        }
+    }
+    // BTreeSet order puts "a" before "a/b".
+    dirs.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(manifest: &str) -> Result<Project> {
+        let dir = std::env::temp_dir().join(format!(
+            "vdevlab-project-{}-{}",
+            std::process::id(),
+            manifest.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("Kbuild"), "obj-m := mydrv.o\n").unwrap();
+        std::fs::write(dir.join(MANIFEST), manifest).unwrap();
+        let p = Project::load(&dir);
+        std::fs::remove_dir_all(&dir).ok();
+        p
+    }
+
+    #[test]
+    fn manifests_load_and_bad_ones_are_explained() {
+        let p = project(
+            "name = \"demo\"\n[driver]\nparams = [\"a=1\"]\ndev = \"/dev/my0\"\n\
+             [[scenario]]\nname = \"one\"\nrun = \"cat /dev/my0\"\n\
+             [[scenario.step]]\ninject = \"hi\"\n\
+             [[scenario.step]]\nfault = { kind = \"drop_interrupts\", queue = \"rx\", count = 1 }\n",
+        )
+        .unwrap();
+        assert_eq!(p.module, "mydrv", "from Kbuild's obj-m");
+        assert_eq!(p.name, "demo");
+        assert_eq!(p.manifest.scenario[0].timeout_s, 60);
+        let err = |m: &str| format!("{:#}", project(m).unwrap_err());
+        assert!(err("[driver]\nparams = [\"nope\"]\n").contains("name=value"));
+        assert!(
+            err("[driver]\n[[scenario]]\nname = \"a b\"\nrun = \"x\"\n").contains("scenario name")
+        );
+        assert!(err(
+            "[driver]\n[[scenario]]\nname = \"a\"\nrun = \"x\"\n[[scenario.step]]\nsleep_ms = 1\ninject = \"x\"\n"
+        )
+        .contains("exactly one"));
+        assert!(err(
+            "[driver]\n[[scenario]]\nname = \"a\"\nrun = \"x\"\n[[scenario.step]]\nfault = { kind = \"melt\" }\n"
+        )
+        .contains("fault"));
+        assert!(err("[driver]\n[device]\nbackend = [\"x\"]\n").contains("virtio_id"));
+        assert!(err("[driver]\nfrobnicate = 1\n").contains("not a valid manifest"));
+    }
+
+    #[test]
+    fn kbuild_names_the_module() {
+        let dir = std::env::temp_dir().join(format!("vdevlab-kbuild-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("Kbuild"),
+            "# x\nobj-m += foo_bar.o\nfoo_bar-y := a.o\n",
+        )
+        .unwrap();
+        assert_eq!(kbuild_module(&dir).unwrap(), "foo_bar");
+        std::fs::write(dir.join("Kbuild"), "ccflags-y := -I.\n").unwrap();
+        assert!(kbuild_module(&dir).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn output_is_cut_between_the_markers() {
+        let console = "boot\nVDEVLAB-READY a\nhello\n[ 1.0] kmsg\nVDEVLAB-RESULT {\"scenario\":\"a\",\"ok\":true,\"status\":0}\nVDEVLAB-READY b\nbye\n";
+        assert_eq!(scenario_output(console, "a"), "hello\n[ 1.0] kmsg");
+        assert_eq!(scenario_output(console, "b"), "bye");
+    }
+
+    #[test]
+    fn archives_get_their_folders() {
+        let files = vec![
+            ("usr/local/bin/x".to_string(), 0o755, vec![]),
+            ("vdevlab/run".to_string(), 0o755, vec![]),
+        ];
+        assert_eq!(
+            parent_dirs(&files),
+            ["usr", "usr/local", "usr/local/bin", "vdevlab"]
+        );
+    }
+}
