@@ -28,3 +28,23 @@ pub fn assert_passed(out: &Outcome) {
             .unwrap_or_default()
     );
 }
+
+/// The `vdevlab` command of this checkout (built on first use), for tests
+/// that drive the CLI as a user would.
+pub fn vdevlab_command() -> std::process::Command {
+    use std::sync::OnceLock;
+    static BIN: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| {
+        let status =
+            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+                .current_dir(vdevlab_lab::env::workspace_root())
+                .args(["build", "--quiet", "-p", "vdevlab", "--bin", "vdevlab"])
+                .status()
+                .expect("running cargo build -p vdevlab");
+        assert!(status.success(), "cargo build -p vdevlab failed");
+        vdevlab_lab::env::target_dir().join("debug/vdevlab")
+    });
+    let mut cmd = std::process::Command::new(bin);
+    cmd.current_dir(vdevlab_lab::env::workspace_root());
+    cmd
+}

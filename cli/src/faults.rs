@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use vdevlab_lab::campaign::{self, FaultScenario};
+use vdevlab_lab::project::Project;
 use vdevlab_lab::Lab;
 
 /// Run fault scenarios (default: every `faults/*.toml`) in real guests.
@@ -16,6 +17,11 @@ pub struct FaultsArgs {
     /// Guest kernel(s): trixie, bookworm, or all.
     #[arg(long, default_value = "trixie")]
     kernel: String,
+    /// Your own driver for the qw device instead of the reference one: a
+    /// project folder (vdevlab.toml) or a Kbuild folder. The guest programs
+    /// open the device node its manifest names (`[driver] dev`), else /dev/qw0.
+    #[arg(long, value_name = "DIR")]
+    driver: Option<PathBuf>,
     /// Scenario files to run instead of the shipped ones (e.g. your own).
     files: Vec<PathBuf>,
 }
@@ -34,6 +40,10 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
         .into_iter()
         .filter(|s| !args.fast || s.fast)
         .collect();
+    let driver = args.driver.as_deref().map(Project::load).transpose()?;
+    if let Some(p) = &driver {
+        p.prepare()?;
+    }
     eprintln!("[vdevlab] provisioning the lab and building the guest image");
     let lab = Lab::get()?;
     let kernels: Vec<_> = if args.kernel == "all" {
@@ -44,12 +54,15 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
     let mut all_pass = true;
     for kernel in &kernels {
         eprintln!(
-            "[vdevlab] {} fault scenarios on {} ({})",
+            "[vdevlab] {} fault scenarios on {} ({}) against {}",
             scenarios.len(),
             kernel.name,
-            kernel.release
+            kernel.release,
+            driver
+                .as_ref()
+                .map_or("vdevlab_qw".to_string(), |p| format!("{}.ko", p.module))
         );
-        let verdicts = campaign::run(&lab, kernel, &scenarios)?;
+        let verdicts = campaign::run_against(&lab, kernel, &scenarios, driver.as_ref())?;
         println!(
             "{} ({}):\n{}",
             kernel.name,
@@ -59,7 +72,7 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
         all_pass &= verdicts.iter().all(|v| v.pass);
     }
     println!(
-        "reports: {}/faults/ (report-<kernel>.json, junit-<kernel>.xml); records: fault-<name> in runs.jsonl",
+        "reports: {}/faults/ (report-<kernel>[-<module>].json, junit-<kernel>[-<module>].xml); records: fault-<name> in runs.jsonl",
         vdevlab_lab::env::runs_dir().display()
     );
     Ok(all_pass)

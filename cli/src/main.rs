@@ -7,7 +7,9 @@
 //! - `vdevlab prepare`: provision and build only;
 //! - `vdevlab ctl`: talk to a running device's control plane;
 //! - `vdevlab bench`: latency and throughput per I/O model against the
-//!   virtio-serial baseline and a host-pipe floor, in one run.
+//!   virtio-serial baseline and a host-pipe floor, in one run;
+//! - `vdevlab user-test DIR`: a user's own driver and scenarios;
+//! - `vdevlab up`: a shell in a booted guest with the device and driver.
 
 use std::process::{Command, ExitCode};
 
@@ -17,6 +19,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod device;
 mod faults;
+mod up;
+mod user;
 use vdevlab_lab::record::runs_file;
 use vdevlab_lab::scenario::{blocking_rx, pattern};
 use vdevlab_lab::Lab;
@@ -61,6 +65,13 @@ enum Cmd {
     /// QEMU's virtio-serial and a host pipe in the same run (tables, JSON
     /// and SVG under target/lab-runs/bench/).
     Bench(bench::BenchArgs),
+    /// Test your own driver: build the module in DIR against the lab
+    /// kernel(s), boot, load it, run DIR/vdevlab.toml's scenarios.
+    UserTest(user::UserTestArgs),
+    /// The interactive lab: boot the guest with the device and driver, get
+    /// a shell on its console; the control plane stays open to other
+    /// terminals (`vdevlab device -c ...`).
+    Up(up::UpArgs),
 }
 
 fn demo(bytes: usize, seed: u64) -> Result<bool> {
@@ -170,6 +181,8 @@ fn main() -> ExitCode {
         Cmd::Device(args) => device::run(args),
         Cmd::Faults(args) => faults::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::UserTest(args) => user::run(args),
+        Cmd::Up(args) => up::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
