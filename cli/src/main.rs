@@ -193,3 +193,78 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The CI recipes in docs/ci/ are documentation people copy: every
+    /// `./vdevlab SUBCOMMAND --flag` they run must exist, and so must the
+    /// files and settings they rely on.
+    #[test]
+    fn ci_recipes_call_real_commands() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let cli = Cli::command();
+        let mut recipes: Vec<_> = std::fs::read_dir(root.join("docs/ci"))
+            .expect("docs/ci exists")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+            .collect();
+        recipes.sort();
+        assert!(recipes.len() >= 2, "{recipes:?}");
+        let mut calls = 0;
+        for path in &recipes {
+            let text = std::fs::read_to_string(path).unwrap();
+            let name = path.display();
+            for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+                if line.contains(".ci/run") {
+                    let run = root.join(".ci/run");
+                    assert!(run.is_file(), "{name}: .ci/run is gone");
+                    let script = std::fs::read_to_string(run).unwrap();
+                    if text.contains("VDEVLAB_PARTITION") {
+                        assert!(
+                            script.contains("VDEVLAB_PARTITION"),
+                            "{name}: .ci/run ignores VDEVLAB_PARTITION"
+                        );
+                    }
+                }
+                let mut rest = line;
+                while let Some(pos) = rest.find("./vdevlab ") {
+                    rest = &rest[pos + "./vdevlab ".len()..];
+                    let words: Vec<&str> = rest
+                        .split_whitespace()
+                        .take_while(|w| !matches!(*w, "&&" | "||" | ";" | "|"))
+                        .collect();
+                    let sub_name = words.first().copied().unwrap_or_default();
+                    let sub = cli
+                        .get_subcommands()
+                        .find(|s| s.get_name() == sub_name)
+                        .unwrap_or_else(|| panic!("{name}: `vdevlab {sub_name}` does not exist"));
+                    for w in words.iter().skip(1).take_while(|w| **w != "--") {
+                        if let Some(flag) = w.strip_prefix("--") {
+                            let flag = flag.split('=').next().unwrap();
+                            assert!(
+                                sub.get_arguments().any(|a| a.get_long() == Some(flag)),
+                                "{name}: `vdevlab {sub_name} --{flag}` does not exist"
+                            );
+                        }
+                    }
+                    calls += 1;
+                }
+            }
+            if text.contains("target/nextest/ci/junit.xml") {
+                let nextest = std::fs::read_to_string(root.join(".config/nextest.toml")).unwrap();
+                assert!(
+                    nextest.contains("[profile.ci.junit]") && nextest.contains("path = \"junit.xml\""),
+                    "{name} uploads target/nextest/ci/junit.xml, which the ci profile no longer writes"
+                );
+            }
+        }
+        assert!(calls >= 2, "the recipes call vdevlab {calls} times");
+    }
+}
