@@ -88,7 +88,8 @@ pub trait VirtioDevice: Send + 'static {
 
     /// The driver wrote `data` at `offset` in config space. The default
     /// refuses: the config space is read-only. An error is logged and the
-    /// write answered with EPERM.
+    /// write changes nothing; the VMM's SET_CONFIG is still answered as done
+    /// (an error would end the whole vhost-user connection).
     fn write_config(&mut self, offset: u32, _data: &[u8], _core: &mut Core) -> Result<(), String> {
         Err(format!(
             "the config space is read-only (write at offset {offset})"
