@@ -1,0 +1,249 @@
+//! The sensor on the device framework: [`SensorDevice`] implements
+//! [`VirtioDevice`], mapping its three queues, its config space, its timer
+//! and its host control requests onto [`Sensor`]. The core has validated
+//! every chain (direction, memory, length, termination) before
+//! [`VirtioDevice::handle_chain`] sees it; this file checks only what is
+//! the sensor's own business (record sizes, the request's contents).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vdevlab_device_core::chain::{Chain, ChainError, Direction, QueueSpec};
+use vdevlab_device_core::{to_fields, Core, Fields, Outcome, VirtioDevice};
+
+use crate::sensor::Sensor;
+use crate::spec::{
+    ALARM_BYTES, CTRL_QUEUE, CTRL_STATUS_BYTES, EVENTS_QUEUE, MAX_CTRL_CHAIN_BYTES, MAX_QUEUE_SIZE,
+    SAMPLES_QUEUE, SAMPLE_BYTES,
+};
+use crate::wave::Wave;
+
+/// The sampling sensor as a [`VirtioDevice`].
+#[derive(Debug)]
+pub struct SensorDevice {
+    sensor: Sensor,
+    /// Reused for every request and every sample buffer: no allocation per
+    /// chain.
+    scratch: Vec<u8>,
+}
+
+impl SensorDevice {
+    /// A sensor at power-on with this waveform (validated).
+    pub fn new(wave: Wave) -> Result<Self, String> {
+        wave.validate()?;
+        Ok(Self {
+            sensor: Sensor::new(wave),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The sensor's state (tests, host tools).
+    pub fn sensor(&self) -> &Sensor {
+        &self.sensor
+    }
+
+    /// Point the core's timer at the sensor's rate (none when stopped).
+    fn retime(&self, core: &mut Core) {
+        let period = self.sensor.tick_ns().map(Duration::from_nanos);
+        if let Err(e) = core.set_tick(period) {
+            tracing::warn!(error = %e, "could not set the sampling timer");
+        }
+    }
+
+    fn refuse(chain: &Chain<'_>, detail: String) -> Outcome {
+        Outcome::Refuse(ChainError::Device {
+            head: chain.head(),
+            detail,
+        })
+    }
+
+    fn fill_samples(&mut self, chain: &Chain<'_>, core: &mut Core) -> Outcome {
+        let room = chain.writable_len() as usize / SAMPLE_BYTES;
+        if room == 0 {
+            return Self::refuse(
+                chain,
+                format!(
+                    "a sample buffer of {} bytes holds no {SAMPLE_BYTES}-byte sample",
+                    chain.writable_len()
+                ),
+            );
+        }
+        self.scratch.clear();
+        self.sensor.take_samples(room, &mut self.scratch);
+        // Fault injection (corrupt_rx, truncate_rx): the core's data hook.
+        let cut = if core.damage_armed() {
+            core.damage(&mut self.scratch)
+        } else {
+            0
+        };
+        let len = self.scratch.len() - cut;
+        match chain.write(&[&self.scratch[..len]]) {
+            Ok(n) => Outcome::Complete { used_len: n as u32 },
+            Err(e) => Outcome::Refuse(e),
+        }
+    }
+
+    fn fill_event(&mut self, chain: &Chain<'_>) -> Outcome {
+        if chain.writable_len() < ALARM_BYTES as u64 {
+            return Self::refuse(
+                chain,
+                format!(
+                    "an event buffer of {} bytes cannot hold a {ALARM_BYTES}-byte alarm",
+                    chain.writable_len()
+                ),
+            );
+        }
+        let Some(alarm) = self.sensor.take_alarm() else {
+            return Outcome::Defer; // not called without one (wants_buffers)
+        };
+        match chain.write(&[&alarm.to_bytes()]) {
+            Ok(n) => Outcome::Complete { used_len: n as u32 },
+            Err(e) => Outcome::Refuse(e),
+        }
+    }
+
+    fn answer(&mut self, chain: &Chain<'_>, core: &mut Core) -> Outcome {
+        if chain.readable_len() == 0 {
+            return Self::refuse(chain, "a control chain without a request".into());
+        }
+        if chain.writable_len() < CTRL_STATUS_BYTES as u64 {
+            return Self::refuse(
+                chain,
+                format!(
+                    "a control chain with {} writable bytes has no room for the {CTRL_STATUS_BYTES}-byte status",
+                    chain.writable_len()
+                ),
+            );
+        }
+        self.scratch.clear();
+        if let Err(e) = chain.read_to_end(&mut self.scratch) {
+            return Outcome::Refuse(e);
+        }
+        let (status, value) = self.sensor.control(&self.scratch, Instant::now());
+        self.retime(core);
+        let mut out = [0u8; CTRL_STATUS_BYTES];
+        out[..4].copy_from_slice(&status.to_le_bytes());
+        out[4..].copy_from_slice(&value.to_le_bytes());
+        match chain.write(&[&out]) {
+            Ok(n) => Outcome::Complete { used_len: n as u32 },
+            Err(e) => Outcome::Refuse(e),
+        }
+    }
+}
+
+/// The fields of a `waveform` request, all optional (unset ones keep their
+/// value); anything else is an error.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaveRequest {
+    #[allow(dead_code)]
+    op: String,
+    seed: Option<u64>,
+    amplitude: Option<u32>,
+    wave_period: Option<u32>,
+    noise: Option<u32>,
+}
+
+impl VirtioDevice for SensorDevice {
+    fn name(&self) -> &'static str {
+        "vdevlab-sensor"
+    }
+
+    fn queues(&self) -> Vec<QueueSpec> {
+        vec![
+            QueueSpec::new("samples", MAX_QUEUE_SIZE, Direction::DeviceWrites),
+            QueueSpec::new("events", MAX_QUEUE_SIZE, Direction::DeviceWrites),
+            QueueSpec {
+                max_chain_bytes: MAX_CTRL_CHAIN_BYTES,
+                ..QueueSpec::new("ctrl", MAX_QUEUE_SIZE, Direction::ReadThenWrite)
+            },
+        ]
+    }
+
+    fn config_space(&self, core: &Core) -> Vec<u8> {
+        self.sensor.config_space(core.needs_reset())
+    }
+
+    fn wants_buffers(&self, queue: u16) -> bool {
+        match queue {
+            SAMPLES_QUEUE => self.sensor.samples_pending() > 0,
+            EVENTS_QUEUE => self.sensor.alarms_pending() > 0,
+            _ => true,
+        }
+    }
+
+    fn handle_chain(&mut self, queue: u16, chain: &Chain<'_>, core: &mut Core) -> Outcome {
+        match queue {
+            SAMPLES_QUEUE => self.fill_samples(chain, core),
+            EVENTS_QUEUE => self.fill_event(chain),
+            CTRL_QUEUE => self.answer(chain, core),
+            _ => Self::refuse(chain, format!("no queue {queue}")),
+        }
+    }
+
+    fn reset(&mut self, core: &mut Core) {
+        self.sensor.reset();
+        self.retime(core);
+    }
+
+    fn queue_stopped(&mut self, _queue: u16, core: &mut Core) {
+        // A driver reset stops every queue; the first one resets the sensor
+        // (again for the others, which changes nothing).
+        self.reset(core);
+    }
+
+    fn control(
+        &mut self,
+        op: &str,
+        request: &Value,
+        _core: &mut Core,
+    ) -> Option<Result<Fields, String>> {
+        match op {
+            "sensor" => {
+                let (threshold, mode) = self.sensor.threshold();
+                let mut f = Fields::new();
+                f.insert("rate_hz".into(), self.sensor.rate_hz().into());
+                f.insert("threshold".into(), threshold.into());
+                f.insert("alarm_mode".into(), mode.into());
+                f.insert("next_seq".into(), self.sensor.next_seq().into());
+                f.insert(
+                    "wave".into(),
+                    serde_json::to_value(self.sensor.wave()).unwrap_or_default(),
+                );
+                Some(Ok(f))
+            }
+            "waveform" => Some((|| {
+                let r: WaveRequest = serde_json::from_value(request.clone())
+                    .map_err(|e| format!("bad waveform request: {e}"))?;
+                let old = self.sensor.wave();
+                self.sensor.set_wave(Wave {
+                    seed: r.seed.unwrap_or(old.seed),
+                    amplitude: r.amplitude.unwrap_or(old.amplitude),
+                    wave_period: r.wave_period.unwrap_or(old.wave_period),
+                    noise: r.noise.unwrap_or(old.noise),
+                })?;
+                Ok(Fields::new())
+            })()),
+            _ => None,
+        }
+    }
+
+    fn counters(&self) -> Fields {
+        to_fields(&self.sensor.counters())
+    }
+
+    fn reply_fields(&self) -> Fields {
+        let mut f = Fields::new();
+        f.insert(
+            "samples_pending".into(),
+            self.sensor.samples_pending().into(),
+        );
+        f.insert("alarms_pending".into(), self.sensor.alarms_pending().into());
+        f
+    }
+
+    fn tick(&mut self, _ticks: u64, _core: &mut Core) -> bool {
+        // The clock, not the tick count, says which samples are due.
+        self.sensor.pump(Instant::now())
+    }
+}
