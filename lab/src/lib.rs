@@ -12,6 +12,7 @@ pub mod guest;
 pub mod project;
 pub mod record;
 pub mod scenario;
+pub mod sensor;
 pub mod splat;
 pub mod up;
 

@@ -1,0 +1,167 @@
+//! The second example device, the sampling sensor (`docs/sensor-spec.md`),
+//! in booted guests: the real `vdevlab-sensor` backend behind QEMU's
+//! generic vhost-user device, the real `vdevlab_sensor` driver, and the
+//! guest programs' sensor scenarios, with the same run records, console
+//! capture and splat detection as the qw tests.
+//!
+//! Every boot test exists once per kernel (`trixie::…`, `bookworm::…`).
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use vdevlab_lab::env::Kernel;
+use vdevlab_lab::record::read_all;
+use vdevlab_lab::sensor::{self, SensorArtifacts};
+use vdevlab_lab::Lab;
+use vdevlab_tests::{assert_passed, lab};
+
+/// The lab with the sensor's backend and drivers built (once per process).
+fn sensor_lab(kernel: &str) -> (Lab, SensorArtifacts, Kernel) {
+    static ART: OnceLock<Result<SensorArtifacts, String>> = OnceLock::new();
+    let lab = lab();
+    let art = ART
+        .get_or_init(|| sensor::prepare(&lab).map_err(|e| format!("{e:#}")))
+        .clone()
+        .unwrap_or_else(|e| panic!("the sensor could not be built: {e}"));
+    let kernel = lab
+        .env
+        .kernel(kernel)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .clone();
+    (lab, art, kernel)
+}
+
+fn field<'a>(g: &'a vdevlab_lab::scenario::GuestResult, name: &str) -> &'a Value {
+    g.extra
+        .get(name)
+        .unwrap_or_else(|| panic!("the guest reported no {name}: {:?}", g.extra))
+}
+
+/// One boot: `sensor-stream` (rate, threshold, every sample checked, a rate
+/// change, the alarms exactly the crossings, bad arguments refused, a
+/// stopped sensor quiet) then `sensor-unbind` (every sleeper woken by
+/// removal, the device back after a rebind).
+fn sensor_stream_and_unbind(kernel: &str) {
+    let (lab, art, kernel) = sensor_lab(kernel);
+    let cases = [
+        sensor::case(
+            "sensor-stream",
+            &[
+                "--rate",
+                "500",
+                "--rate2",
+                "250",
+                "--samples",
+                "300",
+                "--samples2",
+                "100",
+            ],
+        ),
+        sensor::case("sensor-unbind", &["--rate", "200"]),
+    ];
+    let seed = ["--seed".to_string(), "77".to_string()];
+    let outs = sensor::run(&lab, &art, &kernel, &cases, &seed).expect("the sensor boot ran");
+    for out in &outs {
+        assert_passed(out);
+        assert_eq!(out.record.kernel, kernel.release);
+        assert_eq!(out.record.driver.as_deref(), Some(sensor::MODULE));
+    }
+    // The guest's observations, checked here too.
+    let g = outs[0].guest.as_ref().expect("sensor-stream reported");
+    assert_eq!(
+        field(g, "info_start")["seed"],
+        77,
+        "the backend's waveform reached the guest"
+    );
+    assert!(field(g, "samples").as_u64().unwrap() >= 400);
+    let alarms = field(g, "alarms").as_u64().unwrap();
+    assert!(alarms > 0);
+    assert_eq!(field(g, "alarms_expected").as_u64(), Some(alarms));
+    assert_eq!(field(g, "bad_rate"), "EINVAL");
+    assert_eq!(field(g, "read_stopped"), "EAGAIN");
+    let u = outs[1].guest.as_ref().expect("sensor-unbind reported");
+    assert_eq!(field(u, "read"), "ENODEV");
+    assert_eq!(field(u, "set_rate_removed"), "ENODEV");
+    let on_file = read_all().expect("runs.jsonl is readable");
+    for out in &outs {
+        assert!(
+            on_file.iter().any(|r| r == &out.record),
+            "the record is on file"
+        );
+    }
+}
+
+/// The sensor driver is held to the same standard as qw's: a W=1 build
+/// with no warning on every kernel, and sparse on bookworm's 6.1.
+fn sensor_driver_builds_warning_free_with_w1(kernel: &str) {
+    let (_lab, art, kernel) = sensor_lab(kernel);
+    let k = art.for_kernel(&kernel.name).unwrap();
+    let warnings: Vec<&str> = k
+        .build_log
+        .lines()
+        .filter(|l| l.contains("warning:") || l.contains("error:"))
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "sensor driver warnings on {} (log {}):\n{}",
+        kernel.name,
+        k.build_log_path.display(),
+        warnings.join("\n")
+    );
+    if kernel.name == "bookworm" {
+        assert!(
+            k.build_log.contains("CHECK"),
+            "sparse did not run on the bookworm build (log {})",
+            k.build_log_path.display()
+        );
+    }
+}
+
+/// checkpatch.pl --strict finds nothing but the one documented exception
+/// (LINUX_VERSION_CODE in the compatibility macro, guest-driver/README.md).
+#[test]
+fn sensor_driver_passes_checkpatch_strict() {
+    let _lab = lab(); // provisions checkpatch.pl
+    let checkpatch = vdevlab_lab::env::cache_dir().join("checkpatch/checkpatch.pl");
+    let dir = vdevlab_lab::env::workspace_root().join("guest-driver/sensor");
+    let out = std::process::Command::new("perl")
+        .arg(&checkpatch)
+        .args(["--strict", "--no-tree", "--show-types", "--terse", "-f"])
+        .args(["vdevlab_sensor.c", "include/uapi/vdevlab_sensor.h"])
+        .current_dir(&dir)
+        .output()
+        .expect("perl runs checkpatch.pl");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let unexpected: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains(": WARNING:") || l.contains(": ERROR:") || l.contains(": CHECK:"))
+        .filter(|l| !l.contains(":LINUX_VERSION_CODE:"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "checkpatch --strict findings:\n{}",
+        unexpected.join("\n")
+    );
+    assert!(
+        report.contains("total:"),
+        "checkpatch did not run: {report}"
+    );
+}
+
+macro_rules! kernel_tests {
+    ($($kernel:ident),*) => {$(
+        mod $kernel {
+            #[test]
+            fn sensor_stream_and_unbind() {
+                super::sensor_stream_and_unbind(stringify!($kernel));
+            }
+
+            #[test]
+            fn sensor_driver_builds_warning_free_with_w1() {
+                super::sensor_driver_builds_warning_free_with_w1(stringify!($kernel));
+            }
+        }
+    )*};
+}
+
+kernel_tests!(trixie, bookworm);
