@@ -106,14 +106,19 @@ fn rate_change_takes_effect_at_the_next_sample() {
     for w in got.windows(2) {
         assert_eq!(w[1].1.seq, w[0].1.seq + 1);
     }
-    // Stop: nothing more arrives.
+    // Stop: what was taken arrives, then nothing more is taken.
     vmm.set_rate(0);
-    std::thread::sleep(Duration::from_millis(30));
-    col.poll(&mut vmm);
-    let n = col.records(16).len();
+    let mut ctl = dev.control();
+    let taken = ctl.counter("samples_taken") as usize;
+    assert!(col.until(&mut vmm, TIMEOUT, |c| c.records(16).len() == taken));
     std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        ctl.counter("samples_taken") as usize,
+        taken,
+        "a stopped sensor takes no sample"
+    );
     col.poll(&mut vmm);
-    assert_eq!(col.records(16).len(), n, "a stopped sensor takes no sample");
+    assert_eq!(col.records(16).len(), taken);
 }
 
 /// Alarms on the event queue are exactly the threshold crossings of the
@@ -356,18 +361,20 @@ fn broken_ring_needs_reset_and_reset_returns_to_power_on() {
     // The samples queue still runs.
     let n = col.records(16).len();
     assert!(col.until(&mut vmm, TIMEOUT, |c| c.records(16).len() >= n + 10));
-    // NEEDS_RESET: nothing is served any more.
+    // NEEDS_RESET: nothing is served any more (a pass already under way
+    // may finish first), while the sensor still samples.
     ctl.ok(json!({"op": "needs_reset"}));
-    std::thread::sleep(Duration::from_millis(20));
-    col.poll(&mut vmm);
-    let n = col.records(16).len();
+    std::thread::sleep(Duration::from_millis(50));
+    let delivered = ctl.counter("samples_delivered");
+    let taken = ctl.counter("samples_taken");
     std::thread::sleep(Duration::from_millis(100));
     col.poll(&mut vmm);
     assert_eq!(
-        col.records(16).len(),
-        n,
+        ctl.counter("samples_delivered"),
+        delivered,
         "a device that needs a reset serves nothing"
     );
+    assert!(ctl.counter("samples_taken") > taken);
     // The driver resets the device.
     vmm.reset_device();
     let s = ctl.sensor();
