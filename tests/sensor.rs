@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use vdevlab_lab::env::Kernel;
 use vdevlab_lab::record::read_all;
+use vdevlab_lab::scenario::HostStep;
 use vdevlab_lab::sensor::{self, SensorArtifacts};
 use vdevlab_lab::Lab;
 use vdevlab_tests::{assert_passed, lab};
@@ -39,9 +40,11 @@ fn field<'a>(g: &'a vdevlab_lab::scenario::GuestResult, name: &str) -> &'a Value
 
 /// One boot: `sensor-stream` (rate, threshold, every sample checked, a rate
 /// change, the alarms exactly the crossings, bad arguments refused, a
-/// stopped sensor quiet) then `sensor-unbind` (every sleeper woken by
-/// removal, the device back after a rebind).
-fn sensor_stream_and_unbind(kernel: &str) {
+/// stopped sensor quiet), `sensor-unbind` (every sleeper woken by removal,
+/// the device back after a rebind), then `sensor-reset` (the host declares
+/// the device broken; the program sees NEEDS_RESET, and SENSOR_IOC_RESET
+/// brings it back at power-on).
+fn sensor_scenarios(kernel: &str) {
     let (lab, art, kernel) = sensor_lab(kernel);
     let cases = [
         sensor::case(
@@ -56,8 +59,14 @@ fn sensor_stream_and_unbind(kernel: &str) {
                 "--samples2",
                 "100",
             ],
+            vec![],
         ),
-        sensor::case("sensor-unbind", &["--rate", "200"]),
+        sensor::case("sensor-unbind", &["--rate", "200"], vec![]),
+        sensor::case(
+            "sensor-reset",
+            &["--rate", "200"],
+            vec![HostStep::Control(r#"{"op":"needs_reset"}"#.into())],
+        ),
     ];
     let seed = ["--seed".to_string(), "77".to_string()];
     let outs = sensor::run(&lab, &art, &kernel, &cases, &seed).expect("the sensor boot ran");
@@ -82,6 +91,9 @@ fn sensor_stream_and_unbind(kernel: &str) {
     let u = outs[1].guest.as_ref().expect("sensor-unbind reported");
     assert_eq!(field(u, "read"), "ENODEV");
     assert_eq!(field(u, "set_rate_removed"), "ENODEV");
+    let r = outs[2].guest.as_ref().expect("sensor-reset reported");
+    assert_eq!(field(r, "reset"), "ok ()");
+    assert_eq!(field(r, "stats_reset")["resets"], 1);
     let on_file = read_all().expect("runs.jsonl is readable");
     for out in &outs {
         assert!(
@@ -152,8 +164,8 @@ macro_rules! kernel_tests {
     ($($kernel:ident),*) => {$(
         mod $kernel {
             #[test]
-            fn sensor_stream_and_unbind() {
-                super::sensor_stream_and_unbind(stringify!($kernel));
+            fn sensor_scenarios() {
+                super::sensor_scenarios(stringify!($kernel));
             }
 
             #[test]

@@ -35,8 +35,20 @@
  * no lock with one producer and one consumer) and may fault and sleep.
  * alarm_mutex does the same for the alarms kfifo.
  * ctrl_mutex serializes control requests: one in flight at a time, since
- * the request and status buffers are per device.
- * Order: ctrl_mutex -> lock; read_mutex -> lock; alarm_mutex -> lock.
+ * the request and status buffers are per device.  It also serializes
+ * everything that creates or deletes the virtqueues (SENSOR_IOC_RESET,
+ * removal) and every config space read.
+ * Order: ctrl_mutex -> read_mutex -> alarm_mutex -> lock.
+ *
+ * Reset
+ * -----
+ * SENSOR_IOC_RESET is the way out of NEEDS_RESET (which a program sees in
+ * SENSOR_IOC_GET_INFO's status; the device then serves no queue): virtio
+ * reset, which also flushes running callbacks, new virtqueues after the
+ * status and feature handshake, DRIVER_OK, the same buffers posted again.
+ * The device returns to power-on (stopped, sequence 0), so samples and
+ * alarms buffered from before are dropped, under read_mutex and
+ * alarm_mutex, while no callback can run.
  *
  * Removal sets gone under lock, wakes every sleeper (readers, pollers, a
  * control request waiting for its answer) and only then resets the device
@@ -66,6 +78,7 @@
 #include <linux/mutex.h>
 #include <linux/poll.h>
 #include <linux/scatterlist.h>
+#include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/uaccess.h>
@@ -182,6 +195,8 @@ struct sensor_dev {
 
 	spinlock_t lock;	/* see "Locking" */
 	bool gone;		/* removed: every operation fails with ENODEV */
+	bool have_vqs;		/* under ctrl_mutex: vqs exist (a reset may fail) */
+	bool ready;		/* under ctrl_mutex: probe is over (scan) */
 	wait_queue_head_t wq;	/* readers, pollers */
 
 	struct mutex read_mutex;	/* serializes readers */
@@ -383,6 +398,14 @@ static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
 	sg_init_one(&in, s->ctrl_status, sizeof(*s->ctrl_status));
 	reinit_completion(&s->ctrl_done);
 
+	if (READ_ONCE(s->gone)) {
+		ret = -ENODEV;
+		goto out;
+	}
+	if (!s->have_vqs) {
+		ret = -EIO;	/* a reset failed: only another one can help */
+		goto out;
+	}
 	spin_lock_irqsave(&s->lock, flags);
 	if (s->gone) {
 		spin_unlock_irqrestore(&s->lock, flags);
@@ -439,6 +462,161 @@ static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
 out:
 	mutex_unlock(&s->ctrl_mutex);
 	return ret;
+}
+
+/* ---- Virtqueue set-up and reset ---- */
+
+static int sensor_find_vqs(struct sensor_dev *s)
+{
+	static const char * const names[SENSOR_NR_VQS] = {
+		"samples", "events", "ctrl"
+	};
+	vq_callback_t *callbacks[SENSOR_NR_VQS] = {
+		sensor_samples_done, sensor_events_done, sensor_ctrl_done
+	};
+#if SENSOR_LINUX_AT_LEAST(6, 11)
+	struct virtqueue_info info[SENSOR_NR_VQS];
+	unsigned int i;
+
+	for (i = 0; i < SENSOR_NR_VQS; i++) {
+		info[i].name = names[i];
+		info[i].callback = callbacks[i];
+		info[i].ctx = false;
+	}
+	return virtio_find_vqs(s->vdev, SENSOR_NR_VQS, s->vqs, info, NULL);
+#else
+	return virtio_find_vqs(s->vdev, SENSOR_NR_VQS, s->vqs, callbacks,
+			       names, NULL);
+#endif
+}
+
+/* Allocate the sample and event buffers (freed with the device). */
+static int sensor_alloc_bufs(struct sensor_dev *s)
+{
+	unsigned int i;
+
+	for (i = 0; i < SENSOR_SAMPLE_BUFS; i++) {
+		s->sample_bufs[i] = kzalloc(SENSOR_SAMPLE_BUF_SIZE, GFP_KERNEL);
+		if (!s->sample_bufs[i])
+			return -ENOMEM;
+	}
+	for (i = 0; i < SENSOR_EVENT_BUFS; i++) {
+		s->event_bufs[i] = kzalloc(sizeof(*s->event_bufs[i]), GFP_KERNEL);
+		if (!s->event_bufs[i])
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+/* Post every sample and event buffer on fresh vqs, and kick. */
+static int sensor_post_all(struct sensor_dev *s)
+{
+	unsigned int i, n;
+	unsigned long flags;
+	int err = 0;
+
+	spin_lock_irqsave(&s->lock, flags);
+	n = min_t(unsigned int, SENSOR_SAMPLE_BUFS,
+		  virtqueue_get_vring_size(s->vqs[SENSOR_VQ_SAMPLES]));
+	for (i = 0; i < n && !err; i++)
+		err = sensor_post_sample_buf(s, s->sample_bufs[i]);
+	n = min_t(unsigned int, SENSOR_EVENT_BUFS,
+		  virtqueue_get_vring_size(s->vqs[SENSOR_VQ_EVENTS]));
+	for (i = 0; i < n && !err; i++)
+		err = sensor_post_event_buf(s, s->event_bufs[i]);
+	if (!err) {
+		virtqueue_kick(s->vqs[SENSOR_VQ_SAMPLES]);
+		virtqueue_kick(s->vqs[SENSOR_VQ_EVENTS]);
+	}
+	spin_unlock_irqrestore(&s->lock, flags);
+	return err;
+}
+
+/*
+ * Reset the device and delete the vqs; ctrl_mutex held.  After the reset
+ * no callback runs (virtio-pci flushes them) and the device holds no
+ * buffer: they are all ours again.  The reset happens without vqs too
+ * (after a failed restart): the virtio core expects a removed driver to
+ * leave the device reset.
+ */
+static void sensor_del_vqs(struct sensor_dev *s)
+{
+	lockdep_assert_held(&s->ctrl_mutex);
+
+	virtio_reset_device(s->vdev);
+	if (!s->have_vqs)
+		return;
+	s->vdev->config->del_vqs(s->vdev);
+	WRITE_ONCE(s->have_vqs, false);
+	/* The device gave back the request it held, if any. */
+	WRITE_ONCE(s->ctrl_inflight, false);
+}
+
+/*
+ * The status and feature handshake the virtio core does before probe, for
+ * a reset the driver does itself.  The features negotiated at probe stay.
+ */
+static int sensor_handshake(struct virtio_device *vdev)
+{
+	int err;
+
+	virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+	virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER);
+	err = vdev->config->finalize_features(vdev);
+	if (err)
+		return err;
+	virtio_add_status(vdev, VIRTIO_CONFIG_S_FEATURES_OK);
+	if (!(vdev->config->get_status(vdev) & VIRTIO_CONFIG_S_FEATURES_OK))
+		return -ENODEV;
+	return 0;
+}
+
+/* SENSOR_IOC_RESET: see "Reset" at the top. */
+static long sensor_reset(struct sensor_dev *s)
+{
+	struct virtio_device *vdev = s->vdev;
+	unsigned long flags;
+	int err;
+
+	if (mutex_lock_killable(&s->ctrl_mutex))
+		return -EINTR;
+	if (READ_ONCE(s->gone)) {
+		err = -ENODEV;
+		goto out;
+	}
+	if (!s->ready) {
+		err = -EBUSY;	/* the virtio core is still finishing probe */
+		goto out;
+	}
+	dev_info(&vdev->dev, "reset requested by pid %d\n",
+		 task_pid_nr(current));
+	sensor_del_vqs(s);
+
+	/* No callback runs now: drop what the device sent before. */
+	mutex_lock(&s->read_mutex);
+	mutex_lock(&s->alarm_mutex);
+	spin_lock_irqsave(&s->lock, flags);
+	kfifo_reset(&s->samples);
+	kfifo_reset(&s->alarms);
+	s->stats.resets++;
+	spin_unlock_irqrestore(&s->lock, flags);
+	mutex_unlock(&s->alarm_mutex);
+	mutex_unlock(&s->read_mutex);
+
+	err = sensor_handshake(vdev);
+	if (!err)
+		err = sensor_find_vqs(s);
+	if (err) {
+		virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED);
+		dev_err(&vdev->dev, "reset failed: %d\n", err);
+		goto out;
+	}
+	WRITE_ONCE(s->have_vqs, true);
+	virtio_device_ready(vdev);
+	err = sensor_post_all(s);
+out:
+	mutex_unlock(&s->ctrl_mutex);
+	return err;
 }
 
 /* ---- File operations ---- */
@@ -611,10 +789,14 @@ static long sensor_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 		return sensor_get_alarm(s, argp);
 	case SENSOR_IOC_GET_INFO:
 		return sensor_get_info(s, argp);
+	case SENSOR_IOC_RESET:
+		return sensor_reset(s);
 	case SENSOR_IOC_GET_STATS:
 		spin_lock_irqsave(&s->lock, flags);
 		st = s->stats;
 		st.state = s->gone ? SENSOR_STATE_REMOVED : 0;
+		if (!READ_ONCE(s->have_vqs))
+			st.state |= SENSOR_STATE_STOPPED;
 		spin_unlock_irqrestore(&s->lock, flags);
 		st.pending = kfifo_len(&s->samples);
 		return copy_to_user(argp, &st, sizeof(st)) ? -EFAULT : 0;
@@ -636,64 +818,6 @@ static const struct file_operations sensor_fops = {
 
 /* ---- Probe and removal ---- */
 
-static int sensor_find_vqs(struct sensor_dev *s)
-{
-	static const char * const names[SENSOR_NR_VQS] = {
-		"samples", "events", "ctrl"
-	};
-	vq_callback_t *callbacks[SENSOR_NR_VQS] = {
-		sensor_samples_done, sensor_events_done, sensor_ctrl_done
-	};
-#if SENSOR_LINUX_AT_LEAST(6, 11)
-	struct virtqueue_info info[SENSOR_NR_VQS];
-	unsigned int i;
-
-	for (i = 0; i < SENSOR_NR_VQS; i++) {
-		info[i].name = names[i];
-		info[i].callback = callbacks[i];
-		info[i].ctx = false;
-	}
-	return virtio_find_vqs(s->vdev, SENSOR_NR_VQS, s->vqs, info, NULL);
-#else
-	return virtio_find_vqs(s->vdev, SENSOR_NR_VQS, s->vqs, callbacks,
-			       names, NULL);
-#endif
-}
-
-/* Allocate and post the sample and event buffers. */
-static int sensor_fill(struct sensor_dev *s)
-{
-	unsigned int i, n;
-	unsigned long flags;
-	int err = 0;
-
-	for (i = 0; i < SENSOR_SAMPLE_BUFS; i++) {
-		s->sample_bufs[i] = kzalloc(SENSOR_SAMPLE_BUF_SIZE, GFP_KERNEL);
-		if (!s->sample_bufs[i])
-			return -ENOMEM;
-	}
-	for (i = 0; i < SENSOR_EVENT_BUFS; i++) {
-		s->event_bufs[i] = kzalloc(sizeof(*s->event_bufs[i]), GFP_KERNEL);
-		if (!s->event_bufs[i])
-			return -ENOMEM;
-	}
-	spin_lock_irqsave(&s->lock, flags);
-	n = min_t(unsigned int, SENSOR_SAMPLE_BUFS,
-		  virtqueue_get_vring_size(s->vqs[SENSOR_VQ_SAMPLES]));
-	for (i = 0; i < n && !err; i++)
-		err = sensor_post_sample_buf(s, s->sample_bufs[i]);
-	n = min_t(unsigned int, SENSOR_EVENT_BUFS,
-		  virtqueue_get_vring_size(s->vqs[SENSOR_VQ_EVENTS]));
-	for (i = 0; i < n && !err; i++)
-		err = sensor_post_event_buf(s, s->event_bufs[i]);
-	if (!err) {
-		virtqueue_kick(s->vqs[SENSOR_VQ_SAMPLES]);
-		virtqueue_kick(s->vqs[SENSOR_VQ_EVENTS]);
-	}
-	spin_unlock_irqrestore(&s->lock, flags);
-	return err;
-}
-
 /*
  * Stop everything: mark the device gone, wake every sleeper, then reset
  * the device (no more callbacks) and delete the queues.  The buffers stay
@@ -713,9 +837,8 @@ static void sensor_teardown(struct sensor_dev *s)
 	 */
 	complete_all(&s->ctrl_done);
 	wake_up_interruptible_poll(&s->wq, EPOLLHUP | EPOLLIN | EPOLLRDNORM);
-	mutex_lock(&s->ctrl_mutex);	/* no GET_INFO reading config mid-way */
-	virtio_reset_device(s->vdev);
-	s->vdev->config->del_vqs(s->vdev);
+	mutex_lock(&s->ctrl_mutex);	/* no GET_INFO or reset mid-way */
+	sensor_del_vqs(s);
 	mutex_unlock(&s->ctrl_mutex);
 }
 
@@ -767,14 +890,18 @@ static int sensor_probe(struct virtio_device *vdev)
 	s->devt = MKDEV(MAJOR(sensor_devt_base), minor);
 	snprintf(s->name, sizeof(s->name), "sensor%u", s->minor);
 
+	err = sensor_alloc_bufs(s);
+	if (err)
+		goto err_ida;
 	err = sensor_find_vqs(s);
 	if (err) {
 		dev_err(&vdev->dev, "cannot find virtqueues: %d\n", err);
 		goto err_ida;
 	}
+	s->have_vqs = true;
 	/* The device must be DRIVER_OK before we hand it buffers. */
 	virtio_device_ready(vdev);
-	err = sensor_fill(s);
+	err = sensor_post_all(s);
 	if (err) {
 		dev_err(&vdev->dev, "cannot post buffers: %d\n", err);
 		goto err_vqs;
@@ -822,6 +949,20 @@ err_free:
 	return err;
 }
 
+/*
+ * Called once probe() returned and the device is DRIVER_OK for sure: from
+ * now on SENSOR_IOC_RESET may reset it (before, the virtio core might set
+ * DRIVER_OK behind a reset in progress).
+ */
+static void sensor_scan(struct virtio_device *vdev)
+{
+	struct sensor_dev *s = vdev->priv;
+
+	mutex_lock(&s->ctrl_mutex);
+	s->ready = true;
+	mutex_unlock(&s->ctrl_mutex);
+}
+
 static void sensor_remove(struct virtio_device *vdev)
 {
 	struct sensor_dev *s = vdev->priv;
@@ -852,6 +993,7 @@ static struct virtio_driver sensor_driver = {
 	.driver.owner	= THIS_MODULE,
 	.id_table	= sensor_id_table,
 	.probe		= sensor_probe,
+	.scan		= sensor_scan,
 	.remove		= sensor_remove,
 };
 

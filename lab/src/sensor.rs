@@ -184,15 +184,18 @@ impl SensorBoot {
 }
 
 /// A sensor scenario of the guest programs (`sensor-stream`,
-/// `sensor-unbind`) with its arguments, as a scripted case: the host waits
-/// for its `VDEVLAB-READY` and the guest checks everything itself (every
+/// `sensor-unbind`, `sensor-reset`) with its arguments, as a scripted case:
+/// the host waits for its `VDEVLAB-READY`, then does `then` (e.g. a
+/// control request), and the guest checks everything itself (every
 /// sample's value, sequence and timestamp, the alarms, the errors).
-pub fn case(scenario: &str, args: &[&str]) -> StreamCase {
+pub fn case(scenario: &str, args: &[&str], then: Vec<HostStep>) -> StreamCase {
+    let mut steps = vec![HostStep::Ready(scenario.to_string())];
+    steps.extend(then);
     StreamCase::scripted(
         scenario,
         Script {
             args: args.iter().map(|a| a.to_string()).collect(),
-            steps: vec![HostStep::Ready(scenario.to_string())],
+            steps,
             ..Script::default()
         },
     )

@@ -14,6 +14,11 @@
 //!   sysfs: each must wake with `ENODEV` / `POLLHUP`; the open file still
 //!   answers `SENSOR_IOC_GET_STATS` (state REMOVED); after a rebind
 //!   `/dev/sensor0` works again.
+//! - `sensor-reset`: samples, then `VDEVLAB-READY sensor-reset`, and the
+//!   host declares the device broken (`needs_reset`): the program must see
+//!   NEEDS_RESET in the status within 10 s and no more samples, then
+//!   `SENSOR_IOC_RESET` brings the device back at power-on (stopped,
+//!   alarms off, the next sample is sequence 0 at time 0).
 //!
 //! Both print `VDEVLAB-READY <scenario>` after opening the device, and a
 //! result line that keeps every observation and lists every failed check.
@@ -27,7 +32,7 @@ use crate::marker;
 use crate::models::qwdev::{errno_name, last_errno, mask_name, poll_one, read_fd, Checked};
 
 /// The sensor scenarios.
-pub const SENSOR_SCENARIOS: &[&str] = &["sensor-stream", "sensor-unbind"];
+pub const SENSOR_SCENARIOS: &[&str] = &["sensor-stream", "sensor-unbind", "sensor-reset"];
 
 /// The driver's name: module, virtio driver and device class.
 pub const SENSOR_DRIVER: &str = "vdevlab_sensor";
@@ -35,6 +40,7 @@ pub const SENSOR_DRIVER: &str = "vdevlab_sensor";
 const fn ioc(dir: u64, nr: u8, size: usize) -> libc::c_ulong {
     ((dir << 30) | ((size as u64) << 16) | ((b'q' as u64) << 8) | nr as u64) as libc::c_ulong
 }
+const IOC_NONE: u64 = 0;
 const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 
@@ -52,10 +58,15 @@ pub const SENSOR_IOC_GET_INFO: libc::c_ulong =
 pub const SENSOR_IOC_GET_STATS: libc::c_ulong =
     ioc(IOC_READ, 0x54, std::mem::size_of::<SensorStats>());
 
+/// `SENSOR_IOC_RESET`: `_IO('q', 0x55)`.
+pub const SENSOR_IOC_RESET: libc::c_ulong = ioc(IOC_NONE, 0x55, 0);
+
 /// Alarm kinds and threshold mode bits.
 pub const ALARM_RISING: u32 = 1;
 /// See [`ALARM_RISING`].
 pub const ALARM_FALLING: u32 = 2;
+/// `sensor_info.status`: the device needs a reset.
+pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
 /// `sensor_info.status`: sampling (rate > 0).
 pub const STATUS_SAMPLING: u32 = 1 << 1;
 /// `sensor_stats.state`: removed.
@@ -155,12 +166,14 @@ pub struct SensorStats {
     pub pending: u64,
     /// State bits.
     pub state: u64,
+    /// Resets done through `SENSOR_IOC_RESET`.
+    pub resets: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<SensorSample>() == 16);
 const _: () = assert!(std::mem::size_of::<SensorAlarm>() == 24);
 const _: () = assert!(std::mem::size_of::<SensorInfo>() == 56);
-const _: () = assert!(std::mem::size_of::<SensorStats>() == 80);
+const _: () = assert!(std::mem::size_of::<SensorStats>() == 88);
 
 impl SensorStats {
     /// As one JSON object.
@@ -168,7 +181,7 @@ impl SensorStats {
         format!(
             "{{\"samples\":{},\"sample_buffers\":{},\"alarms\":{},\"samples_dropped\":{},\
              \"alarms_dropped\":{},\"ctrl_requests\":{},\"ctrl_errors\":{},\"errors\":{},\
-             \"pending\":{},\"state\":{}}}",
+             \"pending\":{},\"state\":{},\"resets\":{}}}",
             self.samples,
             self.sample_buffers,
             self.alarms,
@@ -178,7 +191,8 @@ impl SensorStats {
             self.ctrl_errors,
             self.errors,
             self.pending,
-            self.state
+            self.state,
+            self.resets
         )
     }
 }
@@ -796,6 +810,102 @@ pub fn unbind(o: &SensorOpts) -> Result<Checked, String> {
     Ok(c)
 }
 
+/// `sensor-reset` (see the module's documentation).
+pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
+    let file = open_device(&o.device, Access::Read, false)?;
+    let fd = file.as_raw_fd();
+    let mut c = Checked::new();
+    let info = get_info(fd)?;
+    let wave = Wave {
+        seed: info.seed,
+        amplitude: info.amplitude,
+        period: info.wave_period,
+        noise: info.noise,
+    };
+    let r = set_rate(fd, o.rate);
+    c.check(r.is_ok(), || {
+        format!("SET_RATE {}: {}", o.rate, outcome(&r))
+    });
+    let before = read_samples(fd, 4).map(|v| v.len());
+    c.report.text("read_before", &outcome(&before));
+    c.check(matches!(before, Ok(n) if n > 0), || {
+        format!("no sample before the fault: {}", outcome(&before))
+    });
+    marker(&format!("VDEVLAB-READY {}", o.scenario));
+
+    // The host declares the device broken: the status says so.
+    let t = Instant::now();
+    let mut seen = false;
+    while t.elapsed() < Duration::from_secs(10) {
+        if get_info(fd)?.status & STATUS_NEEDS_RESET != 0 {
+            seen = true;
+            break;
+        }
+        nap(Duration::from_millis(20));
+    }
+    c.report
+        .num("needs_reset_ms", t.elapsed().as_millis() as u64);
+    if !c.check(seen, || "no NEEDS_RESET in the status within 10 s".into()) {
+        return Ok(c);
+    }
+    // It serves nothing any more: drain what came before, then quiet.
+    nap(Duration::from_millis(200));
+    crate::common::set_fl(fd, libc::O_NONBLOCK, 0)?;
+    while matches!(read_samples(fd, 64), Ok(v) if !v.is_empty()) {}
+    let quiet = poll_one(fd, libc::POLLIN, 300)?;
+    c.report.text("poll_broken", &mask_name(quiet as u32));
+    c.check(quiet == 0, || {
+        format!(
+            "a device that needs a reset still delivers: {}",
+            mask_name(quiet as u32)
+        )
+    });
+
+    // SENSOR_IOC_RESET: back at power-on.
+    // SAFETY: the request takes no argument (0 is passed); `fd` is open.
+    let r = if unsafe { libc::ioctl(fd, SENSOR_IOC_RESET, 0 as libc::c_ulong) } < 0 {
+        Err(last_errno())
+    } else {
+        Ok(())
+    };
+    c.report.text("reset", &outcome(&r));
+    if !c.check(r.is_ok(), || format!("SENSOR_IOC_RESET: {}", outcome(&r))) {
+        return Ok(c);
+    }
+    let after = get_info(fd)?;
+    c.report.raw("info_reset", &info_json(&after));
+    c.check(
+        after.status == 0 && after.rate_hz == 0 && after.alarm_mode == 0,
+        || format!("after the reset the device is not at power-on: {after:?}"),
+    );
+    let stats = get_stats(fd)?;
+    c.report.raw("stats_reset", &stats.json());
+    c.check(stats.resets == 1 && stats.state == 0, || {
+        format!("driver state after the reset: {}", stats.json())
+    });
+    crate::common::set_fl(fd, 0, libc::O_NONBLOCK)?;
+    let r = set_rate(fd, o.rate);
+    c.check(r.is_ok(), || {
+        format!("SET_RATE after the reset: {}", outcome(&r))
+    });
+    match read_samples(fd, 4) {
+        Ok(v) => {
+            let first = v.first().copied().unwrap_or_default();
+            c.report.num("samples_after_reset", v.len() as u64);
+            c.check(
+                !v.is_empty()
+                    && first.seq == 0
+                    && first.timestamp_ns == 0
+                    && v.iter().all(|s| s.value == wave.value(s.seq)),
+                || format!("after the reset the samples are {v:?}, expected seq 0 at 0 ns on"),
+            );
+        }
+        Err(e) => c.fail(format!("read after the reset: {}", errno_name(e))),
+    }
+    let _ = set_rate(fd, 0);
+    Ok(c)
+}
+
 /// Run a sensor scenario from its arguments; `None` if `args` names none.
 pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
     let name = args.first()?;
@@ -804,6 +914,7 @@ pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
     }
     Some(parse(args).and_then(|o| match o.scenario.as_str() {
         "sensor-stream" => stream(&o),
+        "sensor-reset" => reset(&o),
         _ => unbind(&o),
     }))
 }
@@ -818,7 +929,8 @@ mod tests {
         assert_eq!(SENSOR_IOC_SET_THRESHOLD, 0x4008_7151);
         assert_eq!(SENSOR_IOC_GET_ALARM, 0x8018_7152);
         assert_eq!(SENSOR_IOC_GET_INFO, 0x8038_7153);
-        assert_eq!(SENSOR_IOC_GET_STATS, 0x8050_7154);
+        assert_eq!(SENSOR_IOC_GET_STATS, 0x8058_7154);
+        assert_eq!(SENSOR_IOC_RESET, 0x7155);
     }
 
     /// Pinned values: the device model's copy

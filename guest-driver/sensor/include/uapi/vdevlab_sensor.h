@@ -113,6 +113,7 @@ struct sensor_info {
  * @errors:          device bugs (bad used lengths) and failures to post
  * @pending:         samples received and not read yet
  * @state:           SENSOR_STATE_* bits
+ * @resets:          resets done through SENSOR_IOC_RESET
  */
 struct sensor_stats {
 	__u64 samples;
@@ -125,10 +126,12 @@ struct sensor_stats {
 	__u64 errors;
 	__u64 pending;
 	__u64 state;
+	__u64 resets;
 };
 
 /* struct sensor_stats.state bits */
 #define SENSOR_STATE_REMOVED	(1ULL << 0)	/* unplugged or unbound: ENODEV */
+#define SENSOR_STATE_STOPPED	(1ULL << 1)	/* a reset failed: control EIO */
 
 /*
  * 'q' 0x50-0x5f: free in Documentation/userspace-api/ioctl/ioctl-number.rst
@@ -146,5 +149,11 @@ struct sensor_stats {
 #define SENSOR_IOC_GET_INFO	_IOR(SENSOR_IOC_MAGIC, 0x53, struct sensor_info)
 /* Copy the driver's counters.  Works after removal too. */
 #define SENSOR_IOC_GET_STATS	_IOR(SENSOR_IOC_MAGIC, 0x54, struct sensor_stats)
+/*
+ * Reset the device: back to power-on (stopped, alarms off, sequence 0);
+ * samples and alarms not read yet are dropped.  The way out of
+ * SENSOR_STATUS_NEEDS_RESET.  EBUSY while probe is finishing.
+ */
+#define SENSOR_IOC_RESET	_IO(SENSOR_IOC_MAGIC, 0x55)
 
 #endif /* _UAPI_VDEVLAB_SENSOR_H */
