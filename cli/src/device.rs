@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use vdevlab_device::config;
 use vdevlab_device::control::{ControlClient, Request, Response};
+use vdevlab_device::faults::{Fault, QueueSel};
 use vdevlab_device::irq::IrqMode;
 use vdevlab_device::sources::{PatternStream, SourceConfig};
 
@@ -87,17 +88,52 @@ enum DeviceCmd {
     /// Show the config space as the driver reads it.
     Config,
     /// Inject a fault, e.g. '{"kind":"drop_interrupts","queue":"rx","count":2}'
-    /// (kinds: drop_interrupts, spurious_interrupts, stall, slow, corrupt_rx,
-    /// truncate_rx, clear; see docs/device-spec.md).
+    /// (kinds: drop_interrupts, spurious_interrupts, interrupt_storm, stall,
+    /// slow, corrupt_rx, truncate_rx, hostile_bogus_id, hostile_overlong,
+    /// hostile_index_jump, hostile_double_complete, clear; see
+    /// docs/device-spec.md).
     Fault {
         /// The fault, as JSON.
         json: String,
+    },
+    /// Hostile-device mode: break the virtio contract on the used ring on
+    /// purpose (an id never posted, a length larger than the buffer, a used
+    /// index jump, a completion twice), once or `--count` times.
+    Hostile {
+        /// The queue, by name (`rx`, `tx`), or `all`.
+        #[arg(long, default_value = "rx")]
+        queue: String,
+        /// How many completions to break (1: one-shot).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(subcommand)]
+        violation: HostileCmd,
     },
     /// Send a raw JSON request and print the raw reply.
     Raw {
         /// e.g. '{"op":"stats"}'
         json: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostileCmd {
+    /// Complete a buffer under an id the driver never made available.
+    BogusId,
+    /// Report a used length larger than the buffer.
+    Overlong {
+        /// Bytes beyond the buffer.
+        #[arg(long, default_value_t = 4096)]
+        by: u32,
+    },
+    /// Move the used index past the entries written.
+    IndexJump {
+        /// Entries skipped.
+        #[arg(long, default_value_t = 1)]
+        by: u16,
+    },
+    /// Put the same head on the used ring twice.
+    DoubleComplete,
 }
 
 #[derive(Debug, Subcommand)]
@@ -230,6 +266,21 @@ pub fn run(args: DeviceArgs) -> Result<bool> {
             fault: serde_json::from_str(&json)
                 .context("not a valid fault (see docs/device-spec.md, Faults)")?,
         },
+        DeviceCmd::Hostile {
+            queue,
+            count,
+            violation,
+        } => {
+            let queue = QueueSel(queue);
+            Request::Fault {
+                fault: match violation {
+                    HostileCmd::BogusId => Fault::HostileBogusId { queue, count },
+                    HostileCmd::Overlong { by } => Fault::HostileOverlong { queue, count, by },
+                    HostileCmd::IndexJump { by } => Fault::HostileIndexJump { queue, count, by },
+                    HostileCmd::DoubleComplete => Fault::HostileDoubleComplete { queue, count },
+                },
+            }
+        }
         DeviceCmd::Reset => Request::Reset {},
         DeviceCmd::NeedsReset => Request::NeedsReset {},
         DeviceCmd::Config => {

@@ -330,31 +330,37 @@ impl<D: VirtioDevice> Engine<D> {
                     ring_error = Some(virtio_queue::Error::InvalidDescriptorIndex);
                     break;
                 }
-                let (len, writable) = match validate(mem, chain, &spec) {
+                // (used length, buffer length for the hostile mode)
+                let (len, buffer) = match validate(mem, chain, &spec) {
                     Err(e) => {
                         core.refuse(&e);
                         (0, 0)
                     }
-                    Ok(c) => match self.device.handle_chain(queue, &c, core) {
-                        Outcome::Complete { used_len } => {
-                            (used_len.min(c.writable_len() as u32), c.writable_len())
+                    Ok(c) => {
+                        let buffer = c.readable_len() + c.writable_len();
+                        match self.device.handle_chain(queue, &c, core) {
+                            // Never report more than the device could have
+                            // written (a device bug must not reach the driver).
+                            Outcome::Complete { used_len } => {
+                                (used_len.min(c.writable_len() as u32), buffer)
+                            }
+                            Outcome::Defer => {
+                                iter.go_to_previous_position();
+                                break;
+                            }
+                            Outcome::Refuse(e) => {
+                                core.refuse(&e);
+                                (0, buffer)
+                            }
                         }
-                        Outcome::Defer => {
-                            iter.go_to_previous_position();
-                            break;
-                        }
-                        Outcome::Refuse(e) => {
-                            core.refuse(&e);
-                            (0, c.writable_len())
-                        }
-                    },
+                    }
                 };
-                completions.push((head, len, writable));
+                completions.push((head, len, buffer));
             }
         }
         let mut pass = Pass::default();
-        for (head, len, writable) in completions {
-            crate::hostile::complete(&mut self.core, queue, q, mem, head, len, writable)
+        for (head, len, buffer) in completions {
+            crate::hostile::complete(&mut self.core, queue, q, mem, head, len, buffer)
                 .inspect_err(|_| self.core.queue_error())?;
             pass.completed += 1;
             pass.bytes += u64::from(len);

@@ -82,8 +82,78 @@ pub enum Fault {
         /// How many buffers.
         count: u32,
     },
+    /// Hostile mode: complete the next `count` buffers of the queue under
+    /// an id the driver never made available (a descriptor index that is not
+    /// a posted head, or the queue size when every index is one). The real
+    /// head is never returned.
+    HostileBogusId {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many completions (default 1: one-shot).
+        #[serde(default = "one")]
+        count: u32,
+    },
+    /// Hostile mode: report a used length `by` bytes larger than the whole
+    /// buffer (readable plus writable) for the next `count` completions.
+    HostileOverlong {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many completions (default 1).
+        #[serde(default = "one")]
+        count: u32,
+        /// Bytes beyond the buffer (default 4096; 1..=1 MiB).
+        #[serde(default = "default_overlong_by")]
+        by: u32,
+    },
+    /// Hostile mode: after each of the next `count` completions, move the
+    /// used index `by` entries past the entries written (the skipped slots
+    /// hold whatever was there), and keep counting from there.
+    HostileIndexJump {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many jumps (default 1).
+        #[serde(default = "one")]
+        count: u32,
+        /// Entries skipped per jump (default 1; 1..=32768).
+        #[serde(default = "one_u16")]
+        by: u16,
+    },
+    /// Hostile mode: complete each of the next `count` buffers twice (two
+    /// used entries with the same head).
+    HostileDoubleComplete {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many buffers (default 1).
+        #[serde(default = "one")]
+        count: u32,
+    },
     /// Cancel every pending fault and stall, and full speed again.
     Clear {},
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn one_u16() -> u16 {
+    1
+}
+
+fn default_overlong_by() -> u32 {
+    4096
+}
+
+/// The hostile-mode violations armed on one queue (counts left).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HostileArms {
+    /// Completions left to send under a bogus id.
+    pub bogus_id: u32,
+    /// Completions left with an overlong used length, and by how much.
+    pub overlong: (u32, u32),
+    /// Index jumps left, and by how much.
+    pub index_jump: (u32, u16),
+    /// Buffers left to complete twice.
+    pub double_complete: u32,
 }
 
 const MAX_STALL_MS: u64 = 60_000;
@@ -98,6 +168,7 @@ pub struct FaultState {
     /// Storms not yet started by the transport: (period, until).
     storm_start: Vec<Option<(Duration, Instant)>>,
     storm_until: Vec<Option<Instant>>,
+    hostile: Vec<HostileArms>,
     slow: Duration,
     corrupt: u32,
     truncate: u32,
@@ -111,7 +182,11 @@ impl Fault {
             Fault::DropInterrupts { queue, .. }
             | Fault::SpuriousInterrupts { queue, .. }
             | Fault::InterruptStorm { queue, .. }
-            | Fault::Stall { queue, .. } => Some(queue),
+            | Fault::Stall { queue, .. }
+            | Fault::HostileBogusId { queue, .. }
+            | Fault::HostileOverlong { queue, .. }
+            | Fault::HostileIndexJump { queue, .. }
+            | Fault::HostileDoubleComplete { queue, .. } => Some(queue),
             _ => None,
         }
     }
@@ -126,6 +201,7 @@ impl FaultState {
             stall_until: vec![None; queues],
             storm_start: vec![None; queues],
             storm_until: vec![None; queues],
+            hostile: vec![HostileArms::default(); queues],
             ..Self::default()
         }
     }
@@ -195,6 +271,40 @@ impl FaultState {
                 self.rng = seed | 1;
             }
             Fault::TruncateRx { count } => self.truncate = self.truncate.saturating_add(count),
+            Fault::HostileBogusId { count, .. } => {
+                for &q in queues {
+                    let a = &mut self.hostile[q as usize];
+                    a.bogus_id = a.bogus_id.saturating_add(count);
+                }
+            }
+            Fault::HostileOverlong { count, by, .. } => {
+                if by == 0 || by > 1 << 20 {
+                    return Err(format!(
+                        "hostile_overlong: by must be 1..=1048576, not {by}"
+                    ));
+                }
+                for &q in queues {
+                    let a = &mut self.hostile[q as usize];
+                    a.overlong = (a.overlong.0.saturating_add(count), by);
+                }
+            }
+            Fault::HostileIndexJump { count, by, .. } => {
+                if by == 0 || by > 0x8000 {
+                    return Err(format!(
+                        "hostile_index_jump: by must be 1..=32768, not {by}"
+                    ));
+                }
+                for &q in queues {
+                    let a = &mut self.hostile[q as usize];
+                    a.index_jump = (a.index_jump.0.saturating_add(count), by);
+                }
+            }
+            Fault::HostileDoubleComplete { count, .. } => {
+                for &q in queues {
+                    let a = &mut self.hostile[q as usize];
+                    a.double_complete = a.double_complete.saturating_add(count);
+                }
+            }
             Fault::Clear {} => *self = FaultState::new(self.drop_irqs.len()),
         }
         Ok(())
@@ -279,6 +389,11 @@ impl FaultState {
             cut = data.len() - data.len() / 2;
         }
         (corrupted, cut)
+    }
+
+    /// The hostile-mode violations armed on `queue` (to consume them).
+    pub fn hostile_mut(&mut self, queue: u16) -> Option<&mut HostileArms> {
+        self.hostile.get_mut(queue as usize)
     }
 
     /// Whether a receive buffer needs [`FaultState::damage_rx`].

@@ -1042,3 +1042,156 @@ fn fault_interrupt_storm_runs_at_its_rate_then_stops() {
     assert_eq!(ctl.stats().spurious_interrupts, during, "the storm ended");
     assert_eq!(vmm.used_idx(RX), 0);
 }
+
+// Hostile-device mode: what each contract violation puts on the used ring.
+
+#[test]
+fn hostile_bogus_id_completes_under_an_id_never_posted() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    fault(&mut ctl, r#"{"kind":"hostile_bogus_id","queue":"rx"}"#);
+    let h0 = vmm.post_rx(&[(GOOD, 8)]);
+    let h1 = vmm.post_rx(&[(GOOD2, 8)]);
+    vmm.kick(RX);
+    ctl.inject(b"0123456789abcdef");
+    assert!(vmm.wait_used(RX, 2));
+    let (id, len) = vmm.used_elem(RX, 0);
+    assert_eq!(len, 8);
+    assert!(
+        id != u32::from(h0) && id != u32::from(h1),
+        "id {id} was posted (heads {h0}, {h1})"
+    );
+    assert!(id <= u32::from(QUEUE_SIZE));
+    assert_eq!(
+        vmm.used_elem(RX, 1),
+        (u32::from(h1), 8),
+        "one-shot: the next completion is honest"
+    );
+    assert_eq!(vmm.used_idx(RX), 2);
+    assert_eq!(ctl.stats().hostile_bogus_ids, 1);
+}
+
+#[test]
+fn hostile_overlong_reports_more_than_the_buffer_on_rx_and_tx() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    fault(
+        &mut ctl,
+        r#"{"kind":"hostile_overlong","queue":"rx","count":2,"by":100}"#,
+    );
+    fault(&mut ctl, r#"{"kind":"hostile_overlong","queue":"tx"}"#);
+    let h0 = vmm.post_rx(&[(GOOD, 8)]);
+    let h1 = vmm.post_rx(&[(GOOD2, 8)]);
+    let h2 = vmm.post_rx(&[(GOOD2 + 0x100, 8)]);
+    vmm.kick(RX);
+    ctl.inject(&[7u8; 24]);
+    assert!(vmm.wait_used(RX, 3));
+    assert_eq!(
+        vmm.used_elems(RX, 0, 3),
+        [
+            (u32::from(h0), 108),
+            (u32::from(h1), 108),
+            (u32::from(h2), 8)
+        ],
+        "two overlong completions, then an honest one"
+    );
+    let t = vmm.post_tx(GOOD2 + 0x200, b"hello");
+    vmm.kick(TX);
+    assert!(vmm.wait_used(TX, 1));
+    assert_eq!(
+        vmm.used_elem(TX, 0),
+        (u32::from(t), 5 + 4096),
+        "a transmit buffer used with its length plus 4096"
+    );
+    assert_eq!(ctl.capture(None), b"hello", "the data itself is intact");
+    assert_eq!(ctl.stats().hostile_overlong, 3);
+}
+
+#[test]
+fn hostile_index_jump_moves_the_used_index_past_the_entries() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    fault(
+        &mut ctl,
+        r#"{"kind":"hostile_index_jump","queue":"rx","by":3}"#,
+    );
+    let h0 = vmm.post_rx(&[(GOOD, 8)]);
+    vmm.kick(RX);
+    ctl.inject(PAYLOAD);
+    assert!(vmm.wait_used(RX, 4));
+    assert_eq!(vmm.used_idx(RX), 4, "one entry written, index 3 further");
+    assert_eq!(vmm.used_elem(RX, 0), (u32::from(h0), 8));
+    assert_eq!(
+        vmm.used_elems(RX, 1, 4),
+        [(0, 0); 3],
+        "the skipped slots are what was there"
+    );
+    let h1 = vmm.post_rx(&[(GOOD2, 8)]);
+    vmm.kick(RX);
+    ctl.inject(PAYLOAD);
+    assert!(vmm.wait_used(RX, 5));
+    assert_eq!(
+        vmm.used_elem(RX, 4),
+        (u32::from(h1), 8),
+        "the device goes on after the jump"
+    );
+    assert_eq!(vmm.used_idx(RX), 5);
+    assert_eq!(ctl.stats().hostile_index_jumps, 1);
+}
+
+#[test]
+fn hostile_double_complete_uses_the_same_head_twice_n_times() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    fault(
+        &mut ctl,
+        r#"{"kind":"hostile_double_complete","queue":"all","count":2}"#,
+    );
+    let h0 = vmm.post_rx(&[(GOOD, 8)]);
+    let h1 = vmm.post_rx(&[(GOOD2, 8)]);
+    let h2 = vmm.post_rx(&[(GOOD2 + 0x100, 8)]);
+    vmm.kick(RX);
+    ctl.inject(&[1u8; 24]);
+    assert!(vmm.wait_used(RX, 5));
+    let (a, b, c) = (u32::from(h0), u32::from(h1), u32::from(h2));
+    assert_eq!(
+        vmm.used_elems(RX, 0, 5),
+        [(a, 8), (a, 8), (b, 8), (b, 8), (c, 8)]
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(vmm.used_idx(RX), 5, "count 2: the third buffer is honest");
+    let t = vmm.post_tx(GOOD2 + 0x200, b"x");
+    vmm.kick(TX);
+    assert!(vmm.wait_used(TX, 2));
+    assert_eq!(vmm.used_elems(TX, 0, 2), [(u32::from(t), 0); 2]);
+    assert_eq!(ctl.stats().hostile_double_completions, 3);
+}
+
+#[test]
+fn hostile_faults_with_bad_parameters_are_refused_and_clear_disarms() {
+    let dev = Device::spawn(&[]);
+    let mut ctl = dev.control();
+    let mut vmm = dev.connect(Options::default());
+    let resp = ctl.raw(r#"{"op":"fault","fault":{"kind":"hostile_overlong","queue":"rx","by":0}}"#);
+    assert!(!resp.ok && resp.error.unwrap().contains("by"));
+    let resp =
+        ctl.raw(r#"{"op":"fault","fault":{"kind":"hostile_index_jump","queue":"rx","by":40000}}"#);
+    assert!(!resp.ok && resp.error.unwrap().contains("by"));
+    let resp = ctl.raw(r#"{"op":"fault","fault":{"kind":"hostile_bogus_id","queue":"middle"}}"#);
+    assert!(!resp.ok && resp.error.unwrap().contains("rx, tx or all"));
+    fault(
+        &mut ctl,
+        r#"{"kind":"hostile_double_complete","queue":"rx"}"#,
+    );
+    fault(&mut ctl, r#"{"kind":"clear"}"#);
+    let h = vmm.post_rx(&[(GOOD, 8)]);
+    vmm.kick(RX);
+    ctl.inject(PAYLOAD);
+    assert!(vmm.wait_used(RX, 1));
+    std::thread::sleep(SETTLE);
+    assert_eq!(vmm.all_used(RX), [(u32::from(h), 8)]);
+}
