@@ -267,7 +267,10 @@ impl<D: VirtioDevice> CoreBackend<D> {
             self.device().core.counters_mut().interrupts_dropped += 1;
             return Ok(());
         }
-        if self.driver_wants_interrupt(state)? {
+        // Always ask (it keeps the suppression bookkeeping in step); a
+        // hostile index jump signals whatever the answer.
+        let wants = self.driver_wants_interrupt(state)?;
+        if wants || self.device().core.faults_mut().take_forced_signal(queue) {
             if let Err(e) = state.signal_used_queue() {
                 warn!(queue, error = %e, "could not signal the used queue");
             }

@@ -169,6 +169,8 @@ pub struct FaultState {
     storm_start: Vec<Option<(Duration, Instant)>>,
     storm_until: Vec<Option<Instant>>,
     hostile: Vec<HostileArms>,
+    /// Queues whose next interrupt goes out whatever the driver asked.
+    hostile_signal: Vec<bool>,
     slow: Duration,
     corrupt: u32,
     truncate: u32,
@@ -202,6 +204,7 @@ impl FaultState {
             storm_start: vec![None; queues],
             storm_until: vec![None; queues],
             hostile: vec![HostileArms::default(); queues],
+            hostile_signal: vec![false; queues],
             ..Self::default()
         }
     }
@@ -394,6 +397,23 @@ impl FaultState {
     /// The hostile-mode violations armed on `queue` (to consume them).
     pub fn hostile_mut(&mut self, queue: u16) -> Option<&mut HostileArms> {
         self.hostile.get_mut(queue as usize)
+    }
+
+    /// Raise `queue`'s next interrupt even if the driver suppressed it:
+    /// after a used-index jump the transport's suppression bookkeeping
+    /// (which counts entries added) no longer matches the index, and a
+    /// hostile device does not ask anyway.
+    pub fn force_next_signal(&mut self, queue: u16) {
+        if let Some(f) = self.hostile_signal.get_mut(queue as usize) {
+            *f = true;
+        }
+    }
+
+    /// Whether `queue`'s next interrupt is forced (consumes it).
+    pub fn take_forced_signal(&mut self, queue: u16) -> bool {
+        self.hostile_signal
+            .get_mut(queue as usize)
+            .is_some_and(std::mem::take)
     }
 
     /// Whether a receive buffer needs [`FaultState::damage_rx`].

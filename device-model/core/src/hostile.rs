@@ -15,7 +15,9 @@
 //!   `h` is never returned.
 //! - overlong: one entry `(h, b + by)`.
 //! - index jump: the entry `(h, len)`, then `used->idx` moves `by` further
-//!   than the entries written; the device then goes on from there.
+//!   than the entries written; the device then goes on from there, and
+//!   raises the next interrupt even if the driver's `used_event` says not
+//!   to (the suppression check counts entries added, which a jump skips).
 //! - double completion: two entries `(h, len)`.
 //!
 //! Each is counted (`hostile_*` counters) and logged at warning level.
@@ -120,6 +122,7 @@ pub(crate) fn complete(
             "hostile: used index jumps past the entries written"
         );
         core.counters_mut().hostile_index_jumps += 1;
+        core.faults_mut().force_next_signal(queue);
         q.set_next_used(next);
         store_used_idx(q, mem, next)?;
     }
