@@ -54,9 +54,9 @@ pub enum Outcome {
 /// - **config space**: [`config_space`](Self::config_space) renders it
 ///   (the core windows the reads); [`write_config`](Self::write_config)
 ///   takes the driver's writes (read-only by default).
-/// - **host control**: requests the core does not know (`ping`, `stats`,
-///   `interrupt_mode`, `reset`, `needs_reset`, `config`, `fault`,
-///   `hostile`) go to [`control`](Self::control).
+/// - **host control**: the core answers `ping`, `stats`, `interrupt_mode`,
+///   `reset`, `needs_reset`, `config` and `fault` (faults and hostile mode
+///   included); every other request goes to [`control`](Self::control).
 /// - **counters**: [`counters`](Self::counters) are merged with the core's
 ///   in the `stats` reply.
 ///

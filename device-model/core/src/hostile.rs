@@ -82,10 +82,12 @@ pub(crate) fn complete(
         );
         core.counters_mut().hostile_bogus_ids += 1;
         // add_used refuses an id >= the queue size; write the entry and the
-        // index by hand then, as a broken device would.
+        // index by hand then, as a broken device would (and signal: the
+        // suppression check does not count that entry).
         return if id < q.size() {
             q.add_used(mem, id, len)
         } else {
+            core.faults_mut().force_next_signal(queue);
             raw_add_used(q, mem, id, len)
         };
     }
