@@ -746,10 +746,11 @@ static bool qw_rx_recycle_locked(struct qw_dev *qw, struct qw_rx_buf *buf)
  * rx callback and, after a reset, from qw_del_vqs().  The callback passes
  * its own @vq because it may run before qw->rx_vq is assigned.
  * Returns the number of buffers with data; *kick is set if any buffer was
- * reposted.
+ * reposted, *bad if the device broke the virtio contract.
  */
 static unsigned int qw_rx_harvest_locked(struct qw_dev *qw,
-					 struct virtqueue *vq, bool *kick)
+					 struct virtqueue *vq, bool *kick,
+					 bool *bad)
 {
 	struct qw_rx_buf *buf;
 	unsigned int len, filled = 0;
@@ -768,11 +769,20 @@ static unsigned int qw_rx_harvest_locked(struct qw_dev *qw,
 			continue;
 		}
 		if (unlikely(len > QW_RX_BUF_SIZE)) {
-			/* Device bug; never trust a length past our buffer. */
-			pr_warn_ratelimited("%s: rx: used length %u exceeds buffer size %lu\n",
+			/*
+			 * The device claims more than the buffer holds.  The
+			 * virtio core does not check used lengths, and the
+			 * bytes past what the device really wrote are stale
+			 * kernel memory (kmalloc, not zeroed): clamping would
+			 * hand them to userspace.  Drop the buffer and ask
+			 * for a reset instead.
+			 */
+			pr_warn_ratelimited("%s: rx: used length %u exceeds buffer size %lu, buffer dropped\n",
 					    qw->name, len, QW_RX_BUF_SIZE);
 			atomic64_inc(&qw->errors);
-			len = QW_RX_BUF_SIZE;
+			qw_rx_buf_free(buf);
+			*bad = true;
+			continue;
 		}
 		buf->len = len;
 		buf->offset = 0;
@@ -799,11 +809,19 @@ static void qw_rx_done(struct virtqueue *vq)
 	struct qw_dev *qw = vq->vdev->priv;
 	unsigned long flags;
 	unsigned int filled;
-	bool kick = false, starved = false;
+	bool kick = false, starved = false, bad = false;
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
 	atomic64_inc(&qw->rx_interrupts);
-	filled = qw_rx_harvest_locked(qw, vq, &kick);
+	filled = qw_rx_harvest_locked(qw, vq, &kick, &bad);
+	/*
+	 * The virtio core marks the vq broken when the device names a used
+	 * id that is out of range or not a posted head (BAD_RING); from then
+	 * on it returns no buffer and no further callback comes, so a reader
+	 * would wait forever.  Only while live: a stop in progress is not a
+	 * device fault.
+	 */
+	bad = (bad || virtqueue_is_broken(vq)) && qw->live;
 	if (kick)
 		virtqueue_kick(vq);
 	if (filled && !qw->rx_posted && !qw->rx_starved) {
@@ -821,6 +839,8 @@ static void qw_rx_done(struct virtqueue *vq)
 		atomic64_inc(&qw->overruns);
 		pr_debug("%s: rx: overrun, no buffer left posted\n", qw->name);
 	}
+	if (bad)
+		qw_mark_broken(qw);
 	if (filled) {
 		wake_up_interruptible_poll(&qw->rx_wq, EPOLLIN | EPOLLRDNORM);
 		kill_fasync(&qw->fasync, SIGIO, POLL_IN);
@@ -1037,6 +1057,10 @@ static unsigned int qw_tx_reclaim_locked(struct qw_dev *qw,
 
 	lockdep_assert_held(&qw->tx_lock);
 
+	/*
+	 * The used length of a tx buffer means nothing (the device writes
+	 * nothing into it), so a hostile one cannot hurt: it is only logged.
+	 */
 	while ((data = virtqueue_get_buf(vq, &len))) {
 		pr_debug("%s: tx: buffer %p returned (used len %u)\n",
 			 qw->name, data, len);
@@ -1057,12 +1081,17 @@ static void qw_tx_done(struct virtqueue *vq)
 	struct qw_dev *qw = vq->vdev->priv;
 	unsigned long flags;
 	unsigned int n;
+	bool bad;
 
 	spin_lock_irqsave(&qw->tx_lock, flags);
 	atomic64_inc(&qw->tx_interrupts);
 	n = qw_tx_reclaim_locked(qw, vq);
+	/* A broken vq (BAD_RING) completes nothing more: see qw_rx_done(). */
+	bad = virtqueue_is_broken(vq) && qw->live;
 	spin_unlock_irqrestore(&qw->tx_lock, flags);
 
+	if (bad)
+		qw_mark_broken(qw);
 	if (n) {
 		wake_up_interruptible_poll(&qw->tx_wq, EPOLLOUT | EPOLLWRNORM);
 		kill_fasync(&qw->fasync, SIGIO, POLL_OUT);
@@ -1570,7 +1599,7 @@ static void qw_del_vqs(struct qw_dev *qw)
 	struct virtio_device *vdev = qw->vdev;
 	struct qw_rx_buf *buf;
 	unsigned long flags;
-	bool kick = false;
+	bool kick = false, bad = false;
 	void *data;
 
 	virtio_reset_device(vdev);
@@ -1578,8 +1607,11 @@ static void qw_del_vqs(struct qw_dev *qw)
 		return;
 
 	spin_lock_irqsave(&qw->rx_lock, flags);
-	/* Keep what the device delivered before the reset. */
-	qw_rx_harvest_locked(qw, qw->rx_vq, &kick);
+	/*
+	 * Keep what the device delivered before the reset.  A contract
+	 * violation found now needs no action: the device is being reset.
+	 */
+	qw_rx_harvest_locked(qw, qw->rx_vq, &kick, &bad);
 	while ((buf = virtqueue_detach_unused_buf(qw->rx_vq)))
 		qw_rx_buf_free(buf);
 	qw->rx_posted = 0;
