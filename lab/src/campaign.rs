@@ -80,6 +80,11 @@ pub struct FaultScenario {
     /// Part of the fast subset that CI runs on every change.
     #[serde(default)]
     pub fast: bool,
+    /// Run in a boot of its own (after the shared boot): for faults that
+    /// leave the driver's device broken until it is reset, such as the
+    /// hostile-device mode.
+    #[serde(default)]
+    pub own_boot: bool,
     /// The guest program (a receive scenario, `*-rx`).
     pub guest: String,
     /// Stream length.
@@ -292,22 +297,43 @@ pub fn run_against(
 ) -> Result<Vec<Verdict>> {
     let built = driver.map(|p| p.build(kernel)).transpose()?;
     let dev = driver.and_then(|p| p.manifest.driver.dev.clone());
-    let cases: Vec<StreamCase> = scenarios
-        .iter()
-        .map(|s| {
-            s.script().map(|mut script| {
-                if let Some(dev) = &dev {
-                    script.args.extend(["--device".to_string(), dev.clone()]);
-                }
-                StreamCase::scripted(&s.guest, script)
-            })
+    let case = |s: &FaultScenario| {
+        s.script().map(|mut script| {
+            if let Some(dev) = &dev {
+                script.args.extend(["--device".to_string(), dev.clone()]);
+            }
+            StreamCase::scripted(&s.guest, script)
         })
-        .collect::<Result<_>>()?;
-    let outs = run_streams_tuned(lab, kernel, Vmm::Qemu, Accel::Tcg, &cases, |spec| {
-        if let (Some(p), Some(b)) = (driver, &built) {
-            p.tune(spec, b);
+    };
+    let boot = |cases: &[StreamCase]| {
+        run_streams_tuned(lab, kernel, Vmm::Qemu, Accel::Tcg, cases, |spec| {
+            if let (Some(p), Some(b)) = (driver, &built) {
+                p.tune(spec, b);
+            }
+        })
+    };
+    // The scenarios that share a boot run first, in order; then each
+    // `own_boot` one in a fresh guest.
+    let mut outs: Vec<Option<Outcome>> = vec![None; scenarios.len()];
+    let shared: Vec<usize> = (0..scenarios.len())
+        .filter(|&i| !scenarios[i].own_boot)
+        .collect();
+    if !shared.is_empty() {
+        let cases: Vec<StreamCase> = shared
+            .iter()
+            .map(|&i| case(&scenarios[i]))
+            .collect::<Result<_>>()?;
+        for (&i, o) in shared.iter().zip(boot(&cases)?) {
+            outs[i] = Some(o);
         }
-    })?;
+    }
+    for (i, s) in scenarios.iter().enumerate().filter(|(_, s)| s.own_boot) {
+        outs[i] = boot(&[case(s)?])?.into_iter().next();
+    }
+    let outs: Vec<Outcome> = outs
+        .into_iter()
+        .map(|o| o.context("a scenario produced no outcome"))
+        .collect::<Result<_>>()?;
     let verdicts: Vec<Verdict> = scenarios
         .iter()
         .zip(&outs)
