@@ -417,3 +417,60 @@ fn waveform_control_request() {
         assert_eq!(s.value, w.value(s.seq));
     }
 }
+
+/// The framework's generic faults and interrupt modes work on the sensor's
+/// queues by name: a corrupted sample buffer (one byte inverted), lost
+/// interrupts, coalesced interrupts, and an error naming the queues there
+/// are for a queue there is not.
+#[test]
+fn core_faults_and_interrupt_modes_apply_to_the_sensor_queues() {
+    let dev = Device::spawn(&WAVE_ARGS);
+    let mut vmm = dev.connect();
+    let mut ctl = dev.control();
+    let err = ctl
+        .err(json!({"op": "fault", "fault": {"kind": "stall", "queue": "rx", "duration_ms": 10}}));
+    assert!(
+        err.contains("samples") && err.contains("events") && err.contains("ctrl"),
+        "{err}"
+    );
+    ctl.ok(json!({"op": "fault", "fault": {"kind": "corrupt_rx", "count": 1, "seed": 3}}));
+    ctl.ok(json!({"op": "fault", "fault": {"kind": "drop_interrupts", "queue": "samples", "count": 3}}));
+    let mut col = Collector::start(&mut vmm, SAMPLES, 16, 64);
+    vmm.take_calls(SAMPLES);
+    vmm.set_rate(1000);
+    assert!(col.until(&mut vmm, TIMEOUT, |c| c.records(16).len() >= 40));
+    // Exactly one byte of everything received differs from the record the
+    // device should have sent, and it is inverted.
+    let mut diffs = Vec::new();
+    for (i, (_, rec)) in col.records(16).iter().enumerate() {
+        let want = Sample {
+            timestamp_ns: i as u64 * 1_000_000,
+            seq: i as u32,
+            value: wave().value(i as u32),
+        }
+        .to_bytes();
+        for (k, (a, b)) in rec.iter().zip(want.iter()).enumerate() {
+            if a != b {
+                diffs.push((i, k, *a, *b));
+            }
+        }
+    }
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert_eq!(diffs[0].2, !diffs[0].3, "the byte is inverted");
+    let st = ctl.stats();
+    assert_eq!(st["corrupted_buffers"], 1);
+    assert_eq!(st["interrupts_dropped"], 3);
+    // Coalesced: at most one interrupt per 4 buffers (or 50 ms).
+    ctl.ok(json!({"op": "interrupt_mode", "queue": "samples",
+        "irq": {"mode": "coalesce", "count": 4, "usecs": 50000}}));
+    vmm.take_calls(SAMPLES);
+    let n = col.got.len();
+    assert!(col.until(&mut vmm, TIMEOUT, |c| c.got.len() >= n + 40));
+    let buffers = (col.got.len() - n) as u64;
+    let calls = vmm.take_calls(SAMPLES);
+    assert!(
+        calls * 2 <= buffers,
+        "{calls} interrupts for {buffers} buffers under coalesce 4"
+    );
+    vmm.set_rate(0);
+}
