@@ -50,10 +50,13 @@ fn sensor_scenarios(kernel: &str) {
         sensor::case(
             "sensor-stream",
             &[
+                // Modest rates: samples are lost (and the run fails) only
+                // if the guest stalls for seconds, even on a loaded CI
+                // machine running two TCG guests.
                 "--rate",
-                "500",
-                "--rate2",
                 "250",
+                "--rate2",
+                "125",
                 "--samples",
                 "300",
                 "--samples2",
