@@ -258,3 +258,40 @@ fn interactive_lab_shell_and_control_plane() {
         .expect("the session is recorded");
     assert_eq!(rec.result, Verdict::Pass, "{rec:?}");
 }
+
+/// `vdevlab new device NAME` makes a project that builds and passes as
+/// generated: the device's unit tests, then device, driver and scenarios
+/// in a real guest (`vdevlab user-test`).
+#[test]
+fn scaffolded_device_builds_and_passes() {
+    lab();
+    let tmp = std::env::temp_dir().join(format!("vdevlab-scaffold-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (code, out) = run(vdevlab_command()
+        .args(["new", "device", "scaff", "--dir"])
+        .arg(&tmp));
+    assert_eq!(code, 0, "vdevlab new failed:\n{out}");
+    let project = tmp.join("scaff");
+    // The device's build is kept between runs (it is the slow part: the
+    // framework and its crates), beside the lab's own.
+    let shared = vdevlab_lab::env::target_dir().join("scaffold-device-target");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(&shared, project.join("device/target")).unwrap();
+    let (code, out) = run(
+        Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+            .args(["test", "--manifest-path"])
+            .arg(project.join("device/Cargo.toml"))
+            .env_remove("CARGO_TARGET_DIR"),
+    );
+    assert_eq!(code, 0, "the generated device's unit tests failed:\n{out}");
+    assert!(out.contains("test result: ok. 5 passed"), "{out}");
+    let (code, out) = run(vdevlab_command().args(["user-test"]).arg(&project));
+    assert_eq!(code, 0, "the generated project failed in the lab:\n{out}");
+    let rep = report(&runs_dir().join("user/scaff/report-trixie.json"));
+    let s = rep["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = s.iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, ["write-to-host", "host-to-reader", "counters"]);
+    assert!(s.iter().all(|v| v["pass"] == true), "{rep:#}");
+    std::fs::remove_dir_all(&tmp).ok();
+}

@@ -224,7 +224,16 @@ pub fn run(args: DeviceArgs) -> Result<bool> {
             }
             return Ok(true);
         }
-        DeviceCmd::Stats => Request::Stats {},
+        // Any device on the framework answers these; its own counters and
+        // fields are shown as they come.
+        DeviceCmd::Stats => {
+            let resp: serde_json::Value = ctl.core().call(&serde_json::json!({"op": "stats"}))?;
+            if resp["ok"] != true {
+                bail!("the device refused: {}", resp["error"]);
+            }
+            say!("{}", serde_json::to_string_pretty(&resp)?);
+            return Ok(true);
+        }
         DeviceCmd::Irq { queue, mode } => Request::InterruptMode {
             queue: format!("{queue:?}").to_lowercase(),
             irq: match mode {
@@ -290,11 +299,11 @@ pub fn run(args: DeviceArgs) -> Result<bool> {
             return Ok(true);
         }
         DeviceCmd::Raw { json } => {
-            let req: Request =
-                serde_json::from_str(&json).context("not a valid control request")?;
-            let resp = ctl.request(&req)?;
+            let req: serde_json::Value =
+                serde_json::from_str(&json).context("not a valid control request (JSON)")?;
+            let resp: serde_json::Value = ctl.core().call(&req)?;
             say!("{}", serde_json::to_string(&resp)?);
-            return Ok(resp.ok);
+            return Ok(resp["ok"] == true);
         }
     };
     let resp = checked(ctl.request(&req)?)?;

@@ -9,7 +9,8 @@
 //! - `vdevlab bench`: latency and throughput per I/O model against the
 //!   virtio-serial baseline and a host-pipe floor, in one run;
 //! - `vdevlab user-test DIR`: a user's own driver and scenarios;
-//! - `vdevlab up`: a shell in a booted guest with the device and driver.
+//! - `vdevlab up`: a shell in a booted guest with the device and driver;
+//! - `vdevlab new device NAME`: scaffold a device, its driver and tests.
 
 use std::process::{Command, ExitCode};
 
@@ -19,6 +20,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod device;
 mod faults;
+mod new;
 mod up;
 mod user;
 use vdevlab_lab::record::runs_file;
@@ -72,6 +74,9 @@ enum Cmd {
     /// a shell on its console; the control plane stays open to other
     /// terminals (`vdevlab device -c ...`).
     Up(up::UpArgs),
+    /// Scaffold a project: `vdevlab new device NAME` makes a device model on
+    /// the framework, its driver and passing scenarios.
+    New(new::NewArgs),
 }
 
 fn demo(bytes: usize, seed: u64) -> Result<bool> {
@@ -183,6 +188,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(args),
         Cmd::UserTest(args) => user::run(args),
         Cmd::Up(args) => up::run(args),
+        Cmd::New(args) => new::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
