@@ -64,6 +64,10 @@ impl EventIds {
     fn storm_timer(self) -> u16 {
         self.stall_timer() + self.queues
     }
+    /// The device's own host-side I/O ([`VirtioDevice::io_fd`]).
+    fn io(self) -> u16 {
+        self.storm_timer() + self.queues
+    }
 }
 
 /// A device as a vhost-user backend.
@@ -225,6 +229,12 @@ impl<D: VirtioDevice> CoreBackend<D> {
         Ok(())
     }
 
+    fn after_pass(&self, queue: u16) -> bool {
+        let mut eng = self.device();
+        let eng = &mut *eng;
+        eng.device.after_pass(queue, &mut eng.core)
+    }
+
     fn is_broken(&self, queue: u16) -> bool {
         self.broken
             .get(queue as usize)
@@ -329,7 +339,13 @@ impl<D: VirtioDevice> CoreBackend<D> {
         let Some(vring) = vrings.get(queue as usize) else {
             return;
         };
-        if let Err(e) = self.process_queue(queue, vring) {
+        let mut result = self.process_queue(queue, vring);
+        // The device's host-side I/O after the pass may free room for
+        // chains it deferred: then the queue gets another pass.
+        while result.is_ok() && self.after_pass(queue) {
+            result = self.process_queue(queue, vring);
+        }
+        if let Err(e) = result {
             // The ring itself is unusable until the driver resets the
             // device: stop serving it (so the fault is counted and logged
             // once) and keep the worker alive for the other queues.
@@ -503,6 +519,18 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
             e if (ids.irq_timer()..ids.irq_timer() + n).contains(&e) => {
                 self.irq_timer(e - ids.irq_timer(), vrings)
             }
+            e if e == ids.io() => {
+                let again = {
+                    let mut eng = self.device();
+                    let eng = &mut *eng;
+                    eng.device.io_ready(&mut eng.core)
+                };
+                if again {
+                    for q in 0..n {
+                        self.pass(q, vrings);
+                    }
+                }
+            }
             other => warn!(event = other, "unknown device event"),
         }
         Ok(())
@@ -548,6 +576,11 @@ pub fn serve<D: VirtioDevice>(
                 handler
                     .register_listener(fd, EventSet::IN, u64::from(ids.storm_timer()) + q as u64)
                     .map_err(|e| anyhow::anyhow!("could not register the storm timer: {e}"))?;
+            }
+            if let Some(fd) = backend.device().device.io_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(ids.io()))
+                    .map_err(|e| anyhow::anyhow!("could not register the device's I/O: {e}"))?;
             }
             for (q, timer) in backend.stall_timers.iter().enumerate() {
                 let fd = timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();

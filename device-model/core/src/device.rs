@@ -1,5 +1,7 @@
 //! The trait a device model implements: [`VirtioDevice`].
 
+use std::os::fd::RawFd;
+
 use serde_json::{Map, Value};
 
 use crate::chain::{Chain, ChainError, QueueSpec};
@@ -147,6 +149,29 @@ pub trait VirtioDevice: Send + 'static {
     /// with [`Core::set_tick`]; several ticks mean the thread was late, so a
     /// rate can be kept). Return whether the queues need a pass (new data).
     fn tick(&mut self, _ticks: u64, _core: &mut Core) -> bool {
+        false
+    }
+
+    /// A descriptor the vhost-user worker thread watches for the device:
+    /// readable when the device has host-side I/O to do (for example an
+    /// epoll set of host sockets carrying its data, so that bytes move
+    /// between the host and the queues with no thread hop). Asked once per
+    /// VMM connection. Default: none.
+    fn io_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// [`io_fd`](Self::io_fd) is readable: do the host-side I/O (on the
+    /// worker thread). Return whether the queues need a pass.
+    fn io_ready(&mut self, _core: &mut Core) -> bool {
+        false
+    }
+
+    /// A pass over `queue` ended: host-side I/O that follows it (for
+    /// example sending what the driver wrote to a host socket). Return
+    /// whether `queue` needs another pass (room was freed for chains the
+    /// device deferred).
+    fn after_pass(&mut self, _queue: u16, _core: &mut Core) -> bool {
         false
     }
 }

@@ -9,6 +9,7 @@
 //! malformed chains before they get here (see `docs/device-spec.md`).
 
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,6 +22,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use crate::control::Request;
+use crate::data::DataPort;
 use crate::spec::{MAX_CHAIN_BYTES, MAX_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
 /// The qw device's own counters (the core keeps the generic ones).
@@ -123,6 +125,11 @@ pub struct QwDevice {
     counters: QwCounters,
     source: Source,
     scratch: Vec<u8>,
+    /// The data port, if the device has one (see [`crate::data`]).
+    data: Option<DataPort>,
+    /// The last transmit chain looked at was deferred for lack of room in
+    /// the capture: whoever drains the capture must ask for another pass.
+    tx_deferred: bool,
 }
 
 impl Default for QwDevice {
@@ -154,7 +161,67 @@ impl QwDevice {
             counters: QwCounters::default(),
             source: Source::default(),
             scratch: Vec::new(),
+            data: None,
+            tx_deferred: false,
         }
+    }
+
+    /// The same device, with its byte stream also on `port`.
+    pub fn with_data_port(mut self, port: DataPort) -> Self {
+        self.data = Some(port);
+        self
+    }
+
+    /// Write captured transmit bytes to `out`, oldest first, until it
+    /// would block or the capture is empty; the bytes written leave the
+    /// capture. Returns how many were written (the data port's path).
+    pub fn send_capture(&mut self, out: &mut impl std::io::Write) -> std::io::Result<usize> {
+        let mut sent = 0;
+        loop {
+            let (front, _) = self.tx_capture.as_slices();
+            if front.is_empty() {
+                return Ok(sent);
+            }
+            match out.write(front) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.tx_capture.drain(..n);
+                    sent += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(sent),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether transmit chains wait for room in the capture: it is full, or
+    /// the last chain did not fit.
+    pub fn tx_waiting_for_room(&self) -> bool {
+        self.tx_deferred || self.tx_capture.len() >= self.tx_capacity
+    }
+
+    /// Put bytes in the transmit capture as if the driver sent them (tests).
+    #[cfg(test)]
+    pub(crate) fn push_capture_for_test(&mut self, data: &[u8]) {
+        self.tx_capture.extend(data);
+    }
+
+    /// Take up to `max` bytes from the front of the receive FIFO (tests).
+    #[cfg(test)]
+    pub(crate) fn take_rx(&mut self, max: usize) -> Vec<u8> {
+        let n = max.min(self.rx_fifo.len());
+        self.rx_fifo.drain(..n).collect()
+    }
+
+    /// Run `f` on the data port, which gets the device too.
+    fn with_port<T: Default>(&mut self, f: impl FnOnce(&mut DataPort, &mut Self) -> T) -> T {
+        let Some(mut port) = self.data.take() else {
+            return T::default();
+        };
+        let out = f(&mut port, self);
+        self.data = Some(port);
+        out
     }
 
     /// Queue bytes for delivery to the driver. Returns how many were
@@ -313,6 +380,7 @@ impl VirtioDevice for QwDevice {
             },
             _ => match self.drain(chain) {
                 Ok(Some(n)) => {
+                    self.tx_deferred = false;
                     self.counters.tx_bytes += n;
                     // Like rx_buffers, count only buffers that carried data.
                     self.counters.tx_buffers += 1;
@@ -320,7 +388,10 @@ impl VirtioDevice for QwDevice {
                 }
                 // Not enough room for this whole buffer: leave it on the
                 // ring for a later pass.
-                Ok(None) => Outcome::Defer,
+                Ok(None) => {
+                    self.tx_deferred = true;
+                    Outcome::Defer
+                }
                 Err(e) => Outcome::Refuse(e),
             },
         }
@@ -398,6 +469,20 @@ impl VirtioDevice for QwDevice {
             got |= self.pump_source();
         }
         got
+    }
+
+    fn io_fd(&self) -> Option<RawFd> {
+        self.data.as_ref().map(DataPort::epoll_fd)
+    }
+
+    fn io_ready(&mut self, _core: &mut Core) -> bool {
+        let wake = self.with_port(|port, dev| port.service(dev));
+        wake.rx || wake.tx
+    }
+
+    fn after_pass(&mut self, queue: u16, _core: &mut Core) -> bool {
+        let wake = self.with_port(|port, dev| port.sync(dev));
+        queue == TX_QUEUE && wake.tx
     }
 }
 

@@ -7,6 +7,7 @@
 //!   [`vdevlab_device_core::VirtioDevice`]);
 //! - [`config`]: the config space layout;
 //! - [`control`]: the control-plane protocol as clients see it;
+//! - [`data`]: the data port (the byte stream on a plain Unix socket);
 //! - [`spec`]: the numbers of `docs/device-spec.md`.
 //!
 //! [`irq`], [`faults`] and [`sources`] are the framework's, re-exported for
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod control;
+pub mod data;
 pub mod device;
 pub mod spec;
 

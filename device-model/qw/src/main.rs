@@ -1,6 +1,8 @@
 //! `vdevlab-device`: serve the qw device as a vhost-user backend.
 
+use anyhow::Context;
 use clap::Parser;
+use vdevlab_device::data::DataPort;
 use vdevlab_device::device::{QwDevice, DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
 use vdevlab_device_core::daemon::{init_logging, run, DaemonArgs};
 
@@ -10,6 +12,11 @@ use vdevlab_device_core::daemon::{init_logging, run, DaemonArgs};
 struct Args {
     #[command(flatten)]
     daemon: DaemonArgs,
+    /// Data port: a Unix socket (mode 0600) carrying the byte stream
+    /// itself, like a chardev socket: what a client writes is delivered to
+    /// the driver, what the driver writes is sent to the client.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
     /// Receive FIFO size: bytes the host may inject ahead of the driver.
     #[arg(long, default_value_t = DEFAULT_RX_FIFO_BYTES)]
     rx_fifo_bytes: usize,
@@ -21,8 +28,11 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     init_logging();
     let args = Args::parse();
-    run(
-        &args.daemon,
-        QwDevice::new(args.rx_fifo_bytes, args.tx_capture_bytes),
-    )
+    let mut device = QwDevice::new(args.rx_fifo_bytes, args.tx_capture_bytes);
+    if let Some(path) = &args.data {
+        let port = DataPort::bind(path)
+            .with_context(|| format!("starting the data port on {}", path.display()))?;
+        device = device.with_data_port(port);
+    }
+    run(&args.daemon, device)
 }
