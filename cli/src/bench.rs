@@ -30,14 +30,14 @@ pub struct BenchArgs {
     /// Latency only.
     #[arg(long)]
     no_throughput: bool,
+    /// Repetitions of each stream run, qw and virtio-serial alternating
+    /// (default 3; 1 with --quick); the median is reported.
+    #[arg(long)]
+    reps: Option<usize>,
     /// Also boot the guest this many times without a scenario and report
     /// the boot times (VMM start to init, and to the driver bound).
     #[arg(long, default_value_t = 0)]
     boot_runs: usize,
-    /// Sleep between two polls of qw's capture while waiting for an echo,
-    /// in µs (0: back to back).
-    #[arg(long, default_value_t = 0)]
-    poll_us: u64,
     /// Where the JSON report and the SVG pictures go (default:
     /// target/lab-runs/bench/).
     #[arg(long)]
@@ -71,19 +71,8 @@ fn latency_table(r: &BenchReport) -> String {
         r.warmup
     ));
     out.push_str(&format!(
-        "{:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {:>8} {:>6}\n",
-        "model",
-        "device",
-        "p50",
-        "p90",
-        "p99",
-        "p99.9",
-        "max",
-        "×vs p50",
-        "×vs p99",
-        "×vs max",
-        "inj p50",
-        "polls"
+        "{:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}\n",
+        "model", "device", "p50", "p90", "p99", "p99.9", "max", "×vs p50", "×vs p99", "×vs max",
     ));
     let mut models: Vec<&str> = Vec::new();
     for l in &r.latency {
@@ -115,12 +104,8 @@ fn latency_table(r: &BenchReport) -> String {
                 ),
                 _ => (String::new(), String::new(), String::new()),
             };
-            let inj = l.inject.map_or(String::new(), |i| us(i.p50_ns));
-            let polls = l
-                .capture_polls_mean
-                .map_or(String::new(), |p| format!("{p:.1}"));
             out.push_str(&format!(
-                "{name:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {r50:>8} {r99:>8} {rmax:>8}  {inj:>8} {polls:>6}\n",
+                "{name:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {r50:>8} {r99:>8} {rmax:>8}\n",
                 dev.name(),
                 us(s.p50_ns),
                 us(s.p90_ns),
@@ -143,12 +128,9 @@ fn latency_table(r: &BenchReport) -> String {
             us(s.max_ns)
         ));
     }
-    let c = &r.control_rtt;
-    out.push_str(&format!(
-        "×vs: qw / virtio-serial (above 1: qw slower). qw's host side: 'inj p50' = the inject request's round trip, 'polls' = capture requests per echo (mean); control socket ping: p50 {} µs, p99 {} µs\n",
-        us(c.p50_ns),
-        us(c.p99_ns)
-    ));
+    out.push_str(
+        "×vs: qw / virtio-serial (above 1: qw slower). Both through a Unix socket on the host: qw's data port, the port's chardev\n",
+    );
     out
 }
 
@@ -167,10 +149,25 @@ fn throughput_table(r: &BenchReport) -> String {
     if r.throughput.is_empty() {
         return out;
     }
-    out.push_str("Throughput (MB = 10^6 bytes; msg = one read/write of the transfer size; (guest only) = the same blocking program on /dev/zero or /dev/null: its own ceiling)\n");
+    let reps = r
+        .throughput
+        .iter()
+        .map(|t| t.runs_mb_per_s.len())
+        .max()
+        .unwrap_or(1);
+    out.push_str(&format!("Throughput, median of {reps} run(s) alternating qw and virtio-serial (MB = 10^6 bytes; msg = one read/write of the transfer size; CPU = host CPU time per second of the run: QEMU (all threads), qw's backend; (guest only) = the same blocking program on /dev/zero or /dev/null: its own ceiling)\n"));
     out.push_str(&format!(
-        "{:<8} {:<3} {:<12} {:>10} {:>10} {:>7}  {:>10} {:>10}\n",
-        "size", "dir", "model", "qw MB/s", "vs MB/s", "×vs", "qw msg/s", "vs msg/s"
+        "{:<8} {:<3} {:<12} {:>10} {:>10} {:>7}  {:>10} {:>10}  {:>12} {:>8}\n",
+        "size",
+        "dir",
+        "model",
+        "qw MB/s",
+        "vs MB/s",
+        "×vs",
+        "qw msg/s",
+        "vs msg/s",
+        "CPU qw/be/vs",
+        ""
     ));
     let mut sizes: Vec<usize> = r.throughput.iter().map(|t| t.size).collect();
     sizes.dedup();
@@ -217,8 +214,15 @@ fn throughput_table(r: &BenchReport) -> String {
                 let val = |t: Option<&bench::Throughput>| {
                     t.filter(|t| t.error.is_none()).map_or(0.0, |t| t.mb_per_s)
                 };
+                let pct = |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}", c * 100.0));
+                let cpu = format!(
+                    "{}/{}/{}",
+                    pct(qw.and_then(|t| t.vmm_cpu)),
+                    pct(qw.and_then(|t| t.backend_cpu)),
+                    pct(vs.and_then(|t| t.vmm_cpu))
+                );
                 out.push_str(&format!(
-                    "{:<8} {:<3} {:<12} {:>10} {:>10} {:>7}  {:>10} {:>10}\n",
+                    "{:<8} {:<3} {:<12} {:>10} {:>10} {:>7}  {:>10} {:>10}  {:>12}\n",
                     size_name(size),
                     dir.name(),
                     m,
@@ -227,6 +231,7 @@ fn throughput_table(r: &BenchReport) -> String {
                     ratio(val(qw), val(vs)),
                     fmt(qw, |t| format!("{:.0}", t.msgs_per_s)),
                     fmt(vs, |t| format!("{:.0}", t.msgs_per_s)),
+                    cpu,
                 ));
             }
         }
@@ -310,11 +315,74 @@ fn boot_table(r: &BenchReport) -> String {
     out
 }
 
+/// The targets in one table: per model, qw / virtio-serial for the p50
+/// round trip (target <= 1) and the 4 KiB and 64 KiB streams both ways
+/// (target >= 1).
+fn targets_table(r: &BenchReport) -> String {
+    fn ok(t: Option<&bench::Throughput>) -> Option<&bench::Throughput> {
+        t.filter(|t| t.error.is_none() && t.mb_per_s > 0.0)
+    }
+    let mut models: Vec<&str> = Vec::new();
+    for l in &r.latency {
+        if l.device == Device::Qw && !models.contains(&l.model.as_str()) {
+            models.push(&l.model);
+        }
+    }
+    let mut out = String::from(
+        "Ratios qw / virtio-serial (targets: p50 <= 1, streams >= 1; '-' = not measured, n/a = one side failed)\n",
+    );
+    out.push_str(&format!(
+        "{:<12} {:>7} {:>9} {:>9} {:>9} {:>9}  {}\n",
+        "model", "p50", "4K rx", "4K tx", "64K rx", "64K tx", "targets"
+    ));
+    for m in models {
+        let mut met = 0;
+        let mut total = 0;
+        let lat = match (
+            r.latency_of(m, Device::Qw).filter(|l| l.error.is_none()),
+            r.latency_of(m, Device::VirtioSerial)
+                .filter(|l| l.error.is_none()),
+        ) {
+            (Some(q), Some(v)) => {
+                let x = q.summary.p50_ns as f64 / v.summary.p50_ns.max(1) as f64;
+                total += 1;
+                met += usize::from(x <= 1.0);
+                format!("{x:.2}")
+            }
+            (Some(_), None) => "n/a".into(),
+            _ => "-".into(),
+        };
+        let mut cells = Vec::new();
+        for size in [4096, 65536] {
+            for dir in [Dir::Rx, Dir::Tx] {
+                let q = r.throughput_of(m, Device::Qw, dir, size);
+                let v = r.throughput_of(m, Device::VirtioSerial, dir, size);
+                cells.push(match (ok(q), ok(v)) {
+                    (Some(q), Some(v)) => {
+                        let x = q.mb_per_s / v.mb_per_s;
+                        total += 1;
+                        met += usize::from(x >= 1.0);
+                        format!("{x:.2}")
+                    }
+                    (Some(_), None) if v.is_some() => "n/a".into(),
+                    _ if q.is_some() || v.is_some() => "n/a".into(),
+                    _ => "-".into(),
+                });
+            }
+        }
+        out.push_str(&format!(
+            "{m:<12} {lat:>7} {:>9} {:>9} {:>9} {:>9}  {met}/{total}\n",
+            cells[0], cells[1], cells[2], cells[3]
+        ));
+    }
+    out
+}
+
 /// Every table, as printed.
 pub fn tables(r: &BenchReport) -> String {
     let m = &r.machine;
     format!(
-        "Machine: {} CPUs ({}), host {}, load {} → {}; {} ({}); guest {}\n\n{}\n{}\n{}",
+        "Machine: {} CPUs ({}), host {}, load {} → {}; {} ({}); guest {}\n\n{}\n{}\n{}\n{}",
         m.cpus,
         m.cpu_model,
         m.host_kernel,
@@ -325,6 +393,7 @@ pub fn tables(r: &BenchReport) -> String {
         m.guest_kernel,
         latency_table(r),
         throughput_table(r),
+        targets_table(r),
         boot_table(r)
     )
 }
@@ -570,8 +639,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
         o.models = args.models.clone();
     }
     o.no_throughput = args.no_throughput;
+    if let Some(n) = args.reps {
+        o.reps = n.max(1);
+    }
     o.boot_runs = args.boot_runs;
-    o.poll_us = args.poll_us;
     eprintln!(
         "[vdevlab] provisioning the lab and building the guest image (cached after the first run)"
     );
@@ -607,8 +678,6 @@ mod tests {
                 device,
                 summary: Summary::of(&samples),
                 samples_ns: samples,
-                inject: None,
-                capture_polls_mean: None,
                 guest: None,
                 error: error.map(str::to_string),
             }
@@ -622,6 +691,9 @@ mod tests {
             secs: 1.0,
             mb_per_s: mb,
             msgs_per_s: mb * 1e6 / size as f64,
+            runs_mb_per_s: vec![mb],
+            vmm_cpu: Some(0.9),
+            backend_cpu: None,
             guest: None,
             error: None,
         };
@@ -646,7 +718,6 @@ mod tests {
                 vmm_cpu_ms: Some(8000),
             },
             boot_runs: Vec::new(),
-            control_rtt: Summary::of(&[30_000, 40_000]),
             latency: vec![
                 lat("poll", Device::Qw, 300_000, None),
                 lat("poll", Device::VirtioSerial, 150_000, None),
@@ -683,6 +754,18 @@ mod tests {
         assert!(t.contains("(floor)"), "{t}");
         assert!(t.contains("0.50"), "throughput ratio: {t}");
         assert!(t.contains("(guest only)"), "{t}");
+        // The targets table: poll's p50 ratio, linux-aio's failed baseline.
+        assert!(t.contains("Ratios qw / virtio-serial"), "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("poll") && l.contains("0/1")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("linux-aio") && l.contains("n/a")),
+            "{t}"
+        );
         assert!(
             t.contains("the bench boot (vmlinux): init 9000, driver ready 9200"),
             "{t}"

@@ -90,6 +90,26 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(log)
 }
 
+/// Build the backend with the release profile (`target/release/`) and
+/// return the binary: what `vdevlab bench` measures, since a debug build's
+/// costs would be ours only, not a user's.
+pub fn release_device_bin() -> Result<PathBuf> {
+    step("building the backend with the release profile (vdevlab-device)");
+    run(
+        cargo().current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "vdevlab-device",
+            "--bin",
+            "vdevlab-device",
+        ]),
+        "cargo build --release -p vdevlab-device",
+    )?;
+    Ok(target_dir().join("release").join("vdevlab-device"))
+}
+
 /// Build everything (incrementally) and return where it is. Parallel callers
 /// (test processes) are serialised by a lock file.
 pub fn prepare(env: &LabEnv) -> Result<Artifacts> {

@@ -8,23 +8,22 @@
 //! 1. per model, `echo-<model>` on `/dev/qw0` and then on the port
 //!    (`/dev/virtio-ports/vdevlab.bench`): the host sends one 16-byte
 //!    stamped message (sequence number, host timestamp) at a time and times
-//!    its return, host side. For qw the message goes in through the control
-//!    socket (`inject`) and comes back through it (`capture`, polled); for
-//!    the port through QEMU's chardev socket. The first messages are a
-//!    warm-up and are not counted.
+//!    its return, host side. The host side is the same for both devices: a
+//!    Unix stream socket, qw's data port (`vdevlab-device --data`, served on
+//!    the backend's vring worker thread) and QEMU's chardev socket of the
+//!    port. The first messages are a warm-up and are not counted.
 //! 2. per transfer size: the blocking stream scenario on `/dev/zero` and
 //!    `/dev/null` in the guest (no transport: the guest program's own
 //!    ceiling, system calls, copies and the SHA-256 it keeps of the
 //!    stream), then per model and direction the suite's stream scenarios
 //!    (`<model>-rx`, `<model>-tx`, `--chunk` = the size) on qw and then on
-//!    the port. The host feeds qw through a file source (which skips the
-//!    control socket's hex encoding) and the port through its socket; it
-//!    drains qw's capture with `reset` as it fills and reads the port's
-//!    socket. Each run is timed host side from the arrival of its
-//!    `VDEVLAB-READY` line (stamped by the console reader) to the end: rx,
-//!    the arrival of the `VDEVLAB-RESULT` line (the program read it all);
-//!    tx, the last byte reaching the host (qw's `tx_bytes` counter, polled
-//!    every 0.5 ms; the port's socket).
+//!    the port. The host writes (rx) or reads (tx) the device's socket.
+//!    Each run is timed host side from the arrival of its `VDEVLAB-READY`
+//!    line (stamped by the console reader) to the end: rx, the arrival of
+//!    the `VDEVLAB-RESULT` line (the program read it all); tx, the last
+//!    byte read from the socket. Both ends check the bytes (SHA-256).
+//!
+//! The backend is built with the release profile for the bench.
 //!
 //! The floor is the same echo and the same streams between two threads of
 //! this process over a pair of pipes: no guest, no VMM.
@@ -46,7 +45,6 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use vdevlab_device::control::{ControlClient, Request};
-use vdevlab_device::sources::SourceConfig;
 
 use crate::guest::{BootSpec, Guest, Vmm};
 use crate::record::{self, RunRecord, Verdict};
@@ -80,18 +78,18 @@ pub struct BenchOptions {
     pub sizes: Vec<usize>,
     /// Bytes moved per throughput run, per size (same order as `sizes`).
     pub stream_bytes: Vec<usize>,
+    /// Repetitions of each throughput run (qw and virtio-serial
+    /// alternating); the median is reported.
+    pub reps: usize,
     /// Skip the throughput runs.
     pub no_throughput: bool,
     /// Extra boots without any scenario, to measure boot time.
     pub boot_runs: usize,
-    /// How long the host sleeps between two `capture` polls while it waits
-    /// for a qw echo, in µs (0: poll back to back).
-    pub poll_us: u64,
 }
 
 impl BenchOptions {
     /// The full run: 10,000 samples per model and device, and streams of
-    /// 1 MiB (64 B), 8 MiB (4 KiB) and 32 MiB (64 KiB).
+    /// 512 KiB (64 B), 4 MiB (4 KiB) and 16 MiB (64 KiB), three times each.
     pub fn full(kernel: &str) -> Self {
         Self {
             kernel: kernel.into(),
@@ -102,20 +100,21 @@ impl BenchOptions {
                 .map(|m| m.to_string())
                 .collect(),
             sizes: SIZES.to_vec(),
-            stream_bytes: vec![1 << 20, 8 << 20, 32 << 20],
+            stream_bytes: vec![512 << 10, 4 << 20, 16 << 20],
+            reps: 3,
             no_throughput: false,
             boot_runs: 0,
-            poll_us: 0,
         }
     }
 
-    /// A quick run: 1,000 samples and shorter streams (256 KiB, 2 MiB,
+    /// A quick run: 1,000 samples and each stream once (256 KiB, 2 MiB,
     /// 8 MiB).
     pub fn quick(kernel: &str) -> Self {
         Self {
             samples: 1000,
             warmup: 50,
             stream_bytes: vec![256 << 10, 2 << 20, 8 << 20],
+            reps: 1,
             ..Self::full(kernel)
         }
     }
@@ -218,14 +217,6 @@ pub struct Latency {
     pub summary: Summary,
     /// Every round-trip time, in order, ns.
     pub samples_ns: Vec<u64>,
-    /// qw only: the round trips of the `inject` requests (part of every
-    /// sample: the message is on its way once the device replied).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub inject: Option<Summary>,
-    /// qw only: `capture` requests per echo, mean (the echo is seen up to
-    /// one capture round trip after it reached the device).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub capture_polls_mean: Option<f64>,
     /// What the guest program reported (its counters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<serde_json::Value>,
@@ -273,12 +264,88 @@ pub struct Throughput {
     pub mb_per_s: f64,
     /// `size`-byte transfers per second.
     pub msgs_per_s: f64,
+    /// MB/s of each repetition, in the order run (`mb_per_s`, `secs` and
+    /// `msgs_per_s` are the median repetition's).
+    pub runs_mb_per_s: Vec<f64>,
+    /// On-CPU time of the VMM (all QEMU threads) per second of the run:
+    /// 1.0 = one host CPU busy throughout (median repetition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_cpu: Option<f64>,
+    /// The same for the qw backend process (qw runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_cpu: Option<f64>,
     /// What the guest program reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<serde_json::Value>,
     /// Why the run failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl Throughput {
+    fn new(model: &str, device: Device, dir: Dir, size: usize, bytes: usize) -> Self {
+        Self {
+            model: model.into(),
+            device,
+            dir,
+            size,
+            bytes,
+            secs: 0.0,
+            mb_per_s: 0.0,
+            msgs_per_s: 0.0,
+            runs_mb_per_s: Vec::new(),
+            vmm_cpu: None,
+            backend_cpu: None,
+            guest: None,
+            error: None,
+        }
+    }
+}
+
+/// Merge the repetitions of each (model, device, direction, size): the
+/// median run by MB/s stands for them, all their MB/s are kept. Failed
+/// repetitions are left out; if all failed, the first error stands.
+pub fn merge_reps(runs: Vec<Throughput>) -> Vec<Throughput> {
+    let mut groups: Vec<Vec<Throughput>> = Vec::new();
+    for r in runs {
+        match groups.iter_mut().find(|g| {
+            let f = &g[0];
+            f.model == r.model && f.device == r.device && f.dir == r.dir && f.size == r.size
+        }) {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|g| {
+            let mut ok: Vec<Throughput> = g.iter().filter(|t| t.error.is_none()).cloned().collect();
+            if ok.is_empty() {
+                return g.into_iter().next().expect("groups are not empty");
+            }
+            let all: Vec<f64> = ok.iter().map(|t| t.mb_per_s).collect();
+            ok.sort_by(|a, b| a.mb_per_s.total_cmp(&b.mb_per_s));
+            let mut m = ok.swap_remove(ok.len() / 2);
+            m.runs_mb_per_s = all;
+            m
+        })
+        .collect()
+}
+
+/// On-CPU time of every thread of `pid` so far, ns (from schedstat).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        if let Ok(s) = fs::read_to_string(path) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Some(total)
 }
 
 /// Boot times, ms from VMM start.
@@ -343,10 +410,6 @@ pub struct BenchReport {
     pub boot: BootTimes,
     /// Boots without scenario (`boot_runs`), each.
     pub boot_runs: Vec<BootTimes>,
-    /// The control socket's own round trip (`ping`), for reading qw's
-    /// latency: a qw round trip includes at least two of them (inject,
-    /// capture).
-    pub control_rtt: Summary,
     /// Echo runs: qw and virtio-serial per model, and the pipe floor.
     pub latency: Vec<Latency>,
     /// Throughput runs.
@@ -503,28 +566,33 @@ fn plan(o: &BenchOptions) -> Vec<Step> {
         for (&size, &bytes) in o.sizes.iter().zip(&o.stream_bytes) {
             // The guest program's own ceiling at this size, first.
             for dir in [Dir::Rx, Dir::Tx] {
-                seed += 1;
-                steps.push(Step::Stream {
-                    model: "blocking".into(),
-                    device: Device::GuestNull,
-                    dir,
-                    size,
-                    bytes,
-                    seed,
-                });
+                for _ in 0..o.reps.max(1) {
+                    seed += 1;
+                    steps.push(Step::Stream {
+                        model: "blocking".into(),
+                        device: Device::GuestNull,
+                        dir,
+                        size,
+                        bytes,
+                        seed,
+                    });
+                }
             }
+            // Ours and the baseline alternate, so both see the same load.
             for model in &o.models {
                 for dir in [Dir::Rx, Dir::Tx] {
-                    for device in [Device::Qw, Device::VirtioSerial] {
-                        seed += 1;
-                        steps.push(Step::Stream {
-                            model: model.clone(),
-                            device,
-                            dir,
-                            size,
-                            bytes,
-                            seed,
-                        });
+                    for _ in 0..o.reps.max(1) {
+                        for device in [Device::Qw, Device::VirtioSerial] {
+                            seed += 1;
+                            steps.push(Step::Stream {
+                                model: model.clone(),
+                                device,
+                                dir,
+                                size,
+                                bytes,
+                                seed,
+                            });
+                        }
                     }
                 }
             }
@@ -582,30 +650,27 @@ fn guest_error(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// The host side of the virtio-serial port.
-struct Port {
+/// The host side of a device's byte stream: qw's data port, or QEMU's
+/// chardev socket of the virtio-serial port. Both are Unix stream sockets,
+/// so the host does the very same thing for either.
+struct Link {
     path: PathBuf,
     stream: UnixStream,
 }
 
-impl Port {
-    fn connect(path: &Path, timeout: Duration) -> Result<Port> {
+impl Link {
+    fn connect(path: &Path, timeout: Duration) -> Result<Link> {
         let deadline = Instant::now() + timeout;
         loop {
             match UnixStream::connect(path) {
                 Ok(stream) => {
-                    return Ok(Port {
+                    return Ok(Link {
                         path: path.to_path_buf(),
                         stream,
                     })
                 }
                 Err(e) if Instant::now() > deadline => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "connecting to the virtio-serial port's socket {}",
-                            path.display()
-                        )
-                    })
+                    return Err(e).with_context(|| format!("connecting to {}", path.display()))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -616,7 +681,7 @@ impl Port {
     /// again, after a run that failed half-way.
     fn reconnect(&mut self) -> Result<()> {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        *self = Port::connect(&self.path, Duration::from_secs(10))?;
+        *self = Link::connect(&self.path, Duration::from_secs(10))?;
         Ok(())
     }
 }
@@ -626,65 +691,6 @@ impl Port {
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Budget for one stream run.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn echo_qw(
-    ctl: &mut ControlClient,
-    msgs: usize,
-    epoch: Instant,
-    poll: Duration,
-) -> Result<(Vec<u64>, HostSide)> {
-    let mut rtts = Vec::with_capacity(msgs);
-    let mut host = HostSide::default();
-    let mut got = Vec::with_capacity(MSG_LEN);
-    for seq in 0..msgs as u64 {
-        let t_send = epoch.elapsed().as_nanos() as u64;
-        let msg = encode_msg(seq, t_send);
-        let n = ctl.inject(&msg).context("injecting an echo message")?;
-        host.inject_ns
-            .push((epoch.elapsed().as_nanos() as u64).saturating_sub(t_send));
-        let mut polls = 0u32;
-        if n != MSG_LEN {
-            bail!("the device accepted {n} of {MSG_LEN} bytes (receive FIFO full?)");
-        }
-        got.clear();
-        let deadline = Instant::now() + ECHO_TIMEOUT;
-        while got.len() < MSG_LEN {
-            let part = ctl
-                .capture(Some(MSG_LEN - got.len()))
-                .context("capturing the echo")?;
-            polls += 1;
-            if part.is_empty() {
-                if Instant::now() > deadline {
-                    bail!("message {seq}: no echo within {ECHO_TIMEOUT:?}");
-                }
-                if poll.is_zero() {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(poll);
-                }
-            }
-            got.extend_from_slice(&part);
-        }
-        let now = epoch.elapsed().as_nanos() as u64;
-        let back: [u8; MSG_LEN] = got[..].try_into().expect("16 bytes");
-        let (s, stamp) = decode_msg(&back);
-        if s != seq {
-            bail!("echo of message {seq} carries sequence number {s}");
-        }
-        rtts.push(now.saturating_sub(stamp));
-        host.polls.push(polls);
-    }
-    Ok((rtts, host))
-}
-
-/// What the host's side of a qw echo cost, per message.
-#[derive(Debug, Default)]
-struct HostSide {
-    /// The `inject` request's round trip.
-    inject_ns: Vec<u64>,
-    /// `capture` requests until the echo was complete.
-    polls: Vec<u32>,
-}
 
 fn echo_stream<S: Read + Write>(io: &mut S, msgs: usize, epoch: Instant) -> Result<Vec<u64>> {
     let mut rtts = Vec::with_capacity(msgs);
@@ -794,16 +800,6 @@ fn pipe() -> Result<(fs::File, fs::File)> {
     Ok(unsafe { (fs::File::from_raw_fd(fds[1]), fs::File::from_raw_fd(fds[0])) })
 }
 
-fn control_rtt(ctl: &mut ControlClient, n: usize) -> Result<Vec<u64>> {
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        ctl.request(&Request::Ping {})?;
-        v.push(t.elapsed().as_nanos() as u64);
-    }
-    Ok(v)
-}
-
 fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
@@ -818,19 +814,14 @@ struct Timed {
 /// the READY line's arrival at the host (stamped by the console reader, so
 /// however late this thread looks) to the end: rx, the RESULT line's
 /// arrival (the program read everything); tx, the last byte reaching the
-/// host (qw: the device's tx counter, polled every 0.5 ms; the port: the
-/// socket).
-#[allow(clippy::too_many_arguments)]
+/// host through the device's socket.
 fn drive_stream(
     guest: &mut Guest,
-    ctl: &mut ControlClient,
-    port: &mut Port,
+    link: &mut Link,
     scenario: &str,
     device: Device,
     dir: Dir,
     data: &[u8],
-    file: &Path,
-    tx_base: u64,
 ) -> Result<(Timed, serde_json::Value)> {
     let bytes = data.len();
     let vm_start = Instant::now() - guest.elapsed();
@@ -839,67 +830,28 @@ fn drive_stream(
         secs: end.saturating_duration_since(t_ready).as_secs_f64(),
     };
     match (device, dir) {
-        (Device::Qw, Dir::Rx) => {
-            ctl.request(&Request::Source {
-                source: SourceConfig::File {
-                    path: file.to_path_buf(),
-                    rate_bytes_per_sec: None,
-                },
-            })
-            .and_then(ok_or_err)
-            .context("setting the file source")?;
-            let v = wait_result(guest, scenario, STREAM_TIMEOUT)?;
-            let end = vm_start + guest.matched_at().context("no RESULT time")?;
-            let _ = ctl.request(&Request::Source {
-                source: SourceConfig::Inject,
-            });
-            check_rx(&v, data)?;
-            Ok((timed(end), v))
-        }
-        (Device::Qw, Dir::Tx) => {
-            let deadline = Instant::now() + STREAM_TIMEOUT;
-            let end = loop {
-                let r = ctl.stats()?;
-                let now = Instant::now();
-                let done = r.stats.map_or(0, |s| s.tx_bytes).saturating_sub(tx_base);
-                if done >= bytes as u64 {
-                    break now;
-                }
-                if r.tx_captured.unwrap_or(0) >= 256 << 10 {
-                    ctl.request(&Request::Reset {}).and_then(ok_or_err)?;
-                }
-                if now > deadline {
-                    bail!("the device took {done} of {bytes} bytes in {STREAM_TIMEOUT:?}");
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            };
-            ctl.request(&Request::Reset {}).and_then(ok_or_err)?;
-            let v = wait_result(guest, scenario, STREAM_TIMEOUT)?;
-            check_tx(&v, data)?;
-            Ok((timed(end), v))
-        }
-        (Device::VirtioSerial, Dir::Rx) => {
-            let mut w = port.stream.try_clone()?;
+        (Device::Qw | Device::VirtioSerial, Dir::Rx) => {
+            let mut w = link.stream.try_clone()?;
             let owned = data.to_vec();
             let writer = std::thread::spawn(move || w.write_all(&owned));
             let v = wait_result(guest, scenario, STREAM_TIMEOUT);
             let end = vm_start + guest.matched_at().unwrap_or_default();
             if v.is_err() || v.as_ref().is_ok_and(|v| guest_error(v).is_some()) {
                 // Unblock the writer: the guest is not reading.
-                let _ = port.stream.shutdown(std::net::Shutdown::Both);
+                let _ = link.stream.shutdown(std::net::Shutdown::Both);
             }
             let w = writer
                 .join()
                 .map_err(|_| anyhow::anyhow!("writer panicked"))?;
             let v = v?;
             check_rx(&v, data)?;
-            w.context("writing to the port")?;
+            w.context("writing to the device's socket")?;
             Ok((timed(end), v))
         }
-        (Device::VirtioSerial, Dir::Tx) => {
+        (Device::Qw | Device::VirtioSerial, Dir::Tx) => {
             // A reader thread; the guest's result is watched meanwhile, so
             // a program that fails does not leave the reader waiting.
-            let mut r = port.stream.try_clone()?;
+            let mut r = link.stream.try_clone()?;
             let reader = std::thread::spawn(move || -> std::io::Result<(Instant, String)> {
                 let mut buf = vec![0u8; 1 << 16];
                 let mut hash = Sha256::new();
@@ -918,16 +870,16 @@ fn drive_stream(
             let v = wait_result(guest, scenario, STREAM_TIMEOUT);
             let failed = v.is_err() || v.as_ref().is_ok_and(|v| guest_error(v).is_some());
             if failed {
-                let _ = port.stream.shutdown(std::net::Shutdown::Both);
+                let _ = link.stream.shutdown(std::net::Shutdown::Both);
             }
             let got = reader
                 .join()
                 .map_err(|_| anyhow::anyhow!("reader panicked"))?;
             let v = v?;
             check_tx(&v, data)?;
-            let (end, sha) = got.context("reading the port's stream")?;
+            let (end, sha) = got.context("reading the device's socket")?;
             if sha != sha_hex(data) {
-                bail!("the port delivered different bytes than the guest wrote");
+                bail!("the device delivered different bytes than the guest wrote");
             }
             Ok((timed(end), v))
         }
@@ -1013,7 +965,12 @@ fn machine(lab: &Lab, kernel: &crate::env::Kernel) -> Machine {
 /// Boot `kernel` with no scenario `n` times per kernel image (`vmlinuz`,
 /// and `vmlinux` by PVH when provisioned), alternating; the boot times of
 /// each.
-pub fn boot_times(lab: &Lab, kernel: &str, n: usize) -> Result<Vec<BootTimes>> {
+pub fn boot_times(
+    lab: &Lab,
+    art: &crate::artifacts::Artifacts,
+    kernel: &str,
+    n: usize,
+) -> Result<Vec<BootTimes>> {
     let k = lab.env.kernel(kernel)?;
     let mut ways = vec![Some(false)];
     if k.image.with_file_name("vmlinux").is_file() {
@@ -1025,7 +982,7 @@ pub fn boot_times(lab: &Lab, kernel: &str, n: usize) -> Result<Vec<BootTimes>> {
             let mut spec = BootSpec::new("bench-boot", Vec::new()).on_kernel(kernel);
             spec.pvh = pvh;
             let image = image_name(k, &spec);
-            let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
+            let mut guest = Guest::boot(&lab.env, art, &spec)?;
             guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
             out.push(BootTimes {
                 image,
@@ -1051,16 +1008,16 @@ fn image_name(kernel: &crate::env::Kernel, spec: &BootSpec) -> String {
 pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
     let t_start = Instant::now();
     let kernel = lab.env.kernel(&o.kernel)?.clone();
-    // Short sleeps between polls should be short: 1 µs timer slack (the
-    // default is 50 µs).
-    // SAFETY: PR_SET_TIMERSLACK takes a value and changes only this thread.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
     let mut machine = machine(lab, &kernel);
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let steps = plan(o);
+    // The backend as users run it: optimised.
+    let mut release = lab.artifacts.clone();
+    release.device_bin = crate::artifacts::release_device_bin()?;
+    let art = &release;
 
     // The floor first, on a quiet host (no guest running yet).
     progress("pipe floor: echo and streams between two host threads");
@@ -1072,63 +1029,60 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
         device: Device::Pipe,
         summary: Summary::of(&rtts),
         samples_ns: rtts,
-        inject: None,
-        capture_polls_mean: None,
         guest: None,
         error: None,
     });
     if !o.no_throughput {
         for (&size, &bytes) in o.sizes.iter().zip(&o.stream_bytes) {
-            let secs = pipe_throughput(size, bytes)?;
-            for dir in [Dir::Rx, Dir::Tx] {
-                throughput.push(Throughput {
-                    model: "blocking".into(),
-                    device: Device::Pipe,
-                    dir,
-                    size,
-                    bytes,
-                    secs,
-                    mb_per_s: bytes as f64 / secs / 1e6,
-                    msgs_per_s: (bytes / size) as f64 / secs,
-                    guest: None,
-                    error: None,
-                });
+            for _ in 0..o.reps.max(1) {
+                let secs = pipe_throughput(size, bytes)?;
+                for dir in [Dir::Rx, Dir::Tx] {
+                    let mut t = Throughput::new("blocking", Device::Pipe, dir, size, bytes);
+                    t.secs = secs;
+                    t.mb_per_s = bytes as f64 / secs / 1e6;
+                    t.msgs_per_s = (bytes / size) as f64 / secs;
+                    t.runs_mb_per_s = vec![t.mb_per_s];
+                    throughput.push(t);
+                }
             }
         }
     }
 
-    let mut spec = BootSpec::new(
-        "bench",
-        steps
-            .iter()
-            .filter(|s| s.runs_in_guest())
-            .map(Step::guest_args)
-            .collect::<Vec<_>>(),
-    )
-    .on_kernel(&kernel.name);
+    // A last one-message echo on qw keeps the guest up until the host has
+    // finished with the step before it (a tx stream's last bytes may still
+    // be on their way when the guest program reports; the guest powers off
+    // after its last program).
+    let sentinel = Step::Echo {
+        model: "blocking".into(),
+        device: Device::Qw,
+        msgs: 1,
+    };
+    let mut runs: Vec<Vec<String>> = steps
+        .iter()
+        .filter(|s| s.runs_in_guest())
+        .map(Step::guest_args)
+        .collect();
+    runs.push(sentinel.guest_args());
+    let mut spec = BootSpec::new("bench", runs).on_kernel(&kernel.name);
     spec.bench_port = Some(PORT_NAME.into());
     progress(&format!(
         "booting {} ({}) with the qw device and the virtio-serial port '{PORT_NAME}'",
         kernel.name, kernel.release
     ));
-    let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
+    let mut guest = Guest::boot(&lab.env, art, &spec)?;
     let sock = guest
         .bench_socket
         .clone()
         .context("the bench boot has no port socket")?;
-    let mut port = Port::connect(&sock, Duration::from_secs(30))?;
+    let mut port = Link::connect(&sock, Duration::from_secs(30))?;
+    let mut qw = Link::connect(&guest.data_path, Duration::from_secs(30))?;
     let console = guest.console_path.clone();
-    let run_dir = guest.run_dir.clone();
-    let mut control_rtt_summary = Summary::default();
     let mut driver_cpu_ms = None;
     let outcome = (|| -> Result<()> {
         guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
         driver_cpu_ms = cpu_ms(guest.vmm_pid());
         let mut ctl = guest.control()?;
-        control_rtt_summary = Summary::of(&control_rtt(&mut ctl, 2000)?);
-        // What the qw device's tx counter should read once every qw
-        // program so far has finished writing (a tx run's start).
-        let mut qw_tx_total = ctl.stats()?.stats.map_or(0, |s| s.tx_bytes);
+        let (vmm_pid, backend_pid) = (guest.vmm_pid(), guest.backend_pid());
         let epoch = Instant::now();
         for (i, step) in steps.iter().enumerate() {
             let scenario = step.scenario();
@@ -1150,8 +1104,6 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                         device: *device,
                         summary: Summary::default(),
                         samples_ns: Vec::new(),
-                        inject: None,
-                        capture_polls_mean: None,
                         guest: None,
                         error: None,
                     };
@@ -1161,28 +1113,14 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                             res.guest = Some(v);
                         }
                         Mark::Ready => {
-                            let r = match device {
-                                Device::Qw => echo_qw(
-                                    &mut ctl,
-                                    *msgs,
-                                    epoch,
-                                    Duration::from_micros(o.poll_us),
-                                )
-                                .map(|(rtts, host)| {
-                                    let skip = o.warmup.min(rtts.len());
-                                    res.inject = Some(Summary::of(&host.inject_ns[skip..]));
-                                    let polls = &host.polls[skip..];
-                                    res.capture_polls_mean = Some(
-                                        polls.iter().map(|&p| p as f64).sum::<f64>()
-                                            / polls.len().max(1) as f64,
-                                    );
-                                    rtts
-                                }),
-                                _ => {
-                                    port.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
-                                    echo_stream(&mut port.stream, *msgs, epoch)
-                                }
+                            let link = if *device == Device::Qw {
+                                &mut qw
+                            } else {
+                                &mut port
                             };
+                            link.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+                            let r = echo_stream(&mut link.stream, *msgs, epoch);
+                            link.stream.set_read_timeout(None)?;
                             let v =
                                 wait_result(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)?;
                             res.error = guest_error(&v);
@@ -1201,14 +1139,15 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                     }
                     if let Some(e) = &res.error {
                         progress(&format!("  n/a: {e}"));
-                        recover(&mut ctl, &mut port, *device)?;
-                        if *device == Device::Qw {
-                            // The failed program has ended; the next one
-                            // runs on the port, so the counter is still.
-                            qw_tx_total = ctl.stats()?.stats.map_or(0, |s| s.tx_bytes);
-                        }
-                    } else if *device == Device::Qw {
-                        qw_tx_total += (msgs * MSG_LEN) as u64;
+                        recover(&mut ctl, &mut qw, &mut port, *device)?;
+                    } else {
+                        let s = &res.summary;
+                        progress(&format!(
+                            "  p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+                            s.p50_ns as f64 / 1e3,
+                            s.p99_ns as f64 / 1e3,
+                            s.max_ns as f64 / 1e3
+                        ));
                     }
                     latency.push(res);
                 }
@@ -1227,75 +1166,77 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                         dir.name(),
                         device.name()
                     ));
+                    let mut res = Throughput::new(model, *device, *dir, *size, *bytes);
                     if let Some(why) = unsupported(model, *device, *dir) {
                         progress(&format!("  {why}"));
-                        throughput.push(Throughput {
-                            model: model.clone(),
-                            device: *device,
-                            dir: *dir,
-                            size: *size,
-                            bytes: *bytes,
-                            secs: 0.0,
-                            mb_per_s: 0.0,
-                            msgs_per_s: 0.0,
-                            guest: None,
-                            error: Some(why.into()),
-                        });
+                        res.error = Some(why.into());
+                        throughput.push(res);
                         continue;
                     }
                     let data = pattern(*seed, *bytes);
-                    let file = run_dir.join("rx-source.bin");
-                    if *device == Device::Qw && *dir == Dir::Rx {
-                        fs::write(&file, &data)?;
-                    }
-                    let mut res = Throughput {
-                        model: model.clone(),
-                        device: *device,
-                        dir: *dir,
-                        size: *size,
-                        bytes: *bytes,
-                        secs: 0.0,
-                        mb_per_s: 0.0,
-                        msgs_per_s: 0.0,
-                        guest: None,
-                        error: None,
-                    };
-                    let tx_base = qw_tx_total;
                     match next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
                         Mark::Result(v) => {
                             res.error = guest_error(&v);
                             res.guest = Some(v);
                         }
-                        Mark::Ready => match drive_stream(
-                            &mut guest, &mut ctl, &mut port, &scenario, *device, *dir, &data,
-                            &file, tx_base,
+                        Mark::Ready => match (
+                            Instant::now(),
+                            cpu_ns(vmm_pid),
+                            cpu_ns(backend_pid),
+                            drive_stream(
+                                &mut guest,
+                                if *device == Device::Qw {
+                                    &mut qw
+                                } else {
+                                    &mut port
+                                },
+                                &scenario,
+                                *device,
+                                *dir,
+                                &data,
+                            ),
                         ) {
-                            Ok((t, v)) => {
+                            (t0, vmm0, be0, Ok((t, v))) => {
+                                let wall = t0.elapsed().as_nanos().max(1) as f64;
+                                let share = |before: Option<u64>, pid: u32| {
+                                    Some((cpu_ns(pid)?.saturating_sub(before?)) as f64 / wall)
+                                };
+                                res.vmm_cpu = share(vmm0, vmm_pid);
+                                if *device == Device::Qw {
+                                    res.backend_cpu = share(be0, backend_pid);
+                                }
                                 res.secs = t.secs;
                                 res.mb_per_s = *bytes as f64 / t.secs / 1e6;
                                 res.msgs_per_s = bytes.div_ceil(*size) as f64 / t.secs;
+                                res.runs_mb_per_s = vec![res.mb_per_s];
                                 res.guest = Some(v);
-                                if *device == Device::Qw && *dir == Dir::Tx {
-                                    qw_tx_total += *bytes as u64;
-                                }
                             }
-                            Err(e) => res.error = Some(format!("{e:#}")),
+                            (.., Err(e)) => res.error = Some(format!("{e:#}")),
                         },
                     }
                     if let Some(e) = &res.error {
                         progress(&format!("  n/a: {e}"));
-                        recover(&mut ctl, &mut port, *device)?;
-                        if *device == Device::Qw {
-                            // The failed program has ended; the next one
-                            // runs on the port, so the counter is still.
-                            qw_tx_total = ctl.stats()?.stats.map_or(0, |s| s.tx_bytes);
-                        }
+                        recover(&mut ctl, &mut qw, &mut port, *device)?;
                     } else {
-                        progress(&format!("  {:.2} MB/s in {:.2} s", res.mb_per_s, res.secs));
+                        let pct =
+                            |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+                        progress(&format!(
+                            "  {:.2} MB/s in {:.2} s; CPU: QEMU {}, backend {}",
+                            res.mb_per_s,
+                            res.secs,
+                            pct(res.vmm_cpu),
+                            pct(res.backend_cpu)
+                        ));
                     }
                     throughput.push(res);
                 }
             }
+        }
+        let scenario = sentinel.scenario();
+        if let Mark::Ready = next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
+            qw.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+            echo_stream(&mut qw.stream, 1, epoch)?;
+            wait_result(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)?;
         }
         Ok(())
     })();
@@ -1348,7 +1289,7 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
             "{} boots without a scenario, for boot time",
             o.boot_runs
         ));
-        boot_runs = boot_times(lab, &kernel.name, o.boot_runs)?;
+        boot_runs = boot_times(lab, art, &kernel.name, o.boot_runs)?;
     }
     machine.loadavg_end = loadavg();
     Ok(BenchReport {
@@ -1358,9 +1299,8 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
         warmup: o.warmup,
         boot,
         boot_runs,
-        control_rtt: control_rtt_summary,
         latency,
-        throughput,
+        throughput: merge_reps(throughput),
         console: Some(console),
         duration_s: t_start.elapsed().as_secs_f64(),
         aborted,
@@ -1369,12 +1309,10 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
 
 /// After a failed run: empty the qw device, or reconnect to the port so
 /// nothing buffered leaks into the next run.
-fn recover(ctl: &mut ControlClient, port: &mut Port, device: Device) -> Result<()> {
+fn recover(ctl: &mut ControlClient, qw: &mut Link, port: &mut Link, device: Device) -> Result<()> {
     match device {
         Device::Qw => {
-            let _ = ctl.request(&Request::Source {
-                source: SourceConfig::Inject,
-            });
+            qw.reconnect()?;
             ctl.request(&Request::Reset {}).and_then(ok_or_err)?;
         }
         Device::VirtioSerial => port.reconnect()?,

@@ -189,6 +189,9 @@ pub struct Guest {
     pub backend_log: PathBuf,
     /// The control socket (host path).
     pub control_path: PathBuf,
+    /// The device's data port (host path): the byte stream itself, like a
+    /// chardev socket (see `vdevlab_device::data`).
+    pub data_path: PathBuf,
     /// VMM start to the guest's init (`VDEVLAB-BOOT`), once seen.
     pub boot_ms: Option<u64>,
     /// VMM start to the driver bound and `/dev/qw0` present.
@@ -307,19 +310,33 @@ fn unique_run_dir(scenario: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The data port's socket of the backend on `vu_sock`: `vu.sock` ->
+/// `data.sock`, `vu1.sock` -> `data1.sock` (the reference backend's
+/// `--data`, see `vdevlab_device::data`).
+pub fn data_socket_of(vu_sock: &Path) -> PathBuf {
+    let name = vu_sock
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    vu_sock.with_file_name(format!("data{}", name.trim_start_matches("vu")))
+}
+
 /// Start the backend on its sockets and wait until they exist: the
-/// reference `vdevlab-device`, or the user's command (waiting for the
-/// control socket only if it names one). Its output is appended to `log`
-/// (a restart adds to the same file).
+/// reference `vdevlab-device` (with its data port,
+/// [`data_socket_of`]), or the user's command (waiting for the control
+/// socket only if it names one). Its output is appended to `log` (a
+/// restart adds to the same file).
 fn start_backend(
     launch: &Launch,
     vu_sock: &Path,
     ctl_sock: &Path,
     log_path: &Path,
 ) -> Result<Child> {
+    let data_sock = data_socket_of(vu_sock);
     // A restart must not find the old sockets and think it is ready.
     let _ = fs::remove_file(vu_sock);
     let _ = fs::remove_file(ctl_sock);
+    let _ = fs::remove_file(&data_sock);
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -331,6 +348,8 @@ fn start_backend(
                 .arg(vu_sock)
                 .arg("--control")
                 .arg(ctl_sock)
+                .arg("--data")
+                .arg(&data_sock)
                 .arg("--once");
             (c, true)
         }
@@ -363,6 +382,9 @@ fn start_backend(
     wait_for_path(vu_sock, &mut backend, log_path, Duration::from_secs(10))?;
     if wait_ctl {
         wait_for_path(ctl_sock, &mut backend, log_path, Duration::from_secs(10))?;
+    }
+    if matches!(launch, Launch::Reference(_)) {
+        wait_for_path(&data_sock, &mut backend, log_path, Duration::from_secs(10))?;
     }
     Ok(backend)
 }
@@ -649,6 +671,7 @@ impl Guest {
             console_path,
             backend_log,
             control_path: ctl_sock,
+            data_path: data_socket_of(&vu_sock),
             boot_ms: None,
             driver_ready_ms: None,
             accel: spec.accel,
@@ -773,6 +796,11 @@ impl Guest {
     /// root: the helper script execs it).
     pub fn vmm_pid(&self) -> u32 {
         self.vmm_child.id()
+    }
+
+    /// The (first) backend's process id.
+    pub fn backend_pid(&self) -> u32 {
+        self.backend.id()
     }
 
     /// Time since the VMM started.
