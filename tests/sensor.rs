@@ -43,7 +43,9 @@ fn field<'a>(g: &'a vdevlab_lab::scenario::GuestResult, name: &str) -> &'a Value
 /// stopped sensor quiet), `sensor-unbind` (every sleeper woken by removal,
 /// the device back after a rebind), then `sensor-reset` (the host declares
 /// the device broken; the program sees NEEDS_RESET, and SENSOR_IOC_RESET
-/// brings it back at power-on).
+/// brings it back at power-on), then `sensor-hostile` (an overlong used
+/// length is dropped and counted; a used id never posted breaks the queue:
+/// EIO, POLLERR, and SENSOR_IOC_RESET recovers).
 fn sensor_scenarios(kernel: &str) {
     let (lab, art, kernel) = sensor_lab(kernel);
     let cases = [
@@ -69,6 +71,22 @@ fn sensor_scenarios(kernel: &str) {
             "sensor-reset",
             &["--rate", "200"],
             vec![HostStep::Control(r#"{"op":"needs_reset"}"#.into())],
+        ),
+        // The framework's hostile-device mode, on the sensor's queue by name.
+        sensor::case(
+            "sensor-hostile",
+            &["--rate", "200"],
+            vec![
+                HostStep::Control(
+                    r#"{"op":"fault","fault":{"kind":"hostile_overlong","queue":"samples","count":1}}"#
+                        .into(),
+                ),
+                HostStep::Ready("sensor-hostile-2".into()),
+                HostStep::Control(
+                    r#"{"op":"fault","fault":{"kind":"hostile_bogus_id","queue":"samples","count":1}}"#
+                        .into(),
+                ),
+            ],
         ),
     ];
     let seed = ["--seed".to_string(), "77".to_string()];
@@ -97,6 +115,9 @@ fn sensor_scenarios(kernel: &str) {
     let r = outs[2].guest.as_ref().expect("sensor-reset reported");
     assert_eq!(field(r, "reset"), "ok ()");
     assert_eq!(field(r, "stats_reset")["resets"], 1);
+    let h = outs[3].guest.as_ref().expect("sensor-hostile reported");
+    assert_eq!(field(h, "overlong_errors"), 1);
+    assert_eq!(field(h, "read_broken"), "EIO");
     let on_file = read_all().expect("runs.jsonl is readable");
     for out in &outs {
         assert!(

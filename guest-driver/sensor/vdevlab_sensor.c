@@ -52,7 +52,19 @@
  *
  * Removal sets gone under lock, wakes every sleeper (readers, pollers, a
  * control request waiting for its answer) and only then resets the device
- * and deletes the virtqueues.  Nobody touches a virtqueue without lock and
+ * and deletes the virtqueues.
+ *
+ * A hostile or buggy device
+ * -------------------------
+ * A used length past the buffer is a device bug: the buffer's records are
+ * dropped (their contents are unknown) and counted in errors; a length
+ * that is not whole records keeps the whole ones.  A used id the driver
+ * never posted, a head completed twice or a used index that jumps makes the
+ * virtio core mark the queue broken (BAD_RING), after which it completes
+ * nothing more.  The callback that sees it marks the device broken: reads
+ * fail with EIO once the samples already received are read, poll reports
+ * EPOLLERR, control requests fail with EIO, every sleeper is woken, until
+ * SENSOR_IOC_RESET.  Nobody touches a virtqueue without lock and
  * a check of gone, so del_vqs() is safe after that.
  *
  * Lifetime
@@ -196,6 +208,7 @@ struct sensor_dev {
 	spinlock_t lock;	/* see "Locking" */
 	bool gone;		/* removed: every operation fails with ENODEV */
 	bool have_vqs;		/* under ctrl_mutex: vqs exist (a reset may fail) */
+	bool broken;		/* a vq is broken (BAD_RING): EIO until reset */
 	bool ready;		/* under ctrl_mutex: probe is over (scan) */
 	wait_queue_head_t wq;	/* readers, pollers */
 
@@ -266,6 +279,28 @@ static int sensor_post_event_buf(struct sensor_dev *s,
 				   GFP_ATOMIC);
 }
 
+/*
+ * After a callback's loop, lock held: a queue the virtio core found broken
+ * completes nothing more, so say so rather than let sleepers wait forever.
+ * Returns whether this call marked the device broken.
+ */
+static bool sensor_check_broken(struct sensor_dev *s, struct virtqueue *vq)
+{
+	if (s->broken || s->gone || !virtqueue_is_broken(vq))
+		return false;
+	s->broken = true;
+	dev_err(&s->vdev->dev, "virtqueue %s is broken; reset the device (SENSOR_IOC_RESET)\n",
+		vq->name);
+	return true;
+}
+
+/* Wake everyone after the device was marked broken (no lock held). */
+static void sensor_notify_broken(struct sensor_dev *s)
+{
+	complete_all(&s->ctrl_done);
+	wake_up_interruptible_poll(&s->wq, EPOLLERR | EPOLLIN | EPOLLPRI);
+}
+
 static void sensor_samples_done(struct virtqueue *vq)
 {
 	struct sensor_dev *s = vq->vdev->priv;
@@ -273,20 +308,24 @@ static void sensor_samples_done(struct virtqueue *vq)
 	struct sensor_sample smp;
 	unsigned long flags;
 	unsigned int len, n, i;
-	bool got = false;
+	bool got = false, bad;
 	void *buf;
 
 	spin_lock_irqsave(&s->lock, flags);
 	while ((buf = virtqueue_get_buf(vq, &len))) {
+		n = len / sizeof(*w);
 		if (len > SENSOR_SAMPLE_BUF_SIZE || len % sizeof(*w)) {
-			/* A device bug: use the whole records that fit. */
+			/*
+			 * A device bug.  Past the buffer, nothing in it can be
+			 * trusted; short of a record, the whole ones can.
+			 */
 			dev_warn_ratelimited(&s->vdev->dev,
 					     "sample buffer returned with used length %u\n",
 					     len);
 			s->stats.errors++;
-			len = min_t(unsigned int, len, SENSOR_SAMPLE_BUF_SIZE);
+			if (len > SENSOR_SAMPLE_BUF_SIZE)
+				n = 0;
 		}
-		n = len / sizeof(*w);
 		w = buf;
 		for (i = 0; i < n; i++) {
 			smp.timestamp_ns = le64_to_cpu(w[i].timestamp_ns);
@@ -304,9 +343,12 @@ static void sensor_samples_done(struct virtqueue *vq)
 		if (!s->gone && sensor_post_sample_buf(s, buf))
 			s->stats.errors++;	/* freed with the device */
 	}
-	if (!s->gone)
+	bad = sensor_check_broken(s, vq);
+	if (!s->gone && !bad)
 		virtqueue_kick(vq);
 	spin_unlock_irqrestore(&s->lock, flags);
+	if (bad)
+		sensor_notify_broken(s);
 	if (got)
 		wake_up_interruptible_poll(&s->wq, EPOLLIN | EPOLLRDNORM);
 }
@@ -317,7 +359,7 @@ static void sensor_events_done(struct virtqueue *vq)
 	struct sensor_wire_alarm *w;
 	struct sensor_alarm a;
 	unsigned long flags;
-	bool got = false;
+	bool got = false, bad;
 	unsigned int len;
 
 	spin_lock_irqsave(&s->lock, flags);
@@ -342,9 +384,12 @@ static void sensor_events_done(struct virtqueue *vq)
 		if (!s->gone && sensor_post_event_buf(s, w))
 			s->stats.errors++;	/* freed with the device */
 	}
-	if (!s->gone)
+	bad = sensor_check_broken(s, vq);
+	if (!s->gone && !bad)
 		virtqueue_kick(vq);
 	spin_unlock_irqrestore(&s->lock, flags);
+	if (bad)
+		sensor_notify_broken(s);
 	if (got)
 		wake_up_interruptible_poll(&s->wq, EPOLLPRI);
 }
@@ -354,6 +399,7 @@ static void sensor_ctrl_done(struct virtqueue *vq)
 	struct sensor_dev *s = vq->vdev->priv;
 	unsigned long flags;
 	unsigned int len;
+	bool bad;
 
 	spin_lock_irqsave(&s->lock, flags);
 	if (virtqueue_get_buf(vq, &len)) {
@@ -361,7 +407,10 @@ static void sensor_ctrl_done(struct virtqueue *vq)
 		s->ctrl_inflight = false;
 		complete(&s->ctrl_done);
 	}
+	bad = sensor_check_broken(s, vq);
 	spin_unlock_irqrestore(&s->lock, flags);
+	if (bad)
+		sensor_notify_broken(s);
 }
 
 /* ---- Control requests ---- */
@@ -407,9 +456,9 @@ static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
 		goto out;
 	}
 	spin_lock_irqsave(&s->lock, flags);
-	if (s->gone) {
+	if (s->gone || s->broken) {
 		spin_unlock_irqrestore(&s->lock, flags);
-		ret = -ENODEV;
+		ret = s->gone ? -ENODEV : -EIO;
 		goto out;
 	}
 	ret = virtqueue_add_sgs(s->vqs[SENSOR_VQ_CTRL], sgs, 1, 1, s,
@@ -430,6 +479,8 @@ static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
 	spin_lock_irqsave(&s->lock, flags);
 	if (s->gone) {
 		ret = -ENODEV;
+	} else if (s->broken && s->ctrl_inflight) {
+		ret = -EIO;	/* woken by a broken queue, not by an answer */
 	} else if (left < 0) {
 		ret = left;	/* killed; the answer still comes, unread */
 	} else if (left == 0) {
@@ -598,6 +649,7 @@ static long sensor_reset(struct sensor_dev *s)
 	spin_lock_irqsave(&s->lock, flags);
 	kfifo_reset(&s->samples);
 	kfifo_reset(&s->alarms);
+	s->broken = false;
 	s->stats.resets++;
 	spin_unlock_irqrestore(&s->lock, flags);
 	mutex_unlock(&s->alarm_mutex);
@@ -648,7 +700,8 @@ static int sensor_release_file(struct inode *inode, struct file *filp)
 
 static bool sensor_readable(struct sensor_dev *s)
 {
-	return READ_ONCE(s->gone) || !kfifo_is_empty(&s->samples);
+	return READ_ONCE(s->gone) || READ_ONCE(s->broken) ||
+	       !kfifo_is_empty(&s->samples);
 }
 
 static ssize_t sensor_read(struct file *filp, char __user *buf, size_t count,
@@ -672,6 +725,11 @@ static ssize_t sensor_read(struct file *filp, char __user *buf, size_t count,
 	while (kfifo_is_empty(&s->samples)) {
 		if (READ_ONCE(s->gone)) {
 			err = -ENODEV;
+			goto out;
+		}
+		/* What arrived before the queue broke was read: now fail. */
+		if (READ_ONCE(s->broken)) {
+			err = -EIO;
 			goto out;
 		}
 		if (filp->f_flags & O_NONBLOCK) {
@@ -708,6 +766,8 @@ static __poll_t sensor_poll(struct file *filp, poll_table *wait)
 		mask |= EPOLLPRI;
 	if (READ_ONCE(s->gone))
 		mask |= EPOLLHUP | EPOLLIN | EPOLLRDNORM;
+	if (READ_ONCE(s->broken))
+		mask |= EPOLLERR;
 	return mask;
 }
 
@@ -797,6 +857,8 @@ static long sensor_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 		st.state = s->gone ? SENSOR_STATE_REMOVED : 0;
 		if (!READ_ONCE(s->have_vqs))
 			st.state |= SENSOR_STATE_STOPPED;
+		if (s->broken)
+			st.state |= SENSOR_STATE_BROKEN;
 		spin_unlock_irqrestore(&s->lock, flags);
 		st.pending = kfifo_len(&s->samples);
 		return copy_to_user(argp, &st, sizeof(st)) ? -EFAULT : 0;

@@ -19,6 +19,15 @@
 //!   NEEDS_RESET in the status within 10 s and no more samples, then
 //!   `SENSOR_IOC_RESET` brings the device back at power-on (stopped,
 //!   alarms off, the next sample is sequence 0 at time 0).
+//! - `sensor-hostile`: the device breaks the virtio contract. After
+//!   `VDEVLAB-READY sensor-hostile` the host makes one sample buffer come
+//!   back with a used length past its end: the driver drops it (one gap in
+//!   `seq`, one error) and every other sample is still right. After
+//!   `VDEVLAB-READY sensor-hostile-2` a used entry names an id the driver
+//!   never posted: the queue is broken, so a blocked read fails with `EIO`
+//!   (after the samples already received), poll reports `POLLERR`,
+//!   `SENSOR_IOC_SET_RATE` fails with `EIO`, and `SENSOR_IOC_RESET` brings
+//!   the device back at power-on.
 //!
 //! Both print `VDEVLAB-READY <scenario>` after opening the device, and a
 //! result line that keeps every observation and lists every failed check.
@@ -32,7 +41,12 @@ use crate::marker;
 use crate::models::qwdev::{errno_name, last_errno, mask_name, poll_one, read_fd, Checked};
 
 /// The sensor scenarios.
-pub const SENSOR_SCENARIOS: &[&str] = &["sensor-stream", "sensor-unbind", "sensor-reset"];
+pub const SENSOR_SCENARIOS: &[&str] = &[
+    "sensor-stream",
+    "sensor-unbind",
+    "sensor-reset",
+    "sensor-hostile",
+];
 
 /// The driver's name: module, virtio driver and device class.
 pub const SENSOR_DRIVER: &str = "vdevlab_sensor";
@@ -71,6 +85,8 @@ pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
 pub const STATUS_SAMPLING: u32 = 1 << 1;
 /// `sensor_stats.state`: removed.
 pub const STATE_REMOVED: u64 = 1;
+/// `sensor_stats.state`: a virtqueue broke.
+pub const STATE_BROKEN: u64 = 1 << 2;
 
 /// `struct sensor_sample`.
 #[repr(C)]
@@ -862,12 +878,7 @@ pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
     });
 
     // SENSOR_IOC_RESET: back at power-on.
-    // SAFETY: the request takes no argument (0 is passed); `fd` is open.
-    let r = if unsafe { libc::ioctl(fd, SENSOR_IOC_RESET, 0 as libc::c_ulong) } < 0 {
-        Err(last_errno())
-    } else {
-        Ok(())
-    };
+    let r = reset_device(fd);
     c.report.text("reset", &outcome(&r));
     if !c.check(r.is_ok(), || format!("SENSOR_IOC_RESET: {}", outcome(&r))) {
         return Ok(c);
@@ -906,6 +917,130 @@ pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
     Ok(c)
 }
 
+/// `SENSOR_IOC_RESET`: `Ok(())` or the errno.
+pub fn reset_device(fd: RawFd) -> Result<(), i32> {
+    // SAFETY: the request takes no argument (0 is passed); `fd` is open.
+    if unsafe { libc::ioctl(fd, SENSOR_IOC_RESET, 0 as libc::c_ulong) } < 0 {
+        Err(last_errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// `sensor-hostile` (see the module's documentation).
+pub fn hostile(o: &SensorOpts) -> Result<Checked, String> {
+    let file = open_device(&o.device, Access::Read, false)?;
+    let fd = file.as_raw_fd();
+    let mut c = Checked::new();
+    let info = get_info(fd)?;
+    let wave = Wave {
+        seed: info.seed,
+        amplitude: info.amplitude,
+        period: info.wave_period,
+        noise: info.noise,
+    };
+    let errors_before = get_stats(fd)?.errors;
+    let r = set_rate(fd, o.rate);
+    c.check(r.is_ok(), || {
+        format!("SET_RATE {}: {}", o.rate, outcome(&r))
+    });
+    let mut got: Vec<SensorSample> = Vec::new();
+    let read_more = |got: &mut Vec<SensorSample>, n: usize| -> Result<(), String> {
+        let goal = got.len() + n;
+        while got.len() < goal {
+            let batch = read_samples(fd, 8).map_err(|e| format!("read: {}", errno_name(e)))?;
+            got.extend(batch);
+        }
+        Ok(())
+    };
+    read_more(&mut got, 10)?;
+    marker(&format!("VDEVLAB-READY {}", o.scenario));
+
+    // One overlong used length: that buffer is dropped, nothing else.
+    read_more(&mut got, 60)?;
+    let gaps: Vec<(u32, u32)> = got
+        .windows(2)
+        .filter(|w| w[1].seq != w[0].seq.wrapping_add(1))
+        .map(|w| (w[0].seq, w[1].seq))
+        .collect();
+    let wrong = got.iter().filter(|s| s.value != wave.value(s.seq)).count();
+    let errors = get_stats(fd)?.errors - errors_before;
+    c.report
+        .num("overlong_errors", errors)
+        .num("overlong_gaps", gaps.len() as u64)
+        .num("wrong_values", wrong as u64);
+    c.check(errors == 1 && gaps.len() == 1 && wrong == 0, || {
+        format!(
+            "after one overlong used length: {errors} errors, gaps {gaps:?}, {wrong} wrong values \
+             (expected 1 error, one gap, none wrong)"
+        )
+    });
+    c.check(gaps.iter().all(|(a, b)| b > a), || {
+        format!("seq went backwards: {gaps:?} (stale records delivered)")
+    });
+    marker(&format!("VDEVLAB-READY {}-2", o.scenario));
+
+    // A used id never posted: the queue is broken; reads fail once the
+    // samples already received are read.
+    let t = Instant::now();
+    let end = loop {
+        match read_samples(fd, 8) {
+            Ok(v) if !v.is_empty() && t.elapsed() < Duration::from_secs(20) => continue,
+            Ok(v) => break if v.is_empty() { Ok(0) } else { Err(0) },
+            Err(e) => break Err(e),
+        }
+    };
+    c.report
+        .text("read_broken", &outcome(&end))
+        .num("read_broken_ms", t.elapsed().as_millis() as u64);
+    c.check(end == Err(libc::EIO), || {
+        format!(
+            "a read on a broken queue gave {} (expected EIO)",
+            outcome(&end)
+        )
+    });
+    let revents = poll_one(fd, libc::POLLIN, 0)?;
+    c.report.text("poll_broken", &mask_name(revents as u32));
+    c.check(revents & libc::POLLERR != 0, || {
+        format!("poll on a broken device: {}", mask_name(revents as u32))
+    });
+    let st = get_stats(fd)?;
+    c.check(st.state & STATE_BROKEN != 0, || {
+        format!("GET_STATS state {} without BROKEN", st.state)
+    });
+    let r = set_rate(fd, 0);
+    c.report.text("set_rate_broken", &outcome(&r));
+    c.check(r == Err(libc::EIO), || {
+        format!("SET_RATE on a broken device: {}", outcome(&r))
+    });
+
+    // SENSOR_IOC_RESET brings it back at power-on.
+    let r = reset_device(fd);
+    c.report.text("reset", &outcome(&r));
+    if !c.check(r.is_ok(), || format!("SENSOR_IOC_RESET: {}", outcome(&r))) {
+        return Ok(c);
+    }
+    let st = get_stats(fd)?;
+    c.check(st.state == 0, || {
+        format!("state after the reset: {}", st.state)
+    });
+    let r = set_rate(fd, o.rate);
+    c.check(r.is_ok(), || {
+        format!("SET_RATE after the reset: {}", outcome(&r))
+    });
+    match read_samples(fd, 4) {
+        Ok(v) => {
+            let first = v.first().copied().unwrap_or_default();
+            c.check(!v.is_empty() && first.seq == 0, || {
+                format!("after the reset the first sample is {first:?}, expected seq 0")
+            });
+        }
+        Err(e) => c.fail(format!("read after the reset: {}", errno_name(e))),
+    }
+    let _ = set_rate(fd, 0);
+    Ok(c)
+}
+
 /// Run a sensor scenario from its arguments; `None` if `args` names none.
 pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
     let name = args.first()?;
@@ -915,6 +1050,7 @@ pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
     Some(parse(args).and_then(|o| match o.scenario.as_str() {
         "sensor-stream" => stream(&o),
         "sensor-reset" => reset(&o),
+        "sensor-hostile" => hostile(&o),
         _ => unbind(&o),
     }))
 }

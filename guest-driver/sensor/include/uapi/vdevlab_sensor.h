@@ -132,6 +132,7 @@ struct sensor_stats {
 /* struct sensor_stats.state bits */
 #define SENSOR_STATE_REMOVED	(1ULL << 0)	/* unplugged or unbound: ENODEV */
 #define SENSOR_STATE_STOPPED	(1ULL << 1)	/* a reset failed: control EIO */
+#define SENSOR_STATE_BROKEN	(1ULL << 2)	/* a virtqueue broke: EIO until reset */
 
 /*
  * 'q' 0x50-0x5f: free in Documentation/userspace-api/ioctl/ioctl-number.rst
@@ -152,7 +153,8 @@ struct sensor_stats {
 /*
  * Reset the device: back to power-on (stopped, alarms off, sequence 0);
  * samples and alarms not read yet are dropped.  The way out of
- * SENSOR_STATUS_NEEDS_RESET.  EBUSY while probe is finishing.
+ * SENSOR_STATUS_NEEDS_RESET and SENSOR_STATE_BROKEN.  EBUSY while probe is
+ * finishing.
  */
 #define SENSOR_IOC_RESET	_IO(SENSOR_IOC_MAGIC, 0x55)
 
