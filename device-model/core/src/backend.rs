@@ -33,7 +33,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::QueueError;
 use crate::device::VirtioDevice;
-use crate::engine::{Engine, Pass};
+use crate::engine::{Engine, Pass, MAX_PASS_ROUNDS};
 use crate::irq::IrqAction;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -85,6 +85,9 @@ pub struct CoreBackend<D> {
     /// A queue whose ring was found broken is left alone until the driver
     /// resets it (GET_VRING_BASE) or the VMM reconnects.
     broken: Vec<AtomicBool>,
+    /// Queues stopped (GET_VRING_BASE) since they last ran: when every queue
+    /// is, the device is reset once ([`VirtioDevice::device_reset`]).
+    stopped: Vec<AtomicBool>,
 }
 
 impl<D: VirtioDevice> CoreBackend<D> {
@@ -115,6 +118,7 @@ impl<D: VirtioDevice> CoreBackend<D> {
             stall_timers: timers()?,
             storm_timers: timers()?,
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -227,6 +231,31 @@ impl<D: VirtioDevice> CoreBackend<D> {
             }
         }
         Ok(())
+    }
+
+    /// Honour the passes the device requested ([`crate::Core::request_pass`])
+    /// during this event: at most [`MAX_PASS_ROUNDS`] rounds, each running
+    /// the requested queues that want buffers; what is still requested after
+    /// that waits for the end of the next event.
+    fn requested_passes(&self, vrings: &[VringRwLock]) {
+        for _ in 0..MAX_PASS_ROUNDS {
+            let queues = {
+                let mut eng = self.device();
+                if !eng.core.pass_requested() {
+                    return;
+                }
+                eng.take_pass_requests()
+            };
+            for q in queues {
+                self.pass(q, vrings);
+            }
+        }
+        if self.device().core.pass_requested() {
+            debug!(
+                rounds = MAX_PASS_ROUNDS,
+                "requested passes left for the next event"
+            );
+        }
     }
 
     fn after_pass(&self, queue: u16) -> bool {
@@ -454,6 +483,16 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
         let Engine { device, core } = &mut *eng;
         core.set_needs_reset(false);
         device.queue_stopped(queue_index as u16, core);
+        if let Some(s) = self.stopped.get(queue_index as usize) {
+            s.store(true, Ordering::Release);
+        }
+        if self.stopped.iter().all(|s| s.load(Ordering::Acquire)) {
+            // Every queue is stopped: a device reset (or a disconnect).
+            for s in &self.stopped {
+                s.store(false, Ordering::Release);
+            }
+            device.device_reset(core);
+        }
         Ok(())
     }
 
@@ -473,7 +512,14 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
         let ids = self.ids;
         let n = ids.queues;
         match device_event {
-            q if q < n => self.pass(q, vrings),
+            q if q < n => {
+                // A kick: the queue runs again (for the device-reset
+                // bookkeeping of `stop_vring`).
+                if let Some(s) = self.stopped.get(q as usize) {
+                    s.store(false, Ordering::Release);
+                }
+                self.pass(q, vrings)
+            }
             e if e == ids.device() => {
                 // Level-triggered: consume the count first so we are not
                 // woken again for the same change.
@@ -533,6 +579,9 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
             }
             other => warn!(event = other, "unknown device event"),
         }
+        // Passes the device asked for during this event (one flag check
+        // when it asked for none).
+        self.requested_passes(vrings);
         Ok(())
     }
 }
@@ -548,7 +597,7 @@ pub fn serve<D: VirtioDevice>(
     let name = format!("vdevlab-{}", backend.device().device.name());
     let ids = backend.ids;
     loop {
-        for b in &backend.broken {
+        for b in backend.broken.iter().chain(&backend.stopped) {
             b.store(false, Ordering::Release);
         }
         let mut daemon = VhostUserDaemon::new(

@@ -23,7 +23,8 @@ pub enum Outcome {
     },
     /// Not now (no data for it yet, no room for its data): leave the chain on
     /// the available ring and end this pass over the queue. The core runs the
-    /// queue again on the next kick, tick or control request.
+    /// queue again on the next kick, tick or control request, or when the
+    /// device asks ([`Core::request_pass`]).
     Defer,
     /// The chain is malformed for this device: the core completes it with
     /// length 0, counts it in `bad_chains` and logs it (once at warning
@@ -119,6 +120,13 @@ pub trait VirtioDevice: Send + 'static {
     /// reset, a module unload, a disconnect). The core has already cleared
     /// the queue's broken state and needs-reset.
     fn queue_stopped(&mut self, _queue: u16, _core: &mut Core) {}
+
+    /// Every queue has been stopped since any of them last ran: the driver
+    /// reset the device (or the VMM stopped it). Called once per such reset,
+    /// after the last [`queue_stopped`](Self::queue_stopped); the place to
+    /// return to power-on state (usually [`reset`](Self::reset)).
+    /// A queue counts as running again once it is kicked.
+    fn device_reset(&mut self, _core: &mut Core) {}
 
     /// A device-specific control request: `op` is its `"op"` field and
     /// `request` the whole JSON object. Return `None` if the device does not

@@ -74,6 +74,11 @@ pub struct Pass {
     pub bytes: u64,
 }
 
+/// How many rounds of requested passes ([`Core::request_pass`]) the
+/// transport runs at the end of one event before leaving the remaining
+/// requests for the next event.
+pub const MAX_PASS_ROUNDS: usize = 4;
+
 /// The generic state of a device: its queue list, interrupt policies, armed
 /// faults, needs-reset, counters and timer. A device gets it in every call
 /// of [`VirtioDevice`].
@@ -87,6 +92,11 @@ pub struct Core {
     bad_chain_logged: bool,
     tick_period: Option<Duration>,
     tick_timer: Option<Arc<Mutex<TimerFd>>>,
+    /// Queues a device asked to have served ([`Core::request_pass`]);
+    /// `pass_requested` says whether any is set, so the transport's check
+    /// after every event is one load when nothing was asked.
+    pass_requests: Vec<bool>,
+    pass_requested: bool,
 }
 
 impl Core {
@@ -102,7 +112,43 @@ impl Core {
             bad_chain_logged: false,
             tick_period: None,
             tick_timer: None,
+            pass_requests: vec![false; n],
+            pass_requested: false,
         }
+    }
+
+    /// Ask for a pass over `queue` once the current work is done: a device
+    /// that makes data for another queue while handling a chain (a loopback
+    /// turning a transmit buffer into receive data, a control request that
+    /// starts sampling) calls this from
+    /// [`VirtioDevice::handle_chain`] (or any other callback that gets the
+    /// core) instead of waiting for the next kick or tick.
+    ///
+    /// The transport honours requests at the end of the event it is
+    /// handling (a kick, a tick, a control request, host I/O): it runs each
+    /// requested queue whose [`VirtioDevice::wants_buffers`] holds, in index
+    /// order, never from inside a pass (no recursion). Passes run that way
+    /// may request more; at most [`MAX_PASS_ROUNDS`] rounds run per event,
+    /// and requests still left then stay recorded until the next event
+    /// ends (so a device that requests forever cannot starve the other
+    /// events). A request for a queue that does not exist is ignored.
+    /// Cheap: a flag when used, nothing when not.
+    pub fn request_pass(&mut self, queue: u16) {
+        if let Some(r) = self.pass_requests.get_mut(queue as usize) {
+            *r = true;
+            self.pass_requested = true;
+        }
+    }
+
+    /// [`request_pass`](Self::request_pass) for every queue.
+    pub fn request_all_passes(&mut self) {
+        self.pass_requests.fill(true);
+        self.pass_requested = !self.pass_requests.is_empty();
+    }
+
+    /// Whether a pass was requested and not yet taken.
+    pub fn pass_requested(&self) -> bool {
+        self.pass_requested
     }
 
     /// The queues, in index order.
@@ -294,6 +340,24 @@ impl<D: VirtioDevice> Engine<D> {
     /// and at most 4096 bytes are returned.
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
         crate::config::window(&self.config_space(), offset, size)
+    }
+
+    /// Take the requested passes ([`Core::request_pass`]): the requested
+    /// queues whose [`VirtioDevice::wants_buffers`] holds, in index order,
+    /// and clear every request. Empty (and no allocation) when none was made.
+    pub fn take_pass_requests(&mut self) -> Vec<u16> {
+        if !self.core.pass_requested {
+            return Vec::new();
+        }
+        self.core.pass_requested = false;
+        let device = &self.device;
+        self.core
+            .pass_requests
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(q, r)| std::mem::take(r).then_some(q as u16))
+            .filter(|&q| device.wants_buffers(q))
+            .collect()
     }
 
     /// Serve queue `queue` once: take available chains while the device

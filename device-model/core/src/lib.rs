@@ -34,4 +34,4 @@ pub mod sources;
 
 pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};
 pub use device::{to_fields, Fields, Outcome, VirtioDevice};
-pub use engine::{ConfigChangeUnsupported, Core, CoreCounters, Engine, Pass};
+pub use engine::{ConfigChangeUnsupported, Core, CoreCounters, Engine, Pass, MAX_PASS_ROUNDS};

@@ -121,6 +121,9 @@ impl SensorDevice {
         }
         let (status, value) = self.sensor.control(&self.scratch, Instant::now());
         self.retime(core);
+        // SET_RATE takes the first sample at once: deliver it now, not at
+        // the next tick.
+        core.request_all_passes();
         let mut out = [0u8; CTRL_STATUS_BYTES];
         out[..4].copy_from_slice(&status.to_le_bytes());
         out[4..].copy_from_slice(&value.to_le_bytes());

@@ -22,7 +22,10 @@
 //! sees it, raises interrupts, and gives the device faults (lost or
 //! spurious interrupts, stalls, corrupted data through the damage hook),
 //! the control plane and its generic counters. A kick runs a pass over the
-//! kicked queue; a control request or a timer tick runs every queue.
+//! kicked queue; a control request or a timer tick runs every queue. A
+//! device that makes data for another queue while handling a chain (say,
+//! echoing what it receives on `tx` back on `rx`) calls
+//! `core.request_pass(RX)` to have that queue served at once.
 
 use std::collections::VecDeque;
 
