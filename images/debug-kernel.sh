@@ -103,15 +103,13 @@ rm -f "$DK/.vdevlab-debug-kernel"
 
 TREE=$DK/$SRC
 if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
-    rm -rf "$TREE" "$DK/dl" && mkdir -p "$DK/dl"
-    say "downloading $SRC $VER (about 150 MB)"
-    (cd "$DK/dl" && apt-get download -q -o APT::Sandbox::User=root "$SRC=$VER" >&2) \
-        || die "apt-get download $SRC=$VER failed (stale lists? run apt-get update)"
+    rm -rf "$TREE"
+    # The tarball is cached once and shared with the lab kernel.
+    tarball=$(bash "$(dirname "${BASH_SOURCE[0]}")/kernel-source.sh" "$SRC" "$VER") \
+        || die "could not get the source tarball of $SRC $VER"
     say "unpacking into $TREE (a minute or two)"
-    dpkg-deb --fsys-tarfile "$DK"/dl/"$SRC"_*.deb | tar -xO --wildcards '*/linux-source-*.tar.xz' \
-        | tar -xJ -C "$DK" || die "could not unpack the source tarball of $SRC"
+    tar -xJf "$tarball" -C "$DK" || die "could not unpack $tarball"
     [ -f "$TREE/Makefile" ] || die "no $TREE/Makefile after unpacking $SRC (the tarball's top folder is not $SRC?)"
-    rm -rf "$DK/dl"
     echo "$SRC $VER" > "$TREE/.vdevlab-source"
 else
     say "unpacked ($TREE)"

@@ -12,7 +12,8 @@
 #                                   (modules/, in load order)
 #   $VDEVLAB_CACHE/lab.env          what the Rust harness reads
 #
-# Guest kernels (the matrix; VDEVLAB_KERNELS picks a subset, default both):
+# Guest kernels (the matrix; VDEVLAB_KERNELS picks a subset, default all
+# three):
 #
 #   trixie    trixie-backports' current kernel; virtio built in; the driver
 #             is built inside the root (gcc-14, like the kernel)
@@ -21,6 +22,10 @@
 #             modular; the driver is built on the host, whose gcc-12 is the
 #             kernel's own compiler (the host must be bookworm, or have
 #             bookworm and bookworm-security in its apt sources)
+#   lab       the trimmed lab kernel, built here from Debian's
+#             linux-source-6.12 by images/lab-kernel.sh (a few minutes,
+#             once); fast boots; the driver is built on the host against
+#             its tree, with sparse
 #
 # Idempotent: every step leaves a stamp, and a second run with everything
 # cached only checks the stamps.  Run as root (mmdebstrap, chroot).
@@ -31,14 +36,14 @@ ROOT=$CACHE/trixie-root
 STAMP_VERSION=1
 say() { printf '[vdevlab provision] %s\n' "$*" >&2; }
 die() { printf '[vdevlab provision] error: %s\n' "$*" >&2; exit 1; }
-step() { say "($1/7) $2"; }
+step() { say "($1/8) $2"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: it builds a Debian root with mmdebstrap and runs chroot. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
-KERNELS=${VDEVLAB_KERNELS:-trixie,bookworm}
+KERNELS=${VDEVLAB_KERNELS:-trixie,bookworm,lab}
 case ",$KERNELS," in *,trixie,*) ;; *) die "VDEVLAB_KERNELS=$KERNELS: trixie (the default kernel) must be in the list" ;; esac
 for k in ${KERNELS//,/ }; do
-    case "$k" in trixie|bookworm) ;; *) die "VDEVLAB_KERNELS=$KERNELS: unknown kernel '$k' (known: trixie, bookworm)" ;; esac
+    case "$k" in trixie|bookworm|lab) ;; *) die "VDEVLAB_KERNELS=$KERNELS: unknown kernel '$k' (known: trixie, bookworm, lab)" ;; esac
 done
 want_kernel() { case ",$KERNELS," in *,"$1",*) return 0 ;; esac; return 1; }
 mkdir -p "$CACHE"
@@ -77,12 +82,12 @@ host_pkg() { # host_pkg <command> <package>
 step 1 "host tools (mmdebstrap, unshare, flock; make, gcc-12, objcopy for the bookworm kernel)"
 host_pkg mmdebstrap mmdebstrap
 host_pkg unshare util-linux
-if want_kernel bookworm; then
+if want_kernel bookworm || want_kernel lab; then
     host_pkg make make
     host_pkg gcc-12 gcc-12
     host_pkg objcopy binutils
-    # sparse (C=1) for the driver's bookworm build; trixie's sparse 0.6.4 is
-    # too old for 7.3's headers, bookworm's works with 6.1.
+    # sparse (C=1) for the driver's host builds (bookworm 6.1, lab 6.12);
+    # Debian's sparse 0.6.4 is too old for 7.3's headers, fine with these.
     host_pkg sparse sparse
 fi
 
@@ -383,7 +388,14 @@ else
     say "cached ($(cat "$CP_DIR/source"))"
 fi
 
-step 7 "checking QEMU and writing $CACHE/lab.env"
+if want_kernel lab; then
+    step 7 "the lab kernel (trimmed 6.12, images/lab-kernel.sh)"
+    bash "$(dirname "${BASH_SOURCE[0]}")/lab-kernel.sh" || die "images/lab-kernel.sh failed (see above); set VDEVLAB_KERNELS=trixie,bookworm to provision without the lab kernel"
+else
+    step 7 "the lab kernel: not wanted (VDEVLAB_KERNELS=$KERNELS)"
+fi
+
+step 8 "checking QEMU and writing $CACHE/lab.env"
 QVER=$(in_root /usr/bin/qemu-system-x86_64 --version | head -n 1)
 in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-test-device-pci"' \
     || die "QEMU in $ROOT ($QVER) has no vhost-user-test-device-pci: QEMU 10.2+ needed"
@@ -410,6 +422,9 @@ in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-u
         echo "VDEVLAB_KERNEL_BOOKWORM_BUILD_ROOT=host"
         echo "VDEVLAB_KERNEL_BOOKWORM_MODULES=$BW_MODULES"
     fi
+    if want_kernel lab; then
+        cat "$CACHE/lab-kernel/lab.env"
+    fi
     echo "VDEVLAB_KERNEL_RELEASE=$KREL"
     echo "VDEVLAB_KERNEL=$KDIR/vmlinuz"
     echo "VDEVLAB_KERNEL_HEADERS=/usr/src/$HEADERS"
@@ -421,4 +436,5 @@ if [ -f "$CACHE/debug-kernel/.vdevlab-debug-kernel" ] && [ -f "$CACHE/debug-kern
     cat "$CACHE/debug-kernel/lab.env" >> "$CACHE/lab.env.tmp"
 fi
 mv "$CACHE/lab.env.tmp" "$CACHE/lab.env"
-say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}"
+LAB_REL=$(sed -n 's/^VDEVLAB_KERNEL_LAB_RELEASE=//p' "$CACHE/lab.env")
+say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}${LAB_REL:+, lab $LAB_REL}"

@@ -380,8 +380,9 @@ pub fn build_module(
         }
         BuildPlace::Host => {
             // C=1: sparse checks every file it compiles (provisioned on the
-            // host, whose sparse handles 6.1's headers; trixie's sparse is
-            // too old for 7.3's, so the in-root build runs without it).
+            // host, whose sparse handles 6.1's and 6.12's headers; Debian's
+            // sparse is too old for 7.3's, so the in-root build runs
+            // without it).
             let mut c = Command::new("make");
             c.arg("-C")
                 .arg(&kernel.headers)

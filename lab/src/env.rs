@@ -64,7 +64,8 @@ pub enum BuildPlace {
 /// One guest kernel of the matrix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kernel {
-    /// The series' short name: `trixie` or `bookworm`. Test names and the
+    /// The series' short name: `trixie`, `bookworm`, `lab` (the trimmed
+    /// kernel of `images/lab-kernel.sh`) or `debug`. Test names and the
     /// artifacts use it.
     pub name: String,
     /// `uname -r` in the guest, e.g. `6.1.0-56-amd64`.
@@ -115,7 +116,7 @@ impl LabEnv {
         &self.kernels[0]
     }
 
-    /// The guest kernel named `name` (`trixie`, `bookworm`).
+    /// The guest kernel named `name` (`trixie`, `bookworm`, `lab`, ...).
     pub fn kernel(&self, name: &str) -> Result<&Kernel> {
         self.kernels
             .iter()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The source tarball of a Debian linux-source-<major.minor> package, cached
+# once per version and shared by the kernels the lab builds from it (the lab
+# kernel, images/lab-kernel.sh, and the debug kernel, images/debug-kernel.sh):
+#
+#   kernel-source.sh <package> <version>
+#
+# prints the path of $VDEVLAB_CACHE/sources/<package>_<version>.tar.xz,
+# downloading the package from the host's apt and taking the tarball out of
+# it the first time (about 150 MB). Older versions of the same package are
+# removed when a new one is cached. Run as root (apt-get download into the
+# cache folder).
+set -euo pipefail
+
+CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
+SRCDIR=$CACHE/sources
+die() { printf '[vdevlab kernel-source] error: %s\n' "$*" >&2; exit 1; }
+say() { printf '[vdevlab kernel-source] %s\n' "$*" >&2; }
+
+[ $# -eq 2 ] || die "usage: kernel-source.sh <linux-source-package> <version>"
+PKG=$1 VER=$2
+case "$PKG" in linux-source-[0-9]*) ;; *) die "$PKG is not a linux-source-<major.minor> package" ;; esac
+# A version may hold ':' (an epoch); keep the file name plain.
+OUT=$SRCDIR/${PKG}_${VER//:/%3a}.tar.xz
+mkdir -p "$SRCDIR"
+exec 7>"$SRCDIR/.lock"
+flock 7
+if [ ! -s "$OUT" ]; then
+    tmp=$(mktemp -d "$SRCDIR/dl.XXXXXX")
+    say "downloading $PKG $VER (about 150 MB)"
+    if ! (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$PKG=$VER" >&2); then
+        rm -rf "$tmp"
+        die "apt-get download $PKG=$VER failed (stale lists? run apt-get update)"
+    fi
+    if ! dpkg-deb --fsys-tarfile "$tmp/${PKG}_"*.deb | tar -xO --wildcards '*/linux-source-*.tar.xz' > "$tmp/src.tar.xz" \
+        || [ ! -s "$tmp/src.tar.xz" ]; then
+        rm -rf "$tmp"
+        die "no usr/src/linux-source-*.tar.xz in $PKG $VER"
+    fi
+    mv "$tmp/src.tar.xz" "$OUT"
+    rm -rf "$tmp"
+    # One version per package is enough.
+    for old in "$SRCDIR/${PKG}"_*.tar.xz; do
+        [ "$old" = "$OUT" ] || rm -f "$old"
+    done
+fi
+echo "$OUT"

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Build the lab kernel: a trimmed Linux from Debian's linux-source-6.12 with
+# only what the lab's guests use (images/lab-kernel.config, merged over
+# tinyconfig), for fast boots under TCG. images/provision.sh runs this and
+# lists the result in lab.env as the guest kernel `lab`; it can also be run
+# by itself (as root) to (re)build it.
+#
+#   $VDEVLAB_CACHE/lab-kernel/linux-source-<v>/  the kernel tree, built in
+#                       place (vmlinux, bzImage, modules_prepare): the
+#                       driver is built against it, on the host, with
+#                       `make -C <tree> M=<dir> W=1 C=1`
+#   $VDEVLAB_CACHE/lab-kernel/vmlinux    the ELF image QEMU boots by PVH
+#   $VDEVLAB_CACHE/lab-kernel/vmlinuz    the bzImage (VDEVLAB_PVH=0)
+#   $VDEVLAB_CACHE/lab-kernel/config     its .config
+#   $VDEVLAB_CACHE/lab-kernel/lab.env    its VDEVLAB_KERNEL_LAB_* keys,
+#                       which provision.sh copies into $VDEVLAB_CACHE/lab.env
+#   $VDEVLAB_CACHE/lab-kernel/build-seconds   the build's wall time
+#   $VDEVLAB_CACHE/lab-kernel/build.log       the build's output
+#
+# The source tarball is shared with the debug kernel (images/kernel-source.sh,
+# $VDEVLAB_CACHE/sources/). The package is linux-source-6.12 (bookworm's
+# security and backports suites carry it), or VDEVLAB_LAB_SOURCE; the config
+# fragment is checked against that series. A rebuild happens when the
+# package version, the fragment or STAMP_VERSION changes.
+#
+# Needs: root (apt-get for the build dependencies and the source) on a
+# Debian host. Two CPUs take a few minutes.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
+LK=$CACHE/lab-kernel
+FRAGMENT=$HERE/lab-kernel.config
+# Bump when the build steps below change: the kernel is then rebuilt.
+STAMP_VERSION=1
+SRC=${VDEVLAB_LAB_SOURCE:-linux-source-6.12}
+JOBS=${VDEVLAB_LAB_JOBS:-$(nproc)}
+say() { printf '[vdevlab lab-kernel] %s\n' "$*" >&2; }
+die() { printf '[vdevlab lab-kernel] error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root: it installs the kernel's build dependencies with apt-get. Re-run with sudo."
+[ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
+command -v apt-get >/dev/null 2>&1 || die "this host has no apt-get: the lab kernel is built from Debian's $SRC package"
+[ -f "$FRAGMENT" ] || die "no $FRAGMENT"
+mkdir -p "$LK"
+exec 6>"$LK/.lock"
+flock 6
+
+# Asking apt for the candidate takes seconds, and every test process
+# provisions: reuse the last answer while the host's apt lists are unchanged.
+fingerprint() {
+    { echo "$SRC"; stat -c '%n %Y %s' /var/lib/apt/lists/*_Packages* 2>/dev/null; } | md5sum | cut -d' ' -f1
+}
+fp=$(fingerprint)
+VER=""
+if [ -f "$LK/choice" ]; then
+    read -r cfp cver < "$LK/choice" || true
+    [ "${cfp:-}" = "$fp" ] && VER=${cver:-}
+fi
+if [ -z "$VER" ]; then
+    VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+    if [ -z "$VER" ] || [ "$VER" = "(none)" ]; then
+        say "no candidate for $SRC; apt-get update (host)"
+        apt-get update -q >&2 || die "apt-get update failed on the host"
+        fp=$(fingerprint)
+        VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+    fi
+    [ -n "$VER" ] && [ "$VER" != "(none)" ] \
+        || die "the host's apt has no $SRC: add bookworm-security or bookworm-backports to its sources (or set VDEVLAB_LAB_SOURCE=linux-source-<v>)"
+    echo "$fp $VER" > "$LK/choice"
+fi
+WANT="$STAMP_VERSION $SRC $VER $(md5sum < "$FRAGMENT" | cut -d' ' -f1)"
+if [ "$(cat "$LK/.vdevlab-lab-kernel" 2>/dev/null)" = "$WANT" ] && [ -f "$LK/lab.env" ]; then
+    say "cached ($(sed -n 's/^VDEVLAB_KERNEL_LAB_RELEASE=//p' "$LK/lab.env"), built in $(cat "$LK/build-seconds" 2>/dev/null || echo '?') s)"
+    exit 0
+fi
+rm -f "$LK/.vdevlab-lab-kernel"
+say "building the lab kernel from $SRC $VER (a few minutes; log $LK/build.log)"
+
+# Build dependencies: the compiler and kbuild's host tools (objtool needs
+# libelf).
+DEPS="build-essential bc bison flex libelf-dev libssl-dev"
+missing=""
+for p in $DEPS; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    say "installing:$missing"
+    apt-get update -q >&2 || die "apt-get update failed on the host"
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2 \
+        || die "could not install the build dependencies: apt-get install$missing"
+fi
+
+TREE=$LK/$SRC
+if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
+    tarball=$(bash "$HERE/kernel-source.sh" "$SRC" "$VER")
+    rm -rf "$TREE" "$LK/unpack.tmp" && mkdir -p "$LK/unpack.tmp"
+    say "unpacking $(basename "$tarball") (about a minute)"
+    tar -xJf "$tarball" -C "$LK/unpack.tmp" || die "could not unpack $tarball"
+    [ -f "$LK/unpack.tmp/$SRC/Makefile" ] || die "no $SRC/Makefile in $tarball"
+    mv "$LK/unpack.tmp/$SRC" "$TREE"
+    rm -rf "$LK/unpack.tmp"
+    echo "$SRC $VER" > "$TREE/.vdevlab-source"
+fi
+
+say "configuring: tinyconfig + $(basename "$FRAGMENT")"
+cd "$TREE"
+export ARCH=x86_64
+make -s tinyconfig >/dev/null || die "make tinyconfig failed in $TREE"
+scripts/kconfig/merge_config.sh -m .config "$FRAGMENT" >/dev/null || die "merging $FRAGMENT failed"
+make -s olddefconfig >&2 || die "make olddefconfig failed in $TREE"
+# Verify: olddefconfig silently drops what it cannot satisfy.
+bad=""; n=0
+while IFS= read -r line; do
+    case "$line" in
+        CONFIG_*=*)
+            n=$((n + 1))
+            grep -qxF "$line" .config || bad="$bad ${line%%=*}(want ${line#*=}, got $(sed -n "s/^${line%%=*}=//p" .config | grep . || echo unset))"
+            ;;
+        "# CONFIG_"*" is not set")
+            n=$((n + 1))
+            opt=${line#\# }; opt=${opt%% *}
+            if grep -q "^$opt=" .config; then bad="$bad $opt(want unset, got $(sed -n "s/^$opt=//p" .config))"; fi
+            ;;
+    esac
+done < "$FRAGMENT"
+[ -z "$bad" ] || die "after 'make olddefconfig' these options differ from $FRAGMENT:$bad (a missing dependency in $SRC? see 'make menuconfig' in $TREE)"
+say "config verified: all $n options of $(basename "$FRAGMENT") as asked"
+
+say "building vmlinux, bzImage, modules_prepare and modules (Module.symvers) with -j$JOBS"
+start=$(date +%s)
+make -j"$JOBS" bzImage modules_prepare modules > "$LK/build.log" 2>&1 &
+pid=$!
+# Progress: a line every 30 s.
+while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && say "still building: $(grep -c '^  CC ' "$LK/build.log" || true) files compiled, $(( $(date +%s) - start )) s"
+done
+if ! wait "$pid"; then
+    tail -n 30 "$LK/build.log" >&2
+    die "the kernel build failed: see $LK/build.log"
+fi
+[ -s Module.symvers ] || die "no Module.symvers in $TREE after the build: out-of-tree modules cannot be linked against it"
+secs=$(( $(date +%s) - start ))
+echo "$secs" > "$LK/build-seconds"
+say "built in ${secs} s"
+
+REL=$(make -s kernelrelease)
+[ -n "$REL" ] || die "make kernelrelease printed nothing in $TREE"
+# XEN_ELFNOTE_PHYS32_ENTRY (18): the PVH entry point QEMU boots.
+readelf -n vmlinux | grep -Eq 'Xen .*(0x00000012|PHYS32_ENTRY)' \
+    || die "$TREE/vmlinux has no PVH entry note: is CONFIG_PVH=y?"
+cp vmlinux "$LK/vmlinux.tmp" && mv "$LK/vmlinux.tmp" "$LK/vmlinux"
+cp arch/x86/boot/bzImage "$LK/vmlinuz.tmp" && mv "$LK/vmlinuz.tmp" "$LK/vmlinuz"
+cp .config "$LK/config"
+{
+    echo "VDEVLAB_KERNEL_LAB_RELEASE=$REL"
+    echo "VDEVLAB_KERNEL_LAB_IMAGE=$LK/vmlinuz"
+    echo "VDEVLAB_KERNEL_LAB_HEADERS=$TREE"
+    echo "VDEVLAB_KERNEL_LAB_BUILD_ROOT=host"
+    echo "VDEVLAB_KERNEL_LAB_MODULES="
+} > "$LK/lab.env"
+echo "$WANT" > "$LK/.vdevlab-lab-kernel"
+say "ready: lab kernel $REL ($SRC $VER), built in ${secs} s"
