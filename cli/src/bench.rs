@@ -34,10 +34,15 @@ pub struct BenchArgs {
     /// (default 3; 1 with --quick); the median is reported.
     #[arg(long)]
     reps: Option<usize>,
-    /// Also boot the guest this many times without a scenario and report
-    /// the boot times (VMM start to init, and to the driver bound).
-    #[arg(long, default_value_t = 0)]
-    boot_runs: usize,
+    /// Boots without a scenario per kernel and image, for the boot times
+    /// (VMM start to init, and to the driver bound); default 1, 0 with
+    /// --quick.
+    #[arg(long)]
+    boot_runs: Option<usize>,
+    /// Kernels of those boots, comma separated (default: every provisioned
+    /// kernel).
+    #[arg(long, value_delimiter = ',')]
+    boot_kernels: Vec<String>,
     /// Where the JSON report and the SVG pictures go (default:
     /// target/lab-runs/bench/).
     #[arg(long)]
@@ -71,8 +76,18 @@ fn latency_table(r: &BenchReport) -> String {
         r.warmup
     ));
     out.push_str(&format!(
-        "{:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}\n",
-        "model", "device", "p50", "p90", "p99", "p99.9", "max", "×vs p50", "×vs p99", "×vs max",
+        "{:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {:>8} {:>8} {:>8}  {:>11}\n",
+        "model",
+        "device",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+        "×vs p50",
+        "×vs p99",
+        "×vs max",
+        "CPU/msg",
     ));
     let mut models: Vec<&str> = Vec::new();
     for l in &r.latency {
@@ -104,8 +119,13 @@ fn latency_table(r: &BenchReport) -> String {
                 ),
                 _ => (String::new(), String::new(), String::new()),
             };
+            let cpu = match (l.vmm_cpu_us_per_msg, l.backend_cpu_us_per_msg) {
+                (Some(v), Some(b)) => format!("{v:.0}+{b:.0}"),
+                (Some(v), None) => format!("{v:.0}"),
+                _ => String::new(),
+            };
             out.push_str(&format!(
-                "{name:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {r50:>8} {r99:>8} {rmax:>8}\n",
+                "{name:<12} {:<14} {:>8} {:>8} {:>8} {:>8} {:>8}  {r50:>8} {r99:>8} {rmax:>8}  {cpu:>11}\n",
                 dev.name(),
                 us(s.p50_ns),
                 us(s.p90_ns),
@@ -129,7 +149,7 @@ fn latency_table(r: &BenchReport) -> String {
         ));
     }
     out.push_str(
-        "×vs: qw / virtio-serial (above 1: qw slower). Both through a Unix socket on the host: qw's data port, the port's chardev\n",
+        "×vs: qw / virtio-serial (above 1: qw slower). Both through a Unix socket on the host: qw's data port, the port's chardev.\nCPU/msg: host CPU µs per round trip, QEMU (+ qw's backend)\n",
     );
     out
 }
@@ -283,34 +303,59 @@ fn size_name(size: usize) -> String {
 fn boot_table(r: &BenchReport) -> String {
     let ms = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
     let mut out = format!(
-        "Boot, ms from VMM start: the bench boot ({}): init {}, driver ready {}, QEMU CPU {}\n",
+        "Boot, ms from VMM start (QEMU CPU = CPU time QEMU used by driver-ready; in kernel = the guest's uptime at init)\n  the bench boot ({} {}): init {}, driver ready {}, QEMU CPU {}, in kernel {}\n",
+        r.boot.kernel,
         r.boot.image,
         ms(r.boot.boot_ms),
         ms(r.boot.driver_ready_ms),
-        ms(r.boot.vmm_cpu_ms)
+        ms(r.boot.vmm_cpu_ms),
+        ms(r.boot.guest_uptime_ms),
     );
-    let mut images: Vec<&str> = r.boot_runs.iter().map(|b| b.image.as_str()).collect();
-    images.dedup();
-    images.sort_unstable();
-    images.dedup();
-    for image in images {
-        let runs: Vec<&bench::BootTimes> =
-            r.boot_runs.iter().filter(|b| b.image == image).collect();
+    let mut keys: Vec<(&str, &str)> = Vec::new();
+    for b in &r.boot_runs {
+        if !keys.contains(&(b.kernel.as_str(), b.image.as_str())) {
+            keys.push((&b.kernel, &b.image));
+        }
+    }
+    if !keys.is_empty() {
+        out.push_str(&format!(
+            "  {:<10} {:<8} {:>5}  {:>16} {:>16} {:>16} {:>16}\n",
+            "kernel", "image", "boots", "init", "driver ready", "QEMU CPU", "in kernel"
+        ));
+    }
+    for (kernel, image) in keys {
+        let runs: Vec<&bench::BootTimes> = r
+            .boot_runs
+            .iter()
+            .filter(|b| b.kernel == kernel && b.image == image)
+            .collect();
         let med = |f: fn(&bench::BootTimes) -> Option<u64>| {
-            let mut v: Vec<u64> = runs.iter().filter_map(|b| f(b)).collect();
+            let mut v: Vec<u64> = runs
+                .iter()
+                .filter(|b| b.error.is_none())
+                .filter_map(|b| f(b))
+                .collect();
             v.sort_unstable();
             match (v.get(v.len() / 2), v.first(), v.last()) {
-                (Some(m), Some(lo), Some(hi)) => format!("{m} ({lo}-{hi})"),
-                _ => "?".into(),
+                (Some(m), Some(lo), Some(hi)) if v.len() > 1 => format!("{m} ({lo}-{hi})"),
+                (Some(m), ..) => m.to_string(),
+                _ => "n/a".into(),
             }
         };
         out.push_str(&format!(
-            "  {} boots of {image}: median (min-max) init {}, driver ready {}, QEMU CPU {}\n",
+            "  {kernel:<10} {image:<8} {:>5}  {:>16} {:>16} {:>16} {:>16}\n",
             runs.len(),
             med(|b| b.boot_ms),
             med(|b| b.driver_ready_ms),
             med(|b| b.vmm_cpu_ms),
+            med(|b| b.guest_uptime_ms),
         ));
+        for b in runs.iter().filter(|b| b.error.is_some()) {
+            out.push_str(&format!(
+                "    failed: {}\n",
+                short(b.error.as_deref().unwrap_or_default())
+            ));
+        }
     }
     out
 }
@@ -642,7 +687,10 @@ pub fn run(args: BenchArgs) -> Result<bool> {
     if let Some(n) = args.reps {
         o.reps = n.max(1);
     }
-    o.boot_runs = args.boot_runs;
+    if let Some(n) = args.boot_runs {
+        o.boot_runs = n;
+    }
+    o.boot_kernels = args.boot_kernels.clone();
     eprintln!(
         "[vdevlab] provisioning the lab and building the guest image (cached after the first run)"
     );
@@ -678,6 +726,8 @@ mod tests {
                 device,
                 summary: Summary::of(&samples),
                 samples_ns: samples,
+                vmm_cpu_us_per_msg: Some(40.0),
+                backend_cpu_us_per_msg: None,
                 guest: None,
                 error: error.map(str::to_string),
             }
@@ -712,12 +762,40 @@ mod tests {
             samples: 500,
             warmup: 10,
             boot: BootTimes {
+                kernel: "trixie".into(),
                 image: "vmlinux".into(),
                 boot_ms: Some(9000),
                 driver_ready_ms: Some(9200),
                 vmm_cpu_ms: Some(8000),
+                guest_uptime_ms: Some(7000),
+                error: None,
             },
-            boot_runs: Vec::new(),
+            boot_runs: vec![
+                BootTimes {
+                    kernel: "lab".into(),
+                    image: "vmlinux".into(),
+                    boot_ms: Some(1500),
+                    driver_ready_ms: Some(1900),
+                    vmm_cpu_ms: Some(1700),
+                    guest_uptime_ms: Some(1000),
+                    error: None,
+                },
+                BootTimes {
+                    kernel: "lab".into(),
+                    image: "vmlinux".into(),
+                    boot_ms: Some(1700),
+                    driver_ready_ms: Some(2100),
+                    vmm_cpu_ms: Some(1800),
+                    guest_uptime_ms: Some(1100),
+                    error: None,
+                },
+                BootTimes {
+                    kernel: "lab".into(),
+                    image: "vmlinuz".into(),
+                    error: Some("no VDEVLAB-BOOT".into()),
+                    ..BootTimes::default()
+                },
+            ],
             latency: vec![
                 lat("poll", Device::Qw, 300_000, None),
                 lat("poll", Device::VirtioSerial, 150_000, None),
@@ -767,9 +845,17 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("the bench boot (vmlinux): init 9000, driver ready 9200"),
+            t.contains("the bench boot (trixie vmlinux): init 9000, driver ready 9200"),
             "{t}"
         );
+        // Boot runs: the median of two and its range; a failed boot.
+        assert!(
+            t.lines().any(|l| l.contains("lab")
+                && l.contains("vmlinux")
+                && l.contains("2100 (1900-2100)")),
+            "{t}"
+        );
+        assert!(t.contains("failed: no VDEVLAB-BOOT"), "{t}");
     }
 
     #[test]

@@ -83,8 +83,11 @@ pub struct BenchOptions {
     pub reps: usize,
     /// Skip the throughput runs.
     pub no_throughput: bool,
-    /// Extra boots without any scenario, to measure boot time.
+    /// Boots without any scenario per kernel and image, to measure boot
+    /// time.
     pub boot_runs: usize,
+    /// The kernels those boots use (empty: every provisioned kernel).
+    pub boot_kernels: Vec<String>,
 }
 
 impl BenchOptions {
@@ -103,7 +106,8 @@ impl BenchOptions {
             stream_bytes: vec![512 << 10, 4 << 20, 16 << 20],
             reps: 3,
             no_throughput: false,
-            boot_runs: 0,
+            boot_runs: 1,
+            boot_kernels: Vec::new(),
         }
     }
 
@@ -115,6 +119,7 @@ impl BenchOptions {
             warmup: 50,
             stream_bytes: vec![256 << 10, 2 << 20, 8 << 20],
             reps: 1,
+            boot_runs: 0,
             ..Self::full(kernel)
         }
     }
@@ -217,6 +222,14 @@ pub struct Latency {
     pub summary: Summary,
     /// Every round-trip time, in order, ns.
     pub samples_ns: Vec<u64>,
+    /// Host CPU time of the VMM (all QEMU threads) per echoed message, µs
+    /// (over the whole run, warm-up included): what one round trip costs
+    /// the emulator, whatever the load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_cpu_us_per_msg: Option<f64>,
+    /// The same for the qw backend process (qw runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_cpu_us_per_msg: Option<f64>,
     /// What the guest program reported (its counters).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<serde_json::Value>,
@@ -351,6 +364,8 @@ fn cpu_ns(pid: u32) -> Option<u64> {
 /// Boot times, ms from VMM start.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BootTimes {
+    /// The guest kernel's name (`trixie`, `bookworm`, `lab`, ...).
+    pub kernel: String,
     /// The kernel image booted: `vmlinux` (PVH direct boot) or `vmlinuz`.
     pub image: String,
     /// To the guest's init (`VDEVLAB-BOOT`).
@@ -360,6 +375,29 @@ pub struct BootTimes {
     /// CPU time the VMM process had used by then (all its threads): less
     /// sensitive than wall time to other load on a shared machine.
     pub vmm_cpu_ms: Option<u64>,
+    /// The guest kernel's own clock at init (`uptime=` of `VDEVLAB-BOOT`):
+    /// the part of `boot_ms` spent in the kernel; the rest is the VMM's
+    /// start, firmware and loading the kernel.
+    pub guest_uptime_ms: Option<u64>,
+    /// Why the boot failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The `uptime=<seconds>` of a `VDEVLAB-BOOT` line, in ms.
+pub fn uptime_ms(boot_line: &str) -> Option<u64> {
+    let v = boot_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("uptime="))?;
+    Some((v.parse::<f64>().ok()? * 1000.0).round() as u64)
+}
+
+/// Wait for the boot markers: the init line's guest uptime, then the
+/// driver.
+fn wait_boot(guest: &mut Guest) -> Result<Option<u64>> {
+    let line = guest.wait_for("VDEVLAB-BOOT", crate::scenario::BOOT_TIMEOUT)?;
+    guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
+    Ok(uptime_ms(&line))
 }
 
 /// CPU time (user + system) of process `pid` so far, ms.
@@ -962,35 +1000,57 @@ fn machine(lab: &Lab, kernel: &crate::env::Kernel) -> Machine {
     }
 }
 
-/// Boot `kernel` with no scenario `n` times per kernel image (`vmlinuz`,
-/// and `vmlinux` by PVH when provisioned), alternating; the boot times of
-/// each.
+/// Boot each of `kernels` with no scenario, `n` times, per kernel image
+/// (`vmlinux` by PVH where provisioning extracted one, and `vmlinuz`),
+/// round-robin so that load changes hit all alike; the boot times of each.
+/// A boot that fails is reported with its error, not fatal.
 pub fn boot_times(
     lab: &Lab,
     art: &crate::artifacts::Artifacts,
-    kernel: &str,
+    kernels: &[String],
     n: usize,
+    mut progress: impl FnMut(&str),
 ) -> Result<Vec<BootTimes>> {
-    let k = lab.env.kernel(kernel)?;
-    let mut ways = vec![Some(false)];
-    if k.image.with_file_name("vmlinux").is_file() {
-        ways.push(Some(true));
-    }
     let mut out = Vec::new();
-    for _ in 0..n {
-        for &pvh in &ways {
-            let mut spec = BootSpec::new("bench-boot", Vec::new()).on_kernel(kernel);
-            spec.pvh = pvh;
-            let image = image_name(k, &spec);
-            let mut guest = Guest::boot(&lab.env, art, &spec)?;
-            guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
-            out.push(BootTimes {
-                image,
-                boot_ms: guest.boot_ms,
-                driver_ready_ms: guest.driver_ready_ms,
-                vmm_cpu_ms: cpu_ms(guest.vmm_pid()),
-            });
-            let _ = guest.finish(Duration::from_secs(30));
+    for round in 0..n {
+        for name in kernels {
+            let k = lab.env.kernel(name)?;
+            let mut ways = Vec::new();
+            if k.image.with_file_name("vmlinux").is_file() {
+                ways.push(true);
+            }
+            ways.push(false);
+            for pvh in ways {
+                let mut spec = BootSpec::new("bench-boot", Vec::new()).on_kernel(name);
+                spec.pvh = Some(pvh);
+                let mut b = BootTimes {
+                    kernel: name.clone(),
+                    image: image_name(k, &spec),
+                    ..BootTimes::default()
+                };
+                progress(&format!(
+                    "boot {}/{n}: {name} ({}), {}",
+                    round + 1,
+                    k.release,
+                    b.image
+                ));
+                match Guest::boot(&lab.env, art, &spec) {
+                    Ok(mut guest) => {
+                        match wait_boot(&mut guest) {
+                            Ok(up) => {
+                                b.vmm_cpu_ms = cpu_ms(guest.vmm_pid());
+                                b.guest_uptime_ms = up;
+                            }
+                            Err(e) => b.error = Some(format!("{e:#}")),
+                        }
+                        b.boot_ms = guest.boot_ms;
+                        b.driver_ready_ms = guest.driver_ready_ms;
+                        let _ = guest.finish(Duration::from_secs(30));
+                    }
+                    Err(e) => b.error = Some(format!("{e:#}")),
+                }
+                out.push(b);
+            }
         }
     }
     Ok(out)
@@ -1029,6 +1089,8 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
         device: Device::Pipe,
         summary: Summary::of(&rtts),
         samples_ns: rtts,
+        vmm_cpu_us_per_msg: None,
+        backend_cpu_us_per_msg: None,
         guest: None,
         error: None,
     });
@@ -1078,8 +1140,9 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
     let mut qw = Link::connect(&guest.data_path, Duration::from_secs(30))?;
     let console = guest.console_path.clone();
     let mut driver_cpu_ms = None;
+    let mut boot_uptime = None;
     let outcome = (|| -> Result<()> {
-        guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
+        boot_uptime = wait_boot(&mut guest)?;
         driver_cpu_ms = cpu_ms(guest.vmm_pid());
         let mut ctl = guest.control()?;
         let (vmm_pid, backend_pid) = (guest.vmm_pid(), guest.backend_pid());
@@ -1104,6 +1167,8 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                         device: *device,
                         summary: Summary::default(),
                         samples_ns: Vec::new(),
+                        vmm_cpu_us_per_msg: None,
+                        backend_cpu_us_per_msg: None,
                         guest: None,
                         error: None,
                     };
@@ -1119,7 +1184,19 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                                 &mut port
                             };
                             link.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+                            let (vmm0, be0) = (cpu_ns(vmm_pid), cpu_ns(backend_pid));
                             let r = echo_stream(&mut link.stream, *msgs, epoch);
+                            let per_msg = |before: Option<u64>, pid: u32| {
+                                Some(
+                                    cpu_ns(pid)?.saturating_sub(before?) as f64
+                                        / 1e3
+                                        / (*msgs).max(1) as f64,
+                                )
+                            };
+                            res.vmm_cpu_us_per_msg = per_msg(vmm0, vmm_pid);
+                            if *device == Device::Qw {
+                                res.backend_cpu_us_per_msg = per_msg(be0, backend_pid);
+                            }
                             link.stream.set_read_timeout(None)?;
                             let v =
                                 wait_result(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)?;
@@ -1142,11 +1219,14 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
                         recover(&mut ctl, &mut qw, &mut port, *device)?;
                     } else {
                         let s = &res.summary;
+                        let us = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.1} µs"));
                         progress(&format!(
-                            "  p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+                            "  p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; CPU per message: QEMU {}, backend {}",
                             s.p50_ns as f64 / 1e3,
                             s.p99_ns as f64 / 1e3,
-                            s.max_ns as f64 / 1e3
+                            s.max_ns as f64 / 1e3,
+                            us(res.vmm_cpu_us_per_msg),
+                            us(res.backend_cpu_us_per_msg)
                         ));
                     }
                     latency.push(res);
@@ -1241,10 +1321,13 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
         Ok(())
     })();
     let boot = BootTimes {
+        kernel: kernel.name.clone(),
         image: image_name(&kernel, &spec),
         boot_ms: guest.boot_ms,
         driver_ready_ms: guest.driver_ready_ms,
         vmm_cpu_ms: driver_cpu_ms,
+        guest_uptime_ms: boot_uptime,
+        error: None,
     };
     let finished = guest.finish(Duration::from_secs(60));
     let mut rec = RunRecord::new(
@@ -1285,11 +1368,21 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
 
     let mut boot_runs = Vec::new();
     if o.boot_runs > 0 {
+        let kernels = if o.boot_kernels.is_empty() {
+            lab.env
+                .kernel_names()
+                .iter()
+                .map(|k| k.to_string())
+                .collect()
+        } else {
+            o.boot_kernels.clone()
+        };
         progress(&format!(
-            "{} boots without a scenario, for boot time",
-            o.boot_runs
+            "boot time: {} boot(s) per kernel and image without a scenario ({})",
+            o.boot_runs,
+            kernels.join(", ")
         ));
-        boot_runs = boot_times(lab, art, &kernel.name, o.boot_runs)?;
+        boot_runs = boot_times(lab, art, &kernels, o.boot_runs, &mut progress)?;
     }
     machine.loadavg_end = loadavg();
     Ok(BenchReport {
@@ -1324,6 +1417,15 @@ fn recover(ctl: &mut ControlClient, qw: &mut Link, port: &mut Link, device: Devi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_line_uptime() {
+        assert_eq!(
+            uptime_ms("VDEVLAB-BOOT uptime=4.37 kernel=7.3.4+deb13-amd64"),
+            Some(4370)
+        );
+        assert_eq!(uptime_ms("VDEVLAB-BOOT kernel=x"), None);
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -91,7 +91,7 @@ mod tests {
                 "--cpus",
                 "boot=1",
                 "--memory",
-                "size=512M,shared=on",
+                "size=256M,shared=on",
                 "--kernel",
                 "/lab/vmlinuz",
                 "--initramfs",

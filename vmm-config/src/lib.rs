@@ -606,7 +606,7 @@ mod tests {
         let expected = VmConfig::new("/lab/vmlinuz")
             .with_initramfs("/lab/initramfs.cpio")
             .with_cmdline("console=ttyS0 panic=-1")
-            .with_memory_mib(512)
+            .with_memory_mib(256)
             .with_vcpus(1)
             .with_accel(Accel::Tcg)
             .with_device(
@@ -652,7 +652,7 @@ mod tests {
 
     #[test]
     fn unknown_top_level_field_is_rejected() {
-        let text = LAB_CONFIG_TOML.replace("memory_mib = 512", "memory_mb = 512");
+        let text = LAB_CONFIG_TOML.replace("memory_mib = 256", "memory_mb = 256");
         assert_ne!(text, LAB_CONFIG_TOML);
         let err = VmConfig::from_toml_str(&text).unwrap_err();
         assert!(matches!(err, ConfigError::Toml(_)), "{err:?}");
