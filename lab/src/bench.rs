@@ -92,7 +92,7 @@ pub struct BenchOptions {
 
 impl BenchOptions {
     /// The full run: 10,000 samples per model and device, and streams of
-    /// 512 KiB (64 B), 4 MiB (4 KiB) and 16 MiB (64 KiB), three times each.
+    /// 256 KiB (64 B), 2 MiB (4 KiB) and 8 MiB (64 KiB), three times each.
     pub fn full(kernel: &str) -> Self {
         Self {
             kernel: kernel.into(),
@@ -103,7 +103,7 @@ impl BenchOptions {
                 .map(|m| m.to_string())
                 .collect(),
             sizes: SIZES.to_vec(),
-            stream_bytes: vec![512 << 10, 4 << 20, 16 << 20],
+            stream_bytes: vec![256 << 10, 2 << 20, 8 << 20],
             reps: 3,
             no_throughput: false,
             boot_runs: 1,
@@ -111,13 +111,11 @@ impl BenchOptions {
         }
     }
 
-    /// A quick run: 1,000 samples and each stream once (256 KiB, 2 MiB,
-    /// 8 MiB).
+    /// A quick run: 1,000 samples, each stream once, no boot-time boots.
     pub fn quick(kernel: &str) -> Self {
         Self {
             samples: 1000,
             warmup: 50,
-            stream_bytes: vec![256 << 10, 2 << 20, 8 << 20],
             reps: 1,
             boot_runs: 0,
             ..Self::full(kernel)
