@@ -132,6 +132,10 @@ say "building vmlinux, bzImage, modules_prepare and modules (Module.symvers) wit
 start=$(date +%s)
 make -j"$JOBS" bzImage modules_prepare modules > "$LK/build.log" 2>&1 &
 pid=$!
+# If this script is stopped, stop the build too (make passes SIGTERM on to
+# its jobs) rather than leave it running unseen.
+trap 'kill -TERM "$pid" 2>/dev/null || true' EXIT
+trap 'exit 143' TERM INT HUP
 # Progress: a line every 30 s.
 while kill -0 "$pid" 2>/dev/null; do
     for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
@@ -141,6 +145,7 @@ if ! wait "$pid"; then
     tail -n 30 "$LK/build.log" >&2
     die "the kernel build failed: see $LK/build.log"
 fi
+trap - EXIT
 [ -s Module.symvers ] || die "no Module.symvers in $TREE after the build: out-of-tree modules cannot be linked against it"
 secs=$(( $(date +%s) - start ))
 echo "$secs" > "$LK/build-seconds"
