@@ -185,6 +185,7 @@ fn interactive_lab_shell_and_control_plane() {
     });
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut ctl = None;
+    let mut run_folder = None;
     let mut log = Vec::new();
     loop {
         let line = rx
@@ -193,6 +194,9 @@ fn interactive_lab_shell_and_control_plane() {
         if let Some(p) = line.strip_prefix("[vdevlab] control socket: ") {
             ctl = Some(PathBuf::from(p));
         }
+        if let Some((_, p)) = line.split_once("; run folder ") {
+            run_folder = Some(PathBuf::from(p));
+        }
         let ready = line.contains("the guest shell is ready");
         log.push(line);
         if ready {
@@ -200,6 +204,13 @@ fn interactive_lab_shell_and_control_plane() {
         }
     }
     let ctl = ctl.expect("the control socket is printed");
+    let run_folder = run_folder.expect("the run folder is printed");
+    // The run folder links to the socket, which lives in a short private
+    // folder (the run folder may be too deep for a socket path).
+    assert_eq!(
+        std::fs::read_link(run_folder.join("ctl.sock")).unwrap(),
+        ctl
+    );
     // The control plane, from another "terminal", while the guest is up.
     let (code, text) = run(vdevlab_command().args(["device", "-c"]).arg(&ctl).args([
         "inject",
@@ -241,9 +252,11 @@ fn interactive_lab_shell_and_control_plane() {
         rest.iter().any(|l| l.contains("the guest powered off")),
         "{rest:?}"
     );
-    // Torn down: no socket left, nobody listening.
+    // Torn down: no socket left, nobody listening, the private folder gone.
     assert!(!ctl.exists(), "{} is left behind", ctl.display());
-    let dir = ctl.parent().unwrap();
+    let sockets = ctl.parent().unwrap();
+    assert!(!sockets.exists(), "{} is left behind", sockets.display());
+    let dir = run_folder.as_path();
     let socks: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()

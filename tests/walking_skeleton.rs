@@ -321,6 +321,63 @@ fn two_device_instances() {
     }
 }
 
+/// A run folder more than 200 characters deep, as in a CI workspace or a
+/// monorepo: no socket path follows it (each would be far over the 107
+/// bytes a socket address holds), so two instances with all their sockets
+/// still boot and pass, and the run is recorded there.
+#[test]
+fn run_folder_200_characters_deep() {
+    let mut deep = vdevlab_lab::env::target_dir().join("lab-runs").join("deep");
+    let mut n = 0;
+    while deep.as_os_str().len() < 200 {
+        deep.push(format!("a-folder-as-deep-as-ci-workspaces-nest-{n}"));
+        n += 1;
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    // SAFETY: set before the harness starts any thread; nextest runs each
+    // test in a process of its own.
+    unsafe { std::env::set_var("VDEVLAB_RUNS_DIR", &deep) };
+    let (lab, kernel) = lab_kernel(vdevlab_lab::env::DEFAULT_KERNEL);
+    let mut cases = vec![
+        StreamCase::new("blocking-rx", 20_000, 21),
+        StreamCase::new("blocking-tx", 20_000, 22),
+    ];
+    cases[1].instance = 1;
+    let outs =
+        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    for out in &outs {
+        assert_passed(out);
+        let console = out.record.console.as_ref().expect("a console");
+        assert!(console.starts_with(&deep), "{}", console.display());
+        let run = console.parent().unwrap();
+        assert!(run.as_os_str().len() > 200);
+        // Each backend served on a short path, which went with the run.
+        for log in ["backend.log", "backend1.log"] {
+            let text = std::fs::read_to_string(run.join(log)).unwrap();
+            let sockets: Vec<&str> = text
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("socket="))
+                .collect();
+            assert!(
+                sockets.len() >= 3,
+                "vhost-user, control, data in {log}: {text}"
+            );
+            for s in sockets {
+                assert!(
+                    s.len() <= 107 && !s.starts_with(run.to_str().unwrap()),
+                    "{s}"
+                );
+                assert!(!std::path::Path::new(s).exists(), "{s} is left behind");
+            }
+        }
+    }
+    let on_file = read_all().expect("runs.jsonl is readable");
+    assert!(
+        on_file.iter().any(|r| r == &outs[0].record),
+        "recorded in the deep folder"
+    );
+}
+
 /// checkpatch.pl --strict (from Debian's linux-source, provisioned) finds
 /// nothing in the driver but the two exceptions guest-driver/README.md
 /// explains: LINUX_VERSION_CODE (one compat macro) and the sysfs macro's

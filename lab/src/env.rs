@@ -31,9 +31,17 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// Where run records and consoles go: `target/lab-runs/`.
+/// Where run folders (consoles, logs, links to the sockets) and the run
+/// records go: `VDEVLAB_RUNS_DIR` if set (relative to the current folder),
+/// else `target/lab-runs/`. However deep it is, sockets live elsewhere
+/// ([`crate::sockets`]).
 pub fn runs_dir() -> PathBuf {
-    target_dir().join("lab-runs")
+    match std::env::var_os("VDEVLAB_RUNS_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => {
+            std::path::absolute(PathBuf::from(d)).unwrap_or_else(|_| target_dir().join("lab-runs"))
+        }
+        None => target_dir().join("lab-runs"),
+    }
 }
 
 /// How the lab's QEMU is started.

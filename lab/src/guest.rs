@@ -15,6 +15,7 @@ use vdevlab_vmm_config::{Accel, VirtioSerialPort, VmConfig, LAB_CONFIG_TOML};
 
 use crate::artifacts::Artifacts;
 use crate::env::{in_root_script, runs_dir, Kernel, LabEnv, QemuRuntime, DEFAULT_KERNEL};
+use crate::sockets::SocketDir;
 use crate::splat::{find_splats, Splat};
 
 /// Which VMM runs the guest.
@@ -212,6 +213,8 @@ pub struct Guest {
     extra: Vec<(Child, PathBuf)>,
     launch: Launch,
     vu_sock: PathBuf,
+    /// The private folder holding the sockets; removed with the guest.
+    sockets: SocketDir,
     console_input: Option<std::process::ChildStdin>,
     raw_console: Option<Receiver<Vec<u8>>>,
     lines: Receiver<ConsoleLine>,
@@ -417,8 +420,25 @@ impl Guest {
         let kernel = env.kernel(&spec.kernel)?.clone();
         let kernel_art = art.for_kernel(&kernel.name)?;
         let run_dir = unique_run_dir(&format!("{}-{}", spec.scenario, kernel.name))?;
-        let vu_sock = run_dir.join("vu.sock");
-        let ctl_sock = run_dir.join("ctl.sock");
+        // Sockets live in a short private folder (the run folder may be too
+        // deep for a socket path); the run folder links to each.
+        let sockets = SocketDir::create()?;
+        let mut names = vec!["vu.sock".to_string(), "ctl.sock".into(), "data.sock".into()];
+        for i in 1..spec.instances.max(1) {
+            names.extend([
+                format!("vu{i}.sock"),
+                format!("ctl{i}.sock"),
+                format!("data{i}.sock"),
+            ]);
+        }
+        if spec.bench_port.is_some() {
+            names.push("bench.sock".into());
+        }
+        for n in &names {
+            sockets.link_into(&run_dir, n)?;
+        }
+        let vu_sock = sockets.socket("vu.sock");
+        let ctl_sock = sockets.socket("ctl.sock");
         let backend_log = run_dir.join("backend.log");
         let console_path = run_dir.join("console.log");
 
@@ -429,10 +449,10 @@ impl Guest {
         let backend = start_backend(&launch, &vu_sock, &ctl_sock, &backend_log)?;
         let mut extra = Vec::new();
         for i in 1..spec.instances.max(1) {
-            let ctl = run_dir.join(format!("ctl{i}.sock"));
+            let ctl = sockets.socket(&format!("ctl{i}.sock"));
             let child = start_backend(
                 &launch,
-                &run_dir.join(format!("vu{i}.sock")),
+                &sockets.socket(&format!("vu{i}.sock")),
                 &ctl,
                 &run_dir.join(format!("backend{i}.log")),
             )?;
@@ -525,13 +545,13 @@ impl Guest {
             "/lab/artifacts"
         };
         let in_root = spec.vmm == Vmm::Qemu && matches!(env.qemu, QemuRuntime::InRoot { .. });
-        let bench_sock = run_dir.join("bench.sock");
+        let bench_sock = sockets.socket("bench.sock");
         let (kernel_path, initramfs, socket, bench_sock_vmm) = if in_root {
             (
                 Path::new("/lab/kernel").join(kernel_name),
                 Path::new(initramfs_dir).join(initramfs_name),
-                PathBuf::from("/lab/run/vu.sock"),
-                PathBuf::from("/lab/run/bench.sock"),
+                PathBuf::from("/lab/sock/vu.sock"),
+                PathBuf::from("/lab/sock/bench.sock"),
             )
         } else {
             (
@@ -591,6 +611,7 @@ impl Guest {
                             .arg(format!("{}:/lab/kernel", kernel_dir.display()))
                             .arg(format!("{}:/lab/artifacts", art.dir.display()))
                             .arg(format!("{}:/lab/run", run_dir.display()))
+                            .arg(format!("{}:/lab/sock", sockets.path().display()))
                             .arg("--")
                             .arg(qemu);
                         c
@@ -683,6 +704,7 @@ impl Guest {
             extra,
             launch,
             vu_sock,
+            sockets,
             console_input,
             raw_console,
             lines,
@@ -894,6 +916,17 @@ impl Guest {
         Ok(())
     }
 
+    /// The vhost-user socket of the first instance (host path).
+    pub fn vu_socket(&self) -> &Path {
+        &self.vu_sock
+    }
+
+    /// The folder holding this run's sockets (short, private; the run
+    /// folder links to each socket in it).
+    pub fn socket_dir(&self) -> &Path {
+        self.sockets.path()
+    }
+
     /// Kill the backend with SIGKILL, as a crash would.
     pub fn kill_backend(&mut self) {
         let _ = self.backend.kill();
@@ -928,9 +961,14 @@ impl Guest {
         self.remove_sockets();
     }
 
-    /// The sockets (`*.sock` in the run folder) go with the processes that
-    /// served them.
+    /// The sockets go with the processes that served them: the links in
+    /// the run folder now, the private folder when the guest is dropped.
     fn remove_sockets(&self) {
+        if let Ok(entries) = fs::read_dir(self.sockets.path()) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         if let Ok(entries) = fs::read_dir(&self.run_dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().ends_with(".sock") {

@@ -2,7 +2,8 @@
 //! tests: it provisions the lab ([`env`]), builds what a boot needs
 //! ([`artifacts`]), boots guests under a real VMM with the real backend
 //! ([`guest`]), runs scenarios ([`scenario`]), spots kernel splats
-//! ([`splat`]) and records every run ([`record`]).
+//! ([`splat`]) and records every run ([`record`]); a run's sockets live in
+//! a short private folder ([`sockets`]).
 
 pub mod artifacts;
 pub mod bench;
@@ -13,6 +14,7 @@ pub mod project;
 pub mod record;
 pub mod scenario;
 pub mod sensor;
+pub mod sockets;
 pub mod splat;
 pub mod up;
 

@@ -734,7 +734,7 @@ impl Project {
                 .arg(cmd)
                 .current_dir(&self.dir)
                 .env("VDEVLAB_CONTROL", &guest.control_path)
-                .env("VDEVLAB_SOCKET", guest.run_dir.join("vu.sock"))
+                .env("VDEVLAB_SOCKET", guest.vu_socket())
                 .env("VDEVLAB_RUN_DIR", &guest.run_dir)
                 .stdin(Stdio::null())
                 .output()

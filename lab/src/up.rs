@@ -120,6 +120,10 @@ pub fn up(
         guest.run_dir.display()
     ));
     say(&format!("control socket: {}", guest.control_path.display()));
+    say(&format!(
+        "sockets: {} (linked from the run folder; removed at the end)",
+        guest.socket_dir().display()
+    ));
     say("from another terminal, drive the device with e.g.");
     for cmd in [
         "stats",

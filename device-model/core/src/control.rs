@@ -290,6 +290,7 @@ impl<D> std::fmt::Debug for ControlServer<D> {
 impl<D: VirtioDevice> ControlServer<D> {
     /// Bind the control socket at `path` (replacing a stale one), mode 0600.
     pub fn bind(path: &Path, engine: Arc<Mutex<Engine<D>>>, kick: EventFd) -> io::Result<Self> {
+        crate::sockpath::check(path, "the control socket")?;
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -475,7 +476,20 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// Connect to the control socket at `path`.
+    /// A path too long for a socket address is resolved first: a link to
+    /// the socket (a run folder's `ctl.sock`) may be deeper than the socket.
     pub fn connect(path: &Path) -> io::Result<Self> {
+        let resolved;
+        let path = match crate::sockpath::check(path, "the control socket") {
+            Ok(()) => path,
+            Err(e) => match std::fs::canonicalize(path) {
+                Ok(real) if crate::sockpath::check(&real, "").is_ok() => {
+                    resolved = real;
+                    &resolved
+                }
+                _ => return Err(e),
+            },
+        };
         let stream = UnixStream::connect(path).map_err(|e| {
             io::Error::new(
                 e.kind(),

@@ -41,6 +41,8 @@ pub fn init_logging() {
 /// VMM connections on `args.socket` (one at a time; with `args.once`,
 /// return after the first ends).
 pub fn run<D: VirtioDevice>(args: &DaemonArgs, device: D) -> anyhow::Result<()> {
+    crate::sockpath::check(&args.socket, "the vhost-user socket")?;
+    crate::sockpath::check(&args.control, "the control socket")?;
     let engine = Arc::new(Mutex::new(Engine::new(device)));
     let backend = Arc::new(CoreBackend::new(engine.clone()).context("creating the backend")?);
     crate::control::spawn(args.control.clone(), engine, backend.kicker()?)

@@ -15,7 +15,9 @@
 //! - [`hostile`]: hostile-device mode (virtio contract violations);
 //! - [`sources`]: data sources (a seeded generator, a file or pipe);
 //! - [`config`]: config-space helpers;
-//! - [`daemon`]: the daemon's flags and main loop.
+//! - [`daemon`]: the daemon's flags and main loop;
+//! - [`sockpath`]: the Unix socket path limit, checked with an error that
+//!   names the fix.
 //!
 //! A device never knows which VMM or VM it serves. See
 //! `docs/device-framework.md` for how to write one.
@@ -30,6 +32,7 @@ pub mod engine;
 pub mod faults;
 pub mod hostile;
 pub mod irq;
+pub mod sockpath;
 pub mod sources;
 
 pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};

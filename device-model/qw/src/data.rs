@@ -67,6 +67,7 @@ pub struct DataPort {
 impl DataPort {
     /// Bind the port at `path` (replacing a stale socket), mode 0600.
     pub fn bind(path: &Path) -> io::Result<Self> {
+        vdevlab_device_core::sockpath::check(path, "the data port's socket")?;
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
