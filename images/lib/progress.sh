@@ -139,9 +139,9 @@ run_logged() {
     esac
     pid=$!
     # shellcheck disable=SC2064
-    trap "kill -TERM $pid 2>/dev/null; _progress_clear; exit 143" TERM HUP
+    trap "_progress_stop $pid; exit 143" TERM HUP
     # shellcheck disable=SC2064
-    trap "kill -TERM $pid 2>/dev/null; _progress_clear; exit 130" INT
+    trap "_progress_stop $pid; exit 130" INT
     if [ "$PROGRESS_MODE" = tty ]; then
         _progress_tick "$what" &
         tick=$!
@@ -170,7 +170,24 @@ run_logged() {
 # shell function given to run_logged chains its commands with &&.)
 _progress_exec() {
     export VDEVLAB_PROGRESS_NESTED=1
+    # A program replaces the subshell, so that a signal reaches it.
+    if [ "$(type -t "$1")" = file ]; then exec "$@"; fi
     "$@"
+}
+
+# Stop a command run_logged started: SIGTERM to it and everything below
+# it (the processes a shell function started), found before any dies.
+_progress_stop() { # pid
+    local pids
+    pids=$(_progress_tree "$1")
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null
+    _progress_clear
+}
+_progress_tree() { # pid: it and its descendants, parents first
+    local c
+    echo "$1"
+    for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do _progress_tree "$c"; done
 }
 
 _progress_log_header() {
