@@ -36,9 +36,12 @@ DK=$CACHE/debug-kernel
 # Bump when the config below changes: the kernel is then rebuilt.
 STAMP_VERSION=1
 JOBS=${VDEVLAB_DEBUG_JOBS:-$(nproc)}
-say() { printf '[vdevlab debug-kernel] %s\n' "$*" >&2; }
-die() { printf '[vdevlab debug-kernel] error: %s\n' "$*" >&2; exit 1; }
-step() { say "($1/6) $2"; }
+# One line per step; apt's output goes to $CACHE/provision.log, make's to
+# build.log (see images/lib/progress.sh; VDEVLAB_VERBOSE=1 streams apt's).
+PROGRESS_TAG=debug-kernel
+# shellcheck source-path=SCRIPTDIR source=lib/progress.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/progress.sh"
+step() { step_begin "($1/6) $2"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: it installs the kernel's build dependencies with apt-get. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
@@ -73,14 +76,13 @@ for p in $DEPS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
-    say "installing:$missing"
-    apt-get update -q >&2 || die "apt-get update failed on the host"
+    note "installing:$missing"
+    run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
     # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2 \
+    DEBIAN_FRONTEND=noninteractive run_logged "apt-get install$missing" apt-get install -y -q --no-install-recommends $missing \
         || die "could not install the build dependencies: apt-get install$missing"
-else
-    say "installed"
 fi
+step_end "installed"
 
 step 2 "Debian kernel source"
 SRC=${VDEVLAB_DEBUG_SOURCE:-}
@@ -91,11 +93,11 @@ fi
 VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
 [ -n "$VER" ] && [ "$VER" != "(none)" ] || die "$SRC has no candidate version on the host's apt (apt-cache policy $SRC)"
 WANT="$STAMP_VERSION $SRC $VER"
-say "$SRC $VER"
 
 if [ "$(cat "$DK/.vdevlab-debug-kernel" 2>/dev/null)" = "$WANT" ] && [ -f "$DK/lab.env" ]; then
-    say "cached ($(sed -n 's/^VDEVLAB_KERNEL_DEBUG_RELEASE=//p' "$DK/lab.env"), built in $(cat "$DK/build-seconds" 2>/dev/null || echo '?') s)"
+    step_end "$SRC $VER: kernel cached ($(sed -n 's/^VDEVLAB_KERNEL_DEBUG_RELEASE=//p' "$DK/lab.env"), built in $(cat "$DK/build-seconds" 2>/dev/null || echo '?') s)"
     step 6 "lab.env"
+    step_end "done"
     register
     exit 0
 fi
@@ -105,20 +107,19 @@ TREE=$DK/$SRC
 if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
     rm -rf "$TREE"
     # The tarball is cached once and shared with the lab kernel.
+    _progress_clear
     tarball=$(bash "$(dirname "${BASH_SOURCE[0]}")/kernel-source.sh" "$SRC" "$VER") \
         || die "could not get the source tarball of $SRC $VER"
-    say "unpacking into $TREE (a minute or two)"
-    tar -xJf "$tarball" -C "$DK" || die "could not unpack $tarball"
+    run_logged "unpacking into $TREE" tar -xJf "$tarball" -C "$DK" || die "could not unpack $tarball"
     [ -f "$TREE/Makefile" ] || die "no $TREE/Makefile after unpacking $SRC (the tarball's top folder is not $SRC?)"
     echo "$SRC $VER" > "$TREE/.vdevlab-source"
-else
-    say "unpacked ($TREE)"
 fi
+step_end "$SRC $VER, unpacked ($TREE)"
 
 step 3 "configuring (x86_64_defconfig + the lab's needs + debug options)"
 cd "$TREE"
 export ARCH=x86_64
-make -s x86_64_defconfig >&2 || die "make x86_64_defconfig failed in $TREE"
+run_logged "make x86_64_defconfig" make -s x86_64_defconfig || die "make x86_64_defconfig failed in $TREE"
 C() { scripts/config --file .config "$@"; }
 # What the lab's guests need, built in.
 ENABLE="PCI VIRTIO_MENU VIRTIO VIRTIO_PCI VIRTIO_CONSOLE TTY SERIAL_8250 SERIAL_8250_CONSOLE
@@ -143,7 +144,7 @@ for o in $DISABLE; do C --disable "$o"; done
 C --enable DEBUG_INFO_NONE
 C --set-str LOCALVERSION "-vdevlab-debug"
 C --set-str SYSTEM_TRUSTED_KEYS "" --set-str SYSTEM_REVOCATION_KEYS ""
-make -s olddefconfig >&2 || die "make olddefconfig failed in $TREE"
+run_logged "make olddefconfig" make -s olddefconfig || die "make olddefconfig failed in $TREE"
 # Verify: olddefconfig silently drops what it cannot satisfy.
 REQUIRED="PCI VIRTIO VIRTIO_PCI VIRTIO_CONSOLE SERIAL_8250_CONSOLE BLK_DEV_INITRD DEVTMPFS
   PROC_FS SYSFS MODULES MODULE_UNLOAD AIO IO_URING EPOLL SIGNALFD EVENTFD TIMERFD FHANDLE
@@ -153,24 +154,28 @@ REQUIRED="PCI VIRTIO VIRTIO_PCI VIRTIO_CONSOLE SERIAL_8250_CONSOLE BLK_DEV_INITR
 bad=""
 for o in $REQUIRED; do grep -qx "CONFIG_$o=y" .config || bad="$bad $o"; done
 [ -z "$bad" ] || die "after 'make olddefconfig' these are not =y in $TREE/.config:$bad (a missing dependency in $SRC? see 'make menuconfig' / scripts/config)"
-say "config verified: $(echo $REQUIRED | wc -w) options built in"
+# shellcheck disable=SC2086
+step_end_as "verified: $(echo $REQUIRED | wc -w) options built in"
 
 step 4 "building bzImage + modules_prepare with -j$JOBS (about half an hour on two CPUs; log: $DK/build.log)"
 start=$(date +%s)
-if ! make -j"$JOBS" bzImage modules_prepare > "$DK/build.log" 2>&1; then
-    tail -n 30 "$DK/build.log" >&2
+build() { make -j"$JOBS" bzImage modules_prepare > "$DK/build.log" 2>&1; }
+build_modules() { make -j"$JOBS" modules >> "$DK/build.log" 2>&1; }
+compiled() { echo "$(grep -c '^  CC ' "$DK/build.log" || true) files compiled"; }
+if ! PROGRESS_DETAIL=compiled PROGRESS_TAIL_LOG=$DK/build.log run_logged "make" build; then
     die "the kernel build failed: see $DK/build.log"
 fi
 # Module.symvers lists vmlinux's exports for out-of-tree modules; `make
 # vmlinux` writes it, older trees only in `make modules`.
 if [ ! -s Module.symvers ]; then
-    say "no Module.symvers after bzImage; building the in-tree modules for it"
-    make -j"$JOBS" modules >> "$DK/build.log" 2>&1 || { tail -n 30 "$DK/build.log" >&2; die "make modules failed: see $DK/build.log"; }
+    note "no Module.symvers after bzImage; building the in-tree modules for it"
+    PROGRESS_DETAIL=compiled PROGRESS_TAIL_LOG=$DK/build.log run_logged "make modules (for Module.symvers)" build_modules \
+        || die "make modules failed: see $DK/build.log"
 fi
 [ -s Module.symvers ] || die "no Module.symvers in $TREE: out-of-tree modules cannot be linked against it"
 secs=$(( $(date +%s) - start ))
 echo "$secs" > "$DK/build-seconds"
-say "built in ${secs} s ($(( secs / 60 )) min $(( secs % 60 )) s)"
+step_end_as "built in ${secs} s ($(( secs / 60 )) min $(( secs % 60 )) s)"
 
 step 5 "installing the image"
 REL=$(make -s kernelrelease)
@@ -185,7 +190,9 @@ cp .config "$DK/config"
     echo "VDEVLAB_KERNEL_DEBUG_MODULES="
 } > "$DK/lab.env"
 echo "$WANT" > "$DK/.vdevlab-debug-kernel"
+step_end "done"
 
 step 6 "lab.env"
+step_end "done"
 register
 say "ready: debug kernel $REL ($SRC $VER), built in ${secs} s; run: ./vdevlab faults --kernel debug"

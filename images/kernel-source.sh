@@ -14,8 +14,9 @@ set -euo pipefail
 
 CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
 SRCDIR=$CACHE/sources
-die() { printf '[vdevlab kernel-source] error: %s\n' "$*" >&2; exit 1; }
-say() { printf '[vdevlab kernel-source] %s\n' "$*" >&2; }
+PROGRESS_TAG=kernel-source
+# shellcheck source-path=SCRIPTDIR source=lib/progress.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/progress.sh"
 
 [ $# -eq 2 ] || die "usage: kernel-source.sh <linux-source-package> <version>"
 PKG=$1 VER=$2
@@ -27,13 +28,14 @@ exec 7>"$SRCDIR/.lock"
 flock 7
 if [ ! -s "$OUT" ]; then
     tmp=$(mktemp -d "$SRCDIR/dl.XXXXXX")
-    say "downloading $PKG $VER (about 150 MB)"
-    if ! (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$PKG=$VER" >&2); then
+    step_begin "downloading $PKG $VER (about 150 MB)"
+    download() { cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$PKG=$VER"; }
+    if ! run_logged "apt-get download $PKG=$VER" download; then
         rm -rf "$tmp"
         die "apt-get download $PKG=$VER failed (stale lists? run apt-get update)"
     fi
-    if ! dpkg-deb --fsys-tarfile "$tmp/${PKG}_"*.deb | tar -xO --wildcards '*/linux-source-*.tar.xz' > "$tmp/src.tar.xz" \
-        || [ ! -s "$tmp/src.tar.xz" ]; then
+    take_tarball() { dpkg-deb --fsys-tarfile "$tmp/${PKG}_"*.deb | tar -xO --wildcards '*/linux-source-*.tar.xz' > "$tmp/src.tar.xz"; }
+    if ! run_logged "taking the source tarball out" take_tarball || [ ! -s "$tmp/src.tar.xz" ]; then
         rm -rf "$tmp"
         die "no usr/src/linux-source-*.tar.xz in $PKG $VER"
     fi
@@ -43,5 +45,6 @@ if [ ! -s "$OUT" ]; then
     for old in "$SRCDIR/${PKG}"_*.tar.xz; do
         [ "$old" = "$OUT" ] || rm -f "$old"
     done
+    step_end
 fi
 echo "$OUT"

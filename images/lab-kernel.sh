@@ -35,8 +35,11 @@ FRAGMENT=$HERE/lab-kernel.config
 STAMP_VERSION=1
 SRC=${VDEVLAB_LAB_SOURCE:-linux-source-6.12}
 JOBS=${VDEVLAB_LAB_JOBS:-$(nproc)}
-say() { printf '[vdevlab lab-kernel] %s\n' "$*" >&2; }
-die() { printf '[vdevlab lab-kernel] error: %s\n' "$*" >&2; exit 1; }
+# One line per step; apt's output goes to $CACHE/provision.log, make's to
+# build.log (see images/lib/progress.sh; VDEVLAB_VERBOSE=1 streams apt's).
+PROGRESS_TAG=lab-kernel
+# shellcheck source-path=SCRIPTDIR source=lib/progress.sh
+. "$HERE/lib/progress.sh"
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: it installs the kernel's build dependencies with apt-get. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
@@ -45,6 +48,7 @@ command -v apt-get >/dev/null 2>&1 || die "this host has no apt-get: the lab ker
 mkdir -p "$LK"
 exec 6>"$LK/.lock"
 flock 6
+rm -f "$LK/.last-result"
 
 # Asking apt for the candidate takes seconds, and every test process
 # provisions: reuse the last answer while the host's apt lists are unchanged.
@@ -60,8 +64,8 @@ fi
 if [ -z "$VER" ]; then
     VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
     if [ -z "$VER" ] || [ "$VER" = "(none)" ]; then
-        say "no candidate for $SRC; apt-get update (host)"
-        apt-get update -q >&2 || die "apt-get update failed on the host"
+        note "no candidate for $SRC; apt-get update (host)"
+        run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
         fp=$(fingerprint)
         VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
     fi
@@ -71,7 +75,10 @@ if [ -z "$VER" ]; then
 fi
 WANT="$STAMP_VERSION $SRC $VER $(md5sum < "$FRAGMENT" | cut -d' ' -f1)"
 if [ "$(cat "$LK/.vdevlab-lab-kernel" 2>/dev/null)" = "$WANT" ] && [ -f "$LK/lab.env" ]; then
-    say "cached ($(sed -n 's/^VDEVLAB_KERNEL_LAB_RELEASE=//p' "$LK/lab.env"), built in $(cat "$LK/build-seconds" 2>/dev/null || echo '?') s)"
+    result="cached ($(sed -n 's/^VDEVLAB_KERNEL_LAB_RELEASE=//p' "$LK/lab.env"), built in $(cat "$LK/build-seconds" 2>/dev/null || echo '?') s)"
+    # provision.sh shows it on its own line for the lab kernel.
+    echo "$result" > "$LK/.last-result"
+    say "$result"
     exit 0
 fi
 rm -f "$LK/.vdevlab-lab-kernel"
@@ -85,31 +92,33 @@ for p in $DEPS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
-    say "installing:$missing"
-    apt-get update -q >&2 || die "apt-get update failed on the host"
+    step_begin "build dependencies:$missing"
+    run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
     # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2 \
+    DEBIAN_FRONTEND=noninteractive run_logged "apt-get install" apt-get install -y -q --no-install-recommends $missing \
         || die "could not install the build dependencies: apt-get install$missing"
+    step_end
 fi
 
 TREE=$LK/$SRC
 if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
     tarball=$(bash "$HERE/kernel-source.sh" "$SRC" "$VER")
     rm -rf "$TREE" "$LK/unpack.tmp" && mkdir -p "$LK/unpack.tmp"
-    say "unpacking $(basename "$tarball") (about a minute)"
-    tar -xJf "$tarball" -C "$LK/unpack.tmp" || die "could not unpack $tarball"
+    step_begin "unpacking $(basename "$tarball") (about a minute)"
+    run_logged "tar -xJf" tar -xJf "$tarball" -C "$LK/unpack.tmp" || die "could not unpack $tarball"
+    step_end
     [ -f "$LK/unpack.tmp/$SRC/Makefile" ] || die "no $SRC/Makefile in $tarball"
     mv "$LK/unpack.tmp/$SRC" "$TREE"
     rm -rf "$LK/unpack.tmp"
     echo "$SRC $VER" > "$TREE/.vdevlab-source"
 fi
 
-say "configuring: tinyconfig + $(basename "$FRAGMENT")"
+step_begin "configuring: tinyconfig + $(basename "$FRAGMENT")"
 cd "$TREE"
 export ARCH=x86_64
-make -s tinyconfig >/dev/null || die "make tinyconfig failed in $TREE"
-scripts/kconfig/merge_config.sh -m .config "$FRAGMENT" >/dev/null || die "merging $FRAGMENT failed"
-make -s olddefconfig >&2 || die "make olddefconfig failed in $TREE"
+run_logged "make tinyconfig" make -s tinyconfig || die "make tinyconfig failed in $TREE"
+run_logged "merge_config.sh" scripts/kconfig/merge_config.sh -m .config "$FRAGMENT" || die "merging $FRAGMENT failed"
+run_logged "make olddefconfig" make -s olddefconfig || die "make olddefconfig failed in $TREE"
 # Verify: olddefconfig silently drops what it cannot satisfy.
 bad=""; n=0
 while IFS= read -r line; do
@@ -126,30 +135,22 @@ while IFS= read -r line; do
     esac
 done < "$FRAGMENT"
 [ -z "$bad" ] || die "after 'make olddefconfig' these options differ from $FRAGMENT:$bad (a missing dependency in $SRC? see 'make menuconfig' in $TREE)"
-say "config verified: all $n options of $(basename "$FRAGMENT") as asked"
+step_end_as "verified: all $n options of $(basename "$FRAGMENT") as asked"
 
-say "building vmlinux, bzImage, modules_prepare and modules (Module.symvers) with -j$JOBS"
+step_begin "building vmlinux, bzImage, modules_prepare and modules with -j$JOBS (log $LK/build.log)"
 start=$(date +%s)
-make -j"$JOBS" bzImage modules_prepare modules > "$LK/build.log" 2>&1 &
-pid=$!
-# If this script is stopped, stop the build too (make passes SIGTERM on to
-# its jobs) rather than leave it running unseen.
-trap 'kill -TERM "$pid" 2>/dev/null || true' EXIT
-trap 'exit 143' TERM INT HUP
-# Progress: a line every 30 s.
-while kill -0 "$pid" 2>/dev/null; do
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -0 "$pid" 2>/dev/null && say "still building: $(grep -c '^  CC ' "$LK/build.log" || true) files compiled, $(( $(date +%s) - start )) s"
-done
-if ! wait "$pid"; then
-    tail -n 30 "$LK/build.log" >&2
+# make's output stays in build.log (it is not streamed, even when verbose).
+# run_logged stops the build if this script is stopped (make passes SIGTERM
+# on to its jobs) rather than leave it running unseen.
+build() { make -j"$JOBS" bzImage modules_prepare modules > "$LK/build.log" 2>&1; }
+compiled() { echo "$(grep -c '^  CC ' "$LK/build.log" || true) files compiled"; }
+if ! PROGRESS_DETAIL=compiled PROGRESS_TAIL_LOG=$LK/build.log run_logged "make" build; then
     die "the kernel build failed: see $LK/build.log"
 fi
-trap - EXIT
 [ -s Module.symvers ] || die "no Module.symvers in $TREE after the build: out-of-tree modules cannot be linked against it"
 secs=$(( $(date +%s) - start ))
 echo "$secs" > "$LK/build-seconds"
-say "built in ${secs} s"
+step_end
 
 REL=$(make -s kernelrelease)
 [ -n "$REL" ] || die "make kernelrelease printed nothing in $TREE"

@@ -34,9 +34,12 @@ set -euo pipefail
 CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
 ROOT=$CACHE/trixie-root
 STAMP_VERSION=1
-say() { printf '[vdevlab provision] %s\n' "$*" >&2; }
-die() { printf '[vdevlab provision] error: %s\n' "$*" >&2; exit 1; }
-step() { say "($1/8) $2"; }
+# One line per step; the commands' output goes to $CACHE/provision.log
+# (VDEVLAB_VERBOSE=1: to stderr too). See images/lib/progress.sh.
+export PROGRESS_TAG=provision
+# shellcheck source-path=SCRIPTDIR source=lib/progress.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/progress.sh"
+step() { step_begin "($1/9) $2"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: it builds a Debian root with mmdebstrap and runs chroot. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
@@ -51,6 +54,10 @@ mkdir -p "$CACHE"
 # One provisioner at a time: tests running in parallel may all ask for it.
 exec 9>"$CACHE/.provision.lock"
 flock 9
+# Keep the log from growing forever: one previous generation.
+if [ "$(stat -c %s "$PROGRESS_LOG" 2>/dev/null || echo 0)" -gt 20000000 ]; then
+    mv "$PROGRESS_LOG" "$PROGRESS_LOG.old"
+fi
 
 mirror() {
     # Use the mirror this machine already uses, as LAB-FACTS asks.
@@ -70,12 +77,11 @@ host_pkg() { # host_pkg <command> <package>
     command -v "$1" >/dev/null 2>&1 && return 0
     command -v apt-get >/dev/null 2>&1 || die "$1 is missing and this host has no apt-get: install the '$2' package"
     if [ -z "$apt_updated" ]; then
-        say "apt-get update (host)"
-        apt-get update -q >&2 || die "apt-get update failed on the host"
+        run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
         apt_updated=1
     fi
-    say "installing host package $2"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2" >&2 \
+    DEBIAN_FRONTEND=noninteractive run_logged "installing host package $2" \
+        apt-get install -y -q --no-install-recommends "$2" \
         || die "could not install '$2' on the host: apt-get install $2"
 }
 
@@ -90,20 +96,23 @@ if want_kernel bookworm || want_kernel lab; then
     # Debian's sparse 0.6.4 is too old for 7.3's headers, fine with these.
     host_pkg sparse sparse
 fi
+# For the uncompressed vmlinux of step 6.
+host_pkg zstd zstd
+host_pkg xz xz-utils
+host_pkg readelf binutils
+step_end "present"
 
 step 2 "Debian trixie root at $ROOT"
 if [ ! -f "$ROOT/.vdevlab-root-$STAMP_VERSION" ]; then
     rm -rf "$ROOT.tmp"
-    say "mmdebstrap trixie from $MIRROR (about 20 s to a few minutes)"
-    mmdebstrap --variant=apt trixie "$ROOT.tmp" \
-        "deb $MIRROR trixie main" "deb $MIRROR trixie-backports main" >&2 \
+    run_logged "mmdebstrap trixie from $MIRROR" mmdebstrap --variant=apt trixie "$ROOT.tmp" \
+        "deb $MIRROR trixie main" "deb $MIRROR trixie-backports main" \
         || die "mmdebstrap failed; check that $MIRROR serves trixie and trixie-backports"
     rm -rf "$ROOT"
     mv "$ROOT.tmp" "$ROOT"
     touch "$ROOT/.vdevlab-root-$STAMP_VERSION"
-else
-    say "cached"
 fi
+step_end
 
 in_root() {
     # A private mount namespace, so /proc and /dev in the root vanish with us.
@@ -117,15 +126,14 @@ step 3 "QEMU (trixie-backports), kernel headers, gcc, binutils, make, busybox in
 # The stamp holds the package list, so adding a package re-runs the install.
 ROOT_PKGS="qemu-system-x86 linux-headers-amd64 make binutils busybox-static"
 if [ "$(cat "$ROOT/.vdevlab-pkgs" 2>/dev/null)" != "$ROOT_PKGS" ]; then
-    in_root apt-get update -q >&2 || die "apt-get update failed inside $ROOT"
+    run_logged "apt-get update" in_root apt-get update -q || die "apt-get update failed inside $ROOT"
     # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive in_root apt-get install -y -q --no-install-recommends \
-        -t trixie-backports $ROOT_PKGS >&2 \
+    DEBIAN_FRONTEND=noninteractive run_logged "apt-get install" in_root apt-get install -y -q --no-install-recommends \
+        -t trixie-backports $ROOT_PKGS \
         || die "apt-get install inside $ROOT failed (QEMU and headers must both come from trixie-backports)"
     echo "$ROOT_PKGS" > "$ROOT/.vdevlab-pkgs"
-else
-    say "cached"
 fi
+step_end
 
 QEMU=$ROOT/usr/bin/qemu-system-x86_64
 [ -x "$QEMU" ] || die "no qemu-system-x86_64 in $ROOT; remove $ROOT/.vdevlab-pkgs and re-run"
@@ -141,7 +149,7 @@ if [ ! -f "$KDIR/.vdevlab-kernel-$STAMP_VERSION" ]; then
     # linux-base-* the config; older ones ship linux-image-*(-unsigned).
     got=""
     for pkgs in "linux-binary-$KREL linux-base-$KREL" "linux-image-$KREL-unsigned" "linux-image-$KREL"; do
-        if in_root sh -c "cd /var/tmp/vdevlab-dl && apt-get download -q -t trixie-backports $pkgs" >&2; then
+        if run_logged "apt-get download $pkgs" in_root sh -c "cd /var/tmp/vdevlab-dl && apt-get download -q -t trixie-backports $pkgs"; then
             got=$pkgs; break
         fi
     done
@@ -156,9 +164,8 @@ if [ ! -f "$KDIR/.vdevlab-kernel-$STAMP_VERSION" ]; then
     [ -n "$config" ] && cp "$config" "$KDIR/config"
     rm -rf "$KDIR/pkg"
     touch "$KDIR/.vdevlab-kernel-$STAMP_VERSION"
-else
-    say "cached"
 fi
+step_end
 
 # The bookworm 6.1 kernel, from the HOST's apt (the host is bookworm): the
 # image, the modules virtio-pci needs (virtio is modular in 6.1) and the
@@ -221,8 +228,8 @@ if want_kernel bookworm; then
     fi
     [ -n "$abi" ] || abi=$(bookworm_abi)
     if [ -z "$abi" ] && [ -z "$apt_updated" ]; then
-        say "the host's apt offers no linux-image/linux-headers-6.1.0-N-amd64 pair; apt-get update (host)"
-        apt-get update -q >&2 || die "apt-get update failed on the host"
+        note "the host's apt offers no linux-image/linux-headers-6.1.0-N-amd64 pair; apt-get update (host)"
+        run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
         apt_updated=1
         abi=$(bookworm_abi)
     fi
@@ -239,17 +246,17 @@ if want_kernel bookworm; then
         image=linux-image-$BW_REL-unsigned
         [ "$(candidate "$image")" = "$ver" ] || image=linux-image-$BW_REL
         pkgs="$image=$ver linux-headers-$BW_REL=$ver linux-headers-6.1.0-$abi-common=$ver"
-        say "downloading $BW_REL ($ver): $image, headers, kbuild (about 80 MB)"
-        dl() { (cd "$tmp/debs" && host_apt download "$@") >&2; }
+        dl_in_tmp() { cd "$tmp/debs" && host_apt download "$@"; }
+        dl() { run_logged "downloading $*" dl_in_tmp "$@"; }
         # shellcheck disable=SC2086
         if ! dl $pkgs; then
-            [ -n "$apt_updated" ] || { say "download failed; apt-get update (host) and retrying"; apt-get update -q >&2 || true; apt_updated=1; }
+            [ -n "$apt_updated" ] || { note "download failed; apt-get update (host) and retrying"; run_logged "apt-get update (host)" apt-get update -q || true; apt_updated=1; }
             # shellcheck disable=SC2086
             dl $pkgs || die "could not download $pkgs from the host's apt (stale lists or no bookworm-security source?): run apt-get update, or pick another ABI with VDEVLAB_BOOKWORM_ABI=N"
         fi
         dl "linux-kbuild-6.1=$ver" || dl linux-kbuild-6.1 \
             || die "could not download linux-kbuild-6.1 from the host's apt"
-        say "unpacking $BW_REL"
+        note "unpacking $BW_REL"
         dpkg -x "$tmp/debs/${image}_"*.deb "$tmp/pkg" || die "dpkg -x $image failed"
         for deb in "$tmp"/debs/linux-headers-*.deb "$tmp"/debs/linux-kbuild-*.deb; do
             dpkg -x "$deb" "$tmp/headers" || die "dpkg -x $deb failed"
@@ -280,12 +287,10 @@ if want_kernel bookworm; then
         }
         for m in ${BW_WANT_MODULES//,/ }; do add_mod "$m"; done
         printf '%s\n' $order > "$tmp/modules/order"
-        say "modules to load before the driver:$order"
+        note "modules to load before the driver:$order"
         rm -rf "$tmp/pkg" "$tmp/debs" "$BW_DIR"
         mv "$tmp" "$BW_DIR"
         echo "$bw_stamp" > "$BW_DIR/.vdevlab-bookworm"
-    else
-        say "cached ($BW_REL)"
     fi
     echo "$(apt_lists_fingerprint) $abi" > "$CACHE/kernels/bookworm.choice"
     BW_MODULES=$(sed "s|^\(.*\)$|$BW_DIR/modules/\1.ko|" "$BW_DIR/modules/order" | paste -sd:)
@@ -305,8 +310,9 @@ if want_kernel bookworm; then
         [ "$(candidate "$image")" = "$ver" ] || image=linux-image-$BW_REL
         tmp=$BW_DIR.extra.tmp
         rm -rf "$tmp" && mkdir -p "$tmp/debs" "$tmp/pkg"
-        say "modules for the benchmark:$missing (from $image $ver, about 60 MB)"
-        (cd "$tmp/debs" && host_apt download "$image=$ver") >&2 \
+        note "modules for the benchmark:$missing (from $image $ver, about 60 MB)"
+        dl_extra() { cd "$tmp/debs" && host_apt download "$image=$ver"; }
+        run_logged "downloading $image=$ver (for$missing)" dl_extra \
             || die "could not download $image=$ver from the host's apt (for$missing)"
         dpkg -x "$tmp/debs/${image}_"*.deb "$tmp/pkg" || die "dpkg -x $image failed"
         for m in $missing; do
@@ -319,8 +325,10 @@ if want_kernel bookworm; then
         done
         rm -rf "$tmp"
     fi
+    step_end "cached ($BW_REL)"
 else
-    step 5 "bookworm 6.1 guest kernel: not wanted (VDEVLAB_KERNELS=$KERNELS)"
+    step 5 "bookworm 6.1 guest kernel"
+    step_end "not wanted (VDEVLAB_KERNELS=$KERNELS)"
 fi
 
 # Every guest kernel also as an uncompressed ELF vmlinux, for QEMU's PVH
@@ -350,21 +358,19 @@ extract_vmlinux() { # extract_vmlinux <vmlinuz> <vmlinux>
     rm -f "$tmp"
     return 1
 }
-host_pkg zstd zstd
-host_pkg xz xz-utils
-host_pkg readelf binutils
+step 6 "uncompressed vmlinux of each guest kernel (PVH direct boot)"
 for kdir in "$KDIR" ${BW_DIR:+"$BW_DIR"}; do
     [ -f "$kdir/vmlinux" ] && continue
-    say "extracting $kdir/vmlinux (PVH direct boot) from vmlinuz"
-    extract_vmlinux "$kdir/vmlinuz" "$kdir/vmlinux.tmp" \
+    run_logged "extracting $kdir/vmlinux" extract_vmlinux "$kdir/vmlinuz" "$kdir/vmlinux.tmp" \
         || die "found no zstd or xz payload that decompresses to an ELF kernel in $kdir/vmlinuz"
     # XEN_ELFNOTE_PHYS32_ENTRY (18): the PVH entry point QEMU boots.
     readelf -n "$kdir/vmlinux.tmp" | grep -Eq 'Xen .*(0x00000012|PHYS32_ENTRY)' \
         || die "$kdir/vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): is the kernel built with CONFIG_PVH=y?"
     mv "$kdir/vmlinux.tmp" "$kdir/vmlinux"
 done
+step_end
 
-step 6 "checkpatch.pl from Debian's linux-source (for the driver's style check)"
+step 7 "checkpatch.pl from Debian's linux-source (for the driver's style check)"
 CP_DIR=$CACHE/checkpatch
 if [ ! -f "$CP_DIR/.vdevlab-checkpatch-$STAMP_VERSION" ]; then
     rm -rf "$CP_DIR.tmp" && mkdir -p "$CP_DIR.tmp"
@@ -372,30 +378,45 @@ if [ ! -f "$CP_DIR/.vdevlab-checkpatch-$STAMP_VERSION" ]; then
     # kept, but the whole tarball has to be read: about a minute, once.
     src=$(apt-cache search --names-only '^linux-source-[0-9.]+$' 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1)
     [ -n "$src" ] || die "no linux-source-* package in the host's apt lists (apt-get update?)"
-    say "downloading $src and extracting scripts/checkpatch.pl (about a minute)"
-    (cd "$CP_DIR.tmp" && apt-get download -q "$src" >&2) || die "apt-get download $src failed"
-    dpkg-deb --fsys-tarfile "$CP_DIR.tmp"/"$src"_*.deb \
-        | tar -xO --wildcards '*/linux-source-*.tar.xz' \
-        | tar -xJ -C "$CP_DIR.tmp" --wildcards --strip-components=2 \
-            '*/scripts/checkpatch.pl' '*/scripts/spelling.txt' '*/scripts/const_structs.checkpatch' \
+    cp_download() { cd "$CP_DIR.tmp" && apt-get download -q "$src"; }
+    cp_extract() {
+        dpkg-deb --fsys-tarfile "$CP_DIR.tmp"/"$src"_*.deb \
+            | tar -xO --wildcards '*/linux-source-*.tar.xz' \
+            | tar -xJ -C "$CP_DIR.tmp" --wildcards --strip-components=2 \
+                '*/scripts/checkpatch.pl' '*/scripts/spelling.txt' '*/scripts/const_structs.checkpatch'
+    }
+    run_logged "apt-get download $src" cp_download || die "apt-get download $src failed"
+    run_logged "extracting scripts/checkpatch.pl" cp_extract \
         || die "could not extract checkpatch.pl from $src"
     rm -f "$CP_DIR.tmp"/*.deb
     [ -f "$CP_DIR.tmp/checkpatch.pl" ] || die "checkpatch.pl missing from $src"
     echo "$src" > "$CP_DIR.tmp/source"
     rm -rf "$CP_DIR" && mv "$CP_DIR.tmp" "$CP_DIR"
     touch "$CP_DIR/.vdevlab-checkpatch-$STAMP_VERSION"
-else
-    say "cached ($(cat "$CP_DIR/source"))"
 fi
+step_end "cached ($(cat "$CP_DIR/source"))"
 
+lab_kernel_progress() { # for the counter: files compiled so far
+    local log=$CACHE/lab-kernel/build.log
+    # shellcheck disable=SC2154 # set by step_begin
+    [ -f "$log" ] && [ "$(stat -c %Y "$log")" -ge "$_progress_t0" ] || return 0
+    echo "$(grep -c '^  CC ' "$log" || true) files compiled"
+}
 if want_kernel lab; then
-    step 7 "the lab kernel (trimmed 6.12, images/lab-kernel.sh)"
-    bash "$(dirname "${BASH_SOURCE[0]}")/lab-kernel.sh" || die "images/lab-kernel.sh failed (see above); set VDEVLAB_KERNELS=trixie,bookworm to provision without the lab kernel"
+    step 8 "the lab kernel (trimmed 6.12, images/lab-kernel.sh)"
+    rm -f "$CACHE/lab-kernel/.last-result"
+    PROGRESS_DETAIL='lab_kernel_progress' run_logged "images/lab-kernel.sh" \
+        bash "$(dirname "${BASH_SOURCE[0]}")/lab-kernel.sh" \
+        || die "images/lab-kernel.sh failed (see above); set VDEVLAB_KERNELS=trixie,bookworm to provision without the lab kernel"
+    # lab-kernel.sh leaves "cached (...)" there when it had nothing to do.
+    lk_result=$(cat "$CACHE/lab-kernel/.last-result" 2>/dev/null || true)
+    case $lk_result in cached*) step_end_as "$lk_result" ;; *) step_end ;; esac
 else
-    step 7 "the lab kernel: not wanted (VDEVLAB_KERNELS=$KERNELS)"
+    step 8 "the lab kernel"
+    step_end "not wanted (VDEVLAB_KERNELS=$KERNELS)"
 fi
 
-step 8 "checking QEMU and writing $CACHE/lab.env"
+step 9 "checking QEMU and writing $CACHE/lab.env"
 QVER=$(in_root /usr/bin/qemu-system-x86_64 --version | head -n 1)
 in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-test-device-pci"' \
     || die "QEMU in $ROOT ($QVER) has no vhost-user-test-device-pci: QEMU 10.2+ needed"
@@ -436,5 +457,6 @@ if [ -f "$CACHE/debug-kernel/.vdevlab-debug-kernel" ] && [ -f "$CACHE/debug-kern
     cat "$CACHE/debug-kernel/lab.env" >> "$CACHE/lab.env.tmp"
 fi
 mv "$CACHE/lab.env.tmp" "$CACHE/lab.env"
+step_end "done"
 LAB_REL=$(sed -n 's/^VDEVLAB_KERNEL_LAB_RELEASE=//p' "$CACHE/lab.env")
 say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}${LAB_REL:+, lab $LAB_REL}"

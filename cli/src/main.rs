@@ -31,6 +31,11 @@ use vdevlab_vmm_config::Accel;
 #[derive(Debug, Parser)]
 #[command(version, about = "vdevlab: a hardware-less driver lab")]
 struct Cli {
+    /// Stream provisioning's apt and mmdebstrap output instead of one line
+    /// per step (sets VDEVLAB_VERBOSE=1; it goes to the cache's
+    /// provision.log either way, the lab kernel's make to its build.log).
+    #[arg(long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -169,6 +174,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if cli.verbose {
+        // Read by images/provision.sh and the scripts it runs (this
+        // process's children inherit it); set before any thread starts.
+        std::env::set_var("VDEVLAB_VERBOSE", "1");
+    }
     let result = match cli.cmd {
         Cmd::Demo { bytes, seed } => demo(bytes, seed),
         Cmd::Test {
