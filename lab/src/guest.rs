@@ -353,7 +353,11 @@ fn start_backend(
                 .arg(ctl_sock)
                 .arg("--data")
                 .arg(&data_sock)
-                .arg("--once");
+                .arg("--once")
+                // The guest may power off right after its last result:
+                // its final counters stay readable until `stop` kills it.
+                .arg("--linger-ms")
+                .arg("10000");
             (c, true)
         }
         Launch::Command(bc, run_dir) => {
@@ -948,10 +952,17 @@ impl Guest {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // The backend exits by itself when the VMM disconnects (--once);
-        // give it a moment, then make sure.
+        // The backend sees the VMM go (--once); give it a moment to say so
+        // in its log (the reference backend then lingers, see
+        // `start_backend`), then make sure.
         for _ in 0..50 {
-            if matches!(self.backend.try_wait(), Ok(Some(_))) {
+            if matches!(self.backend.try_wait(), Ok(Some(_)))
+                || fs::read_to_string(&self.backend_log).is_ok_and(|l| {
+                    l.rsplit("waiting for the VMM")
+                        .next()
+                        .is_some_and(|t| t.contains("VMM disconnected"))
+                })
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -156,6 +156,9 @@ impl SensorBoot {
             "--control".into(),
             "{control}".into(),
             "--once".into(),
+            // Final counters stay readable after the guest powers off.
+            "--linger-ms".into(),
+            "10000".into(),
         ];
         argv.extend(backend_args.iter().cloned());
         Ok(Self {

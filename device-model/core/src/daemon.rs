@@ -24,6 +24,11 @@ pub struct DaemonArgs {
     /// Exit when the first VMM connection ends instead of waiting for the next.
     #[arg(long)]
     pub once: bool,
+    /// With --once: keep answering on the control socket for this many
+    /// milliseconds after the VMM disconnects, so that a harness can still
+    /// read the final counters of a guest that powered off by itself.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub linger_ms: u64,
 }
 
 /// Log to stderr through `tracing`, filtered by `RUST_LOG` (default `info`).
@@ -47,5 +52,13 @@ pub fn run<D: VirtioDevice>(args: &DaemonArgs, device: D) -> anyhow::Result<()> 
     let backend = Arc::new(CoreBackend::new(engine.clone()).context("creating the backend")?);
     crate::control::spawn(args.control.clone(), engine, backend.kicker()?)
         .with_context(|| format!("starting the control plane on {}", args.control.display()))?;
-    serve(&args.socket, backend, args.once)
+    serve(&args.socket, backend, args.once)?;
+    if args.once && args.linger_ms > 0 {
+        tracing::info!(
+            ms = args.linger_ms,
+            "control plane lingers after the VMM left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(args.linger_ms));
+    }
+    Ok(())
 }
