@@ -23,7 +23,8 @@
 # fragment is checked against that series. A rebuild happens when the
 # package version, the fragment or STAMP_VERSION changes.
 #
-# Needs: root (apt-get for the build dependencies and the source) on a
+# Needs: a Debian host (apt-get download of the source; as root, apt-get
+# install of missing build dependencies, else they must be there) on a
 # Debian host. Two CPUs take a few minutes.
 set -euo pipefail
 
@@ -41,7 +42,9 @@ PROGRESS_TAG=lab-kernel
 # shellcheck source-path=SCRIPTDIR source=lib/progress.sh
 . "$HERE/lib/progress.sh"
 
-[ "$(id -u)" -eq 0 ] || die "must run as root: it installs the kernel's build dependencies with apt-get. Re-run with sudo."
+# As root it installs missing build dependencies; as anyone else it names
+# them (the README lists them among the host prerequisites).
+ROOTLESS=""; [ "$(id -u)" -eq 0 ] || ROOTLESS=1
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
 command -v apt-get >/dev/null 2>&1 || die "this host has no apt-get: the lab kernel is built from Debian's $SRC package"
 [ -f "$FRAGMENT" ] || die "no $FRAGMENT"
@@ -64,6 +67,7 @@ fi
 if [ -z "$VER" ]; then
     VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
     if [ -z "$VER" ] || [ "$VER" = "(none)" ]; then
+        [ -z "$ROOTLESS" ] || die "the host's apt lists have no $SRC: as root, run apt-get update (with bookworm-security or bookworm-backports in the sources)"
         note "no candidate for $SRC; apt-get update (host)"
         run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
         fp=$(fingerprint)
@@ -91,6 +95,9 @@ missing=""
 for p in $DEPS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
 done
+if [ -n "$missing" ] && [ -n "$ROOTLESS" ]; then
+    die "the lab kernel's build needs these host packages:$missing (as root: apt-get install$missing; or set VDEVLAB_KERNELS=trixie,bookworm)"
+fi
 if [ -n "$missing" ]; then
     step_begin "build dependencies:$missing"
     run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"

@@ -28,7 +28,7 @@
 #             its tree, with sparse
 #
 # Idempotent: every step leaves a stamp, and a second run with everything
-# cached only checks the stamps.  Run as root (mmdebstrap, chroot).
+# cached only checks the stamps.  Runs as root or as any user (see below).
 set -euo pipefail
 
 CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
@@ -41,7 +41,12 @@ export PROGRESS_TAG=provision
 . "$(dirname "${BASH_SOURCE[0]}")/lib/progress.sh"
 step() { step_begin "($1/9) $2"; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root: it builds a Debian root with mmdebstrap and runs chroot. Re-run with sudo."
+# As root: mmdebstrap and chroot as usual, and missing host packages are
+# installed. As any other user: the same through user namespaces
+# (mmdebstrap --mode=unshare, images/in-root.sh); missing host packages are
+# named instead (the README's host prerequisites).
+ROOTLESS=""; [ "$(id -u)" -eq 0 ] || ROOTLESS=1
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
 KERNELS=${VDEVLAB_KERNELS:-trixie,bookworm,lab}
 case ",$KERNELS," in *,trixie,*) ;; *) die "VDEVLAB_KERNELS=$KERNELS: trixie (the default kernel) must be in the list" ;; esac
@@ -72,9 +77,11 @@ mirror() {
 }
 MIRROR=${VDEVLAB_MIRROR:-$(mirror)}
 
-apt_updated=""
+# Set: do not (or no longer) run apt-get update on the host (only root can).
+apt_updated=""; [ -z "$ROOTLESS" ] || apt_updated=1
 host_pkg() { # host_pkg <command> <package>
     command -v "$1" >/dev/null 2>&1 && return 0
+    [ -z "$ROOTLESS" ] || die "$1 is missing: install the host package '$2' (as root: apt-get install $2; the README lists the host prerequisites)"
     command -v apt-get >/dev/null 2>&1 || die "$1 is missing and this host has no apt-get: install the '$2' package"
     if [ -z "$apt_updated" ]; then
         run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
@@ -100,14 +107,49 @@ fi
 host_pkg zstd zstd
 host_pkg xz xz-utils
 host_pkg readelf binutils
+if [ -n "$ROOTLESS" ]; then
+    # mmdebstrap --mode=unshare maps a range of subordinate ids.
+    host_pkg newuidmap uidmap
+    me=$(id -un)
+    for f in /etc/subuid /etc/subgid; do
+        grep -q "^$me:" "$f" 2>/dev/null || grep -q "^$(id -u):" "$f" 2>/dev/null \
+            || die "$me has no subordinate id range in $f, which mmdebstrap --mode=unshare needs: as root, usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $me"
+    done
+    err=$(unshare --user --map-root-user true 2>&1) \
+        || die "this user cannot make a user namespace ($err): allow unprivileged user namespaces (sysctl user.max_user_namespaces=10000; on older Debian kernels kernel.unprivileged_userns_clone=1; on Ubuntu 24.04+ kernel.apparmor_restrict_unprivileged_userns=0), or run as root"
+fi
 step_end "present"
+
+# The packages of the root; the stamp holds the list, so adding a package
+# re-runs the install (step 3).
+ROOT_PKGS="qemu-system-x86 linux-headers-amd64 make binutils busybox-static"
 
 step 2 "Debian trixie root at $ROOT"
 if [ ! -f "$ROOT/.vdevlab-root-$STAMP_VERSION" ]; then
-    rm -rf "$ROOT.tmp"
-    run_logged "mmdebstrap trixie from $MIRROR" mmdebstrap --variant=apt trixie "$ROOT.tmp" \
-        "deb $MIRROR trixie main" "deb $MIRROR trixie-backports main" \
-        || die "mmdebstrap failed; check that $MIRROR serves trixie and trixie-backports"
+    rm -rf "$ROOT.tmp" "$ROOT.tar"
+    if [ -z "$ROOTLESS" ]; then
+        run_logged "mmdebstrap trixie from $MIRROR" mmdebstrap --variant=apt trixie "$ROOT.tmp" \
+            "deb $MIRROR trixie main" "deb $MIRROR trixie-backports main" \
+            || die "mmdebstrap failed; check that $MIRROR serves trixie and trixie-backports"
+    else
+        # In mmdebstrap's own user namespace (all of the subordinate ids
+        # mapped), packages install as on a real root; the result is a
+        # tarball that this user unpacks, owning every file, so that later
+        # runs need only a user namespace mapping this user
+        # (images/in-root.sh). apt then cannot switch to its _apt user.
+        run_logged "mmdebstrap --mode=unshare trixie from $MIRROR, with $ROOT_PKGS" \
+            mmdebstrap --mode=unshare --variant=apt \
+            --customize-hook="chroot \"\$1\" apt-get install -y -q --no-install-recommends -t trixie-backports $ROOT_PKGS" \
+            trixie "$ROOT.tar" "deb $MIRROR trixie main" "deb $MIRROR trixie-backports main" \
+            || die "mmdebstrap --mode=unshare failed (see the log); check that $MIRROR serves trixie and trixie-backports, and that newuidmap (package uidmap) and this user's /etc/subuid range work"
+        mkdir -p "$ROOT.tmp"
+        # Device nodes cannot be made here; /dev is bound in at run time.
+        run_logged "unpacking the root" tar -C "$ROOT.tmp" --no-same-owner --exclude='./dev/*' -xf "$ROOT.tar" \
+            || die "could not unpack $ROOT.tar"
+        rm -f "$ROOT.tar"
+        echo 'APT::Sandbox::User "root";' > "$ROOT.tmp/etc/apt/apt.conf.d/99vdevlab-rootless"
+        echo "$ROOT_PKGS" > "$ROOT.tmp/.vdevlab-pkgs"
+    fi
     rm -rf "$ROOT"
     mv "$ROOT.tmp" "$ROOT"
     touch "$ROOT/.vdevlab-root-$STAMP_VERSION"
@@ -115,16 +157,12 @@ fi
 step_end
 
 in_root() {
-    # A private mount namespace, so /proc and /dev in the root vanish with us.
-    unshare --mount --propagation private -- /bin/sh -c '
-        r=$1; shift
-        mount -t proc proc "$r/proc" && mount --rbind /dev "$r/dev" && exec chroot "$r" "$@"
-    ' sh "$ROOT" "$@"
+    # A private mount namespace (and a user namespace when not root), so
+    # /proc and /dev in the root vanish with us.
+    "$HERE/in-root.sh" "$ROOT" -- "$@"
 }
 
 step 3 "QEMU (trixie-backports), kernel headers, gcc, binutils, make, busybox in the root"
-# The stamp holds the package list, so adding a package re-runs the install.
-ROOT_PKGS="qemu-system-x86 linux-headers-amd64 make binutils busybox-static"
 if [ "$(cat "$ROOT/.vdevlab-pkgs" 2>/dev/null)" != "$ROOT_PKGS" ]; then
     run_logged "apt-get update" in_root apt-get update -q || die "apt-get update failed inside $ROOT"
     # shellcheck disable=SC2086
@@ -147,6 +185,10 @@ if [ ! -f "$KDIR/.vdevlab-kernel-$STAMP_VERSION" ]; then
     rm -rf "$KDIR" "$ROOT/var/tmp/vdevlab-dl" && mkdir -p "$ROOT/var/tmp/vdevlab-dl"
     # Newer Debian kernels split the image: linux-binary-* holds vmlinuz and
     # linux-base-* the config; older ones ship linux-image-*(-unsigned).
+    # mmdebstrap leaves no apt lists (a rootless root skipped step 3's update).
+    if ! ls "$ROOT"/var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+        run_logged "apt-get update" in_root apt-get update -q || die "apt-get update failed inside $ROOT"
+    fi
     got=""
     for pkgs in "linux-binary-$KREL linux-base-$KREL" "linux-image-$KREL-unsigned" "linux-image-$KREL"; do
         if run_logged "apt-get download $pkgs" in_root sh -c "cd /var/tmp/vdevlab-dl && apt-get download -q -t trixie-backports $pkgs"; then
