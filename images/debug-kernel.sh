@@ -20,21 +20,21 @@
 # devtmpfs, aio, io_uring, pm_test, PCI hotplug, dynamic debug, ...), and the
 # debug options: generic inline KASAN, PROVE_LOCKING, DEBUG_ATOMIC_SLEEP,
 # DEBUG_LIST and the kernel's fault injection (failslab, fail_page_alloc,
-# with their debugfs knobs). It is built by the host's gcc, so the driver is
-# built on the host too (BUILD_ROOT=host), like for the bookworm kernel.
+# with their debugfs knobs). It is built inside the trixie root that
+# images/provision.sh makes (its gcc-14, kbuild's host tools and apt; the
+# cache bound in at its own path), and so is the driver for it.
 #
-# Needs: root (apt-get for the build dependencies), the host's apt offering
-# a linux-source-<major.minor> package (Debian bookworm: 6.1, and 6.12 from
-# bookworm-backports; the newest is taken, or VDEVLAB_DEBUG_SOURCE=
-# linux-source-6.1), and images/provision.sh run first (for lab.env).
-# Two CPUs take about half an hour. Idempotent: a second run with the stamp
-# in place only re-registers the kernel in lab.env.
+# Needs: images/provision.sh run first (the trixie root and lab.env). The
+# source is trixie's linux-source-6.12 (shared with the lab kernel), or
+# VDEVLAB_DEBUG_SOURCE=linux-source-<v>. Runs as root or as any user. Two
+# CPUs take about half an hour. Idempotent: a second run with the stamp in
+# place only re-registers the kernel in lab.env.
 set -euo pipefail
 
 CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
 DK=$CACHE/debug-kernel
 # Bump when the config below changes: the kernel is then rebuilt.
-STAMP_VERSION=1
+STAMP_VERSION=2
 JOBS=${VDEVLAB_DEBUG_JOBS:-$(nproc)}
 # One line per step; apt's output goes to $CACHE/provision.log, make's to
 # build.log (see images/lib/progress.sh; VDEVLAB_VERBOSE=1 streams apt's).
@@ -42,11 +42,12 @@ PROGRESS_TAG=debug-kernel
 # shellcheck source-path=SCRIPTDIR source=lib/progress.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/progress.sh"
 step() { step_begin "($1/6) $2"; }
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$CACHE/trixie-root
 
-[ "$(id -u)" -eq 0 ] || die "must run as root: it installs the kernel's build dependencies with apt-get. Re-run with sudo."
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
-[ -f "$CACHE/lab.env" ] || die "no $CACHE/lab.env: run 'sudo images/provision.sh' first (the debug kernel's guests use the lab's QEMU and busybox)"
-command -v apt-get >/dev/null 2>&1 || die "this host has no apt-get: the debug kernel is built from Debian's linux-source package"
+{ [ -f "$CACHE/lab.env" ] && [ -f "$ROOT/usr/bin/make" ]; } || die "no $CACHE/lab.env or trixie root: run images/provision.sh first (the debug kernel is built in the lab's root, and its guests use the lab's QEMU and busybox)"
+in_root() { "$HERE/in-root.sh" "$ROOT" "$CACHE:$CACHE" -- "$@"; }
 mkdir -p "$DK"
 
 # One build at a time.
@@ -69,29 +70,15 @@ register() {
     say "registered in $env: VDEVLAB_KERNELS=$(sed -n 's/^VDEVLAB_KERNELS=//p' "$env")"
 }
 
-step 1 "host build dependencies"
-DEPS="build-essential gcc-12 make bc bison flex libelf-dev libssl-dev cpio xz-utils kmod python3"
-missing=""
-for p in $DEPS; do
-    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    note "installing:$missing"
-    run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive run_logged "apt-get install$missing" apt-get install -y -q --no-install-recommends $missing \
-        || die "could not install the build dependencies: apt-get install$missing"
-fi
-step_end "installed"
+step 1 "build dependencies (in the trixie root)"
+in_root sh -c 'command -v gcc && command -v bison && command -v flex && command -v bc' >/dev/null \
+    || die "the trixie root at $ROOT lacks gcc, bison, flex or bc: re-run images/provision.sh"
+step_end "present"
 
 step 2 "Debian kernel source"
-SRC=${VDEVLAB_DEBUG_SOURCE:-}
-if [ -z "$SRC" ]; then
-    SRC=$(apt-cache search --names-only '^linux-source-[0-9.]+$' 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1)
-fi
-[ -n "$SRC" ] || die "no linux-source-* package in the host's apt lists: run apt-get update, or add bookworm-backports (linux-source-6.12) to the host's apt sources"
-VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
-[ -n "$VER" ] && [ "$VER" != "(none)" ] || die "$SRC has no candidate version on the host's apt (apt-cache policy $SRC)"
+SRC=${VDEVLAB_DEBUG_SOURCE:-linux-source-6.12}
+VER=$(in_root apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+{ [ -n "$VER" ] && [ "$VER" != "(none)" ]; } || die "$SRC has no candidate version in the trixie root's apt (images/in-root.sh $ROOT -- apt-cache policy $SRC)"
 WANT="$STAMP_VERSION $SRC $VER"
 
 if [ "$(cat "$DK/.vdevlab-debug-kernel" 2>/dev/null)" = "$WANT" ] && [ -f "$DK/lab.env" ]; then
@@ -110,7 +97,7 @@ if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
     _progress_clear
     tarball=$(bash "$(dirname "${BASH_SOURCE[0]}")/kernel-source.sh" "$SRC" "$VER") \
         || die "could not get the source tarball of $SRC $VER"
-    run_logged "unpacking into $TREE" tar -xJf "$tarball" -C "$DK" || die "could not unpack $tarball"
+    run_logged "unpacking into $TREE" in_root tar -xJf "$tarball" -C "$DK" || die "could not unpack $tarball"
     [ -f "$TREE/Makefile" ] || die "no $TREE/Makefile after unpacking $SRC (the tarball's top folder is not $SRC?)"
     echo "$SRC $VER" > "$TREE/.vdevlab-source"
 fi
@@ -118,8 +105,8 @@ step_end "$SRC $VER, unpacked ($TREE)"
 
 step 3 "configuring (x86_64_defconfig + the lab's needs + debug options)"
 cd "$TREE"
-export ARCH=x86_64
-run_logged "make x86_64_defconfig" make -s x86_64_defconfig || die "make x86_64_defconfig failed in $TREE"
+mk() { in_root make -C "$TREE" ARCH=x86_64 "$@"; }
+run_logged "make x86_64_defconfig" mk -s x86_64_defconfig || die "make x86_64_defconfig failed in $TREE"
 C() { scripts/config --file .config "$@"; }
 # What the lab's guests need, built in.
 ENABLE="PCI VIRTIO_MENU VIRTIO VIRTIO_PCI VIRTIO_CONSOLE TTY SERIAL_8250 SERIAL_8250_CONSOLE
@@ -144,7 +131,7 @@ for o in $DISABLE; do C --disable "$o"; done
 C --enable DEBUG_INFO_NONE
 C --set-str LOCALVERSION "-vdevlab-debug"
 C --set-str SYSTEM_TRUSTED_KEYS "" --set-str SYSTEM_REVOCATION_KEYS ""
-run_logged "make olddefconfig" make -s olddefconfig || die "make olddefconfig failed in $TREE"
+run_logged "make olddefconfig" mk -s olddefconfig || die "make olddefconfig failed in $TREE"
 # Verify: olddefconfig silently drops what it cannot satisfy.
 REQUIRED="PCI VIRTIO VIRTIO_PCI VIRTIO_CONSOLE SERIAL_8250_CONSOLE BLK_DEV_INITRD DEVTMPFS
   PROC_FS SYSFS MODULES MODULE_UNLOAD AIO IO_URING EPOLL SIGNALFD EVENTFD TIMERFD FHANDLE
@@ -159,8 +146,8 @@ step_end_as "verified: $(echo $REQUIRED | wc -w) options built in"
 
 step 4 "building bzImage + modules_prepare with -j$JOBS (about half an hour on two CPUs; log: $DK/build.log)"
 start=$(date +%s)
-build() { make -j"$JOBS" bzImage modules_prepare > "$DK/build.log" 2>&1; }
-build_modules() { make -j"$JOBS" modules >> "$DK/build.log" 2>&1; }
+build() { mk -j"$JOBS" bzImage modules_prepare > "$DK/build.log" 2>&1; }
+build_modules() { mk -j"$JOBS" modules >> "$DK/build.log" 2>&1; }
 compiled() { echo "$(grep -c '^  CC ' "$DK/build.log" || true) files compiled"; }
 if ! PROGRESS_DETAIL=compiled PROGRESS_TAIL_LOG=$DK/build.log run_logged "make" build; then
     die "the kernel build failed: see $DK/build.log"
@@ -178,7 +165,7 @@ echo "$secs" > "$DK/build-seconds"
 step_end_as "built in ${secs} s ($(( secs / 60 )) min $(( secs % 60 )) s)"
 
 step 5 "installing the image"
-REL=$(make -s kernelrelease)
+REL=$(mk -s --no-print-directory kernelrelease)
 [ -n "$REL" ] || die "make kernelrelease printed nothing in $TREE"
 cp arch/x86/boot/bzImage "$DK/vmlinuz.tmp" && mv "$DK/vmlinuz.tmp" "$DK/vmlinuz"
 cp .config "$DK/config"
@@ -186,7 +173,9 @@ cp .config "$DK/config"
     echo "VDEVLAB_KERNEL_DEBUG_RELEASE=$REL"
     echo "VDEVLAB_KERNEL_DEBUG_IMAGE=$DK/vmlinuz"
     echo "VDEVLAB_KERNEL_DEBUG_HEADERS=$TREE"
-    echo "VDEVLAB_KERNEL_DEBUG_BUILD_ROOT=host"
+    echo "VDEVLAB_KERNEL_DEBUG_BUILD_ROOT=$ROOT"
+    echo "VDEVLAB_KERNEL_DEBUG_BIND=$DK"
+    echo "VDEVLAB_KERNEL_DEBUG_SPARSE=1"
     echo "VDEVLAB_KERNEL_DEBUG_MODULES="
 } > "$DK/lab.env"
 echo "$WANT" > "$DK/.vdevlab-debug-kernel"

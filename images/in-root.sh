@@ -18,7 +18,7 @@ root=$1; shift
 if [ "${VDEVLAB_IN_NS:-}" != "$root" ]; then
     # Re-exec ourselves in the new namespaces first.
     if [ "$(id -u)" -eq 0 ]; then
-        VDEVLAB_IN_NS=$root VDEVLAB_IN_USERNS= exec unshare --mount --propagation private -- "$0" "$root" "$@"
+        VDEVLAB_IN_NS=$root VDEVLAB_IN_USERNS="" exec unshare --mount --propagation private -- "$0" "$root" "$@"
     fi
     if ! err=$(unshare --user --map-root-user --mount true 2>&1); then
         echo "in-root.sh: this user cannot make a user namespace ($err): allow unprivileged user namespaces (sysctl user.max_user_namespaces=10000; on older Debian kernels kernel.unprivileged_userns_clone=1; on Ubuntu 24.04+ kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor profile for unshare), or run as root" >&2
@@ -39,4 +39,9 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     shift
 done
 [ "${1:-}" = "--" ] && shift
+# The root's own search path for the command (dpkg wants ldconfig from
+# sbin, which an ordinary user's PATH lacks); chroot itself is in sbin on
+# some hosts and in bin on others, found through the same path.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
 exec chroot "$root" "$@"

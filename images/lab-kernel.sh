@@ -3,12 +3,14 @@
 # only what the lab's guests use (images/lab-kernel.config, merged over
 # tinyconfig), for fast boots under TCG. images/provision.sh runs this and
 # lists the result in lab.env as the guest kernel `lab`; it can also be run
-# by itself (as root) to (re)build it.
+# by itself (as root or any user) to (re)build it. Everything runs inside
+# the trixie root that provision.sh makes (images/in-root.sh, the cache
+# bound in at its own path): its gcc-14, kbuild's host tools and apt.
 #
 #   $VDEVLAB_CACHE/lab-kernel/linux-source-<v>/  the kernel tree, built in
 #                       place (vmlinux, bzImage, modules_prepare): the
-#                       driver is built against it, on the host, with
-#                       `make -C <tree> M=<dir> W=1 C=1`
+#                       driver is built against it, in the trixie root,
+#                       with `make -C <tree> M=<dir> W=1 C=1`
 #   $VDEVLAB_CACHE/lab-kernel/vmlinux    the ELF image QEMU boots by PVH
 #   $VDEVLAB_CACHE/lab-kernel/vmlinuz    the bzImage (VDEVLAB_PVH=0)
 #   $VDEVLAB_CACHE/lab-kernel/config     its .config
@@ -18,14 +20,10 @@
 #   $VDEVLAB_CACHE/lab-kernel/build.log       the build's output
 #
 # The source tarball is shared with the debug kernel (images/kernel-source.sh,
-# $VDEVLAB_CACHE/sources/). The package is linux-source-6.12 (bookworm's
-# security and backports suites carry it), or VDEVLAB_LAB_SOURCE; the config
-# fragment is checked against that series. A rebuild happens when the
-# package version, the fragment or STAMP_VERSION changes.
-#
-# Needs: a Debian host (apt-get download of the source; as root, apt-get
-# install of missing build dependencies, else they must be there) on a
-# Debian host. Two CPUs take a few minutes.
+# $VDEVLAB_CACHE/sources/). The package is trixie's linux-source-6.12, or
+# VDEVLAB_LAB_SOURCE; the config fragment is checked against that series. A
+# rebuild happens when the package version, the fragment or STAMP_VERSION
+# changes. Two CPUs take a few minutes.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,7 +31,7 @@ CACHE=${VDEVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vdevlab}
 LK=$CACHE/lab-kernel
 FRAGMENT=$HERE/lab-kernel.config
 # Bump when the build steps below change: the kernel is then rebuilt.
-STAMP_VERSION=1
+STAMP_VERSION=2
 SRC=${VDEVLAB_LAB_SOURCE:-linux-source-6.12}
 JOBS=${VDEVLAB_LAB_JOBS:-$(nproc)}
 # One line per step; apt's output goes to $CACHE/provision.log, make's to
@@ -42,21 +40,20 @@ PROGRESS_TAG=lab-kernel
 # shellcheck source-path=SCRIPTDIR source=lib/progress.sh
 . "$HERE/lib/progress.sh"
 
-# As root it installs missing build dependencies; as anyone else it names
-# them (the README lists them among the host prerequisites).
-ROOTLESS=""; [ "$(id -u)" -eq 0 ] || ROOTLESS=1
+ROOT=$CACHE/trixie-root
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
-command -v apt-get >/dev/null 2>&1 || die "this host has no apt-get: the lab kernel is built from Debian's $SRC package"
 [ -f "$FRAGMENT" ] || die "no $FRAGMENT"
+[ -f "$ROOT/usr/bin/make" ] || die "no trixie root with make at $ROOT: run images/provision.sh first"
+in_root() { "$HERE/in-root.sh" "$ROOT" "$CACHE:$CACHE" -- "$@"; }
 mkdir -p "$LK"
 exec 6>"$LK/.lock"
 flock 6
 rm -f "$LK/.last-result"
 
-# Asking apt for the candidate takes seconds, and every test process
-# provisions: reuse the last answer while the host's apt lists are unchanged.
+# Asking apt for the candidate takes a second, and every test process
+# provisions: reuse the last answer while the root's apt lists are unchanged.
 fingerprint() {
-    { echo "$SRC"; stat -c '%n %Y %s' /var/lib/apt/lists/*_Packages* 2>/dev/null; } | md5sum | cut -d' ' -f1
+    { echo "$SRC"; stat -c '%n %Y %s' "$ROOT"/var/lib/apt/lists/*_Packages* 2>/dev/null; } | md5sum | cut -d' ' -f1
 }
 fp=$(fingerprint)
 VER=""
@@ -65,16 +62,9 @@ if [ -f "$LK/choice" ]; then
     [ "${cfp:-}" = "$fp" ] && VER=${cver:-}
 fi
 if [ -z "$VER" ]; then
-    VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
-    if [ -z "$VER" ] || [ "$VER" = "(none)" ]; then
-        [ -z "$ROOTLESS" ] || die "the host's apt lists have no $SRC: as root, run apt-get update (with bookworm-security or bookworm-backports in the sources)"
-        note "no candidate for $SRC; apt-get update (host)"
-        run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
-        fp=$(fingerprint)
-        VER=$(apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
-    fi
-    [ -n "$VER" ] && [ "$VER" != "(none)" ] \
-        || die "the host's apt has no $SRC: add bookworm-security or bookworm-backports to its sources (or set VDEVLAB_LAB_SOURCE=linux-source-<v>)"
+    VER=$(in_root apt-cache policy "$SRC" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+    { [ -n "$VER" ] && [ "$VER" != "(none)" ]; } \
+        || die "the trixie root's apt has no $SRC (images/in-root.sh $ROOT -- apt-get update; or set VDEVLAB_LAB_SOURCE=linux-source-<v>)"
     echo "$fp $VER" > "$LK/choice"
 fi
 WANT="$STAMP_VERSION $SRC $VER $(md5sum < "$FRAGMENT" | cut -d' ' -f1)"
@@ -88,31 +78,12 @@ fi
 rm -f "$LK/.vdevlab-lab-kernel"
 say "building the lab kernel from $SRC $VER (a few minutes; log $LK/build.log)"
 
-# Build dependencies: the compiler and kbuild's host tools (objtool needs
-# libelf).
-DEPS="build-essential bc bison flex libelf-dev libssl-dev"
-missing=""
-for p in $DEPS; do
-    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing="$missing $p"
-done
-if [ -n "$missing" ] && [ -n "$ROOTLESS" ]; then
-    die "the lab kernel's build needs these host packages:$missing (as root: apt-get install$missing; or set VDEVLAB_KERNELS=trixie,bookworm)"
-fi
-if [ -n "$missing" ]; then
-    step_begin "build dependencies:$missing"
-    run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive run_logged "apt-get install" apt-get install -y -q --no-install-recommends $missing \
-        || die "could not install the build dependencies: apt-get install$missing"
-    step_end
-fi
-
 TREE=$LK/$SRC
 if [ "$(cat "$TREE/.vdevlab-source" 2>/dev/null)" != "$SRC $VER" ]; then
     tarball=$(bash "$HERE/kernel-source.sh" "$SRC" "$VER")
     rm -rf "$TREE" "$LK/unpack.tmp" && mkdir -p "$LK/unpack.tmp"
     step_begin "unpacking $(basename "$tarball") (about a minute)"
-    run_logged "tar -xJf" tar -xJf "$tarball" -C "$LK/unpack.tmp" || die "could not unpack $tarball"
+    run_logged "tar -xJf" in_root tar -xJf "$tarball" -C "$LK/unpack.tmp" || die "could not unpack $tarball"
     step_end
     [ -f "$LK/unpack.tmp/$SRC/Makefile" ] || die "no $SRC/Makefile in $tarball"
     mv "$LK/unpack.tmp/$SRC" "$TREE"
@@ -122,10 +93,14 @@ fi
 
 step_begin "configuring: tinyconfig + $(basename "$FRAGMENT")"
 cd "$TREE"
-export ARCH=x86_64
-run_logged "make tinyconfig" make -s tinyconfig || die "make tinyconfig failed in $TREE"
-run_logged "merge_config.sh" scripts/kconfig/merge_config.sh -m .config "$FRAGMENT" || die "merging $FRAGMENT failed"
-run_logged "make olddefconfig" make -s olddefconfig || die "make olddefconfig failed in $TREE"
+# The fragment, where the root sees it.
+cp "$FRAGMENT" "$LK/fragment.config"
+mk() { in_root make -C "$TREE" ARCH=x86_64 "$@"; }
+run_logged "make tinyconfig" mk -s tinyconfig || die "make tinyconfig failed in $TREE"
+# shellcheck disable=SC2016 # the inner shell's $1 and $2
+run_logged "merge_config.sh" in_root sh -c 'cd "$1" && ARCH=x86_64 scripts/kconfig/merge_config.sh -m .config "$2"' sh "$TREE" "$LK/fragment.config" \
+    || die "merging $FRAGMENT failed"
+run_logged "make olddefconfig" mk -s olddefconfig || die "make olddefconfig failed in $TREE"
 # Verify: olddefconfig silently drops what it cannot satisfy.
 bad=""; n=0
 while IFS= read -r line; do
@@ -149,7 +124,7 @@ start=$(date +%s)
 # make's output stays in build.log (it is not streamed, even when verbose).
 # run_logged stops the build if this script is stopped (make passes SIGTERM
 # on to its jobs) rather than leave it running unseen.
-build() { make -j"$JOBS" bzImage modules_prepare modules > "$LK/build.log" 2>&1; }
+build() { mk -j"$JOBS" bzImage modules_prepare modules > "$LK/build.log" 2>&1; }
 compiled() { echo "$(grep -c '^  CC ' "$LK/build.log" || true) files compiled"; }
 if ! PROGRESS_DETAIL=compiled PROGRESS_TAIL_LOG=$LK/build.log run_logged "make" build; then
     die "the kernel build failed: see $LK/build.log"
@@ -159,10 +134,10 @@ secs=$(( $(date +%s) - start ))
 echo "$secs" > "$LK/build-seconds"
 step_end
 
-REL=$(make -s kernelrelease)
+REL=$(mk -s --no-print-directory kernelrelease)
 [ -n "$REL" ] || die "make kernelrelease printed nothing in $TREE"
 # XEN_ELFNOTE_PHYS32_ENTRY (18): the PVH entry point QEMU boots.
-readelf -n vmlinux | grep -Eq 'Xen .*(0x00000012|PHYS32_ENTRY)' \
+in_root readelf -n "$TREE/vmlinux" | grep -Eq 'Xen .*(0x00000012|PHYS32_ENTRY)' \
     || die "$TREE/vmlinux has no PVH entry note: is CONFIG_PVH=y?"
 cp vmlinux "$LK/vmlinux.tmp" && mv "$LK/vmlinux.tmp" "$LK/vmlinux"
 cp arch/x86/boot/bzImage "$LK/vmlinuz.tmp" && mv "$LK/vmlinuz.tmp" "$LK/vmlinuz"
@@ -171,7 +146,9 @@ cp .config "$LK/config"
     echo "VDEVLAB_KERNEL_LAB_RELEASE=$REL"
     echo "VDEVLAB_KERNEL_LAB_IMAGE=$LK/vmlinuz"
     echo "VDEVLAB_KERNEL_LAB_HEADERS=$TREE"
-    echo "VDEVLAB_KERNEL_LAB_BUILD_ROOT=host"
+    echo "VDEVLAB_KERNEL_LAB_BUILD_ROOT=$ROOT"
+    echo "VDEVLAB_KERNEL_LAB_BIND=$LK"
+    echo "VDEVLAB_KERNEL_LAB_SPARSE=1"
     echo "VDEVLAB_KERNEL_LAB_MODULES="
 } > "$LK/lab.env"
 echo "$WANT" > "$LK/.vdevlab-lab-kernel"

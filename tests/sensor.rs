@@ -146,9 +146,9 @@ fn sensor_driver_builds_warning_free_with_w1(kernel: &str) {
         k.build_log_path.display(),
         warnings.join("\n")
     );
-    // sparse runs on the builds on the host (bookworm's 6.1, the lab
-    // kernel's 6.12); Debian's sparse is too old for 7.3's headers.
-    if kernel.build == vdevlab_lab::env::BuildPlace::Host {
+    // sparse runs on bookworm's 6.1 and the lab kernel's 6.12 builds;
+    // Debian's sparse is too old for 7.3's headers.
+    if kernel.sparse {
         assert!(
             k.build_log.contains("CHECK"),
             "sparse did not run on the {} build (log {})",
@@ -162,16 +162,22 @@ fn sensor_driver_builds_warning_free_with_w1(kernel: &str) {
 /// (LINUX_VERSION_CODE in the compatibility macro, guest-driver/README.md).
 #[test]
 fn sensor_driver_passes_checkpatch_strict() {
-    let _lab = lab(); // provisions checkpatch.pl
-    let checkpatch = vdevlab_lab::env::cache_dir().join("checkpatch/checkpatch.pl");
+    let lab = lab(); // provisions checkpatch.pl
     let dir = vdevlab_lab::env::workspace_root().join("guest-driver/sensor");
-    let out = std::process::Command::new("perl")
-        .arg(&checkpatch)
-        .args(["--strict", "--no-tree", "--show-types", "--terse", "-f"])
-        .args(["vdevlab_sensor.c", "include/uapi/vdevlab_sensor.h"])
-        .current_dir(&dir)
-        .output()
-        .expect("perl runs checkpatch.pl");
+    let out = vdevlab_lab::artifacts::checkpatch(
+        &lab.env,
+        &dir,
+        &[
+            "--strict",
+            "--no-tree",
+            "--show-types",
+            "--terse",
+            "-f",
+            "vdevlab_sensor.c",
+            "include/uapi/vdevlab_sensor.h",
+        ],
+    )
+    .expect("checkpatch.pl runs in the lab root");
     let report = String::from_utf8_lossy(&out.stdout);
     let unexpected: Vec<&str> = report
         .lines()

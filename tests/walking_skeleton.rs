@@ -8,7 +8,7 @@
 //! (`bookworm::io_models_rx_and_tx`).
 
 use vdevlab_device::irq::IrqMode;
-use vdevlab_lab::env::{cloud_hypervisor, kvm_usable, BuildPlace, Kernel};
+use vdevlab_lab::env::{cloud_hypervisor, kvm_usable, Kernel};
 use vdevlab_lab::guest::Vmm;
 use vdevlab_lab::record::{read_all, Verdict};
 use vdevlab_lab::scenario::{blocking_rx, pattern, record_skip, run_streams, StreamCase};
@@ -125,10 +125,10 @@ fn driver_builds_warning_free_with_w1(kernel: &str) {
         warnings.join("\n")
     );
     assert!(art.driver_ko.exists());
-    // sparse (C=1) runs on the builds on the host, whose sparse
-    // understands the kernel's headers: bookworm's 6.1 and the lab kernel's
-    // 6.12 (Debian's sparse 0.6.4 is too old for 7.3's: guest-driver/README.md).
-    if kernel.build == BuildPlace::Host {
+    // sparse (C=1) runs where Debian's sparse understands the kernel's
+    // headers: bookworm's 6.1 and the lab kernel's 6.12 (sparse 0.6.4 is too
+    // old for 7.3's: guest-driver/README.md).
+    if kernel.sparse {
         assert!(
             art.driver_build_log.contains("CHECK"),
             "sparse did not run on the {} build (is sparse installed? log {})",
@@ -384,16 +384,22 @@ fn run_folder_200_characters_deep() {
 /// argument reuse.
 #[test]
 fn driver_passes_checkpatch_strict() {
-    let _lab = lab(); // provisions checkpatch.pl
-    let checkpatch = vdevlab_lab::env::cache_dir().join("checkpatch/checkpatch.pl");
+    let lab = lab(); // provisions checkpatch.pl
     let dir = vdevlab_lab::env::workspace_root().join("guest-driver");
-    let out = std::process::Command::new("perl")
-        .arg(&checkpatch)
-        .args(["--strict", "--no-tree", "--show-types", "--terse", "-f"])
-        .args(["vdevlab_qw.c", "include/uapi/vdevlab_qw.h"])
-        .current_dir(&dir)
-        .output()
-        .expect("perl runs checkpatch.pl");
+    let out = vdevlab_lab::artifacts::checkpatch(
+        &lab.env,
+        &dir,
+        &[
+            "--strict",
+            "--no-tree",
+            "--show-types",
+            "--terse",
+            "-f",
+            "vdevlab_qw.c",
+            "include/uapi/vdevlab_qw.h",
+        ],
+    )
+    .expect("checkpatch.pl runs in the lab root");
     let report = String::from_utf8_lossy(&out.stdout);
     const ALLOWED: &[&str] = &[":LINUX_VERSION_CODE:", ":MACRO_ARG_REUSE:"];
     let findings: Vec<&str> = report

@@ -170,8 +170,11 @@ fn prepare_kernel(
         kernel.name,
         kernel.release,
         match &kernel.build {
-            BuildPlace::InRoot(_) => "in the lab root",
-            BuildPlace::Host => "on the host",
+            BuildPlace::InRoot(root) => format!(
+                "in {}",
+                root.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            BuildPlace::Host => "on the host".to_string(),
         }
     ));
     let (driver_ko, driver_build_log, driver_build_log_path) = build_module(
@@ -286,9 +289,10 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Build an out-of-tree module (the Kbuild folder `src`, making `name`.ko)
-/// against `kernel`'s headers, W=1, where the kernel's own compiler is:
-/// inside the lab root (trixie: gcc-14) or on the host (bookworm 6.1: the
-/// host's gcc-12, with sparse). The build happens in a copy,
+/// against `kernel`'s headers, W=1 (and C=1 where [`Kernel::sparse`]),
+/// where the kernel's own compiler is: inside one of the lab's Debian roots
+/// (trixie: gcc-14, for 7.3 and the lab kernel's 6.12; bookworm: gcc-12,
+/// for 6.1). The build happens in a copy,
 /// `dir/<label>-<release>/`. Returns the module, the build's log and where
 /// the log is kept (`dir/<label>-<release>.log`). `guest-driver/` is built
 /// this way (label `driver`), and so is a user's driver.
@@ -311,10 +315,10 @@ pub fn build_module(
     let stamp_path = dir.join(format!("{label}-{}.stamp", kernel.release));
     fs::create_dir_all(&build)?;
     let mut hash = Sha256::new();
-    // The build's flags too (W=1 everywhere, C=1 on the host).
+    // The build's place and flags too.
     hash.update(format!(
-        "{:?}\n{:?}\nW=1 C=1-on-host\n",
-        kernel.build, kernel.headers
+        "{:?}\n{:?}\n{:?}\nW=1 sparse={}\n",
+        kernel.build, kernel.headers, kernel.bind, kernel.sparse
     ));
     let mut names = Vec::new();
     for entry in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
@@ -341,6 +345,9 @@ pub fn build_module(
     }
     // The headers as provisioned: their config and exported symbols.
     let headers_on_host = match &kernel.build {
+        BuildPlace::InRoot(_) if kernel.bind.iter().any(|b| kernel.headers.starts_with(b)) => {
+            kernel.headers.clone()
+        }
         BuildPlace::InRoot(root) => {
             root.join(kernel.headers.strip_prefix("/").unwrap_or(&kernel.headers))
         }
@@ -367,29 +374,39 @@ pub fn build_module(
         }
     }
 
+    // C=1: sparse checks every file it compiles.
+    let sparse = kernel.sparse.then_some("C=1");
     let (mut cmd, what) = match &kernel.build {
         BuildPlace::InRoot(root) => {
             let mut c = Command::new(in_root_script());
-            c.arg(root)
-                .arg(format!("{}:/build", build.display()))
+            c.arg(root);
+            for b in &kernel.bind {
+                c.arg(format!("{}:{}", b.display(), b.display()));
+            }
+            c.arg(format!("{}:/build", build.display()))
                 .arg("--")
                 .args(["make", "-C"])
                 .arg(&kernel.headers)
-                .args(["M=/build", "W=1", "modules"]);
-            (c, "in the lab root")
+                .args(["M=/build", "W=1"])
+                .args(sparse)
+                .arg("modules");
+            (c, format!("in {}", root.display()))
         }
         BuildPlace::Host => {
-            // C=1: sparse checks every file it compiles (provisioned on the
-            // host, whose sparse handles 6.1's and 6.12's headers; Debian's
-            // sparse is too old for 7.3's, so the in-root build runs
-            // without it).
             let mut c = Command::new("make");
             c.arg("-C")
                 .arg(&kernel.headers)
                 .arg(format!("M={}", build.display()))
-                .args(["W=1", "C=1", "modules"]);
-            (c, "on the host, with sparse")
+                .arg("W=1")
+                .args(sparse)
+                .arg("modules");
+            (c, "on the host".to_string())
         }
+    };
+    let what = if kernel.sparse {
+        format!("{what}, with sparse")
+    } else {
+        what
     };
     // English compiler messages: the warning check looks for "warning:".
     cmd.env("LC_ALL", "C");
@@ -528,6 +545,30 @@ fn write_newc<D: AsRef<str>, N: AsRef<str>>(
     Ok(())
 }
 
+/// Run the provisioned `checkpatch.pl` (from Debian's kernel source, in the
+/// cache) with `args` in the folder `dir`, inside the lab's trixie root
+/// (its perl; nothing of the host's), `dir` bound in at its own path.
+pub fn checkpatch(env: &LabEnv, dir: &Path, args: &[&str]) -> Result<std::process::Output> {
+    let script = crate::env::cache_dir().join("checkpatch");
+    let dir = std::path::absolute(dir)?;
+    Command::new(in_root_script())
+        .arg(&env.root)
+        .arg(format!("{}:{}", script.display(), script.display()))
+        .arg(format!("{}:{}", dir.display(), dir.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            r#"cd "$1" && shift && exec perl "$@""#,
+            "sh",
+        ])
+        .arg(&dir)
+        .arg(script.join("checkpatch.pl"))
+        .args(args)
+        .output()
+        .with_context(|| format!("running checkpatch.pl on {}", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,7 +580,9 @@ mod tests {
             release: "6.1.0-56-amd64".into(),
             image: "/k/vmlinuz".into(),
             headers: "/k/h".into(),
-            build: BuildPlace::Host,
+            build: BuildPlace::InRoot("/b".into()),
+            bind: Vec::new(),
+            sparse: true,
             preload: preload
                 .iter()
                 .map(|m| PathBuf::from(format!("/k/m/{m}.ko")))

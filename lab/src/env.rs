@@ -61,11 +61,13 @@ pub enum QemuRuntime {
 /// Where a guest kernel's out-of-tree modules are built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildPlace {
-    /// Inside a Debian root (the kernel's own compiler lives there); the
-    /// headers path is inside that root.
+    /// Inside one of the lab's Debian roots (the kernel's own compiler
+    /// lives there); the headers path is inside that root, or under one of
+    /// [`Kernel::bind`]'s folders.
     InRoot(PathBuf),
-    /// On the host, with the host's compiler (the host's gcc is the
-    /// kernel's); the headers path is a host path.
+    /// On the host, with the host's compiler (`BUILD_ROOT=host` in a
+    /// hand-written lab.env; provisioning never writes it); the headers
+    /// path is a host path.
     Host,
 }
 
@@ -85,6 +87,12 @@ pub struct Kernel {
     pub headers: PathBuf,
     /// Where the driver is built for this kernel.
     pub build: BuildPlace,
+    /// Host folders bound into the build root at their own path for the
+    /// build (a kernel tree in the cache, such as the lab kernel's).
+    pub bind: Vec<PathBuf>,
+    /// Build with sparse (`C=1`): Debian's sparse understands 6.1's and
+    /// 6.12's headers, not 7.3's (guest-driver/README.md).
+    pub sparse: bool,
     /// Modules to load before the driver, in dependency order (host paths
     /// of `.ko` files); e.g. virtio and virtio_pci where they are modular.
     pub preload: Vec<PathBuf>,
@@ -226,6 +234,8 @@ impl LabEnv {
                 image: PathBuf::from(get("VDEVLAB_KERNEL")?),
                 headers: PathBuf::from(get("VDEVLAB_KERNEL_HEADERS")?),
                 build: BuildPlace::InRoot(root.clone()),
+                bind: Vec::new(),
+                sparse: false,
                 preload: Vec::new(),
             }],
         };
@@ -255,6 +265,13 @@ fn parse_kernels(names: &str, get: &dyn Fn(&str) -> Result<String>) -> Result<Ve
             image: PathBuf::from(get(&key("IMAGE"))?),
             headers: PathBuf::from(get(&key("HEADERS"))?),
             build,
+            bind: get(&key("BIND"))
+                .unwrap_or_default()
+                .split(':')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+            sparse: get(&key("SPARSE")).is_ok_and(|v| v == "1"),
             preload: get(&key("MODULES"))?
                 .split(':')
                 .filter(|p| !p.is_empty())
@@ -390,7 +407,8 @@ mod tests {
              VDEVLAB_KERNEL_TRIXIE_MODULES=\n\
              VDEVLAB_KERNEL_BOOKWORM_RELEASE=6.1.0-56-amd64\n\
              VDEVLAB_KERNEL_BOOKWORM_IMAGE=/k/6/vmlinuz\n\
-             VDEVLAB_KERNEL_BOOKWORM_HEADERS=/k/6/h\nVDEVLAB_KERNEL_BOOKWORM_BUILD_ROOT=host\n\
+             VDEVLAB_KERNEL_BOOKWORM_HEADERS=/usr/src/h6\nVDEVLAB_KERNEL_BOOKWORM_BUILD_ROOT=/b\n\
+             VDEVLAB_KERNEL_BOOKWORM_SPARSE=1\nVDEVLAB_KERNEL_BOOKWORM_BIND=/c/lk:/c/x\n\
              VDEVLAB_KERNEL_BOOKWORM_MODULES=/k/6/m/virtio_ring.ko:/k/6/m/virtio.ko\n",
         )
         .unwrap();
@@ -399,7 +417,10 @@ mod tests {
         assert_eq!(env.default_kernel().release, "7.3.4");
         assert_eq!(env.default_kernel().build, BuildPlace::InRoot("/r".into()));
         let bw = env.kernel("bookworm").unwrap();
-        assert_eq!(bw.build, BuildPlace::Host);
+        assert_eq!(bw.build, BuildPlace::InRoot("/b".into()));
+        assert!(bw.sparse && !env.default_kernel().sparse);
+        assert_eq!(bw.bind, [PathBuf::from("/c/lk"), PathBuf::from("/c/x")]);
+        assert!(env.default_kernel().bind.is_empty());
         assert_eq!(bw.preload_names(), ["virtio_ring", "virtio"]);
         assert!(env.default_kernel().preload.is_empty());
         assert!(env.kernel("nope").is_err());
