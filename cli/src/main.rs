@@ -233,10 +233,57 @@ mod tests {
             .collect();
         recipes.sort();
         assert!(recipes.len() >= 2, "{recipes:?}");
+        // The README's host prerequisites for Debian and Ubuntu: the
+        // packages of its `sudo apt-get install` line.
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let prereqs: Vec<&str> = readme
+            .lines()
+            .find_map(|l| l.split_once("sudo apt-get install").map(|(_, rest)| rest))
+            .expect("README.md has a `sudo apt-get install` line")
+            .split_whitespace()
+            .filter(|w| !w.starts_with('-') && *w != "\\")
+            .collect();
+        assert!(
+            !prereqs.is_empty(),
+            "README.md's apt-get line names no package"
+        );
         let mut calls = 0;
         for path in &recipes {
             let text = std::fs::read_to_string(path).unwrap();
             let name = path.display();
+            // The recipes run on an Ubuntu runner as its own user: they
+            // install the README's prerequisites and allow unprivileged
+            // user namespaces, and no longer need a privileged container.
+            let steps: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .collect();
+            // The `apt-get install` command with its continuation lines.
+            let mut installed = Vec::new();
+            let mut on = false;
+            for l in &steps {
+                on = on || l.contains("apt-get install");
+                if on {
+                    installed.extend(l.split_whitespace());
+                    on = l.trim_end().ends_with('\\');
+                }
+            }
+            for p in &prereqs {
+                assert!(
+                    installed.contains(p),
+                    "{name} does not install {p}, a host prerequisite in README.md"
+                );
+            }
+            assert!(
+                steps
+                    .iter()
+                    .any(|l| l.contains("kernel.apparmor_restrict_unprivileged_userns=0")),
+                "{name} does not allow unprivileged user namespaces (Ubuntu 24.04)"
+            );
+            assert!(
+                !steps.iter().any(|l| l.contains("--privileged")),
+                "{name} asks for a privileged container, which the lab no longer needs"
+            );
             for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
                 if line.contains(".ci/run") {
                     let run = root.join(".ci/run");
