@@ -88,16 +88,19 @@ host_pkg() { # host_pkg <command> <package>
     command -v "$1" >/dev/null 2>&1 && return 0
     [ -z "$ROOTLESS" ] || die "$1 is missing: install the host package '$2' (the README lists the host prerequisites for Debian, Ubuntu, Fedora and Arch)"
     command -v apt-get >/dev/null 2>&1 || die "$1 is missing: install the host package '$2' (the README lists the host prerequisites)"
+    host_pkg_install "$2"
+}
+host_pkg_install() { # host_pkg_install <package>: as root, with the host's apt
     if [ -z "${apt_updated:-}" ]; then
         run_logged "apt-get update (host)" apt-get update -q || die "apt-get update failed on the host"
         apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive run_logged "installing host package $2" \
-        apt-get install -y -q --no-install-recommends "$2" \
-        || die "could not install '$2' on the host: apt-get install $2"
+    DEBIAN_FRONTEND=noninteractive run_logged "installing host package $1" \
+        apt-get install -y -q --no-install-recommends "$1" \
+        || die "could not install '$1' on the host: apt-get install $1"
 }
 
-step 1 "host tools (mmdebstrap, unshare, flock)"
+step 1 "host tools (mmdebstrap, unshare, flock, Debian's archive keyring)"
 host_pkg mmdebstrap mmdebstrap
 host_pkg unshare util-linux
 host_pkg flock util-linux
@@ -111,6 +114,24 @@ if [ -n "$ROOTLESS" ]; then
     done
     err=$(unshare --user --map-root-user true 2>&1) \
         || die "this user cannot make a user namespace ($err): allow unprivileged user namespaces (sysctl user.max_user_namespaces=10000; on older Debian kernels kernel.unprivileged_userns_clone=1; on Ubuntu 24.04+ kernel.apparmor_restrict_unprivileged_userns=0), or run as root"
+fi
+# Debian's archive keyring, which mmdebstrap verifies the mirror with: on
+# Debian in apt's trusted.gpg.d, elsewhere where the distribution's
+# package puts it (Ubuntu's and Arch's debian-archive-keyring, Fedora's
+# debian-keyring or distribution-gpg-keys), passed on with --keyring.
+KEYRING=()
+keyring() {
+    local k
+    if compgen -G '/etc/apt/trusted.gpg.d/debian-archive-*' >/dev/null; then return 0; fi
+    for k in /usr/share/keyrings/debian-archive-keyring.gpg /usr/share/keyrings/debian-archive-keyring.pgp \
+        /usr/share/distribution-gpg-keys/debian; do
+        [ -e "$k" ] && { KEYRING=(--keyring="$k"); return 0; }
+    done
+    return 1
+}
+if ! keyring; then
+    [ -n "$ROOTLESS" ] || ! command -v apt-get >/dev/null 2>&1 || host_pkg_install debian-archive-keyring
+    keyring || die "Debian's archive keyring is missing: install the host package debian-archive-keyring (Fedora: debian-keyring)"
 fi
 step_end "present"
 
@@ -131,7 +152,7 @@ make_root() {
         local hook="chroot \"\$1\" apt-get install -y -q --no-install-recommends $t $pkgs"
         if [ -z "$ROOTLESS" ]; then
             run_logged "mmdebstrap $suite from $MIRROR, with $pkgs" \
-                mmdebstrap --variant=apt --skip=cleanup/apt/lists --customize-hook="$hook" \
+                mmdebstrap --variant=apt --skip=cleanup/apt/lists "${KEYRING[@]}" --customize-hook="$hook" \
                 "$suite" "$dir.tmp" "$@" \
                 || die "mmdebstrap failed (see the log); check that $MIRROR serves $suite"
         else
@@ -141,7 +162,7 @@ make_root() {
             # later runs need only a user namespace mapping this user
             # (images/in-root.sh). apt then cannot switch to its _apt user.
             run_logged "mmdebstrap --mode=unshare $suite from $MIRROR, with $pkgs" \
-                mmdebstrap --mode=unshare --variant=apt --skip=cleanup/apt/lists --customize-hook="$hook" \
+                mmdebstrap --mode=unshare --variant=apt --skip=cleanup/apt/lists "${KEYRING[@]}" --customize-hook="$hook" \
                 "$suite" "$dir.tar" "$@" \
                 || die "mmdebstrap --mode=unshare failed (see the log); check that $MIRROR serves $suite, and that newuidmap (package uidmap) and this user's /etc/subuid range work"
             mkdir -p "$dir.tmp"
