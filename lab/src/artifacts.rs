@@ -545,10 +545,12 @@ fn write_newc<D: AsRef<str>, N: AsRef<str>>(
     Ok(())
 }
 
-/// Run the provisioned `checkpatch.pl` (from Debian's kernel source, in the
-/// cache) with `args` in the folder `dir`, inside the lab's trixie root
-/// (its perl; nothing of the host's), `dir` bound in at its own path.
-pub fn checkpatch(env: &LabEnv, dir: &Path, args: &[&str]) -> Result<std::process::Output> {
+/// `checkpatch.pl --strict` (provisioned from Debian's kernel source, in
+/// the cache) on `files` of the folder `dir`, as the kernel's own tree would
+/// run it on a patch's files (`--no-tree -f`, one finding per line with its
+/// type: `--terse --show-types`). It runs inside the lab's trixie root (its
+/// perl; nothing of the host's), `dir` bound in at its own path.
+pub fn checkpatch(env: &LabEnv, dir: &Path, files: &[&str]) -> Result<std::process::Output> {
     let script = crate::env::cache_dir().join("checkpatch");
     let dir = std::path::absolute(dir)?;
     Command::new(in_root_script())
@@ -564,7 +566,8 @@ pub fn checkpatch(env: &LabEnv, dir: &Path, args: &[&str]) -> Result<std::proces
         ])
         .arg(&dir)
         .arg(script.join("checkpatch.pl"))
-        .args(args)
+        .args(["--strict", "--no-tree", "--show-types", "--terse", "-f"])
+        .args(files)
         .output()
         .with_context(|| format!("running checkpatch.pl on {}", dir.display()))
 }
