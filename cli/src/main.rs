@@ -10,7 +10,9 @@
 //!   virtio-serial baseline and a host-pipe floor, in one run;
 //! - `vdevlab user-test DIR`: a user's own driver and scenarios;
 //! - `vdevlab up`: a shell in a booted guest with the device and driver;
-//! - `vdevlab new device NAME`: scaffold a device, its driver and tests.
+//! - `vdevlab new device NAME`: scaffold a device, its driver and tests;
+//! - `vdevlab doctor`: which cells this host can run, and the fix for each
+//!   one it cannot.
 
 use std::process::{Command, ExitCode};
 
@@ -82,6 +84,38 @@ enum Cmd {
     /// Scaffold a project: `vdevlab new device NAME` makes a device model on
     /// the framework, its driver and passing scenarios.
     New(new::NewArgs),
+    /// Say what this host can run (QEMU/TCG, QEMU/KVM, Cloud Hypervisor)
+    /// and, for each thing it cannot, why and the fix. Provisions and boots
+    /// nothing.
+    Doctor,
+}
+
+fn doctor() -> Result<bool> {
+    let report = vdevlab_lab::doctor::examine();
+    println!("vdevlab doctor: this host");
+    for c in &report.checks {
+        println!(
+            "  {:<4} {:<24} {}",
+            if c.ok { "ok" } else { "no" },
+            c.what,
+            c.detail
+        );
+        if let Some(fix) = &c.fix {
+            println!("       {:<24} fix: {fix}", "");
+        }
+    }
+    println!("cells (VMM/accelerator):");
+    for cell in &report.cells {
+        match &cell.blocked_by {
+            None => println!("  {:<22} runs here", cell.name),
+            Some(why) => println!("  {:<22} cannot run: {why}", cell.name),
+        }
+    }
+    // Fails when not even the TCG cells can run (after provisioning).
+    Ok(report.cells[0]
+        .blocked_by
+        .as_deref()
+        .is_none_or(|why| why.contains("not provisioned yet")))
 }
 
 fn demo(bytes: usize, seed: u64) -> Result<bool> {
@@ -198,6 +232,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(args),
         Cmd::UserTest(args) => user::run(args),
         Cmd::Up(args) => up::run(args),
+        Cmd::Doctor => doctor(),
         Cmd::New(args) => new::run(args),
     };
     match result {

@@ -316,20 +316,57 @@ pub fn parse_qemu_version(line: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Whether KVM can run a stock guest kernel here, and if not, why.
-pub fn kvm_usable() -> Result<(), String> {
+/// Why `/dev/kvm` cannot run the lab's guests, with the fix.
+#[derive(Debug)]
+pub enum KvmProblem {
+    /// No `/dev/kvm` at all.
+    Missing,
+    /// `/dev/kvm` is PVM (`kvm_pvm`), which boots only PVM-built kernels.
+    Pvm,
+    /// `/dev/kvm` exists but this user cannot open it.
+    NoAccess(std::io::Error),
+}
+
+impl std::fmt::Display for KvmProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvmProblem::Missing => write!(f, "no /dev/kvm on this host"),
+            KvmProblem::Pvm => write!(f, "/dev/kvm is PVM (kvm_pvm loaded): it only runs PVM-built guest kernels, and stock kernels hang at boot"),
+            KvmProblem::NoAccess(e) => write!(f, "cannot open /dev/kvm: {e}"),
+        }
+    }
+}
+
+impl KvmProblem {
+    /// What to do about it.
+    pub fn fix(&self) -> &'static str {
+        match self {
+            KvmProblem::Missing => "enable virtualization (VT-x/AMD-V) in the firmware and load the module (sudo modprobe kvm_intel, or kvm_amd); in a VM, enable nested virtualization",
+            KvmProblem::Pvm => "none on this host: its KVM cannot boot stock kernels; use a host with hardware KVM (the TCG cells run here)",
+            KvmProblem::NoAccess(_) => "join the kvm group (sudo usermod -aG kvm $USER, then log in again), or give /dev/kvm mode 0666 with a udev rule",
+        }
+    }
+}
+
+/// Whether `/dev/kvm` can run the lab's guests.
+pub fn kvm_status() -> Result<(), KvmProblem> {
     if !Path::new("/dev/kvm").exists() {
-        return Err("no /dev/kvm on this host".into());
+        return Err(KvmProblem::Missing);
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
-        return Err("/dev/kvm is PVM (kvm_pvm loaded): it only runs PVM-built guest kernels, and stock kernels hang at boot".into());
+        return Err(KvmProblem::Pvm);
     }
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .map(|_| ())
-        .map_err(|e| format!("cannot open /dev/kvm: {e}"))
+        .map_err(KvmProblem::NoAccess)
+}
+
+/// [`kvm_status`] with the reason as text (for skip records).
+pub fn kvm_usable() -> Result<(), String> {
+    kvm_status().map_err(|p| p.to_string())
 }
 
 /// The accelerator for boots that may pick one (`vdevlab user-test`,
@@ -351,34 +388,154 @@ pub fn default_accel() -> Result<vdevlab_vmm_config::Accel> {
     }
 }
 
-/// A Cloud Hypervisor binary (v52+ for generic vhost-user), if installed.
-pub fn cloud_hypervisor() -> Result<(PathBuf, String), String> {
+/// The oldest Cloud Hypervisor with generic vhost-user (`--generic-vhost-user`).
+pub const CLOUD_HYPERVISOR_MIN: u32 = 52;
+
+/// Where Cloud Hypervisor releases are (no distribution packages it).
+const CLOUD_HYPERVISOR_RELEASES: &str =
+    "https://github.com/cloud-hypervisor/cloud-hypervisor/releases";
+
+/// The version line and `(major, minor)` of `cloud-hypervisor --version`'s
+/// output: its line "cloud-hypervisor v53.0" (v53 adds a second line,
+/// "Migration Protocol Versions: 0"; builds from a git tree print
+/// "v53.0-dirty" or "v52.0-12-g1a2b3c4").
+pub fn parse_cloud_hypervisor_version(output: &str) -> Option<(String, (u32, u32))> {
+    let line = output
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cloud-hypervisor"))?;
+    let v = line.split_whitespace().nth(1)?.strip_prefix('v')?;
+    let numeric: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = numeric.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    Some((line.to_string(), (major, minor)))
+}
+
+/// Why no Cloud Hypervisor can be used, with the fix.
+#[derive(Debug)]
+pub enum CloudHypervisorProblem {
+    /// The binary could not be run.
+    NotFound(PathBuf, std::io::Error),
+    /// Its `--version` output names no version.
+    Unrecognised(PathBuf, String),
+    /// Older than [`CLOUD_HYPERVISOR_MIN`].
+    TooOld(PathBuf, String),
+}
+
+impl std::fmt::Display for CloudHypervisorProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloudHypervisorProblem::NotFound(bin, e) => {
+                write!(f, "no Cloud Hypervisor ({}: {e})", bin.display())
+            }
+            CloudHypervisorProblem::Unrecognised(bin, out) => write!(
+                f,
+                "{} --version printed no 'cloud-hypervisor vN.M' line ({:?})",
+                bin.display(),
+                out.lines().next().unwrap_or("")
+            ),
+            CloudHypervisorProblem::TooOld(bin, line) => write!(
+                f,
+                "Cloud Hypervisor v{CLOUD_HYPERVISOR_MIN}+ needed for generic vhost-user; found '{line}' at {}",
+                bin.display()
+            ),
+        }
+    }
+}
+
+impl CloudHypervisorProblem {
+    /// What to do about it.
+    pub fn fix(&self) -> String {
+        format!(
+            "download cloud-hypervisor-static v{CLOUD_HYPERVISOR_MIN} or newer from {CLOUD_HYPERVISOR_RELEASES}, \
+             make it executable and set VDEVLAB_CLOUD_HYPERVISOR=/path/to/it (or put it on PATH)"
+        )
+    }
+}
+
+/// The Cloud Hypervisor binary (`VDEVLAB_CLOUD_HYPERVISOR`, else
+/// `cloud-hypervisor` on `PATH`) and its version line, if it is v52+.
+pub fn cloud_hypervisor_status() -> Result<(PathBuf, String), CloudHypervisorProblem> {
     let bin = std::env::var_os("VDEVLAB_CLOUD_HYPERVISOR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("cloud-hypervisor"));
-    let out = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("no Cloud Hypervisor ({}: {e}); it is in no registry this lab can reach, install v52+ by hand and set VDEVLAB_CLOUD_HYPERVISOR", bin.display()))?;
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let major: u32 = version
-        .split_whitespace()
-        .last()
-        .and_then(|v| v.trim_start_matches('v').split('.').next())
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    if major < 52 {
-        return Err(format!(
-            "Cloud Hypervisor v52+ needed for generic vhost-user; found '{version}' at {}",
-            bin.display()
-        ));
+    let out = match Command::new(&bin).arg("--version").output() {
+        Ok(out) => out,
+        Err(e) => return Err(CloudHypervisorProblem::NotFound(bin, e)),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match parse_cloud_hypervisor_version(&text) {
+        None => Err(CloudHypervisorProblem::Unrecognised(bin, text)),
+        Some((line, (major, _))) if major < CLOUD_HYPERVISOR_MIN => {
+            Err(CloudHypervisorProblem::TooOld(bin, line))
+        }
+        Some((line, _)) => Ok((bin, line)),
     }
-    Ok((bin, version))
+}
+
+/// [`cloud_hypervisor_status`] with the reason and the fix as one line of
+/// text (for skip records and errors).
+pub fn cloud_hypervisor() -> Result<(PathBuf, String), String> {
+    cloud_hypervisor_status().map_err(|p| format!("{p}; {}", p.fix()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cloud_hypervisor_versions_parse() {
+        // v52, v53 (two lines), a build from a dirty tree, a git describe.
+        assert_eq!(
+            parse_cloud_hypervisor_version("cloud-hypervisor v52.0\n"),
+            Some(("cloud-hypervisor v52.0".into(), (52, 0)))
+        );
+        assert_eq!(
+            parse_cloud_hypervisor_version(
+                "cloud-hypervisor v53.0\nMigration Protocol Versions: 0\n"
+            ),
+            Some(("cloud-hypervisor v53.0".into(), (53, 0)))
+        );
+        assert_eq!(
+            parse_cloud_hypervisor_version("cloud-hypervisor v53.0-dirty\n").map(|v| v.1),
+            Some((53, 0))
+        );
+        assert_eq!(
+            parse_cloud_hypervisor_version("cloud-hypervisor v52.1-12-g1a2b3c4\n").map(|v| v.1),
+            Some((52, 1))
+        );
+        assert_eq!(
+            parse_cloud_hypervisor_version("cloud-hypervisor v41.0").map(|v| v.1),
+            Some((41, 0))
+        );
+        assert_eq!(
+            parse_cloud_hypervisor_version("Migration Protocol Versions: 0"),
+            None
+        );
+        assert_eq!(parse_cloud_hypervisor_version(""), None);
+    }
+
+    #[test]
+    fn cloud_hypervisor_reasons_are_one_line() {
+        let too_old = CloudHypervisorProblem::TooOld(
+            "/opt/ch".into(),
+            parse_cloud_hypervisor_version(
+                "cloud-hypervisor v41.0\nMigration Protocol Versions: 0",
+            )
+            .unwrap()
+            .0,
+        );
+        let odd = CloudHypervisorProblem::Unrecognised("/opt/ch".into(), "a\nb\n".into());
+        for p in [too_old, odd] {
+            let text = format!("{p}; {}", p.fix());
+            assert!(!text.contains('\n'), "{text:?}");
+            assert!(text.contains("VDEVLAB_CLOUD_HYPERVISOR"), "{text}");
+        }
+    }
 
     #[test]
     fn qemu_versions_parse() {

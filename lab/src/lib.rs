@@ -8,6 +8,7 @@
 pub mod artifacts;
 pub mod bench;
 pub mod campaign;
+pub mod doctor;
 pub mod env;
 pub mod guest;
 pub mod project;
