@@ -126,7 +126,9 @@ impl Drop for Watchdog {
 ///   `NEED_REPLY`; `GET_QUEUE_NUM`.
 /// - guest config access: one `GET_CONFIG(offset, len)` (flags empty) or
 ///   `SET_CONFIG(offset, WRITABLE, data)` per access, before and after
-///   feature negotiation; a failed `GET_CONFIG` panics the VMM.
+///   feature negotiation; a `GET_CONFIG` the frontend sees fail panics
+///   the VMM, and an error reply (an empty payload) hangs it: the vhost
+///   crate's frontend waits for the payload.
 /// - activation (DRIVER_OK): `SET_FEATURES` (the guest's acks plus
 ///   `PROTOCOL_FEATURES`), `SET_MEM_TABLE`, `SET_VRING_NUM` for every queue,
 ///   then per queue `SET_VRING_ADDR`, `SET_VRING_BASE` (the available index
@@ -473,7 +475,8 @@ impl Replay {
 
     /// A guest's read of `len` config bytes at `offset`, as the VMM turns
     /// it into vhost-user: the bytes the guest sees, or the frontend's
-    /// error (for Cloud Hypervisor, an error is a VMM panic).
+    /// error (for Cloud Hypervisor, a VMM panic; an error reply makes the
+    /// watchdog close the connection after [`REPLY_TIMEOUT`]).
     pub fn guest_read_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, String> {
         self.watch("guest_read_config");
         let out = self.guest_read_config_inner(offset, len);
