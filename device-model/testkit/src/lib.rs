@@ -35,6 +35,8 @@ use virtio_bindings::bindings::virtio_ring::{
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod vmm;
+
 pub use vhost;
 pub use vm_memory;
 pub use vmm_sys_util;
@@ -495,11 +497,6 @@ impl Vmm {
     /// failure messages.
     pub fn connect(socket: &Path, config: Config, log: impl Fn() -> String) -> Self {
         let layout = config.layout;
-        assert!(
-            layout.ring_base(layout.queues) <= layout.data_base
-                && layout.data_base < layout.mem_size,
-            "{layout:?}: the rings overlap the data buffers"
-        );
         let deadline = Instant::now() + Duration::from_secs(5);
         let (mut fe, offered) = loop {
             let attempt = UnixStream::connect(socket)
@@ -547,14 +544,35 @@ impl Vmm {
         assert_eq!(queues, layout.queues as u64, "queue count");
         fe.set_features(features).expect("SET_FEATURES");
 
+        let mut vmm = Vmm::assemble(fe, layout, features, offered, offered_protocol_features);
+        let info = vmm.region_info();
+        vmm.fe.set_mem_table(&[info]).expect("SET_MEM_TABLE");
+        for q in 0..layout.queues {
+            vmm.start_ring(q);
+        }
+        vmm
+    }
+
+    /// A frontend over `fe` with fresh guest memory and rings, nothing
+    /// sent yet beyond what the caller did on `fe`.
+    pub(crate) fn assemble(
+        fe: Frontend,
+        layout: Layout,
+        features: u64,
+        offered_features: u64,
+        offered_protocol_features: VhostUserProtocolFeatures,
+    ) -> Self {
+        assert!(
+            layout.ring_base(layout.queues) <= layout.data_base
+                && layout.data_base < layout.mem_size,
+            "{layout:?}: the rings overlap the data buffers"
+        );
         let mem = guest_memory(layout.mem_size);
         let region = mem.find_region(GuestAddress(0)).expect("the guest region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region)
-            .expect("describing the guest region");
-        let host_base = info.userspace_addr;
-        fe.set_mem_table(&[info]).expect("SET_MEM_TABLE");
-
-        let mut vmm = Vmm {
+        let host_base = VhostUserMemoryRegionInfo::from_guest_region(region)
+            .expect("describing the guest region")
+            .userspace_addr;
+        Vmm {
             fe,
             mem,
             layout,
@@ -562,18 +580,25 @@ impl Vmm {
             rings: (0..layout.queues).map(|_| Ring::new()).collect(),
             next_buf: layout.data_base,
             features,
-            offered_features: offered,
+            offered_features,
             offered_protocol_features,
-        };
-        for q in 0..layout.queues {
-            vmm.start_ring(q);
         }
-        vmm
     }
 
-    fn start_ring(&mut self, q: usize) {
+    /// The one guest memory region, as SET_MEM_TABLE / ADD_MEM_REG send it.
+    pub(crate) fn region_info(&self) -> VhostUserMemoryRegionInfo {
+        let region = self
+            .mem
+            .find_region(GuestAddress(0))
+            .expect("the guest region");
+        VhostUserMemoryRegionInfo::from_guest_region(region).expect("describing the guest region")
+    }
+
+    /// Queue `q`'s ring addresses (in the frontend's address space), as
+    /// SET_VRING_ADDR sends them.
+    pub(crate) fn vring_config(&self, q: usize) -> VringConfigData {
         let size = self.layout.queue_size;
-        let config = VringConfigData {
+        VringConfigData {
             queue_max_size: size,
             queue_size: size,
             flags: 0,
@@ -581,7 +606,12 @@ impl Vmm {
             used_ring_addr: self.host_base + self.layout.used_ring_addr(q),
             avail_ring_addr: self.host_base + self.layout.avail_ring_addr(q),
             log_addr: None,
-        };
+        }
+    }
+
+    fn start_ring(&mut self, q: usize) {
+        let size = self.layout.queue_size;
+        let config = self.vring_config(q);
         let ring = &self.rings[q];
         self.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
         self.fe.set_vring_addr(q, &config).expect("SET_VRING_ADDR");
@@ -599,13 +629,20 @@ impl Vmm {
     /// Clear queue `q`'s rings in guest memory and start it again from
     /// index 0 (the queue must have been stopped).
     fn restart_ring(&mut self, q: usize) {
+        self.clear_ring(q);
+        self.start_ring(q);
+    }
+
+    /// Clear queue `q`'s rings in guest memory and the driver's indices, as
+    /// a driver does when it sets the queue up again (the queue must have
+    /// been stopped).
+    pub(crate) fn clear_ring(&mut self, q: usize) {
         let zeros = vec![0u8; self.layout.ring_stride() as usize];
         self.write(self.layout.ring_base(q), &zeros);
         let ring = &mut self.rings[q];
         ring.next_desc = 0;
         ring.avail_idx = 0;
         ring.calls += drain_eventfd(&ring.call);
-        self.start_ring(q);
     }
 
     /// Reset queue `q` as a VMM does when the driver resets the device:

@@ -7,7 +7,8 @@
 //! Everything here panics with the backend's log rather than returning
 //! errors: it is test code.
 
-#![allow(dead_code)]
+// Shared by several test binaries, each using a part.
+#![allow(dead_code, unused_imports)]
 
 use std::time::{Duration, Instant};
 
