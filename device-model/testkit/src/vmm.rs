@@ -174,6 +174,24 @@ pub enum Script {
     Qemu11,
 }
 
+/// The per-queue messages of activation, in the order each script sends
+/// them ([`Replay::activate`]).
+#[derive(Debug, Clone, Copy)]
+enum Ring {
+    /// SET_VRING_NUM (the queue's size).
+    Num,
+    /// SET_VRING_BASE with the index to start from.
+    Base(u16),
+    /// SET_VRING_ADDR.
+    Addr,
+    /// SET_VRING_KICK.
+    Kick,
+    /// SET_VRING_CALL.
+    Call,
+    /// SET_VRING_ENABLE 1.
+    Enable,
+}
+
 impl Script {
     /// Both scripts.
     pub const ALL: [Script; 2] = [Script::CloudHypervisor, Script::Qemu11];
@@ -572,38 +590,18 @@ impl Replay {
                 let info = self.vmm.region_info();
                 self.log("SET_MEM_TABLE");
                 self.vmm.fe.set_mem_table(&[info]).expect("SET_MEM_TABLE");
-                let size = self.target.layout.queue_size;
                 for q in 0..queues {
-                    self.log(format!("SET_VRING_NUM({q}, {size})"));
-                    self.vmm.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
+                    self.ring(q, Ring::Num);
                 }
                 for q in 0..queues {
-                    let config = self.vmm.vring_config(q);
-                    self.log(format!("SET_VRING_ADDR({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_addr(q, &config)
-                        .expect("SET_VRING_ADDR");
+                    // The rings resume from the available index in memory.
                     let base = self.vmm.load_u16(self.target.layout.avail_ring_addr(q) + 2);
-                    self.log(format!("SET_VRING_BASE({q}, {base})"));
-                    self.vmm.fe.set_vring_base(q, base).expect("SET_VRING_BASE");
-                    self.log(format!("SET_VRING_CALL({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_call(q, &self.vmm.rings[q].call)
-                        .expect("SET_VRING_CALL");
-                    self.log(format!("SET_VRING_KICK({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_kick(q, &self.vmm.rings[q].kick)
-                        .expect("SET_VRING_KICK");
+                    for m in [Ring::Addr, Ring::Base(base), Ring::Call, Ring::Kick] {
+                        self.ring(q, m);
+                    }
                 }
                 for q in 0..queues {
-                    self.log(format!("SET_VRING_ENABLE({q}, 1)"));
-                    self.vmm
-                        .fe
-                        .set_vring_enable(q, true)
-                        .expect("SET_VRING_ENABLE");
+                    self.ring(q, Ring::Enable);
                 }
                 if self.has(VhostUserProtocolFeatures::BACKEND_REQ) {
                     let (ours, theirs) = UnixStream::pair().expect("socketpair");
@@ -629,45 +627,77 @@ impl Replay {
                     }
                     self.mem_sent = true;
                 }
-                let size = self.target.layout.queue_size;
                 for q in 0..queues {
-                    self.log(format!("SET_VRING_NUM({q}, {size})"));
-                    self.vmm.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
                     let base = self.vmm.avail_idx(q);
-                    self.log(format!("SET_VRING_BASE({q}, {base})"));
-                    self.vmm.fe.set_vring_base(q, base).expect("SET_VRING_BASE");
-                    let config = self.vmm.vring_config(q);
-                    self.log(format!("SET_VRING_ADDR({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_addr(q, &config)
-                        .expect("SET_VRING_ADDR");
-                    self.log(format!("SET_VRING_KICK({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_kick(q, &self.vmm.rings[q].kick)
-                        .expect("SET_VRING_KICK");
-                    self.log(format!("SET_VRING_CALL({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_call(q, &self.vmm.rings[q].call)
-                        .expect("SET_VRING_CALL");
+                    for m in [
+                        Ring::Num,
+                        Ring::Base(base),
+                        Ring::Addr,
+                        Ring::Kick,
+                        Ring::Call,
+                    ] {
+                        self.ring(q, m);
+                    }
                 }
                 for q in 0..queues {
-                    self.log(format!("SET_VRING_ENABLE({q}, 1) +NEED_REPLY"));
-                    self.with_reply(|fe| fe.set_vring_enable(q, true))
-                        .expect("SET_VRING_ENABLE");
+                    self.ring(q, Ring::Enable);
                 }
+                // The guest notifiers, unmasked once the rings run.
                 for q in 0..queues {
-                    self.log(format!("SET_VRING_CALL({q})"));
-                    self.vmm
-                        .fe
-                        .set_vring_call(q, &self.vmm.rings[q].call)
-                        .expect("SET_VRING_CALL");
+                    self.ring(q, Ring::Call);
                 }
             }
         }
         self.active = true;
+    }
+
+    /// Send one per-queue activation message for queue `q` (logged as
+    /// sent). SET_VRING_ENABLE goes with NEED_REPLY where the VMM asks for
+    /// one (QEMU; Cloud Hypervisor sets it on every message anyway).
+    fn ring(&mut self, q: usize, m: Ring) {
+        match m {
+            Ring::Num => {
+                let size = self.target.layout.queue_size;
+                self.log(format!("SET_VRING_NUM({q}, {size})"));
+                self.vmm.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
+            }
+            Ring::Base(base) => {
+                self.log(format!("SET_VRING_BASE({q}, {base})"));
+                self.vmm.fe.set_vring_base(q, base).expect("SET_VRING_BASE");
+            }
+            Ring::Addr => {
+                let config = self.vmm.vring_config(q);
+                self.log(format!("SET_VRING_ADDR({q})"));
+                self.vmm
+                    .fe
+                    .set_vring_addr(q, &config)
+                    .expect("SET_VRING_ADDR");
+            }
+            Ring::Kick => {
+                self.log(format!("SET_VRING_KICK({q})"));
+                self.vmm
+                    .fe
+                    .set_vring_kick(q, &self.vmm.rings[q].kick)
+                    .expect("SET_VRING_KICK");
+            }
+            Ring::Call => {
+                self.log(format!("SET_VRING_CALL({q})"));
+                self.vmm
+                    .fe
+                    .set_vring_call(q, &self.vmm.rings[q].call)
+                    .expect("SET_VRING_CALL");
+            }
+            Ring::Enable => {
+                let reply = if self.script == Script::Qemu11 {
+                    " +NEED_REPLY"
+                } else {
+                    ""
+                };
+                self.log(format!("SET_VRING_ENABLE({q}, 1){reply}"));
+                self.with_reply(|fe| fe.set_vring_enable(q, true))
+                    .expect("SET_VRING_ENABLE");
+            }
+        }
     }
 
     /// The driver reset the device (or the VM shuts down): the VMM stops
