@@ -768,11 +768,12 @@ impl Guest {
                 Err(RecvTimeoutError::Disconnected) => {
                     self.exited = true;
                     bail!(
-                        "the VMM exited before '{marker}' appeared (console: {}, VMM errors: {})",
+                        "the VMM exited before '{marker}' appeared (console: {}; VMM said: {})",
                         self.console_path.display(),
-                        fs::read_to_string(self.run_dir.join("vmm.stderr"))
-                            .unwrap_or_default()
-                            .trim()
+                        vmm_failure_summary(
+                            &fs::read_to_string(self.run_dir.join("vmm.stderr"))
+                                .unwrap_or_default()
+                        )
                     )
                 }
             }
@@ -993,5 +994,72 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// What a VMM's stderr says about why it stopped, on one line: its error
+/// lines (Cloud Hypervisor's "Unexpected exit reason on vcpu run:
+/// InternalError", "Error booting VM", a Rust panic; QEMU's
+/// "qemu-system-x86_64: ..."), else its last line. Cloud Hypervisor exits
+/// with status 0 even after a vCPU failure, so the text is the evidence.
+pub fn vmm_failure_summary(stderr: &str) -> String {
+    const MAX: usize = 600;
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            let lower = l.to_ascii_lowercase();
+            lower.contains("error")
+                || lower.contains("panicked")
+                || lower.contains("unexpected exit reason")
+                || lower.starts_with("qemu-system")
+        })
+        .collect();
+    let text = if errors.is_empty() {
+        lines
+            .last()
+            .copied()
+            .unwrap_or("(nothing on stderr)")
+            .to_string()
+    } else {
+        errors.join(" | ")
+    };
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &text[..end])
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_failures_are_summed_up_on_one_line() {
+        // Cloud Hypervisor v53 after a vCPU failure (it then exits 0).
+        let ch = "cloud-hypervisor: 12.345678ms: <vcpu0> ERROR:vmm/src/cpu.rs:1180 -- \
+                  Unexpected exit reason on vcpu run: InternalError\n\
+                  cloud-hypervisor: 12.4ms: <vmm> INFO:vmm/src/lib.rs:2 -- VM exited\n";
+        let s = vmm_failure_summary(ch);
+        assert!(
+            s.contains("Unexpected exit reason on vcpu run: InternalError"),
+            "{s}"
+        );
+        assert!(!s.contains('\n') && !s.contains("VM exited"), "{s}");
+        let qemu = "qemu-system-x86_64: -chardev socket,id=vu0,path=/x: Failed to connect to '/x': No such file or directory\n";
+        assert!(vmm_failure_summary(qemu).starts_with("qemu-system-x86_64: -chardev"));
+        assert_eq!(vmm_failure_summary("\n\n"), "(nothing on stderr)");
+        assert_eq!(vmm_failure_summary("a\nlast words\n"), "last words");
+        assert!(vmm_failure_summary(&"error ".repeat(500)).len() <= 603);
     }
 }
