@@ -311,42 +311,16 @@ pub fn run(args: DeviceArgs) -> Result<bool> {
     Ok(true)
 }
 
+/// The config space by the layout its magic names (the qw device, the
+/// sensor), else as raw words.
 fn print_config(b: &[u8]) {
-    let word = |off: usize| {
-        b.get(off..off + 4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .unwrap_or(0)
+    let magic = vdevlab_device_core::config::get_u32(b, 0);
+    let layout: &[vdevlab_device_core::config::Field] = match magic {
+        Some(config::MAGIC) => config::FIELDS,
+        Some(vdevlab_sensor::spec::MAGIC) => vdevlab_sensor::spec::CONFIG_FIELDS,
+        _ => &[],
     };
-    let names = [
-        (0x00, "magic"),
-        (0x04, "version"),
-        (0x08, "capabilities"),
-        (0x0c, "rx_fifo_bytes"),
-        (0x10, "tx_capture_bytes"),
-        (0x14, "status"),
-        (0x18, "errors"),
-        (0x1c, "drops"),
-        (0x20, "source"),
-        (0x24, "sample_bytes"),
-        (0x28, "period_us"),
-        (0x2c, "irq_modes"),
-    ];
-    for (off, name) in names {
-        let v = word(off);
-        let note = match off {
-            0x00 => format!("  {:?}", String::from_utf8_lossy(&v.to_le_bytes())),
-            0x14 => {
-                let mut s = Vec::new();
-                if v & config::STATUS_NEEDS_RESET != 0 {
-                    s.push("NEEDS_RESET");
-                }
-                if v & config::STATUS_SOURCE_ACTIVE != 0 {
-                    s.push("SOURCE_ACTIVE");
-                }
-                format!("  {}", s.join("|"))
-            }
-            _ => String::new(),
-        };
-        say!("0x{off:02x} {name:<17} {v:#010x} ({v}){note}");
+    for line in vdevlab_device_core::config::describe(b, layout) {
+        say!("{line}");
     }
 }

@@ -32,6 +32,71 @@ pub fn put_u32(space: &mut [u8], offset: usize, value: u32) {
     }
 }
 
+/// One 32-bit field of a device's config layout, for tools that show a
+/// config space by name (`vdevlab device ... config`): each device declares
+/// its layout once, next to the code that renders it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    /// Byte offset of the little-endian u32.
+    pub offset: usize,
+    /// The field's name, as the device's contract calls it.
+    pub name: &'static str,
+    /// Names of its bits, for a flags field (empty otherwise).
+    pub bits: &'static [(u32, &'static str)],
+}
+
+impl Field {
+    /// A plain numeric field.
+    pub const fn word(offset: usize, name: &'static str) -> Field {
+        Field {
+            offset,
+            name,
+            bits: &[],
+        }
+    }
+}
+
+/// One line per field of `layout` found in `space`: offset, name, value in
+/// hex and decimal, and the set bits by name for a flags field or the text
+/// for a field named `magic`. Bytes past the layout are listed as raw
+/// words (`word_0x..`), so nothing the device returns is hidden.
+pub fn describe(space: &[u8], layout: &[Field]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut end = 0;
+    for f in layout {
+        let Some(v) = get_u32(space, f.offset) else {
+            continue;
+        };
+        end = end.max(f.offset + 4);
+        let note = if f.name == "magic" {
+            format!("  {:?}", String::from_utf8_lossy(&v.to_le_bytes()))
+        } else if !f.bits.is_empty() {
+            let set: Vec<&str> = f
+                .bits
+                .iter()
+                .filter(|(bit, _)| v & bit != 0)
+                .map(|(_, n)| *n)
+                .collect();
+            format!("  {}", set.join("|"))
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "0x{:02x} {:<17} {v:#010x} ({v}){note}",
+            f.offset, f.name
+        ));
+    }
+    let mut off = end;
+    while let Some(v) = get_u32(space, off) {
+        lines.push(format!(
+            "0x{off:02x} {:<17} {v:#010x} ({v})",
+            format!("word_0x{off:02x}")
+        ));
+        off += 4;
+    }
+    lines
+}
+
 /// The little-endian u32 at `offset`, if the bytes are there.
 pub fn get_u32(space: &[u8], offset: usize) -> Option<u32> {
     space
@@ -55,6 +120,24 @@ pub fn written_u32(offset: u32, data: &[u8], field: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_names_fields_bits_and_the_rest() {
+        const LAYOUT: &[Field] = &[
+            Field::word(0, "magic"),
+            Field {
+                offset: 4,
+                name: "status",
+                bits: &[(1, "A"), (2, "B"), (4, "C")],
+            },
+        ];
+        let space = le_words(&[u32::from_le_bytes(*b"ABCD"), 5, 7]);
+        let lines = describe(&space, LAYOUT);
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(lines[0].starts_with("0x00 magic") && lines[0].ends_with("\"ABCD\""));
+        assert!(lines[1].starts_with("0x04 status") && lines[1].ends_with("A|C"));
+        assert!(lines[2].starts_with("0x08 word_0x08") && lines[2].contains("(7)"));
+    }
 
     #[test]
     fn windows_are_bounded_and_zero_padded() {

@@ -57,6 +57,42 @@ fn irq_code(mode: Option<IrqMode>) -> u32 {
     }
 }
 
+/// The layout above by name, for `vdevlab device ... config`.
+pub const FIELDS: &[vdevlab_device_core::config::Field] = {
+    use vdevlab_device_core::config::Field;
+    &[
+        Field::word(0x00, "magic"),
+        Field::word(0x04, "version"),
+        Field {
+            offset: 0x08,
+            name: "capabilities",
+            bits: &[
+                (CAP_RX, "RX"),
+                (CAP_TX, "TX"),
+                (CAP_IRQ_MODES, "IRQ_MODES"),
+                (CAP_GENERATOR, "GENERATOR"),
+                (CAP_STATUS, "STATUS"),
+            ],
+        },
+        Field::word(0x0c, "rx_fifo_bytes"),
+        Field::word(0x10, "tx_capture_bytes"),
+        Field {
+            offset: 0x14,
+            name: "status",
+            bits: &[
+                (STATUS_NEEDS_RESET, "NEEDS_RESET"),
+                (STATUS_SOURCE_ACTIVE, "SOURCE_ACTIVE"),
+            ],
+        },
+        Field::word(0x18, "errors"),
+        Field::word(0x1c, "drops"),
+        Field::word(0x20, "source"),
+        Field::word(0x24, "sample_bytes"),
+        Field::word(0x28, "period_us"),
+        Field::word(0x2c, "irq_modes"),
+    ]
+};
+
 /// The config space of `dev` (with its core `core`) as the driver sees it now.
 pub fn render(dev: &QwDevice, core: &Core) -> [u8; CONFIG_SIZE] {
     let st = dev.counters();

@@ -71,6 +71,37 @@ pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
 /// Config status bit: sampling (rate > 0).
 pub const STATUS_SAMPLING: u32 = 1 << 1;
 
+/// The config layout of `docs/sensor-spec.md` by name, for `vdevlab device
+/// ... config`.
+pub const CONFIG_FIELDS: &[vdevlab_device_core::config::Field] = {
+    use vdevlab_device_core::config::Field;
+    &[
+        Field::word(0x00, "magic"),
+        Field::word(0x04, "version"),
+        Field::word(0x08, "sample_bytes"),
+        Field::word(0x0c, "alarm_bytes"),
+        Field::word(0x10, "max_rate_hz"),
+        Field::word(0x14, "rate_hz"),
+        Field::word(0x18, "threshold"),
+        Field::word(0x1c, "alarm_mode"),
+        Field::word(0x20, "seed_lo"),
+        Field::word(0x24, "seed_hi"),
+        Field::word(0x28, "amplitude"),
+        Field::word(0x2c, "wave_period"),
+        Field::word(0x30, "noise"),
+        Field {
+            offset: 0x34,
+            name: "status",
+            bits: &[
+                (STATUS_NEEDS_RESET, "NEEDS_RESET"),
+                (STATUS_SAMPLING, "SAMPLING"),
+            ],
+        },
+        Field::word(0x38, "samples_dropped"),
+        Field::word(0x3c, "alarms_dropped"),
+    ]
+};
+
 /// Largest amplitude.
 pub const MAX_AMPLITUDE: u32 = 1_000_000;
 /// Shortest and longest waveform period, in samples.
