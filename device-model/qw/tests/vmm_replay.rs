@@ -154,13 +154,8 @@ fn replay(script: Script) {
         (5, 5 + 6 + 4 + 5 + 15, 4, 5 + 6 + 5 + 15),
         "{name}: counters across the reset and the reconnect"
     );
-    assert!(dev.is_running());
-    let log = dev.log();
-    assert!(
-        !log.contains("connection ended with an error"),
-        "{name}: the backend dropped a connection; sent: {:#?}\nlog:\n{log}",
-        r.sent()
-    );
+    let running = dev.is_running();
+    r.assert_backend_served(running, &dev.log());
 }
 
 #[test]

@@ -130,13 +130,8 @@ fn replay(script: Script) {
     traffic(&mut r);
     let st = dev.control().stats();
     assert_eq!(st["bad_chains"], 0, "{name}: {st:?}");
-    assert!(dev.is_running());
-    let log = dev.log();
-    assert!(
-        !log.contains("connection ended with an error"),
-        "{name}: the backend dropped a connection; sent: {:#?}\nlog:\n{log}",
-        r.sent()
-    );
+    let running = dev.is_running();
+    r.assert_backend_served(running, &dev.log());
 }
 
 #[test]

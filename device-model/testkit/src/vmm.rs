@@ -457,6 +457,19 @@ impl Replay {
         self.masked.get(q).map_or(0, crate::drain_eventfd)
     }
 
+    /// Fail unless the backend is `running` and its `log` shows no
+    /// connection it ended (a message it refused ends the VMM's
+    /// connection); the failure lists what was sent.
+    pub fn assert_backend_served(&self, running: bool, log: &str) {
+        let name = self.script.name();
+        assert!(running, "{name}: the backend exited; log:\n{log}");
+        assert!(
+            !log.contains("connection ended with an error"),
+            "{name}: the backend dropped a connection; sent: {:#?}\nlog:\n{log}",
+            self.sent
+        );
+    }
+
     /// The protocol features the VMM acknowledged.
     pub fn acked_protocol(&self) -> VhostUserProtocolFeatures {
         self.acked_protocol
