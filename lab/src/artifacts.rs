@@ -314,6 +314,11 @@ pub fn build_module(
     let log_path = dir.join(format!("{label}-{}.log", kernel.release));
     let stamp_path = dir.join(format!("{label}-{}.stamp", kernel.release));
     fs::create_dir_all(&build)?;
+    // Test processes build the same module at once (one per cell or test):
+    // one builds, the others wait, then find its stamp. Released on drop.
+    let lock = fs::File::create(dir.join(format!("{label}-{}.lock", kernel.release)))?;
+    lock.lock()
+        .with_context(|| format!("locking the {label} build for {}", kernel.release))?;
     let mut hash = Sha256::new();
     // The build's place and flags too.
     hash.update(format!(
