@@ -225,6 +225,60 @@ pub struct Guest {
     matched_at: Option<Duration>,
     started: Instant,
     exited: bool,
+    /// Kernel banners ("Linux version ...") seen: a second one is a reset.
+    banners: usize,
+    /// Why the guest is gone for good (a panic, a reset), once the console
+    /// says so, and the index in `seen` of the line that says it: see
+    /// [`guest_gone`].
+    gone: Option<(usize, String)>,
+    /// The backend was killed on purpose ([`Guest::kill_backend`]), so its
+    /// exit is not a failure.
+    backend_down: bool,
+}
+
+/// How often a wait on the console also checks the backends.
+const BACKEND_POLL: Duration = Duration::from_millis(250);
+
+/// What a console line says about the guest being gone for good, given the
+/// kernel banners seen before it: a panic, or a reset (the kernel booting
+/// a second time, or "reboot: Restarting system"). QEMU runs with
+/// `-no-reboot` and exits on both; Cloud Hypervisor has no such option: it
+/// resets the VM, boots the guest again and reconnects to the backend
+/// (retrying for up to 60 s when it is gone), so the console is where the
+/// harness learns of it.
+pub fn guest_gone(text: &str, banners_before: usize) -> Option<String> {
+    if text.contains("Kernel panic - not syncing") {
+        return Some(format!("guest kernel panic: {}", text.trim()));
+    }
+    if text.contains("reboot: Restarting system") {
+        return Some("the guest reset (reboot: Restarting system)".into());
+    }
+    if is_banner(text) && banners_before >= 1 {
+        return Some(
+            "the guest reset: its kernel booted a second time (a triple fault or a reboot; \
+             Cloud Hypervisor restarts the VM where QEMU's -no-reboot stops it)"
+                .into(),
+        );
+    }
+    None
+}
+
+fn is_banner(text: &str) -> bool {
+    text.contains("Linux version ") && text.contains(" (")
+}
+
+/// Whether a VMM's stderr shows that it failed, whatever its exit status:
+/// Cloud Hypervisor logs `ERROR:` lines (a vCPU's "Unexpected exit reason",
+/// a device error) or panics, and still exits 0. Returns the one-line
+/// summary ([`vmm_failure_summary`]).
+pub fn vmm_failed(stderr: &str) -> Option<String> {
+    let fatal = stderr.lines().any(|l| {
+        l.contains(" ERROR:")
+            || l.contains("Unexpected exit reason")
+            || l.contains("panicked at")
+            || l.starts_with("Error booting VM")
+    });
+    fatal.then(|| vmm_failure_summary(stderr))
 }
 
 /// How a guest ended.
@@ -717,6 +771,9 @@ impl Guest {
             matched_at: None,
             started,
             exited: false,
+            banners: 0,
+            gone: None,
+            backend_down: false,
         })
     }
 
@@ -726,6 +783,12 @@ impl Guest {
         }
         if line.text.contains("VDEVLAB-DRIVER-READY") && self.driver_ready_ms.is_none() {
             self.driver_ready_ms = Some(line.at.as_millis() as u64);
+        }
+        if self.gone.is_none() {
+            self.gone = guest_gone(&line.text, self.banners).map(|why| (self.seen.len(), why));
+        }
+        if is_banner(&line.text) {
+            self.banners += 1;
         }
         self.seen.push(line.clone());
     }
@@ -751,33 +814,85 @@ impl Guest {
                         self.console_path.display()
                     );
                 }
-                if text.contains("Kernel panic - not syncing") {
-                    bail!(
-                        "guest kernel panic: {text} (console: {})",
-                        self.console_path.display()
-                    );
+                // Lines after a panic or a reset belong to no run of ours
+                // (Cloud Hypervisor boots the guest again: its markers
+                // would come a second time).
+                if let Some((i, why)) = &self.gone {
+                    if *i < self.cursor {
+                        bail!("{why} (console: {})", self.console_path.display());
+                    }
                 }
             }
+            if let Some((i, why)) = &self.gone {
+                if *i < self.cursor {
+                    bail!("{why} (console: {})", self.console_path.display());
+                }
+            }
+            if let Some(why) = self.backend_gone() {
+                bail!(
+                    "{why}, while waiting for '{marker}' (console: {})",
+                    self.console_path.display()
+                );
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.note(&line),
-                Err(RecvTimeoutError::Timeout) => bail!(
+            if left.is_zero() {
+                bail!(
                     "no '{marker}' on the guest console within {timeout:?} (console: {})",
                     self.console_path.display()
-                ),
+                );
+            }
+            match self.lines.recv_timeout(left.min(BACKEND_POLL)) {
+                Ok(line) => self.note(&line),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.exited = true;
                     bail!(
                         "the VMM exited before '{marker}' appeared (console: {}; VMM said: {})",
                         self.console_path.display(),
-                        vmm_failure_summary(
-                            &fs::read_to_string(self.run_dir.join("vmm.stderr"))
-                                .unwrap_or_default()
-                        )
+                        vmm_failure_summary(&self.vmm_stderr())
                     )
                 }
             }
         }
+    }
+
+    fn vmm_stderr(&self) -> String {
+        fs::read_to_string(self.run_dir.join("vmm.stderr")).unwrap_or_default()
+    }
+
+    /// Why a device backend is gone while the VMM still runs (it crashed,
+    /// or exited on an error), with the last line of its log; `None` while
+    /// they all run, or when the VMM is gone too (then the VMM's exit is
+    /// the news), or after [`Guest::kill_backend`].
+    fn backend_gone(&mut self) -> Option<String> {
+        if self.backend_down || !matches!(self.vmm_child.try_wait(), Ok(None)) {
+            return None;
+        }
+        let mut procs = vec![(&mut self.backend, self.backend_log.clone())];
+        for (i, (child, _)) in self.extra.iter_mut().enumerate() {
+            let log = self
+                .backend_log
+                .with_file_name(format!("backend{}.log", i + 1));
+            procs.push((child, log));
+        }
+        for (i, (child, log)) in procs.into_iter().enumerate() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                let last = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("(empty log)")
+                    .trim()
+                    .to_string();
+                return Some(format!(
+                    "the device backend of instance {i} exited ({status}) while the VMM runs; \
+                     its log ({}) ends: {last}",
+                    log.display()
+                ));
+            }
+        }
+        None
     }
 
     /// The VMM's serial console input (interactive boots only; see
@@ -841,6 +956,19 @@ impl Guest {
         let deadline = Instant::now() + timeout;
         let mut timed_out = false;
         loop {
+            if self.gone.is_some() {
+                // QEMU stops by itself (-no-reboot); Cloud Hypervisor would
+                // boot the guest again. Keep what follows a panic line (the
+                // end of its trace), then stop the VM.
+                let grace = Instant::now() + Duration::from_millis(500);
+                while let Ok(line) = self
+                    .lines
+                    .recv_timeout(grace.saturating_duration_since(Instant::now()))
+                {
+                    self.note(&line);
+                }
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.note(&line),
@@ -851,7 +979,23 @@ impl Guest {
                 }
             }
         }
+        let gone = self.gone.clone();
         let finished = self.collect();
+        if let Some((_, why)) = gone.filter(|(_, why)| !why.contains("kernel panic")) {
+            // A panic is a splat the caller reports; a reset is not.
+            bail!(
+                "{why} instead of powering off (console: {})",
+                self.console_path.display()
+            );
+        }
+        if let Some(why) = vmm_failed(&self.vmm_stderr()) {
+            // Cloud Hypervisor exits 0 even then: its log is the evidence.
+            bail!(
+                "the VMM failed: {why} (console: {}; its stderr: {})",
+                self.console_path.display(),
+                self.run_dir.join("vmm.stderr").display()
+            );
+        }
         if timed_out {
             let splats: Vec<String> = finished
                 .splats
@@ -918,6 +1062,7 @@ impl Guest {
             &self.control_path,
             &self.backend_log,
         )?;
+        self.backend_down = false;
         Ok(())
     }
 
@@ -932,8 +1077,10 @@ impl Guest {
         self.sockets.path()
     }
 
-    /// Kill the backend with SIGKILL, as a crash would.
+    /// Kill the backend with SIGKILL, as a crash would (waits on the guest
+    /// then no longer fail because it is gone).
     pub fn kill_backend(&mut self) {
+        self.backend_down = true;
         let _ = self.backend.kill();
         let _ = self.backend.wait();
     }
@@ -1043,6 +1190,50 @@ pub fn vmm_failure_summary(stderr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_tells_a_panic_and_a_reset() {
+        let banner = "[    0.000000] Linux version 6.12.117 (root@lab) (gcc-14 (Debian 14.2.0-19) 14.2.0) #1 SMP";
+        assert_eq!(guest_gone(banner, 0), None, "the first boot");
+        let again = guest_gone(banner, 1).expect("a second boot is a reset");
+        assert!(again.contains("booted a second time"), "{again}");
+        assert_eq!(
+            guest_gone("[   12.5] reboot: Restarting system", 1).as_deref(),
+            Some("the guest reset (reboot: Restarting system)")
+        );
+        let panic = guest_gone(
+            "[    3.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000000",
+            1,
+        )
+        .unwrap();
+        assert!(
+            panic.starts_with("guest kernel panic: [    3.1] Kernel panic"),
+            "{panic}"
+        );
+        for quiet in [
+            "[    0.9] reboot: Power down",
+            "VDEVLAB-BOOT",
+            "the program printed Linux version 7",
+        ] {
+            assert_eq!(guest_gone(quiet, 1), None, "{quiet}");
+        }
+    }
+
+    #[test]
+    fn a_vmm_that_exits_0_after_failing_is_caught() {
+        // Cloud Hypervisor v53 on PVM: a vCPU error, then exit status 0.
+        let ch = "cloud-hypervisor: 5.1s: <vcpu0> ERROR:vmm/src/cpu.rs:1180 -- \
+                  Unexpected exit reason on vcpu run: InternalError\n";
+        assert!(vmm_failed(ch).unwrap().contains("InternalError"));
+        let panic = "thread 'vmm' panicked at vmm/src/device_manager.rs:1:1:\nbad\n";
+        assert!(vmm_failed(panic).is_some());
+        // A clean run: QEMU says nothing, or warns.
+        assert_eq!(vmm_failed(""), None);
+        assert_eq!(
+            vmm_failed("qemu-system-x86_64: warning: host doesn't support requested feature\n"),
+            None
+        );
+    }
 
     #[test]
     fn vmm_failures_are_summed_up_on_one_line() {
