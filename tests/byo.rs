@@ -1,6 +1,8 @@
 //! Bring your own driver: the `vdevlab` commands a user runs on their own
 //! driver (`user-test`, `faults --driver`) and the interactive lab (`up`),
-//! driven through the CLI as a user would, with real guests.
+//! driven through the CLI as a user would, with real guests. `user-test`
+//! and `up` run in every cell (`qemu_tcg::…`, `qemu_kvm::…`,
+//! `cloud_hypervisor_kvm::…`); the others in QEMU/TCG.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -8,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use vdevlab_lab::cell::Cell;
 use vdevlab_lab::env::{runs_dir, workspace_root};
 use vdevlab_lab::record::{read_all, Verdict};
 use vdevlab_tests::{lab, vdevlab_command};
@@ -35,12 +38,14 @@ fn report(path: &Path) -> serde_json::Value {
 
 /// The example project (examples/user-driver: the qwmini module, a static
 /// C program, four scenarios) passes, with a record per scenario.
-#[test]
-fn user_project_passes_its_scenarios() {
+fn user_project_passes_its_scenarios(cell: Cell) {
     lab();
-    let (code, out) = run(vdevlab_command().args(["user-test"]).arg(example()));
+    let (code, out) = run(vdevlab_command()
+        .args(["user-test", "--cell", cell.name()])
+        .arg(example()));
     assert_eq!(code, 0, "vdevlab user-test failed:\n{out}");
-    let rep = report(&runs_dir().join("user/qwmini/report-trixie.json"));
+    let rep = report(&runs_dir().join(format!("user/qwmini/report-trixie-{cell}.json")));
+    assert_eq!(rep["cell"], cell.name());
     let scenarios = rep["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios
         .iter()
@@ -73,8 +78,11 @@ fn user_project_passes_its_scenarios() {
         assert!(r.scenario.starts_with("qwmini/"), "{r:?}");
         assert_eq!(r.result, Verdict::Pass);
         assert_eq!(r.driver.as_deref(), Some("qwmini"));
+        assert_eq!(Cell::of_record(&r.vmm, &r.accel), Some(cell), "{r:?}");
     }
-    let junit = std::fs::read_to_string(runs_dir().join("user/qwmini/junit-trixie.xml")).unwrap();
+    let junit =
+        std::fs::read_to_string(runs_dir().join(format!("user/qwmini/junit-trixie-{cell}.xml")))
+            .unwrap();
     assert!(junit.contains("tests=\"4\" failures=\"0\""), "{junit}");
 }
 
@@ -96,10 +104,12 @@ fn user_test_reports_failing_scenarios() {
         ),
     )
     .unwrap();
-    let (code, out) = run(vdevlab_command().args(["user-test"]).arg(&dir));
+    let (code, out) = run(vdevlab_command()
+        .args(["user-test", "--cell", "qemu-tcg"])
+        .arg(&dir));
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(code, 1, "failing scenarios must fail the command:\n{out}");
-    let rep = report(&runs_dir().join("user/byo-fail/report-trixie.json"));
+    let rep = report(&runs_dir().join("user/byo-fail/report-trixie-qemu-tcg.json"));
     let s = rep["scenarios"].as_array().unwrap();
     assert_eq!(s[0]["pass"], false);
     assert!(
@@ -120,6 +130,48 @@ fn user_test_reports_failing_scenarios() {
     assert_eq!(s[2]["pass"], true, "{rep:#}");
 }
 
+/// A guest that resets (here `reboot -f` in a scenario) fails the run at
+/// once with the reason, and the scenarios after it are not run: QEMU
+/// stops on `-no-reboot`, and the console's "reboot: Restarting system" is
+/// what the harness acts on where Cloud Hypervisor would boot the guest
+/// again instead.
+#[test]
+fn a_guest_reset_fails_the_run_at_once() {
+    lab();
+    let dir = std::env::temp_dir().join(format!("vdevlab-byo-reset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("vdevlab.toml"),
+        format!(
+            "name = \"byo-reset\"\n[driver]\nsrc = \"{}\"\ndev = \"/dev/qwmini0\"\n\
+             [[scenario]]\nname = \"resets\"\nrun = \"busybox reboot -f\"\n\
+             [[scenario]]\nname = \"after\"\nrun = \"true\"\n",
+            example().join("driver").display()
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let (code, out) = run(vdevlab_command()
+        .args(["user-test", "--cell", "qemu-tcg"])
+        .arg(&dir));
+    let took = t0.elapsed();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(code, 1, "a reset must fail the run:\n{out}");
+    let rep = report(&runs_dir().join("user/byo-reset/report-trixie-qemu-tcg.json"));
+    let s = rep["scenarios"].as_array().unwrap();
+    let observed = s[0]["observed"].as_str().unwrap();
+    assert!(
+        observed.contains("the guest reset (reboot: Restarting system)"),
+        "{rep:#}"
+    );
+    assert!(
+        s[1]["observed"].as_str().unwrap().contains("not run"),
+        "{rep:#}"
+    );
+    // Far from any timeout: the boot, the build check, the reset.
+    assert!(took < Duration::from_secs(90), "took {took:?}:\n{out}");
+}
+
 /// The fault campaign against a user's driver: qwmini survives a lost
 /// interrupt, but ignores the device's NEEDS_RESET, so its blocked reader
 /// never gets the error the scenario demands, and the campaign says so.
@@ -128,13 +180,13 @@ fn fault_campaign_runs_against_a_user_driver() {
     lab();
     let faults = workspace_root().join("faults");
     let (code, out) = run(vdevlab_command()
-        .args(["faults", "--driver"])
+        .args(["faults", "--cell", "qemu-tcg", "--driver"])
         .arg(example())
         .arg(faults.join("10-lost-interrupt-rx.toml"))
         .arg(faults.join("90-needs-reset-rx.toml")));
     assert_eq!(code, 1, "needs-reset-rx must fail against qwmini:\n{out}");
     assert!(out.contains("against qwmini.ko"), "{out}");
-    let rep = report(&runs_dir().join("faults/report-trixie-qwmini.json"));
+    let rep = report(&runs_dir().join("faults/report-trixie-qwmini-qemu-tcg.json"));
     let s = rep["scenarios"].as_array().unwrap();
     let verdict = |name: &str| {
         s.iter()
@@ -159,11 +211,10 @@ fn fault_campaign_runs_against_a_user_driver() {
 /// `vdevlab up` driven through a pipe: the guest shell runs the commands,
 /// the control plane answers from outside while the guest is up, and
 /// leaving the shell tears everything down.
-#[test]
-fn interactive_lab_shell_and_control_plane() {
+fn interactive_lab_shell_and_control_plane(cell: Cell) {
     lab();
     let mut child = vdevlab_command()
-        .args(["up"])
+        .args(["up", "--cell", cell.name()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -299,12 +350,19 @@ fn scaffolded_device_builds_and_passes() {
     );
     assert_eq!(code, 0, "the generated device's unit tests failed:\n{out}");
     assert!(out.contains("test result: ok. 5 passed"), "{out}");
-    let (code, out) = run(vdevlab_command().args(["user-test"]).arg(&project));
+    let (code, out) = run(vdevlab_command()
+        .args(["user-test", "--cell", "qemu-tcg"])
+        .arg(&project));
     assert_eq!(code, 0, "the generated project failed in the lab:\n{out}");
-    let rep = report(&runs_dir().join("user/scaff/report-trixie.json"));
+    let rep = report(&runs_dir().join("user/scaff/report-trixie-qemu-tcg.json"));
     let s = rep["scenarios"].as_array().unwrap();
     let names: Vec<&str> = s.iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, ["write-to-host", "host-to-reader", "counters"]);
     assert!(s.iter().all(|v| v["pass"] == true), "{rep:#}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+vdevlab_tests::cell_tests!(
+    user_project_passes_its_scenarios,
+    interactive_lab_shell_and_control_plane,
+);

@@ -3,10 +3,11 @@
 //! kernel splat. The full campaign: `./vdevlab faults`.
 
 use vdevlab_lab::campaign;
+use vdevlab_lab::cell::Cell;
 use vdevlab_tests::lab;
 
-#[test]
-fn fast_fault_campaign() {
+/// The fast subset on the default kernel, in one cell.
+fn fast_fault_campaign(cell: Cell) {
     let lab = lab();
     let kernel = lab.env.default_kernel().clone();
     let fast: Vec<_> = campaign::shipped()
@@ -15,7 +16,7 @@ fn fast_fault_campaign() {
         .filter(|s| s.fast)
         .collect();
     assert!(fast.len() >= 4, "the fast subset shrank to {}", fast.len());
-    let verdicts = campaign::run(&lab, &kernel, &fast).expect("the campaign could run");
+    let verdicts = campaign::run(&lab, &kernel, cell, &fast).expect("the campaign could run");
     eprintln!("{}", campaign::table(&verdicts));
     let failed: Vec<_> = verdicts.iter().filter(|v| !v.pass).collect();
     assert!(
@@ -24,3 +25,5 @@ fn fast_fault_campaign() {
         campaign::table(&verdicts)
     );
 }
+
+vdevlab_tests::cell_tests!(fast_fault_campaign);

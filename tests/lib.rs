@@ -48,3 +48,114 @@ pub fn vdevlab_command() -> std::process::Command {
     cmd.current_dir(vdevlab_lab::env::workspace_root());
     cmd
 }
+
+/// Run `body`, the test at path `test`, in `cell` on `kernel` (a kernel
+/// name; `None`: the default kernel) when this host and `VDEVLAB_CELLS`
+/// let it (`vdevlab_lab::cell`); otherwise record the skip, with why, in
+/// `runs.jsonl` and on the test's output. A cell `VDEVLAB_CELLS` names
+/// that cannot run fails the test. Either way the outcome goes to
+/// `cell-tests.jsonl`, which `vdevlab test` sums up per cell.
+pub fn in_cell(
+    kernel: Option<&str>,
+    cell: vdevlab_lab::cell::Cell,
+    test: &str,
+    body: impl FnOnce(vdevlab_lab::cell::Cell),
+) {
+    use vdevlab_lab::cell::{append_test, gate, CellTest, Gate};
+    use vdevlab_lab::record::Verdict;
+    let name = test.rsplit("::").next().unwrap_or(test);
+    let unrun = |verdict: Verdict, why: &str| {
+        let lab = lab();
+        let k = match kernel {
+            Some(name) => lab.env.kernel(name).unwrap_or_else(|e| panic!("{e:#}")),
+            None => lab.env.default_kernel(),
+        }
+        .clone();
+        vdevlab_lab::scenario::record_unrun(&lab, &k, name, cell, verdict, why)
+            .expect("the run is on record");
+        append_test(&CellTest::new(test, cell, verdict, Some(why.to_string())))
+            .expect("the outcome is on file");
+        k.name
+    };
+    match gate(cell) {
+        Ok(Gate::Run) => {
+            // The outcome goes on file however the body ends.
+            struct Outcome<'a>(&'a str, vdevlab_lab::cell::Cell);
+            impl Drop for Outcome<'_> {
+                fn drop(&mut self) {
+                    let verdict = if std::thread::panicking() {
+                        Verdict::Fail
+                    } else {
+                        Verdict::Pass
+                    };
+                    let _ = append_test(&CellTest::new(self.0, self.1, verdict, None));
+                }
+            }
+            let _outcome = Outcome(test, cell);
+            body(cell)
+        }
+        Ok(Gate::Skip(why)) => {
+            let k = unrun(Verdict::Skip, &why);
+            eprintln!("SKIP {name} in {cell} ({k}): {why}");
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            unrun(Verdict::Fail, &why);
+            panic!("{why}");
+        }
+    }
+}
+
+/// One test per cell of the matrix, in a module named after the cell
+/// (`qemu_tcg::`, `qemu_kvm::`, `cloud_hypervisor_kvm::`), each calling the
+/// crate-level function of the same name through [`in_cell`]:
+///
+/// - `cell_tests!(kernel "trixie"; io_models_rx_and_tx, ...)` calls
+///   `crate::io_models_rx_and_tx("trixie", cell)`;
+/// - `cell_tests!(fast_fault_campaign, ...)` calls
+///   `crate::fast_fault_campaign(cell)` (default kernel).
+#[macro_export]
+// `crate::` on purpose: the functions are the calling test file's.
+#[allow(clippy::crate_in_macro_def)]
+macro_rules! cell_tests {
+    (kernel $kernel:expr; $($test:ident),* $(,)?) => {
+        $crate::cell_tests!(@kernel qemu_tcg QEMU_TCG $kernel; $($test),*);
+        $crate::cell_tests!(@kernel qemu_kvm QEMU_KVM $kernel; $($test),*);
+        $crate::cell_tests!(@kernel cloud_hypervisor_kvm CLOUD_HYPERVISOR_KVM $kernel; $($test),*);
+    };
+    ($($test:ident),* $(,)?) => {
+        $crate::cell_tests!(@default qemu_tcg QEMU_TCG; $($test),*);
+        $crate::cell_tests!(@default qemu_kvm QEMU_KVM; $($test),*);
+        $crate::cell_tests!(@default cloud_hypervisor_kvm CLOUD_HYPERVISOR_KVM; $($test),*);
+    };
+    (@kernel $module:ident $cell:ident $kernel:expr; $($test:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    $crate::in_cell(
+                        Some($kernel),
+                        ::vdevlab_lab::cell::Cell::$cell,
+                        concat!(module_path!(), "::", stringify!($test)),
+                        |cell| crate::$test($kernel, cell),
+                    );
+                }
+            )*
+        }
+    };
+    (@default $module:ident $cell:ident; $($test:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    $crate::in_cell(
+                        None,
+                        ::vdevlab_lab::cell::Cell::$cell,
+                        concat!(module_path!(), "::", stringify!($test)),
+                        |cell| crate::$test(cell),
+                    );
+                }
+            )*
+        }
+    };
+}

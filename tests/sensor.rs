@@ -5,11 +5,12 @@
 //! capture and splat detection as the qw tests.
 //!
 //! Every boot test exists once per kernel (`trixie::…`, `bookworm::…`,
-//! `lab::…`).
+//! `lab::…`) and, inside it, once per cell (`trixie::qemu_kvm::…`).
 
 use std::sync::OnceLock;
 
 use serde_json::Value;
+use vdevlab_lab::cell::Cell;
 use vdevlab_lab::env::Kernel;
 use vdevlab_lab::record::read_all;
 use vdevlab_lab::scenario::HostStep;
@@ -47,7 +48,7 @@ fn field<'a>(g: &'a vdevlab_lab::scenario::GuestResult, name: &str) -> &'a Value
 /// brings it back at power-on), then `sensor-hostile` (an overlong used
 /// length is dropped and counted; a used id never posted breaks the queue:
 /// EIO, POLLERR, and SENSOR_IOC_RESET recovers).
-fn sensor_scenarios(kernel: &str) {
+fn sensor_scenarios(kernel: &str, cell: Cell) {
     let (lab, art, kernel) = sensor_lab(kernel);
     let cases = [
         sensor::case(
@@ -91,7 +92,7 @@ fn sensor_scenarios(kernel: &str) {
         ),
     ];
     let seed = ["--seed".to_string(), "77".to_string()];
-    let outs = sensor::run(&lab, &art, &kernel, &cases, &seed).expect("the sensor boot ran");
+    let outs = sensor::run(&lab, &art, &kernel, cell, &cases, &seed).expect("the sensor boot ran");
     for out in &outs {
         assert_passed(out);
         assert_eq!(out.record.kernel, kernel.release);
@@ -190,10 +191,7 @@ fn sensor_driver_passes_checkpatch_strict() {
 macro_rules! kernel_tests {
     ($($kernel:ident),*) => {$(
         mod $kernel {
-            #[test]
-            fn sensor_scenarios() {
-                super::sensor_scenarios(stringify!($kernel));
-            }
+            vdevlab_tests::cell_tests!(kernel stringify!($kernel); sensor_scenarios);
 
             #[test]
             fn sensor_driver_builds_warning_free_with_w1() {

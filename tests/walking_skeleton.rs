@@ -3,18 +3,20 @@
 //! on every guest kernel of the matrix.
 //!
 //! Every test exists once per kernel, in a module named after it
-//! (`trixie::…`, `bookworm::…`, `lab::…`), so a nextest filter picks a kernel
-//! (`bookworm`), a test (`io_models_rx_and_tx`) or one cell
-//! (`bookworm::io_models_rx_and_tx`).
+//! (`trixie::…`, `bookworm::…`, `lab::…`), and those that boot once per
+//! cell of the VMM dimension inside it (`qemu_tcg::`, `qemu_kvm::`,
+//! `cloud_hypervisor_kvm::`; `VDEVLAB_CELLS` picks, see
+//! `vdevlab_lab::cell`), so a nextest filter picks a kernel (`bookworm`), a
+//! cell (`qemu_kvm`), a test (`io_models_rx_and_tx`) or one of each
+//! (`bookworm::qemu_kvm::io_models_rx_and_tx`).
 
 use vdevlab_device::irq::IrqMode;
-use vdevlab_lab::env::{cloud_hypervisor, kvm_usable, Kernel};
-use vdevlab_lab::guest::Vmm;
-use vdevlab_lab::record::{read_all, Verdict};
-use vdevlab_lab::scenario::{blocking_rx, pattern, record_skip, run_streams, StreamCase};
+use vdevlab_lab::cell::Cell;
+use vdevlab_lab::env::Kernel;
+use vdevlab_lab::record::read_all;
+use vdevlab_lab::scenario::{self, pattern, run_streams, StreamCase};
 use vdevlab_lab::Lab;
 use vdevlab_tests::{assert_passed, lab};
-use vdevlab_vmm_config::Accel;
 
 /// Crosses many 4 KiB receive buffers and ends mid-buffer.
 const PAYLOAD: usize = 256 * 1024 + 123;
@@ -38,10 +40,12 @@ fn lab_kernel(name: &str) -> (Lab, Kernel) {
     (lab, kernel)
 }
 
-fn run_blocking_rx(kernel: &str, vmm: Vmm, accel: Accel) {
+/// One payload into a blocking read(), checked by the test as well as by
+/// the harness, and on record with a real boot time.
+fn blocking_rx(kernel: &str, cell: Cell) {
     let (lab, kernel) = lab_kernel(kernel);
     let payload = pattern(0xb10c, PAYLOAD);
-    let out = blocking_rx(&lab, &kernel, vmm, accel, &payload).expect("the scenario could run");
+    let out = scenario::blocking_rx(&lab, &kernel, cell, &payload).expect("the scenario could run");
     assert_passed(&out);
     // Check the data ourselves too, not only the harness's verdict.
     let guest = out.guest.as_ref().expect("the guest reported a result");
@@ -59,51 +63,13 @@ fn run_blocking_rx(kernel: &str, vmm: Vmm, accel: Accel) {
     let rec = &out.record;
     assert_eq!(rec.scenario, "blocking-rx");
     assert_eq!(rec.kernel, kernel.release);
+    assert_eq!(Cell::of_record(&rec.vmm, &rec.accel), Some(cell));
     assert!(rec.boot_ms.is_some_and(|ms| ms > 0));
     let on_file = read_all().expect("runs.jsonl is readable");
     assert!(
         on_file.iter().any(|r| r == rec),
         "the record is in runs.jsonl"
     );
-}
-
-fn blocking_rx_qemu_kvm(kernel: &str) {
-    if let Err(why) = kvm_usable() {
-        let (lab, kernel) = lab_kernel(kernel);
-        let rec = record_skip(&lab, &kernel, "blocking-rx", Vmm::Qemu, Accel::Kvm, &why).unwrap();
-        assert_eq!(rec.result, Verdict::Skip);
-        eprintln!("SKIP blocking-rx on QEMU/KVM ({}): {why}", kernel.name);
-        return;
-    }
-    run_blocking_rx(kernel, Vmm::Qemu, Accel::Kvm);
-}
-
-fn blocking_rx_cloud_hypervisor(kernel: &str) {
-    let why = match (kvm_usable(), cloud_hypervisor()) {
-        (Ok(()), Ok(_)) => None,
-        (Err(kvm), Ok(_)) => Some(format!("Cloud Hypervisor needs KVM: {kvm}")),
-        (Ok(()), Err(ch)) => Some(ch),
-        (Err(kvm), Err(ch)) => Some(format!("Cloud Hypervisor needs KVM: {kvm}; and {ch}")),
-    };
-    if let Some(why) = why {
-        let (lab, kernel) = lab_kernel(kernel);
-        let rec = record_skip(
-            &lab,
-            &kernel,
-            "blocking-rx",
-            Vmm::CloudHypervisor,
-            Accel::Kvm,
-            &why,
-        )
-        .unwrap();
-        assert_eq!(rec.result, Verdict::Skip);
-        eprintln!(
-            "SKIP blocking-rx on Cloud Hypervisor ({}): {why}",
-            kernel.name
-        );
-        return;
-    }
-    run_blocking_rx(kernel, Vmm::CloudHypervisor, Accel::Kvm);
 }
 
 /// The driver is held to kernel standards: a W=1 build with no warning,
@@ -145,7 +111,7 @@ fn driver_builds_warning_free_with_w1(kernel: &str) {
 /// epoll waiter, a native-AIO read, an io_uring read and a POSIX AIO read
 /// all wait: every one must wake with an error, the module must unload
 /// (nothing leaked) and load again, and the kernel must log no splat.
-fn driver_ioctls_pm_and_teardown(kernel: &str) {
+fn driver_ioctls_pm_and_teardown(kernel: &str, cell: Cell) {
     use sha2::{Digest, Sha256};
     use vdevlab_lab::scenario::{HostStep, Script};
     let (lab, kernel) = lab_kernel(kernel);
@@ -202,8 +168,7 @@ fn driver_ioctls_pm_and_teardown(kernel: &str) {
             },
         ),
     ];
-    let outs =
-        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    let outs = run_streams(&lab, &kernel, cell, &cases).expect("the scenarios could run");
     for out in &outs {
         assert_passed(out);
     }
@@ -215,14 +180,9 @@ fn driver_ioctls_pm_and_teardown(kernel: &str) {
 fn driver_dynamic_debug() {
     let (lab, kernel) = lab_kernel("trixie");
     let cases = [StreamCase::new("blocking-rx", 8192, 3)];
-    let on = vdevlab_lab::scenario::run_streams_tuned(
-        &lab,
-        &kernel,
-        Vmm::Qemu,
-        Accel::Tcg,
-        &cases,
-        |b| b.driver_params.push("dyndbg=+p".into()),
-    )
+    let on = vdevlab_lab::scenario::run_streams_tuned(&lab, &kernel, Cell::QEMU_TCG, &cases, |b| {
+        b.driver_params.push("dyndbg=+p".into())
+    })
     .expect("the scenario could run");
     assert_passed(&on[0]);
     let console = |o: &vdevlab_lab::scenario::Outcome| {
@@ -237,8 +197,7 @@ fn driver_dynamic_debug() {
         traced.contains("qw0: read "),
         "no read trace with dyndbg=+p"
     );
-    let off =
-        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenario could run");
+    let off = run_streams(&lab, &kernel, Cell::QEMU_TCG, &cases).expect("the scenario could run");
     assert_passed(&off[0]);
     assert!(
         !console(&off[0]).contains("qw0: rx: buffer"),
@@ -253,7 +212,7 @@ fn driver_dynamic_debug() {
 /// within 5 s, poll has POLLERR, sysfs and QW_IOC_GET_STATS show the
 /// needs-reset state; QW_IOC_RESET clears it (the VMM's GET_VRING_BASE
 /// clears the device's flag) and 100 bytes injected afterwards arrive.
-fn device_needs_reset_is_noticed(kernel: &str) {
+fn device_needs_reset_is_noticed(kernel: &str, cell: Cell) {
     use sha2::{Digest, Sha256};
     use vdevlab_lab::scenario::{HostStep, Script};
     let (lab, kernel) = lab_kernel(kernel);
@@ -277,8 +236,7 @@ fn device_needs_reset_is_noticed(kernel: &str) {
             ..Script::default()
         },
     );
-    let outs =
-        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &[case]).expect("the scenario could run");
+    let outs = run_streams(&lab, &kernel, cell, &[case]).expect("the scenario could run");
     assert_passed(&outs[0]);
     let guest = outs[0].guest.as_ref().expect("the guest reported a result");
     let ms = guest.extra.get("read_ms").and_then(|v| v.as_u64());
@@ -305,8 +263,7 @@ fn two_device_instances() {
     ];
     cases[1].instance = 1;
     cases[2].instance = 1;
-    let outs =
-        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    let outs = run_streams(&lab, &kernel, Cell::QEMU_TCG, &cases).expect("the scenarios could run");
     for (out, case) in outs.iter().zip(&cases) {
         assert_passed(out);
         let stats = out.stats.expect("stats of the case's instance");
@@ -343,8 +300,7 @@ fn run_folder_200_characters_deep() {
         StreamCase::new("blocking-tx", 20_000, 22),
     ];
     cases[1].instance = 1;
-    let outs =
-        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    let outs = run_streams(&lab, &kernel, Cell::QEMU_TCG, &cases).expect("the scenarios could run");
     for out in &outs {
         assert_passed(out);
         let console = out.record.console.as_ref().expect("a console");
@@ -421,7 +377,7 @@ fn driver_passes_checkpatch_strict() {
 /// The driver must deliver every byte whatever the device's interrupt
 /// policy: coalesced (one interrupt per 8 buffers or 2 ms) and delayed with
 /// seeded jitter. One boot, two scenarios.
-fn blocking_rx_with_coalesced_and_delayed_interrupts(kernel: &str) {
+fn blocking_rx_with_coalesced_and_delayed_interrupts(kernel: &str, cell: Cell) {
     let (lab, kernel) = lab_kernel(kernel);
     let mut coalesced = StreamCase::new("blocking-rx", 100_000, 1);
     coalesced.irq = Some(IrqMode::Coalesce {
@@ -434,8 +390,8 @@ fn blocking_rx_with_coalesced_and_delayed_interrupts(kernel: &str) {
         jitter_usecs: 1500,
         seed: 42,
     });
-    let outs = run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &[coalesced, delayed])
-        .expect("the scenarios could run");
+    let outs =
+        run_streams(&lab, &kernel, cell, &[coalesced, delayed]).expect("the scenarios could run");
     assert_eq!(outs.len(), 2);
     for out in &outs {
         assert_passed(out);
@@ -464,7 +420,7 @@ fn selected_io_models() -> Vec<String> {
 
 /// The I/O models, both directions, then `mixed` (a reader and a writer at
 /// once), in one boot.
-fn io_models_rx_and_tx(kernel: &str) {
+fn io_models_rx_and_tx(kernel: &str, cell: Cell) {
     let (lab, kernel) = lab_kernel(kernel);
     let all = all_io_models();
     let cases: Vec<StreamCase> = selected_io_models()
@@ -481,8 +437,7 @@ fn io_models_rx_and_tx(kernel: &str) {
     // A reader and a writer on one open file at once, last in the boot.
     let mut cases = cases;
     cases.push(StreamCase::new("mixed", 100_000, 300));
-    let outs =
-        run_streams(&lab, &kernel, Vmm::Qemu, Accel::Tcg, &cases).expect("the scenarios could run");
+    let outs = run_streams(&lab, &kernel, cell, &cases).expect("the scenarios could run");
     assert_eq!(outs.len(), cases.len());
     let failed: Vec<String> = outs
         .iter()
@@ -514,51 +469,23 @@ fn io_models_rx_and_tx(kernel: &str) {
     }
 }
 
-/// The tests of one guest kernel, in a module named after it.
+/// The tests of one guest kernel, in a module named after it; those that
+/// boot exist once per cell (`trixie::qemu_kvm::io_models_rx_and_tx`).
 macro_rules! kernel_tests {
     ($kernel:ident) => {
         mod $kernel {
-            const KERNEL: &str = stringify!($kernel);
-
-            #[test]
-            fn blocking_rx_qemu_tcg() {
-                super::run_blocking_rx(KERNEL, super::Vmm::Qemu, super::Accel::Tcg);
-            }
-
-            #[test]
-            fn blocking_rx_qemu_kvm() {
-                super::blocking_rx_qemu_kvm(KERNEL);
-            }
-
-            #[test]
-            fn blocking_rx_cloud_hypervisor() {
-                super::blocking_rx_cloud_hypervisor(KERNEL);
-            }
-
             #[test]
             fn driver_builds_warning_free_with_w1() {
-                super::driver_builds_warning_free_with_w1(KERNEL);
+                super::driver_builds_warning_free_with_w1(stringify!($kernel));
             }
 
-            #[test]
-            fn blocking_rx_with_coalesced_and_delayed_interrupts() {
-                super::blocking_rx_with_coalesced_and_delayed_interrupts(KERNEL);
-            }
-
-            #[test]
-            fn io_models_rx_and_tx() {
-                super::io_models_rx_and_tx(KERNEL);
-            }
-
-            #[test]
-            fn driver_ioctls_pm_and_teardown() {
-                super::driver_ioctls_pm_and_teardown(KERNEL);
-            }
-
-            #[test]
-            fn device_needs_reset_is_noticed() {
-                super::device_needs_reset_is_noticed(KERNEL);
-            }
+            vdevlab_tests::cell_tests!(kernel stringify!($kernel);
+                blocking_rx,
+                blocking_rx_with_coalesced_and_delayed_interrupts,
+                io_models_rx_and_tx,
+                driver_ioctls_pm_and_teardown,
+                device_needs_reset_is_noticed,
+            );
         }
     };
 }
@@ -582,4 +509,47 @@ fn backend_crash_while_the_vmm_runs() {
         out.stats.expect("stats before the crash").rx_bytes,
         64 * 1024
     );
+}
+
+/// A device backend that dies while the VMM runs (a crash, not the lab's
+/// own `kill_backend`) fails the wait on the guest within a second or
+/// two, naming the backend, instead of running into the wait's timeout:
+/// under Cloud Hypervisor the guest would otherwise sit on a dead device
+/// until the timeout.
+#[test]
+fn a_backend_that_dies_fails_the_wait_at_once() {
+    use std::time::{Duration, Instant};
+    use vdevlab_lab::guest::{BootSpec, Guest};
+    let (lab, kernel) = lab_kernel("trixie");
+    let spec = BootSpec::new(
+        "backend-dies",
+        vec![vec!["blocking-rx".into(), "--bytes".into(), "1000".into()]],
+    )
+    .on_kernel(&kernel.name);
+    let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec).expect("the guest boots");
+    guest
+        .wait_for("VDEVLAB-READY blocking-rx", scenario::BOOT_TIMEOUT)
+        .expect("the reader waits");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &guest.backend_pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let t0 = Instant::now();
+    let err = guest
+        .wait_for("VDEVLAB-RESULT", Duration::from_secs(60))
+        .expect_err("nothing can arrive from a dead device");
+    let waited = t0.elapsed();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("the device backend of instance 0 exited") && err.contains("signal: 9"),
+        "{err}"
+    );
+    assert!(waited < Duration::from_secs(5), "noticed after {waited:?}");
+    assert!(
+        guest.vmm_running(),
+        "QEMU keeps running without its backend"
+    );
+    let finished = guest.abort();
+    assert!(finished.splats.is_empty(), "{:?}", finished.splats);
 }

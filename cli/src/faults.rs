@@ -17,6 +17,10 @@ pub struct FaultsArgs {
     /// Guest kernel(s): trixie, bookworm, or all.
     #[arg(long, default_value = "trixie")]
     kernel: String,
+    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm, or
+    /// auto (QEMU on KVM where KVM works, else QEMU/TCG).
+    #[arg(long, default_value = "auto")]
+    cell: String,
     /// Your own driver for the qw device instead of the reference one: a
     /// project folder (vdevlab.toml) or a Kbuild folder. The guest programs
     /// open the device node its manifest names (`[driver] dev`), else /dev/qw0.
@@ -45,6 +49,7 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
         p.prepare()?;
     }
     eprintln!("[vdevlab] provisioning the lab and building the guest image");
+    let cell = vdevlab_lab::cell::pick(Some(&args.cell))?;
     let lab = Lab::get()?;
     let kernels: Vec<_> = if args.kernel == "all" {
         lab.env.kernels.clone()
@@ -54,7 +59,7 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
     let mut all_pass = true;
     for kernel in &kernels {
         eprintln!(
-            "[vdevlab] {} fault scenarios on {} ({}) against {}",
+            "[vdevlab] {} fault scenarios on {} ({}) in {cell} against {}",
             scenarios.len(),
             kernel.name,
             kernel.release,
@@ -62,9 +67,9 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
                 .as_ref()
                 .map_or("vdevlab_qw".to_string(), |p| format!("{}.ko", p.module))
         );
-        let verdicts = campaign::run_against(&lab, kernel, &scenarios, driver.as_ref())?;
+        let verdicts = campaign::run_against(&lab, kernel, cell, &scenarios, driver.as_ref())?;
         println!(
-            "{} ({}):\n{}",
+            "{} ({}), {cell}:\n{}",
             kernel.name,
             kernel.release,
             campaign::table(&verdicts)
@@ -72,7 +77,7 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
         all_pass &= verdicts.iter().all(|v| v.pass);
     }
     println!(
-        "reports: {}/faults/ (report-<kernel>[-<module>].json, junit-<kernel>[-<module>].xml); records: fault-<name> in runs.jsonl",
+        "reports: {}/faults/ (report-<kernel>[-<module>]-<cell>.json, junit-<kernel>[-<module>]-<cell>.xml); records: fault-<name> in runs.jsonl",
         vdevlab_lab::env::runs_dir().display()
     );
     Ok(all_pass)

@@ -28,7 +28,6 @@ mod user;
 use vdevlab_lab::record::runs_file;
 use vdevlab_lab::scenario::{blocking_rx, pattern};
 use vdevlab_lab::Lab;
-use vdevlab_vmm_config::Accel;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "vdevlab: a hardware-less driver lab")]
@@ -52,12 +51,22 @@ enum Cmd {
         /// Seed of the payload.
         #[arg(long, default_value_t = 0x5eed)]
         seed: u64,
+        /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm,
+        /// or auto (QEMU on KVM where KVM works, else QEMU/TCG).
+        #[arg(long, default_value = "auto")]
+        cell: String,
     },
     /// Provision and build, then run the test suite with cargo-nextest.
     Test {
         /// nextest profile (`ci` writes JUnit XML).
         #[arg(long, default_value = "default")]
         profile: String,
+        /// Which cells (VMM and accelerator) run, as VDEVLAB_CELLS: auto
+        /// (every cell this host can run; the others skip, on record with
+        /// why), all, or a list (qemu-kvm,cloud-hypervisor-kvm): those must
+        /// run and pass, so a KVM machine's check cannot pass on skips.
+        #[arg(long, value_name = "CELLS")]
+        cells: Option<String>,
         /// Extra arguments for `cargo nextest run` (after `--`).
         #[arg(last = true)]
         nextest_args: Vec<String>,
@@ -107,8 +116,8 @@ fn doctor() -> Result<bool> {
     println!("cells (VMM/accelerator):");
     for cell in &report.cells {
         match &cell.blocked_by {
-            None => println!("  {:<22} runs here", cell.name),
-            Some(why) => println!("  {:<22} cannot run: {why}", cell.name),
+            None => println!("  {:<22} runs here", cell.cell.name()),
+            Some(why) => println!("  {:<22} cannot run: {why}", cell.cell.name()),
         }
     }
     // Fails when not even the TCG cells can run (after provisioning).
@@ -118,7 +127,8 @@ fn doctor() -> Result<bool> {
         .is_none_or(|why| why.contains("not provisioned yet")))
 }
 
-fn demo(bytes: usize, seed: u64) -> Result<bool> {
+fn demo(bytes: usize, seed: u64, cell: &str) -> Result<bool> {
+    let cell = vdevlab_lab::cell::pick(Some(cell))?;
     eprintln!(
         "[vdevlab] provisioning the lab and building the guest image (cached after the first run)"
     );
@@ -134,13 +144,15 @@ fn demo(bytes: usize, seed: u64) -> Result<bool> {
     );
     let kernel = lab.env.default_kernel();
     println!("guest kernel: {} ({})", kernel.release, kernel.name);
-    let accel = Accel::Tcg;
-    if let Err(why) = vdevlab_lab::env::kvm_usable() {
-        println!("accelerator: tcg (KVM not usable: {why})");
+    match vdevlab_lab::cell::Cell::QEMU_KVM.blocked_by() {
+        Some(why) if cell == vdevlab_lab::cell::Cell::QEMU_TCG => {
+            println!("cell: {cell} (KVM not usable: {why})")
+        }
+        _ => println!("cell: {cell}"),
     }
     let payload = pattern(seed, bytes);
     println!("booting the guest; its blocking read() waits for {bytes} bytes from the device...");
-    let out = blocking_rx(&lab, kernel, vdevlab_lab::guest::Vmm::Qemu, accel, &payload)?;
+    let out = blocking_rx(&lab, kernel, cell, &payload)?;
     let r = &out.record;
     println!(
         "boot: init reached {} ms after VMM start; driver ready at {} ms",
@@ -176,7 +188,12 @@ fn demo(bytes: usize, seed: u64) -> Result<bool> {
     Ok(out.passed())
 }
 
-fn test(profile: &str, extra: &[String]) -> Result<bool> {
+fn test(profile: &str, cells: Option<&str>, extra: &[String]) -> Result<bool> {
+    use vdevlab_lab::cell::{self, Selection, CELLS_VAR};
+    let selection = match cells {
+        Some(c) => Selection::parse(c)?,
+        None => Selection::from_env()?,
+    };
     eprintln!("[vdevlab] provisioning the lab and building the guest image");
     Lab::get()?;
     let has_nextest = Command::new("cargo")
@@ -189,13 +206,40 @@ fn test(profile: &str, extra: &[String]) -> Result<bool> {
     eprintln!(
         "[vdevlab] running the test suite (cargo nextest run --workspace --profile {profile})"
     );
-    let status = Command::new("cargo")
-        .current_dir(vdevlab_lab::env::workspace_root())
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(vdevlab_lab::env::workspace_root())
         .args(["nextest", "run", "--workspace", "--profile", profile])
-        .args(extra)
-        .status()
-        .context("running cargo nextest")?;
-    Ok(status.success())
+        .args(extra);
+    if let Some(c) = cells {
+        cmd.env(CELLS_VAR, c);
+    }
+    let status = cmd.status().context("running cargo nextest")?;
+    // What each cell's tests did in this run.
+    let tests: Vec<_> = cell::read_tests()?
+        .into_iter()
+        .filter(|t| t.ts >= started)
+        .collect();
+    let sums = cell::summarize(&tests);
+    let path = vdevlab_lab::env::runs_dir().join("cells.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&sums)?)?;
+    println!(
+        "cells ({CELLS_VAR}={}; {} cell tests; {}):\n{}",
+        cells
+            .map(String::from)
+            .or_else(|| std::env::var(CELLS_VAR).ok())
+            .unwrap_or_else(|| "auto".into()),
+        tests.len(),
+        path.display(),
+        cell::summary_table(&sums)
+    );
+    let ready = cell::meets(&selection, &sums);
+    if !ready && status.success() {
+        println!("the selected cells did not all pass (see above)");
+    }
+    Ok(status.success() && ready)
 }
 
 fn main() -> ExitCode {
@@ -214,11 +258,12 @@ fn main() -> ExitCode {
         std::env::set_var("VDEVLAB_VERBOSE", "1");
     }
     let result = match cli.cmd {
-        Cmd::Demo { bytes, seed } => demo(bytes, seed),
+        Cmd::Demo { bytes, seed, cell } => demo(bytes, seed, &cell),
         Cmd::Test {
             profile,
             nextest_args,
-        } => test(&profile, &nextest_args),
+            cells,
+        } => test(&profile, cells.as_deref(), &nextest_args),
         Cmd::Prepare => Lab::get().map(|lab| {
             for k in &lab.artifacts.kernels {
                 println!("{} ({}):", k.kernel, k.release);

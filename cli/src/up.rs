@@ -18,6 +18,10 @@ pub struct UpArgs {
     /// files instead of the reference driver.
     #[arg(long, value_name = "DIR")]
     project: Option<PathBuf>,
+    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm, or
+    /// auto (QEMU on KVM where KVM works, else QEMU/TCG).
+    #[arg(long, default_value = "auto")]
+    cell: String,
 }
 
 /// Run a session; true when it ended without a kernel splat.
@@ -27,12 +31,14 @@ pub fn run(args: UpArgs) -> Result<bool> {
         p.prepare()?;
     }
     eprintln!("[vdevlab] provisioning the lab and building the guest image");
+    let cell = vdevlab_lab::cell::pick(Some(&args.cell))?;
     let lab = Lab::get()?;
     let kernel = lab.env.kernel(&args.kernel)?.clone();
     let session = vdevlab_lab::up::up(
         &lab,
         &kernel,
         project.as_ref(),
+        cell,
         std::io::stdin(),
         std::io::stdout(),
     )?;

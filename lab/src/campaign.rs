@@ -18,10 +18,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use vdevlab_vmm_config::Accel;
 
+use crate::cell::Cell;
 use crate::env::{runs_dir, workspace_root, Kernel};
-use crate::guest::Vmm;
 use crate::scenario::{pattern, run_streams_tuned, HostStep, Outcome, Script, StreamCase};
 use crate::Lab;
 
@@ -279,10 +278,16 @@ fn excerpt(out: &Outcome) -> String {
         .join(" | ")
 }
 
-/// Run `scenarios` in one boot of `kernel` (in order), and write the report
-/// (JSON and JUnit XML) under `target/lab-runs/faults/`. Returns the verdicts.
-pub fn run(lab: &Lab, kernel: &Kernel, scenarios: &[FaultScenario]) -> Result<Vec<Verdict>> {
-    run_against(lab, kernel, scenarios, None)
+/// Run `scenarios` in one boot of `kernel` in `cell` (in order), and write
+/// the report (JSON and JUnit XML) under `target/lab-runs/faults/`. Returns
+/// the verdicts.
+pub fn run(
+    lab: &Lab,
+    kernel: &Kernel,
+    cell: Cell,
+    scenarios: &[FaultScenario],
+) -> Result<Vec<Verdict>> {
+    run_against(lab, kernel, cell, scenarios, None)
 }
 
 /// [`run`] against a user's own driver for the qw device (`vdevlab faults
@@ -292,6 +297,7 @@ pub fn run(lab: &Lab, kernel: &Kernel, scenarios: &[FaultScenario]) -> Result<Ve
 pub fn run_against(
     lab: &Lab,
     kernel: &Kernel,
+    cell: Cell,
     scenarios: &[FaultScenario],
     driver: Option<&crate::project::Project>,
 ) -> Result<Vec<Verdict>> {
@@ -306,7 +312,7 @@ pub fn run_against(
         })
     };
     let boot = |cases: &[StreamCase]| {
-        run_streams_tuned(lab, kernel, Vmm::Qemu, Accel::Tcg, cases, |spec| {
+        run_streams_tuned(lab, kernel, cell, cases, |spec| {
             if let (Some(p), Some(b)) = (driver, &built) {
                 p.tune(spec, b);
             }
@@ -353,10 +359,10 @@ pub fn run_against(
         .collect();
     // A user's driver gets its own report files, beside the reference's.
     let tag = match driver {
-        Some(p) => format!("{}-{}", kernel.name, p.module),
-        None => kernel.name.clone(),
+        Some(p) => format!("{}-{}-{cell}", kernel.name, p.module),
+        None => format!("{}-{cell}", kernel.name),
     };
-    write_reports(kernel, &tag, &verdicts)?;
+    write_reports(kernel, cell, &tag, &verdicts)?;
     Ok(verdicts)
 }
 
@@ -368,25 +374,29 @@ pub fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn write_reports(kernel: &Kernel, tag: &str, verdicts: &[Verdict]) -> Result<()> {
+fn write_reports(kernel: &Kernel, cell: Cell, tag: &str, verdicts: &[Verdict]) -> Result<()> {
     let dir = runs_dir().join("faults");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join(format!("report-{tag}.json")),
-        serde_json::to_vec_pretty(
-            &serde_json::json!({ "kernel": kernel.release, "scenarios": verdicts }),
-        )?,
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "kernel": kernel.release,
+            "cell": cell.name(),
+            "vmm": cell.vmm.name(),
+            "accel": crate::guest::accel_name(cell.accel),
+            "scenarios": verdicts,
+        }))?,
     )?;
     let failures = verdicts.iter().filter(|v| !v.pass).count();
     let mut xml = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"vdevlab-faults-{}\" tests=\"{}\" failures=\"{failures}\">\n",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"vdevlab-faults-{}-{cell}\" tests=\"{}\" failures=\"{failures}\">\n",
         kernel.name,
         verdicts.len()
     );
     for v in verdicts {
         let _ = write!(
             xml,
-            "  <testcase classname=\"faults.{}\" name=\"{}\">",
+            "  <testcase classname=\"faults.{}.{cell}\" name=\"{}\">",
             kernel.name,
             xml_escape(&v.name)
         );

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::cell::Cell;
 use crate::env::{cache_dir, cloud_hypervisor_status, kvm_status, LabEnv};
 
 /// One finding.
@@ -45,9 +46,9 @@ impl Check {
 
 /// A cell of the matrix and whether it can run here.
 #[derive(Debug, Clone)]
-pub struct Cell {
-    /// `qemu/tcg`, `qemu/kvm`, `cloud-hypervisor/kvm`.
-    pub name: &'static str,
+pub struct CellStatus {
+    /// The cell.
+    pub cell: Cell,
     /// `None`: it runs; else why not.
     pub blocked_by: Option<String>,
 }
@@ -58,7 +59,7 @@ pub struct Report {
     /// Host, lab, KVM and VMM findings, in that order.
     pub checks: Vec<Check>,
     /// The cells.
-    pub cells: Vec<Cell>,
+    pub cells: Vec<CellStatus>,
 }
 
 /// Look at this host.
@@ -101,27 +102,14 @@ pub fn examine() -> Report {
             Some("the host checks above fail, so the lab cannot be provisioned".into())
         }
     };
-    let kvm_why = kvm.as_ref().err().map(|p| format!("KVM: {p}"));
-    let ch_why = match (&kvm_why, &ch) {
-        (None, Ok(_)) => None,
-        (Some(k), Ok(_)) => Some(k.clone()),
-        (None, Err(p)) => Some(p.to_string()),
-        (Some(k), Err(p)) => Some(format!("{k}; {p}")),
-    };
-    let cells = vec![
-        Cell {
-            name: "qemu/tcg",
-            blocked_by: tcg.clone(),
-        },
-        Cell {
-            name: "qemu/kvm",
-            blocked_by: kvm_why.or(tcg.clone()),
-        },
-        Cell {
-            name: "cloud-hypervisor/kvm",
-            blocked_by: ch_why.or(tcg),
-        },
-    ];
+    // The host's findings for each cell, behind the lab's own.
+    let cells = Cell::ALL
+        .into_iter()
+        .map(|cell| CellStatus {
+            cell,
+            blocked_by: cell.blocked_by().or(tcg.clone()),
+        })
+        .collect();
     Report { checks, cells }
 }
 
@@ -254,8 +242,12 @@ mod tests {
             assert!(!c.detail.contains('\n'), "{c:?}");
         }
         assert_eq!(
-            report.cells.iter().map(|c| c.name).collect::<Vec<_>>(),
-            ["qemu/tcg", "qemu/kvm", "cloud-hypervisor/kvm"]
+            report
+                .cells
+                .iter()
+                .map(|c| c.cell.name())
+                .collect::<Vec<_>>(),
+            ["qemu-tcg", "qemu-kvm", "cloud-hypervisor-kvm"]
         );
         // Cloud Hypervisor needs KVM: it cannot run where QEMU/KVM cannot.
         if report.cells[1].blocked_by.is_some() {

@@ -369,25 +369,6 @@ pub fn kvm_usable() -> Result<(), String> {
     kvm_status().map_err(|p| p.to_string())
 }
 
-/// The accelerator for boots that may pick one (`vdevlab user-test`,
-/// `vdevlab up`): `VDEVLAB_ACCEL=tcg|kvm|auto`, default `auto` (KVM where
-/// [`kvm_usable`], else TCG). The test suite's cells name theirs.
-pub fn default_accel() -> Result<vdevlab_vmm_config::Accel> {
-    use vdevlab_vmm_config::Accel;
-    match std::env::var("VDEVLAB_ACCEL").as_deref() {
-        Ok("tcg") => Ok(Accel::Tcg),
-        Ok("kvm") => kvm_usable()
-            .map(|()| Accel::Kvm)
-            .map_err(|why| anyhow::anyhow!("VDEVLAB_ACCEL=kvm, but {why}")),
-        Ok("auto") | Ok("") | Err(_) => Ok(if kvm_usable().is_ok() {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        }),
-        Ok(other) => bail!("VDEVLAB_ACCEL={other}: tcg, kvm or auto"),
-    }
-}
-
 /// The oldest Cloud Hypervisor with generic vhost-user (`--generic-vhost-user`).
 pub const CLOUD_HYPERVISOR_MIN: u32 = 52;
 

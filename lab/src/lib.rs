@@ -2,12 +2,14 @@
 //! tests: it provisions the lab ([`env`]), builds what a boot needs
 //! ([`artifacts`]), boots guests under a real VMM with the real backend
 //! ([`guest`]), runs scenarios ([`scenario`]), spots kernel splats
-//! ([`splat`]) and records every run ([`record`]); a run's sockets live in
-//! a short private folder ([`sockets`]).
+//! ([`splat`]) and records every run ([`record`]), in each cell of the
+//! matrix ([`cell`]: VMM and accelerator); a run's sockets live in a short
+//! private folder ([`sockets`]).
 
 pub mod artifacts;
 pub mod bench;
 pub mod campaign;
+pub mod cell;
 pub mod doctor;
 pub mod env;
 pub mod guest;

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{build_module, check_module, write_archive};
+use crate::cell::Cell;
 use crate::env::{runs_dir, target_dir, Kernel};
 use crate::guest::{accel_name, BackendCommand, BootSpec, Guest, GuestDriver};
 use crate::record::{self, RunRecord, Verdict};
@@ -512,7 +513,7 @@ impl Project {
 
     /// Build for `kernel`, boot once, run every scenario, record each, and
     /// write the reports. Returns the verdicts.
-    pub fn run(&self, lab: &Lab, kernel: &Kernel) -> Result<Vec<ScenarioVerdict>> {
+    pub fn run(&self, lab: &Lab, kernel: &Kernel, cell: Cell) -> Result<Vec<ScenarioVerdict>> {
         let built = self.build(kernel)?;
         let scenarios = &self.manifest.scenario;
         if scenarios.is_empty() {
@@ -529,7 +530,8 @@ impl Project {
             })
             .collect();
         let mut spec = BootSpec::new(&self.name, runs).on_kernel(&kernel.name);
-        spec.accel = crate::env::default_accel()?;
+        spec.vmm = cell.vmm;
+        spec.accel = cell.accel;
         self.tune(&mut spec, &built);
         let t0 = Instant::now();
         let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
@@ -590,7 +592,7 @@ impl Project {
                 Verdict::Fail,
             );
             rec.kernel_name = Some(kernel.name.clone());
-            rec.vmm_version = Some(lab.env.qemu_version.clone());
+            rec.vmm_version = crate::scenario::vmm_version(lab, cell.vmm);
             rec.boot_ms = boot_ms;
             rec.driver_ready_ms = driver_ready_ms;
             rec.console = Some(console.clone());
@@ -605,6 +607,7 @@ impl Project {
             verdicts.push(ScenarioVerdict {
                 name: s.name.clone(),
                 kernel: kernel.name.clone(),
+                cell: cell.name().to_string(),
                 status,
                 expected_status: s.status,
                 pass: rec.result == Verdict::Pass,
@@ -613,7 +616,7 @@ impl Project {
                 console: console.clone(),
             });
         }
-        self.write_reports(kernel, &verdicts)?;
+        self.write_reports(kernel, cell, &verdicts)?;
         Ok(verdicts)
     }
 
@@ -751,22 +754,28 @@ impl Project {
         Ok(())
     }
 
-    fn write_reports(&self, kernel: &Kernel, verdicts: &[ScenarioVerdict]) -> Result<()> {
+    fn write_reports(
+        &self,
+        kernel: &Kernel,
+        cell: Cell,
+        verdicts: &[ScenarioVerdict],
+    ) -> Result<()> {
         let dir = runs_dir().join("user").join(&self.name);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(
-            dir.join(format!("report-{}.json", kernel.name)),
+            dir.join(format!("report-{}-{cell}.json", kernel.name)),
             serde_json::to_vec_pretty(&serde_json::json!({
                 "project": self.name,
                 "module": self.module,
                 "kernel": kernel.release,
+                "cell": cell.name(),
                 "scenarios": verdicts,
             }))?,
         )?;
         let failures = verdicts.iter().filter(|v| !v.pass).count();
         let esc = crate::campaign::xml_escape;
         let mut xml = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"{}.{}\" tests=\"{}\" failures=\"{failures}\">\n",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"{}.{}.{cell}\" tests=\"{}\" failures=\"{failures}\">\n",
             esc(&self.name),
             kernel.name,
             verdicts.len()
@@ -774,7 +783,7 @@ impl Project {
         for v in verdicts {
             let _ = write!(
                 xml,
-                "  <testcase classname=\"{}.{}\" name=\"{}\">",
+                "  <testcase classname=\"{}.{}.{cell}\" name=\"{}\">",
                 esc(&self.name),
                 kernel.name,
                 esc(&v.name)
@@ -791,7 +800,7 @@ impl Project {
             xml.push_str("</testcase>\n");
         }
         xml.push_str("</testsuite>\n");
-        std::fs::write(dir.join(format!("junit-{}.xml", kernel.name)), xml)?;
+        std::fs::write(dir.join(format!("junit-{}-{cell}.xml", kernel.name)), xml)?;
         Ok(())
     }
 }
@@ -818,6 +827,8 @@ pub struct ScenarioVerdict {
     pub name: String,
     /// Kernel name.
     pub kernel: String,
+    /// The cell it ran in (`qemu-tcg`, ...).
+    pub cell: String,
     /// Exit status, if it got that far.
     pub status: Option<i32>,
     /// The status it had to end with.

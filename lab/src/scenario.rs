@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 use vdevlab_device::control::Request;
 use vdevlab_device::device::Stats;
 use vdevlab_device::irq::IrqMode;
-use vdevlab_vmm_config::Accel;
 
+use crate::cell::Cell;
 use crate::env::Kernel;
 use crate::guest::{accel_name, BootSpec, Guest, Vmm};
 use crate::record::{self, RunRecord, Verdict};
@@ -84,23 +84,43 @@ impl Outcome {
 /// agree byte for byte).
 pub use vdevlab_guest::pattern;
 
-/// Record a cell (a scenario on one of the lab's kernels) that cannot run
-/// here, with the reason.
+/// The version line of the VMM a run used, for its record.
+pub fn vmm_version(lab: &Lab, vmm: Vmm) -> Option<String> {
+    match vmm {
+        Vmm::Qemu => Some(lab.env.qemu_version.clone()),
+        Vmm::CloudHypervisor => crate::env::cloud_hypervisor().ok().map(|(_, v)| v),
+    }
+}
+
+/// Record a scenario that cannot run here in a cell (VMM and accelerator)
+/// on one of the lab's kernels, with the reason.
 pub fn record_skip(
     lab: &Lab,
     kernel: &Kernel,
     scenario: &str,
-    vmm: Vmm,
-    accel: Accel,
+    cell: Cell,
+    reason: &str,
+) -> Result<RunRecord> {
+    record_unrun(lab, kernel, scenario, cell, Verdict::Skip, reason)
+}
+
+/// Record a scenario that did not boot, as `verdict` (a skip, or a failure
+/// when the cell was asked for and cannot run), with the reason.
+pub fn record_unrun(
+    lab: &Lab,
+    kernel: &Kernel,
+    scenario: &str,
+    cell: Cell,
+    verdict: Verdict,
     reason: &str,
 ) -> Result<RunRecord> {
     lab.env.kernel(&kernel.name)?;
     let mut rec = RunRecord::new(
         scenario,
-        vmm.name(),
-        accel_name(accel),
+        cell.vmm.name(),
+        accel_name(cell.accel),
         &kernel.release,
-        Verdict::Skip,
+        verdict,
     );
     rec.kernel_name = Some(kernel.name.clone());
     rec.reason = Some(reason.to_string());
@@ -256,18 +276,11 @@ impl StreamCase {
 /// `blocking-rx`: the guest's blocking `read()` sleeps in the driver; the
 /// host injects `payload` through the control plane once the reader is
 /// waiting; the guest must receive exactly those bytes. Boots `kernel`.
-pub fn blocking_rx(
-    lab: &Lab,
-    kernel: &Kernel,
-    vmm: Vmm,
-    accel: Accel,
-    payload: &[u8],
-) -> Result<Outcome> {
+pub fn blocking_rx(lab: &Lab, kernel: &Kernel, cell: Cell, payload: &[u8]) -> Result<Outcome> {
     run_streams_with(
         lab,
         kernel,
-        vmm,
-        accel,
+        cell,
         &[(
             StreamCase::new("blocking-rx", payload.len(), 0),
             Some(payload.to_vec()),
@@ -282,24 +295,22 @@ pub fn blocking_rx(
 pub fn run_streams(
     lab: &Lab,
     kernel: &Kernel,
-    vmm: Vmm,
-    accel: Accel,
+    cell: Cell,
     cases: &[StreamCase],
 ) -> Result<Vec<Outcome>> {
-    run_streams_tuned(lab, kernel, vmm, accel, cases, |_| {})
+    run_streams_tuned(lab, kernel, cell, cases, |_| {})
 }
 
 /// [`run_streams`] with the boot adjusted by `tune` (e.g. driver parameters).
 pub fn run_streams_tuned(
     lab: &Lab,
     kernel: &Kernel,
-    vmm: Vmm,
-    accel: Accel,
+    cell: Cell,
     cases: &[StreamCase],
     tune: impl FnOnce(&mut BootSpec),
 ) -> Result<Vec<Outcome>> {
     let with: Vec<_> = cases.iter().map(|c| (c.clone(), None)).collect();
-    run_streams_with(lab, kernel, vmm, accel, &with, tune)
+    run_streams_with(lab, kernel, cell, &with, tune)
 }
 
 /// Drive one case on a booted guest: returns the guest's result and the
@@ -428,8 +439,7 @@ fn drive_script(
 fn run_streams_with(
     lab: &Lab,
     kernel: &Kernel,
-    vmm: Vmm,
-    accel: Accel,
+    cell: Cell,
     cases: &[(StreamCase, Option<Vec<u8>>)],
     tune: impl FnOnce(&mut BootSpec),
 ) -> Result<Vec<Outcome>> {
@@ -440,17 +450,14 @@ fn run_streams_with(
     };
     let mut spec = BootSpec::new(&name, cases.iter().map(|(c, _)| c.guest_args()).collect())
         .on_kernel(&kernel.name);
-    spec.vmm = vmm;
-    spec.accel = accel;
+    spec.vmm = cell.vmm;
+    spec.accel = cell.accel;
     spec.instances = cases.iter().map(|(c, _)| c.instance + 1).max().unwrap_or(1);
     tune(&mut spec);
     let driver = spec.driver.as_ref().map(|d| d.module.clone());
     let t0 = Instant::now();
     let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
-    let vmm_version = match vmm {
-        Vmm::Qemu => Some(lab.env.qemu_version.clone()),
-        Vmm::CloudHypervisor => crate::env::cloud_hypervisor().ok().map(|(_, v)| v),
-    };
+    let vmm_version = vmm_version(lab, cell.vmm);
 
     let mut partial = Vec::new();
     let mut aborted: Option<String> = None;
@@ -615,8 +622,8 @@ fn run_streams_with(
             .unwrap_or_else(|| case.scenario.clone());
         let mut rec = RunRecord::new(
             &name,
-            vmm.name(),
-            accel_name(accel),
+            cell.vmm.name(),
+            accel_name(cell.accel),
             &kernel.release,
             Verdict::Fail,
         );

@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use vdevlab_vmm_config::{Accel, VmConfig, SENSOR_CONFIG_TOML};
+use vdevlab_vmm_config::{VmConfig, SENSOR_CONFIG_TOML};
 
 use crate::artifacts::{build_module, check_module, lab_dir, write_archive};
+use crate::cell::Cell;
 use crate::env::{target_dir, workspace_root, Kernel};
-use crate::guest::{BackendCommand, BootSpec, GuestDriver, Vmm};
+use crate::guest::{BackendCommand, BootSpec, GuestDriver};
 use crate::scenario::{run_streams_tuned, HostStep, Outcome, Script, StreamCase};
 use crate::Lab;
 
@@ -204,17 +205,17 @@ pub fn case(scenario: &str, args: &[&str], then: Vec<HostStep>) -> StreamCase {
     )
 }
 
-/// Boot `kernel` once with the sensor and run `cases` in order, each with
-/// its own run record (scenario name as given, driver `vdevlab_sensor`).
+/// Boot `kernel` once with the sensor in `cell` and run `cases` in order,
+/// each with its own run record (scenario name as given, driver
+/// `vdevlab_sensor`).
 pub fn run(
     lab: &Lab,
     art: &SensorArtifacts,
     kernel: &Kernel,
+    cell: Cell,
     cases: &[StreamCase],
     backend_args: &[String],
 ) -> Result<Vec<Outcome>> {
     let boot = SensorBoot::new(art, kernel, backend_args)?;
-    run_streams_tuned(lab, kernel, Vmm::Qemu, Accel::Tcg, cases, |spec| {
-        boot.apply(spec)
-    })
+    run_streams_tuned(lab, kernel, cell, cases, |spec| boot.apply(spec))
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::cell::Cell;
 use crate::env::Kernel;
 use crate::guest::{accel_name, BootSpec, Guest};
 use crate::project::Project;
@@ -95,12 +96,14 @@ pub fn up(
     lab: &Lab,
     kernel: &Kernel,
     project: Option<&Project>,
+    cell: Cell,
     input: impl Read + Send + 'static,
     mut output: impl Write + Send + 'static,
 ) -> Result<Session> {
     let mut spec = BootSpec::new("up", Vec::new()).on_kernel(&kernel.name);
     spec.interactive = true;
-    spec.accel = crate::env::default_accel()?;
+    spec.vmm = cell.vmm;
+    spec.accel = cell.accel;
     let what = match project {
         Some(p) => {
             let built = p.build(kernel)?;
@@ -214,7 +217,7 @@ pub fn up(
         Verdict::Pass,
     );
     rec.kernel_name = Some(kernel.name.clone());
-    rec.vmm_version = Some(lab.env.qemu_version.clone());
+    rec.vmm_version = crate::scenario::vmm_version(lab, cell.vmm);
     rec.boot_ms = boot_ms;
     rec.driver_ready_ms = driver_ready_ms;
     rec.console = Some(console.clone());
