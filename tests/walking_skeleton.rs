@@ -528,7 +528,7 @@ fn a_backend_that_dies_fails_the_wait_at_once() {
     .on_kernel(&kernel.name);
     let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec).expect("the guest boots");
     guest
-        .wait_for("VDEVLAB-READY blocking-rx", scenario::BOOT_TIMEOUT)
+        .wait_ready("blocking-rx", scenario::BOOT_TIMEOUT)
         .expect("the reader waits");
     let status = std::process::Command::new("kill")
         .args(["-KILL", &guest.backend_pid().to_string()])
@@ -537,7 +537,7 @@ fn a_backend_that_dies_fails_the_wait_at_once() {
     assert!(status.success());
     let t0 = Instant::now();
     let err = guest
-        .wait_for("VDEVLAB-RESULT", Duration::from_secs(60))
+        .wait_result("blocking-rx", Duration::from_secs(60))
         .expect_err("nothing can arrive from a dead device");
     let waited = t0.elapsed();
     let err = format!("{err:#}");

@@ -12,6 +12,7 @@
 
 pub mod common;
 pub mod models;
+pub mod protocol;
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -305,7 +306,7 @@ pub fn marker(line: &str) {
 /// `VDEVLAB-READY <scenario>`: the device is open and the program is about
 /// to wait for it; the host may start injecting (or draining the capture).
 pub fn ready(scenario: &str) {
-    marker(&format!("VDEVLAB-READY {scenario}"));
+    marker(&protocol::ready_line(scenario));
 }
 
 /// The `VDEVLAB-RESULT {json}` line for an outcome.
@@ -315,7 +316,8 @@ pub fn result_line(scenario: &str, outcome: &Result<Report, String>) -> String {
         Err(e) => format!("\"ok\":false,\"error\":{}", json_str(e)),
     };
     format!(
-        "VDEVLAB-RESULT {{\"scenario\":{},{body}}}",
+        "{} {{\"scenario\":{},{body}}}",
+        protocol::RESULT,
         json_str(scenario)
     )
 }
@@ -331,7 +333,8 @@ pub fn checked_result_line(scenario: &str, report: &Report, problems: &[String])
         format!("\"ok\":false,\"error\":{}", json_str(&problems.join("; ")))
     };
     format!(
-        "VDEVLAB-RESULT {{\"scenario\":{},{head}{}}}",
+        "{} {{\"scenario\":{},{head}{}}}",
+        protocol::RESULT,
         json_str(scenario),
         report.render()
     )

@@ -46,6 +46,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use vdevlab_device::control::{ControlClient, Request};
 
+use vdevlab_guest::protocol;
+
 use crate::guest::{BootSpec, Guest, Vmm};
 use crate::record::{self, RunRecord, Verdict};
 use crate::scenario::pattern;
@@ -393,8 +395,8 @@ pub fn uptime_ms(boot_line: &str) -> Option<u64> {
 /// Wait for the boot markers: the init line's guest uptime, then the
 /// driver.
 fn wait_boot(guest: &mut Guest) -> Result<Option<u64>> {
-    let line = guest.wait_for("VDEVLAB-BOOT", crate::scenario::BOOT_TIMEOUT)?;
-    guest.wait_for("VDEVLAB-DRIVER-READY", crate::scenario::BOOT_TIMEOUT)?;
+    let line = guest.wait_for(protocol::BOOT, crate::scenario::BOOT_TIMEOUT)?;
+    guest.wait_for(protocol::DRIVER_READY, crate::scenario::BOOT_TIMEOUT)?;
     Ok(uptime_ms(&line))
 }
 
@@ -654,20 +656,21 @@ enum Mark {
 }
 
 fn next_mark(guest: &mut Guest, scenario: &str, timeout: Duration) -> Result<Mark> {
-    let ready = format!("VDEVLAB-READY {scenario}");
-    let result = format!("VDEVLAB-RESULT {{\"scenario\":\"{scenario}\"");
+    let ready = protocol::ready_line(scenario);
+    let result = protocol::result_prefix(scenario);
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
+        // Any marker: the guest's init may fail instead.
         let line = guest.wait_for("VDEVLAB-", left)?;
-        if let Some(why) = line.strip_prefix("VDEVLAB-FAIL ") {
+        if let Some(why) = protocol::fail_reason(&line) {
             bail!("guest init failed: {why}");
         }
         if line.trim_end() == ready {
             return Ok(Mark::Ready);
         }
         if line.starts_with(&result) {
-            let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
+            let json = protocol::result_json(&line).unwrap_or_default();
             let v: serde_json::Value =
                 serde_json::from_str(json).with_context(|| format!("bad result line: {line}"))?;
             return Ok(Mark::Result(v));

@@ -17,6 +17,7 @@ use crate::artifacts::Artifacts;
 use crate::env::{in_root_script, runs_dir, Kernel, LabEnv, QemuRuntime, DEFAULT_KERNEL};
 use crate::sockets::SocketDir;
 use crate::splat::{find_splats, Splat};
+use vdevlab_guest::protocol;
 
 /// Which VMM runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -778,10 +779,10 @@ impl Guest {
     }
 
     fn note(&mut self, line: &ConsoleLine) {
-        if line.text.contains("VDEVLAB-BOOT") && self.boot_ms.is_none() {
+        if line.text.contains(protocol::BOOT) && self.boot_ms.is_none() {
             self.boot_ms = Some(line.at.as_millis() as u64);
         }
-        if line.text.contains("VDEVLAB-DRIVER-READY") && self.driver_ready_ms.is_none() {
+        if line.text.contains(protocol::DRIVER_READY) && self.driver_ready_ms.is_none() {
             self.driver_ready_ms = Some(line.at.as_millis() as u64);
         }
         if self.gone.is_none() {
@@ -807,10 +808,12 @@ impl Guest {
                     self.matched_at = Some(at);
                     return Ok(text[pos..].to_string());
                 }
-                if let Some(pos) = text.find("VDEVLAB-FAIL ") {
+                if let Some(why) = text
+                    .find(protocol::FAIL)
+                    .and_then(|pos| protocol::fail_reason(&text[pos..]))
+                {
                     bail!(
-                        "guest init failed: {} (console: {})",
-                        &text[pos + 13..],
+                        "guest init failed: {why} (console: {})",
                         self.console_path.display()
                     );
                 }
@@ -854,6 +857,22 @@ impl Guest {
                 }
             }
         }
+    }
+
+    /// Wait for `scenario`'s [`protocol::READY`] line: the guest program
+    /// has the device open and is about to wait on it.
+    pub fn wait_ready(&mut self, scenario: &str, timeout: Duration) -> Result<()> {
+        self.wait_for(&protocol::ready_line(scenario), timeout)
+            .map(|_| ())
+    }
+
+    /// Wait for `scenario`'s [`protocol::RESULT`] line and return its JSON
+    /// object (the first JSON value on the line: a kernel message may
+    /// follow it on the same console line).
+    pub fn wait_result(&mut self, scenario: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let line = self.wait_for(&protocol::result_prefix(scenario), timeout)?;
+        let json = protocol::result_json(&line).unwrap_or_default();
+        first_json(json).with_context(|| format!("bad result line: {line}"))
     }
 
     fn vmm_stderr(&self) -> String {
@@ -1036,11 +1055,10 @@ impl Guest {
             .map(|l| l.text.as_str())
             .collect::<Vec<_>>()
             .join("\n");
-        let exit_code = self.seen.iter().find_map(|l| {
-            l.text
-                .split_once("VDEVLAB-EXIT ")
-                .and_then(|(_, c)| c.trim().parse().ok())
-        });
+        let exit_code = self
+            .seen
+            .iter()
+            .find_map(|l| protocol::exit_status(&l.text));
         Finished {
             exit_code,
             splats: find_splats(&console),
@@ -1144,6 +1162,12 @@ impl Drop for Guest {
     }
 }
 
+/// The first JSON value of `text` (what follows it is ignored).
+pub(crate) fn first_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<T>();
+    Ok(values.next().context("no JSON value")??)
+}
+
 /// What a VMM's stderr says about why it stopped, on one line: its error
 /// lines (Cloud Hypervisor's "Unexpected exit reason on vcpu run:
 /// InternalError", "Error booting VM", a Rust panic; QEMU's
@@ -1190,6 +1214,29 @@ pub fn vmm_failure_summary(stderr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guest's init is shell: it must print the protocol's words.
+    #[test]
+    fn init_speaks_the_protocol() {
+        let init =
+            std::fs::read_to_string(crate::env::workspace_root().join("images/init.sh")).unwrap();
+        for marker in [
+            protocol::BOOT,
+            protocol::DRIVER_READY,
+            protocol::VPORT,
+            protocol::FAIL,
+            protocol::EXIT,
+            protocol::DMESG_BEGIN,
+            protocol::DMESG_END,
+            protocol::SHELL,
+            protocol::SHELL_END,
+        ] {
+            assert!(
+                init.contains(&format!("echo \"{marker}")),
+                "images/init.sh does not print {marker}"
+            );
+        }
+    }
 
     #[test]
     fn the_console_tells_a_panic_and_a_reset() {

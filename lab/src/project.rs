@@ -28,6 +28,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{build_module, check_module, write_archive};
+use vdevlab_guest::protocol;
+
 use crate::cell::Cell;
 use crate::env::{runs_dir, target_dir, Kernel};
 use crate::guest::{accel_name, BackendCommand, BootSpec, Guest, GuestDriver};
@@ -458,11 +460,7 @@ impl Project {
             add_host_path(&src, f.dest.trim_start_matches('/'), f.mode, &mut files)
                 .with_context(|| format!("[[file]] src = {}", f.src.display()))?;
         }
-        files.push((
-            "vdevlab/run-scenario".into(),
-            0o755,
-            RUNNER.as_bytes().to_vec(),
-        ));
+        files.push(("vdevlab/run-scenario".into(), 0o755, runner().into_bytes()));
         for s in &self.manifest.scenario {
             files.push((
                 format!("vdevlab/scenarios/{}.sh", s.name),
@@ -625,7 +623,7 @@ impl Project {
     /// guest is no longer usable for the next scenarios.
     fn drive(&self, guest: &mut Guest, s: &ScenarioSpec) -> Result<(i32, Vec<String>)> {
         let budget = Duration::from_secs(s.timeout_s) + Duration::from_secs(30);
-        guest.wait_for(&format!("VDEVLAB-READY {}", s.name), BOOT_TIMEOUT)?;
+        guest.wait_ready(&s.name, BOOT_TIMEOUT)?;
         let started = Instant::now();
         let left = |budget: Duration| budget.saturating_sub(started.elapsed());
         let mut problems = Vec::new();
@@ -642,19 +640,11 @@ impl Project {
                 break;
             }
         }
-        let line = guest.wait_for(
-            &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", s.name),
-            left(budget).max(Duration::from_secs(5)),
-        )?;
-        let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
-        let mut values = serde_json::Deserializer::from_str(json).into_iter::<serde_json::Value>();
-        let v = values
-            .next()
-            .context("no JSON on the result line")?
-            .with_context(|| format!("bad result line: {line}"))?;
+        let v = guest.wait_result(&s.name, left(budget).max(Duration::from_secs(5)))?;
         let status = v["status"]
             .as_i64()
-            .with_context(|| format!("no status in {line}"))? as i32;
+            .with_context(|| format!("no status in the result of {}: {v}", s.name))?
+            as i32;
         if status != s.status {
             let note = if status == 143 || status == 137 {
                 format!(" (killed by the {} s timeout)", s.timeout_s)
@@ -865,20 +855,27 @@ pub fn table(verdicts: &[ScenarioVerdict]) -> String {
 }
 
 /// The guest side of a scenario: announce it, run its commands with a
-/// timeout and stdin from /dev/null, report the exit status.
-const RUNNER: &str = r#"#!/bin/sh
+/// timeout and stdin from /dev/null, report the exit status, in the
+/// protocol's words.
+fn runner() -> String {
+    format!(
+        r#"#!/bin/sh
 # vdevlab: run one scenario of a user project (written by the harness).
 name=$1; secs=$2
-echo "VDEVLAB-READY $name"
+echo "{ready} $name"
 timeout "$secs" sh "/vdevlab/scenarios/$name.sh" < /dev/null
 status=$?
-echo "VDEVLAB-RESULT {\"scenario\":\"$name\",\"ok\":true,\"status\":$status}"
-"#;
+echo "{result} {{\"scenario\":\"$name\",\"ok\":true,\"status\":$status}}"
+"#,
+        ready = protocol::READY,
+        result = protocol::RESULT,
+    )
+}
 
 /// The console lines between a scenario's start and its result.
 fn scenario_output(console: &str, name: &str) -> String {
-    let start = format!("VDEVLAB-READY {name}");
-    let end = format!("VDEVLAB-RESULT {{\"scenario\":\"{name}\"");
+    let start = protocol::ready_line(name);
+    let end = protocol::result_prefix(name);
     let mut out = Vec::new();
     let mut inside = false;
     for line in console.lines() {

@@ -10,6 +10,8 @@ use vdevlab_device::control::Request;
 use vdevlab_device::device::Stats;
 use vdevlab_device::irq::IrqMode;
 
+use vdevlab_guest::protocol;
+
 use crate::cell::Cell;
 use crate::env::Kernel;
 use crate::guest::{accel_name, BootSpec, Guest, Vmm};
@@ -178,11 +180,6 @@ pub enum HostStep {
 /// The first JSON value of a console line. A kernel message can land on
 /// the same serial line right after the guest's result (seen in CI), so
 /// what follows the value is ignored.
-fn first_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
-    let mut values = serde_json::Deserializer::from_str(text).into_iter::<T>();
-    Ok(values.next().context("no JSON value")??)
-}
-
 /// Parse a [`HostStep::Control`] request.
 pub fn control_request(json: &str) -> Result<Request> {
     serde_json::from_str(json).with_context(|| format!("bad control request {json}"))
@@ -321,7 +318,7 @@ fn drive_case(
     payload: &[u8],
 ) -> Result<(GuestResult, String)> {
     let dir = case.direction()?;
-    guest.wait_for(&format!("VDEVLAB-READY {}", case.scenario), BOOT_TIMEOUT)?;
+    guest.wait_ready(&case.scenario, BOOT_TIMEOUT)?;
     let mut ctl = guest.control_of(case.instance)?;
     ctl.interrupt_mode("all", case.irq.unwrap_or_default())
         .context("setting the interrupt mode")?;
@@ -375,13 +372,9 @@ fn drive_case(
         Direction::Tx => sha(tx),
         Direction::Both => format!("{}/{}", sha(rx), sha(tx)),
     };
-    let line = guest.wait_for(
-        &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", case.scenario),
-        BOOT_TIMEOUT,
-    )?;
-    let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
-    let result: GuestResult =
-        first_json(json).with_context(|| format!("bad result line: {line}"))?;
+    let raw = guest.wait_result(&case.scenario, BOOT_TIMEOUT)?;
+    let result: GuestResult = serde_json::from_value(raw.clone())
+        .with_context(|| format!("bad result of {}: {raw}", case.scenario))?;
     Ok((result, host_sha))
 }
 
@@ -395,7 +388,7 @@ fn drive_script(
     for step in &script.steps {
         match step {
             HostStep::Ready(marker) => {
-                guest.wait_for(&format!("VDEVLAB-READY {marker}"), BOOT_TIMEOUT)?;
+                guest.wait_ready(marker, BOOT_TIMEOUT)?;
             }
             HostStep::Inject(data) => {
                 let deadline = Instant::now() + BOOT_TIMEOUT;
@@ -426,13 +419,7 @@ fn drive_script(
             }
         }
     }
-    let line = guest.wait_for(
-        &format!("VDEVLAB-RESULT {{\"scenario\":\"{}\"", case.scenario),
-        script.result_within.unwrap_or(BOOT_TIMEOUT),
-    )?;
-    let json = line.trim_start_matches("VDEVLAB-RESULT").trim();
-    let raw: serde_json::Value =
-        first_json(json).with_context(|| format!("bad result line: {line}"))?;
+    let raw = guest.wait_result(&case.scenario, script.result_within.unwrap_or(BOOT_TIMEOUT))?;
     Ok((serde_json::from_value(raw.clone())?, raw))
 }
 
@@ -700,7 +687,7 @@ pub fn backend_crash_rx(lab: &Lab, kernel: &Kernel, half: usize) -> Result<Outco
 
     let mut stats = None;
     let drive = (|| -> Result<()> {
-        guest.wait_for("VDEVLAB-READY blocking-rx", BOOT_TIMEOUT)?;
+        guest.wait_ready("blocking-rx", BOOT_TIMEOUT)?;
         let mut ctl = guest.control()?;
         let mut sent = 0;
         while sent < payload.len() {
@@ -724,7 +711,7 @@ pub fn backend_crash_rx(lab: &Lab, kernel: &Kernel, half: usize) -> Result<Outco
             std::thread::sleep(Duration::from_millis(10));
         }
         guest.kill_backend();
-        match guest.wait_for("VDEVLAB-RESULT", Duration::from_secs(5)) {
+        match guest.wait_for(protocol::RESULT, Duration::from_secs(5)) {
             Ok(line) => {
                 anyhow::bail!("the reader returned after the crash instead of waiting: {line}")
             }
@@ -770,9 +757,10 @@ mod tests {
     #[test]
     fn result_lines_tolerate_a_kernel_message_after_them() {
         let v: serde_json::Value =
-            first_json(r#"{"scenario":"x","ok":true}[   26.9] vdevlab_qw: bound"#).unwrap();
+            crate::guest::first_json(r#"{"scenario":"x","ok":true}[   26.9] vdevlab_qw: bound"#)
+                .unwrap();
         assert_eq!(v["ok"], true);
-        assert!(first_json::<serde_json::Value>("garbage").is_err());
+        assert!(crate::guest::first_json::<serde_json::Value>("garbage").is_err());
     }
 
     #[test]

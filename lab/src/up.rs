@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use vdevlab_guest::protocol;
+
 use crate::cell::Cell;
 use crate::env::Kernel;
 use crate::guest::{accel_name, BootSpec, Guest};
@@ -150,7 +152,7 @@ pub fn up(
             for chunk in raw {
                 let mut show: &[u8] = &chunk;
                 tail.extend_from_slice(&chunk);
-                let end = b"VDEVLAB-SHELL-END";
+                let end = protocol::SHELL_END.as_bytes();
                 if let Some(pos) = find(&tail, end) {
                     let keep = (pos + end.len()).saturating_sub(tail.len() - chunk.len());
                     show = &chunk[..keep.min(chunk.len())];
@@ -166,7 +168,7 @@ pub fn up(
             }
         })?;
 
-    let ready = guest.wait_for("VDEVLAB-SHELL", BOOT_TIMEOUT);
+    let ready = guest.wait_for(protocol::SHELL, BOOT_TIMEOUT);
     let mut powered_off = false;
     if let Err(e) = &ready {
         say(&format!("the guest did not get to its shell: {e:#}"));

@@ -35,7 +35,7 @@ use crate::models::qwdev::{
     class_dir, errno_name, fionread, get_stats, ioctl_plain, poll_one, read_counter, read_fd,
     Checked, QwStats, QW_IOC_FLUSH, QW_IOC_RESET, QW_IOC_UNDEFINED, SYSFS_COUNTERS,
 };
-use crate::{marker, Opts};
+use crate::{ready, Opts};
 
 /// Most bytes the driver holds unread: 64 rx buffers of one page.
 pub const MAX_PENDING: u64 = 64 * 4096;
@@ -132,7 +132,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         ));
     }
 
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
     let t = Instant::now();
     let mut seen = 0;
     loop {
@@ -273,7 +273,7 @@ fn sysfs_matches(c: &mut Checked, device: &str, st: &QwStats) {
 /// After a reset: announce `<scenario>-2`, read the host's 100 bytes and
 /// report their SHA-256 (`sha256_after_reset`) and first bytes.
 pub fn read_after_reset(c: &mut Checked, raw: i32, scenario: &str) {
-    marker(&format!("VDEVLAB-READY {scenario}-2"));
+    ready(&format!("{scenario}-2"));
     match read_exact(raw, AFTER_RESET_BYTES, READ_LIMIT) {
         Ok(data) => {
             c.report

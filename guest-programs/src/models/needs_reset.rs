@@ -39,7 +39,7 @@ use crate::models::qwdev::{
     class_dir, errno_name, get_stats, ioctl_plain, last_errno, mask_name, poll_one, read_counter,
     Checked, QwStats, QW_IOC_RESET, QW_STATE_NEEDS_RESET,
 };
-use crate::{marker, Opts};
+use crate::{ready, Opts};
 
 /// How soon after `VDEVLAB-READY` the blocked read must fail.
 pub const EIO_LIMIT: Duration = Duration::from_secs(5);
@@ -213,7 +213,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     }
     c.report.text("wchan", &where_);
 
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
     let ready_at = Instant::now();
     let got = match rx.recv_timeout(GIVE_UP) {
         Ok((r, at)) => Some((r, at.duration_since(ready_at))),

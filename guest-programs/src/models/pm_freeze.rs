@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{nap, open_device, Access, Rx, Step};
 use crate::models::qwdev::{get_stats, write_sysfs, Checked};
-use crate::{marker, Opts, Report};
+use crate::{ready, Opts, Report};
 
 const PM_TEST: &str = "/sys/power/pm_test";
 const PM_STATE: &str = "/sys/power/state";
@@ -158,7 +158,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         Err(e) => c.fail(e),
     }
 
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
     match rx.recv_timeout(READ_LIMIT) {
         Ok(Ok(r)) => {
             c.report.extend(r);

@@ -37,8 +37,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::{nap, open_device, Access};
-use crate::marker;
 use crate::models::qwdev::{errno_name, last_errno, mask_name, poll_one, read_fd, Checked};
+use crate::ready;
 
 /// The sensor scenarios.
 pub const SENSOR_SCENARIOS: &[&str] = &[
@@ -481,7 +481,7 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     let threshold = o
         .threshold
         .unwrap_or_else(|| i32::try_from(info.amplitude / 2).unwrap_or(0));
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
 
     // Bad arguments are refused by the device, through the driver.
     let bad_rate = set_rate(fd, info.max_rate_hz.saturating_add(1));
@@ -747,7 +747,7 @@ pub fn unbind(o: &SensorOpts) -> Result<Checked, String> {
         let _ = t3.send(("poll_pri", r.map_or_else(|e| e, |m| mask_name(m as u32))));
     });
     nap(Duration::from_millis(500));
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
     let unbind_path = Path::new("/sys/bus/virtio/drivers")
         .join(SENSOR_DRIVER)
         .join("unbind");
@@ -847,7 +847,7 @@ pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
     c.check(matches!(before, Ok(n) if n > 0), || {
         format!("no sample before the fault: {}", outcome(&before))
     });
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
 
     // The host declares the device broken: the status says so.
     let t = Instant::now();
@@ -954,7 +954,7 @@ pub fn hostile(o: &SensorOpts) -> Result<Checked, String> {
         Ok(())
     };
     read_more(&mut got, 10)?;
-    marker(&format!("VDEVLAB-READY {}", o.scenario));
+    ready(&o.scenario);
 
     // One overlong used length: that buffer is dropped, nothing else.
     read_more(&mut got, 60)?;
@@ -978,7 +978,7 @@ pub fn hostile(o: &SensorOpts) -> Result<Checked, String> {
     c.check(gaps.iter().all(|(a, b)| b > a), || {
         format!("seq went backwards: {gaps:?} (stale records delivered)")
     });
-    marker(&format!("VDEVLAB-READY {}-2", o.scenario));
+    ready(&format!("{}-2", o.scenario));
 
     // A used id never posted: the queue is broken; reads fail once the
     // samples already received are read.

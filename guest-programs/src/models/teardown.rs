@@ -878,7 +878,7 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
     }
 
     // The trigger.
-    marker(&format!("VDEVLAB-TEARDOWN {}", how.name()));
+    marker(&format!("{} {}", crate::protocol::TEARDOWN, how.name()));
     let t0 = Instant::now();
     let trig = match how {
         How::Unbind => write_sysfs(
