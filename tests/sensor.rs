@@ -13,7 +13,7 @@ use serde_json::Value;
 use vdevlab_lab::cell::Cell;
 use vdevlab_lab::env::Kernel;
 use vdevlab_lab::record::read_all;
-use vdevlab_lab::scenario::HostStep;
+use vdevlab_lab::scenario::Step;
 use vdevlab_lab::sensor::{self, SensorArtifacts};
 use vdevlab_lab::Lab;
 use vdevlab_tests::{assert_passed, lab};
@@ -72,22 +72,18 @@ fn sensor_scenarios(kernel: &str, cell: Cell) {
         sensor::case(
             "sensor-reset",
             &["--rate", "200"],
-            vec![HostStep::Control(r#"{"op":"needs_reset"}"#.into())],
+            vec![Step::control(serde_json::json!({"op": "needs_reset"}))],
         ),
         // The framework's hostile-device mode, on the sensor's queue by name.
         sensor::case(
             "sensor-hostile",
             &["--rate", "200"],
             vec![
-                HostStep::Control(
-                    r#"{"op":"fault","fault":{"kind":"hostile_overlong","queue":"samples","count":1}}"#
-                        .into(),
-                ),
-                HostStep::Ready("sensor-hostile-2".into()),
-                HostStep::Control(
-                    r#"{"op":"fault","fault":{"kind":"hostile_bogus_id","queue":"samples","count":1}}"#
-                        .into(),
-                ),
+                Step::control(serde_json::json!({"op": "fault",
+                    "fault": {"kind": "hostile_overlong", "queue": "samples", "count": 1}})),
+                Step::Ready("sensor-hostile-2".into()),
+                Step::control(serde_json::json!({"op": "fault",
+                    "fault": {"kind": "hostile_bogus_id", "queue": "samples", "count": 1}})),
             ],
         ),
     ];

@@ -113,62 +113,37 @@ fn driver_builds_warning_free_with_w1(kernel: &str) {
 /// (nothing leaked) and load again, and the kernel must log no splat.
 fn driver_ioctls_pm_and_teardown(kernel: &str, cell: Cell) {
     use sha2::{Digest, Sha256};
-    use vdevlab_lab::scenario::{HostStep, Script};
+    use vdevlab_lab::scenario::{Expect, Scenario, Step};
     let (lab, kernel) = lab_kernel(kernel);
     let sha = |b: &[u8]| serde_json::Value::String(hex::encode(Sha256::digest(b)));
     let after_reset = pattern(41, 100);
     let sampled = pattern(9, 70_000);
-    let ready = |m: &str| HostStep::Ready(m.to_string());
-    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let ready = |m: &str| Step::Ready(m.to_string());
+    let expect = |fields: Vec<(String, serde_json::Value)>| Expect {
+        fields,
+        ..Expect::default()
+    };
     let cases = vec![
-        StreamCase::scripted(
-            "ioctl-stats",
-            Script {
-                args: args(&["--bytes", "5000"]),
-                steps: vec![
-                    ready("ioctl-stats"),
-                    HostStep::Inject(pattern(40, 5000)),
-                    ready("ioctl-stats-2"),
-                    HostStep::Inject(after_reset.clone()),
-                ],
-                expect: vec![("sha256_after_reset".into(), sha(&after_reset))],
-                ..Script::default()
-            },
-        ),
-        StreamCase::scripted(
-            "multi-open",
-            Script {
-                args: args(&["--bytes", "300001", "--seed", "5"]),
-                steps: vec![ready("multi-open"), HostStep::Inject(pattern(5, 300_001))],
-                expect: vec![],
-                ..Script::default()
-            },
-        ),
-        StreamCase::scripted(
-            "pm-freeze",
-            Script {
-                args: args(&["--bytes", "70000"]),
-                steps: vec![ready("pm-freeze"), HostStep::Inject(sampled.clone())],
-                expect: vec![("sha256".into(), sha(&sampled))],
-                ..Script::default()
-            },
-        ),
-        StreamCase::scripted(
-            "teardown-unbind",
-            Script {
-                steps: vec![ready("teardown-unbind")],
-                ..Script::default()
-            },
-        ),
-        StreamCase::scripted(
-            "teardown-remove",
-            Script {
-                steps: vec![ready("teardown-remove")],
-                ..Script::default()
-            },
-        ),
+        Scenario {
+            expect: expect(vec![("sha256_after_reset".into(), sha(&after_reset))]),
+            ..Scenario::program("ioctl-stats", &["--bytes", "5000"]).with_steps(vec![
+                ready("ioctl-stats"),
+                Step::inject(pattern(40, 5000)),
+                ready("ioctl-stats-2"),
+                Step::inject(after_reset.clone()),
+            ])
+        },
+        Scenario::program("multi-open", &["--bytes", "300001", "--seed", "5"])
+            .with_steps(vec![ready("multi-open"), Step::inject(pattern(5, 300_001))]),
+        Scenario {
+            expect: expect(vec![("sha256".into(), sha(&sampled))]),
+            ..Scenario::program("pm-freeze", &["--bytes", "70000"])
+                .with_steps(vec![ready("pm-freeze"), Step::inject(sampled.clone())])
+        },
+        Scenario::program("teardown-unbind", &[]).with_steps(vec![ready("teardown-unbind")]),
+        Scenario::program("teardown-remove", &[]).with_steps(vec![ready("teardown-remove")]),
     ];
-    let outs = run_streams(&lab, &kernel, cell, &cases).expect("the scenarios could run");
+    let outs = scenario::run(&lab, &kernel, cell, &cases, |_| {}).expect("the scenarios could run");
     for out in &outs {
         assert_passed(out);
     }
@@ -214,29 +189,27 @@ fn driver_dynamic_debug() {
 /// clears the device's flag) and 100 bytes injected afterwards arrive.
 fn device_needs_reset_is_noticed(kernel: &str, cell: Cell) {
     use sha2::{Digest, Sha256};
-    use vdevlab_lab::scenario::{HostStep, Script};
+    use vdevlab_lab::scenario::{Expect, Scenario, Step};
     let (lab, kernel) = lab_kernel(kernel);
     let after_reset = pattern(43, 100);
     let sha = serde_json::Value::String(hex::encode(Sha256::digest(&after_reset)));
-    let case = StreamCase::scripted(
-        "needs-reset",
-        Script {
-            args: vec![],
-            steps: vec![
-                HostStep::Ready("needs-reset".into()),
-                HostStep::Control(r#"{"op":"needs_reset"}"#.into()),
-                HostStep::Ready("needs-reset-2".into()),
-                HostStep::Inject(after_reset.clone()),
-            ],
-            expect: vec![
+    let case = Scenario {
+        expect: Expect {
+            fields: vec![
                 ("read".into(), "EIO".into()),
                 ("reset".into(), "ok".into()),
                 ("sha256_after_reset".into(), sha),
             ],
-            ..Script::default()
+            ..Expect::default()
         },
-    );
-    let outs = run_streams(&lab, &kernel, cell, &[case]).expect("the scenario could run");
+        ..Scenario::program("needs-reset", &[]).with_steps(vec![
+            Step::Ready("needs-reset".into()),
+            Step::control(serde_json::json!({"op": "needs_reset"})),
+            Step::Ready("needs-reset-2".into()),
+            Step::inject(after_reset.clone()),
+        ])
+    };
+    let outs = scenario::run(&lab, &kernel, cell, &[case], |_| {}).expect("the scenario could run");
     assert_passed(&outs[0]);
     let guest = outs[0].guest.as_ref().expect("the guest reported a result");
     let ms = guest.extra.get("read_ms").and_then(|v| v.as_u64());

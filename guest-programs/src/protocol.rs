@@ -20,6 +20,8 @@
 //! | [`DMESG_BEGIN`], [`DMESG_END`] | init, around the kernel log at the end | - |
 //! | [`SHELL`], [`SHELL_END`] | init, around an interactive shell | - |
 
+/// What every marker starts with.
+pub const PREFIX: &str = "VDEVLAB-";
 /// init reached: the kernel has booted.
 pub const BOOT: &str = "VDEVLAB-BOOT";
 /// The driver is bound (its device node exists).
@@ -49,6 +51,16 @@ pub const SHELL_END: &str = "VDEVLAB-SHELL-END";
 /// `VDEVLAB-READY <scenario>`.
 pub fn ready_line(scenario: &str) -> String {
     format!("{READY} {scenario}")
+}
+
+/// Whether `line` (from its marker on) is `scenario`'s READY line: the
+/// name itself, not a longer one (`name-2`), maybe followed by a kernel
+/// message that landed on the same console line.
+pub fn is_ready(line: &str, scenario: &str) -> bool {
+    line.strip_prefix(&ready_line(scenario))
+        .is_some_and(|rest| {
+            !rest.starts_with(|c: char| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
 }
 
 /// The start of `scenario`'s result line, up to its name (what the harness
@@ -94,5 +106,22 @@ mod tests {
         assert_eq!(fail_reason("VDEVLAB-FAILED"), None);
         assert_eq!(exit_status("[ 3.2] VDEVLAB-EXIT 1"), Some(1));
         assert_eq!(exit_status("VDEVLAB-EXIT x"), None);
+        assert!(is_ready("VDEVLAB-READY reset", "reset"));
+        assert!(is_ready("VDEVLAB-READY reset\r", "reset"));
+        assert!(is_ready("VDEVLAB-READY reset[ 26.9] qw0: bound", "reset"));
+        assert!(!is_ready("VDEVLAB-READY reset-2", "reset"));
+        for m in [
+            BOOT,
+            DRIVER_READY,
+            VPORT,
+            READY,
+            TEARDOWN,
+            RESULT,
+            FAIL,
+            EXIT,
+            SHELL,
+        ] {
+            assert!(m.starts_with(PREFIX), "{m}");
+        }
     }
 }

@@ -48,9 +48,10 @@ use vdevlab_device::control::{ControlClient, Request};
 
 use vdevlab_guest::protocol;
 
-use crate::guest::{BootSpec, Guest, Vmm};
-use crate::record::{self, RunRecord, Verdict};
-use crate::scenario::pattern;
+use crate::cell::Cell;
+use crate::engine::{self, Session, Start};
+use crate::guest::{BootSpec, Guest};
+use crate::scenario::{pattern, BOOT_TIMEOUT};
 use crate::Lab;
 
 /// The I/O models, in the suite's order.
@@ -648,42 +649,13 @@ fn plan(o: &BenchOptions) -> Vec<Step> {
     steps
 }
 
-/// A marker line of `scenario`: its READY, or its RESULT (the program
-/// ended, possibly before getting ready).
-enum Mark {
-    Ready,
-    Result(serde_json::Value),
-}
-
-fn next_mark(guest: &mut Guest, scenario: &str, timeout: Duration) -> Result<Mark> {
-    let ready = protocol::ready_line(scenario);
-    let result = protocol::result_prefix(scenario);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // Any marker: the guest's init may fail instead.
-        let line = guest.wait_for("VDEVLAB-", left)?;
-        if let Some(why) = protocol::fail_reason(&line) {
-            bail!("guest init failed: {why}");
-        }
-        if line.trim_end() == ready {
-            return Ok(Mark::Ready);
-        }
-        if line.starts_with(&result) {
-            let json = protocol::result_json(&line).unwrap_or_default();
-            let v: serde_json::Value =
-                serde_json::from_str(json).with_context(|| format!("bad result line: {line}"))?;
-            return Ok(Mark::Result(v));
-        }
-    }
+/// Wait for `scenario` to start: READY, or its result if it ended first.
+fn next_mark(guest: &mut Guest, scenario: &str, timeout: Duration) -> Result<Start> {
+    engine::wait_start(guest, scenario, scenario, timeout)
 }
 
 fn wait_result(guest: &mut Guest, scenario: &str, timeout: Duration) -> Result<serde_json::Value> {
-    loop {
-        if let Mark::Result(v) = next_mark(guest, scenario, timeout)? {
-            return Ok(v);
-        }
-    }
+    guest.wait_result(scenario, timeout)
 }
 
 /// The guest's verdict: its error, if it reported `ok: false`.
@@ -1083,296 +1055,18 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let steps = plan(o);
     // The backend as users run it: optimised.
     let mut release = lab.artifacts.clone();
     release.device_bin = crate::artifacts::release_device_bin()?;
-    let art = &release;
 
     // The floor first, on a quiet host (no guest running yet).
     progress("pipe floor: echo and streams between two host threads");
-    let mut latency = Vec::new();
-    let mut throughput = Vec::new();
-    let rtts = pipe_latency(o.warmup, o.samples)?;
-    latency.push(Latency {
-        model: "blocking".into(),
-        device: Device::Pipe,
-        summary: Summary::of(&rtts),
-        samples_ns: rtts,
-        vmm_cpu_us_per_msg: None,
-        backend_cpu_us_per_msg: None,
-        guest: None,
-        error: None,
-    });
-    if !o.no_throughput {
-        for (&size, &bytes) in o.sizes.iter().zip(&o.stream_bytes) {
-            for _ in 0..o.reps.max(1) {
-                let secs = pipe_throughput(size, bytes)?;
-                for dir in [Dir::Rx, Dir::Tx] {
-                    let mut t = Throughput::new("blocking", Device::Pipe, dir, size, bytes);
-                    t.secs = secs;
-                    t.mb_per_s = bytes as f64 / secs / 1e6;
-                    t.msgs_per_s = (bytes / size) as f64 / secs;
-                    t.runs_mb_per_s = vec![t.mb_per_s];
-                    throughput.push(t);
-                }
-            }
-        }
-    }
-
-    // A last one-message echo on qw keeps the guest up until the host has
-    // finished with the step before it (a tx stream's last bytes may still
-    // be on their way when the guest program reports; the guest powers off
-    // after its last program).
-    let sentinel = Step::Echo {
-        model: "blocking".into(),
-        device: Device::Qw,
-        msgs: 1,
-    };
-    let mut runs: Vec<Vec<String>> = steps
-        .iter()
-        .filter(|s| s.runs_in_guest())
-        .map(Step::guest_args)
-        .collect();
-    runs.push(sentinel.guest_args());
-    let mut spec = BootSpec::new("bench", runs).on_kernel(&kernel.name);
-    spec.bench_port = Some(PORT_NAME.into());
-    progress(&format!(
-        "booting {} ({}) with the qw device and the virtio-serial port '{PORT_NAME}'",
-        kernel.name, kernel.release
-    ));
-    let mut guest = Guest::boot(&lab.env, art, &spec)?;
-    let sock = guest
-        .bench_socket
-        .clone()
-        .context("the bench boot has no port socket")?;
-    let mut port = Link::connect(&sock, Duration::from_secs(30))?;
-    let mut qw = Link::connect(&guest.data_path, Duration::from_secs(30))?;
-    let console = guest.console_path.clone();
-    let mut driver_cpu_ms = None;
-    let mut boot_uptime = None;
-    let outcome = (|| -> Result<()> {
-        boot_uptime = wait_boot(&mut guest)?;
-        driver_cpu_ms = cpu_ms(guest.vmm_pid());
-        let mut ctl = guest.control()?;
-        let (vmm_pid, backend_pid) = (guest.vmm_pid(), guest.backend_pid());
-        let epoch = Instant::now();
-        for (i, step) in steps.iter().enumerate() {
-            let scenario = step.scenario();
-            match step {
-                Step::Echo {
-                    model,
-                    device,
-                    msgs,
-                } => {
-                    progress(&format!(
-                        "[{}/{}] latency {model} on {}: {} messages",
-                        i + 1,
-                        steps.len(),
-                        device.name(),
-                        msgs
-                    ));
-                    let mut res = Latency {
-                        model: model.clone(),
-                        device: *device,
-                        summary: Summary::default(),
-                        samples_ns: Vec::new(),
-                        vmm_cpu_us_per_msg: None,
-                        backend_cpu_us_per_msg: None,
-                        guest: None,
-                        error: None,
-                    };
-                    match next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
-                        Mark::Result(v) => {
-                            res.error = guest_error(&v);
-                            res.guest = Some(v);
-                        }
-                        Mark::Ready => {
-                            let link = if *device == Device::Qw {
-                                &mut qw
-                            } else {
-                                &mut port
-                            };
-                            link.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
-                            let (vmm0, be0) = (cpu_ns(vmm_pid), cpu_ns(backend_pid));
-                            let r = echo_stream(&mut link.stream, *msgs, epoch);
-                            let per_msg = |before: Option<u64>, pid: u32| {
-                                Some(
-                                    cpu_ns(pid)?.saturating_sub(before?) as f64
-                                        / 1e3
-                                        / (*msgs).max(1) as f64,
-                                )
-                            };
-                            res.vmm_cpu_us_per_msg = per_msg(vmm0, vmm_pid);
-                            if *device == Device::Qw {
-                                res.backend_cpu_us_per_msg = per_msg(be0, backend_pid);
-                            }
-                            link.stream.set_read_timeout(None)?;
-                            let v =
-                                wait_result(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)?;
-                            res.error = guest_error(&v);
-                            res.guest = Some(v);
-                            match r {
-                                Ok(rtts) => {
-                                    let kept = rtts[o.warmup.min(rtts.len())..].to_vec();
-                                    res.summary = Summary::of(&kept);
-                                    res.samples_ns = kept;
-                                }
-                                Err(e) => {
-                                    res.error.get_or_insert(format!("{e:#}"));
-                                }
-                            }
-                        }
-                    }
-                    if let Some(e) = &res.error {
-                        progress(&format!("  n/a: {e}"));
-                        recover(&mut ctl, &mut qw, &mut port, *device)?;
-                    } else {
-                        let s = &res.summary;
-                        let us = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.1} µs"));
-                        progress(&format!(
-                            "  p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; CPU per message: QEMU {}, backend {}",
-                            s.p50_ns as f64 / 1e3,
-                            s.p99_ns as f64 / 1e3,
-                            s.max_ns as f64 / 1e3,
-                            us(res.vmm_cpu_us_per_msg),
-                            us(res.backend_cpu_us_per_msg)
-                        ));
-                    }
-                    latency.push(res);
-                }
-                Step::Stream {
-                    model,
-                    device,
-                    dir,
-                    size,
-                    bytes,
-                    seed,
-                } => {
-                    progress(&format!(
-                        "[{}/{}] throughput {model} {} {size} B on {}: {bytes} bytes",
-                        i + 1,
-                        steps.len(),
-                        dir.name(),
-                        device.name()
-                    ));
-                    let mut res = Throughput::new(model, *device, *dir, *size, *bytes);
-                    if let Some(why) = unsupported(model, *device, *dir, *size) {
-                        progress(&format!("  {why}"));
-                        res.error = Some(why.into());
-                        throughput.push(res);
-                        continue;
-                    }
-                    let data = pattern(*seed, *bytes);
-                    match next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
-                        Mark::Result(v) => {
-                            res.error = guest_error(&v);
-                            res.guest = Some(v);
-                        }
-                        Mark::Ready => match (
-                            Instant::now(),
-                            cpu_ns(vmm_pid),
-                            cpu_ns(backend_pid),
-                            drive_stream(
-                                &mut guest,
-                                if *device == Device::Qw {
-                                    &mut qw
-                                } else {
-                                    &mut port
-                                },
-                                &scenario,
-                                *device,
-                                *dir,
-                                &data,
-                            ),
-                        ) {
-                            (t0, vmm0, be0, Ok((t, v))) => {
-                                let wall = t0.elapsed().as_nanos().max(1) as f64;
-                                let share = |before: Option<u64>, pid: u32| {
-                                    Some((cpu_ns(pid)?.saturating_sub(before?)) as f64 / wall)
-                                };
-                                res.vmm_cpu = share(vmm0, vmm_pid);
-                                if *device == Device::Qw {
-                                    res.backend_cpu = share(be0, backend_pid);
-                                }
-                                res.secs = t.secs;
-                                res.mb_per_s = *bytes as f64 / t.secs / 1e6;
-                                res.msgs_per_s = bytes.div_ceil(*size) as f64 / t.secs;
-                                res.runs_mb_per_s = vec![res.mb_per_s];
-                                res.guest = Some(v);
-                            }
-                            (.., Err(e)) => res.error = Some(format!("{e:#}")),
-                        },
-                    }
-                    if let Some(e) = &res.error {
-                        progress(&format!("  n/a: {e}"));
-                        recover(&mut ctl, &mut qw, &mut port, *device)?;
-                    } else {
-                        let pct =
-                            |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
-                        progress(&format!(
-                            "  {:.2} MB/s in {:.2} s; CPU: QEMU {}, backend {}",
-                            res.mb_per_s,
-                            res.secs,
-                            pct(res.vmm_cpu),
-                            pct(res.backend_cpu)
-                        ));
-                    }
-                    throughput.push(res);
-                }
-            }
-        }
-        let scenario = sentinel.scenario();
-        if let Mark::Ready = next_mark(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)? {
-            qw.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
-            echo_stream(&mut qw.stream, 1, epoch)?;
-            wait_result(&mut guest, &scenario, crate::scenario::BOOT_TIMEOUT)?;
-        }
-        Ok(())
-    })();
-    let boot = BootTimes {
-        kernel: kernel.name.clone(),
-        image: image_name(&kernel, &spec),
-        boot_ms: guest.boot_ms,
-        driver_ready_ms: guest.driver_ready_ms,
-        vmm_cpu_ms: driver_cpu_ms,
-        guest_uptime_ms: boot_uptime,
-        error: None,
-    };
-    let finished = guest.finish(Duration::from_secs(60));
-    let mut rec = RunRecord::new(
-        "bench",
-        Vmm::Qemu.name(),
-        "tcg",
-        &kernel.release,
-        Verdict::Pass,
-    );
-    rec.kernel_name = Some(kernel.name.clone());
-    rec.vmm_version = Some(lab.env.qemu_version.clone());
-    rec.boot_ms = boot.boot_ms;
-    rec.driver_ready_ms = boot.driver_ready_ms;
-    rec.console = Some(console.clone());
-    rec.duration_ms = Some(t_start.elapsed().as_millis() as u64);
-    let mut problems = Vec::new();
-    if let Err(e) = &outcome {
-        problems.push(format!("{e:#}"));
-    }
-    match &finished {
-        Ok(f) => problems.extend(
-            f.splats
-                .iter()
-                .map(|s| format!("kernel {}: {}", s.kind, s.line.trim())),
-        ),
-        Err(e) => problems.push(format!("{e:#}")),
-    }
-    if !problems.is_empty() {
-        rec.result = Verdict::Fail;
-        rec.reason = Some(problems.join("; "));
-    }
-    record::append(&rec)?;
+    let (mut latency, mut throughput) = pipe_floor(o)?;
+    let measured = measure_in_guest(lab, &release, &kernel, o, &mut progress)?;
+    latency.extend(measured.latency);
+    throughput.extend(measured.throughput);
     // A failed boot or step ends the run; what was measured is kept.
-    let aborted = rec.reason.clone();
-    if let Some(why) = &aborted {
+    if let Some(why) = &measured.aborted {
         progress(&format!("the bench boot failed: {why}"));
     }
 
@@ -1392,7 +1086,7 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
             o.boot_runs,
             kernels.join(", ")
         ));
-        boot_runs = boot_times(lab, art, &kernels, o.boot_runs, &mut progress)?;
+        boot_runs = boot_times(lab, &release, &kernels, o.boot_runs, &mut progress)?;
     }
     machine.loadavg_end = loadavg();
     Ok(BenchReport {
@@ -1400,14 +1094,339 @@ pub fn run(lab: &Lab, o: &BenchOptions, mut progress: impl FnMut(&str)) -> Resul
         machine,
         samples: o.samples,
         warmup: o.warmup,
-        boot,
+        boot: measured.boot,
         boot_runs,
         latency,
         throughput: merge_reps(throughput),
-        console: Some(console),
+        console: Some(measured.console),
         duration_s: t_start.elapsed().as_secs_f64(),
-        aborted,
+        aborted: measured.aborted,
     })
+}
+
+/// The pipe floor: echo and streams between two host threads.
+fn pipe_floor(o: &BenchOptions) -> Result<(Vec<Latency>, Vec<Throughput>)> {
+    let rtts = pipe_latency(o.warmup, o.samples)?;
+    let latency = vec![Latency {
+        model: "blocking".into(),
+        device: Device::Pipe,
+        summary: Summary::of(&rtts),
+        samples_ns: rtts,
+        vmm_cpu_us_per_msg: None,
+        backend_cpu_us_per_msg: None,
+        guest: None,
+        error: None,
+    }];
+    let mut throughput = Vec::new();
+    if !o.no_throughput {
+        for (&size, &bytes) in o.sizes.iter().zip(&o.stream_bytes) {
+            for _ in 0..o.reps.max(1) {
+                let secs = pipe_throughput(size, bytes)?;
+                for dir in [Dir::Rx, Dir::Tx] {
+                    let mut t = Throughput::new("blocking", Device::Pipe, dir, size, bytes);
+                    t.secs = secs;
+                    t.mb_per_s = bytes as f64 / secs / 1e6;
+                    t.msgs_per_s = (bytes / size) as f64 / secs;
+                    t.runs_mb_per_s = vec![t.mb_per_s];
+                    throughput.push(t);
+                }
+            }
+        }
+    }
+    Ok((latency, throughput))
+}
+
+/// What the bench boot measured.
+struct Measured {
+    latency: Vec<Latency>,
+    throughput: Vec<Throughput>,
+    boot: BootTimes,
+    console: PathBuf,
+    aborted: Option<String>,
+}
+
+/// The bench boot: every echo and stream of the plan in one guest, through
+/// the scenario engine's session (markers, finish, splats, record).
+fn measure_in_guest(
+    lab: &Lab,
+    art: &crate::artifacts::Artifacts,
+    kernel: &crate::env::Kernel,
+    o: &BenchOptions,
+    progress: &mut impl FnMut(&str),
+) -> Result<Measured> {
+    let steps = plan(o);
+    // A last one-message echo on qw keeps the guest up until the host has
+    // finished with the step before it (a tx stream's last bytes may still
+    // be on their way when the guest program reports; the guest powers off
+    // after its last program).
+    let sentinel = Step::Echo {
+        model: "blocking".into(),
+        device: Device::Qw,
+        msgs: 1,
+    };
+    let mut runs: Vec<Vec<String>> = steps
+        .iter()
+        .filter(|s| s.runs_in_guest())
+        .map(Step::guest_args)
+        .collect();
+    runs.push(sentinel.guest_args());
+    let mut spec = BootSpec::new("bench", runs).on_kernel(&kernel.name);
+    spec.bench_port = Some(PORT_NAME.into());
+    let image = image_name(kernel, &spec);
+    progress(&format!(
+        "booting {} ({}) with the qw device and the virtio-serial port '{PORT_NAME}'",
+        kernel.name, kernel.release
+    ));
+    let mut session = Session::boot(lab, art, kernel, Cell::QEMU_TCG, spec)?;
+    let console = session.guest.console_path.clone();
+    let mut boot = BootTimes {
+        kernel: kernel.name.clone(),
+        image,
+        ..BootTimes::default()
+    };
+    let (mut latency, mut throughput) = (Vec::new(), Vec::new());
+    let outcome = (|| -> Result<()> {
+        let guest = &mut session.guest;
+        let mut b = Bencher::connect(guest, o)?;
+        boot.guest_uptime_ms = wait_boot(b.guest)?;
+        boot.vmm_cpu_ms = cpu_ms(b.guest.vmm_pid());
+        for (i, step) in steps.iter().enumerate() {
+            let at = format!("[{}/{}]", i + 1, steps.len());
+            match step {
+                Step::Echo {
+                    model,
+                    device,
+                    msgs,
+                } => latency.push(b.echo(&at, step, model, *device, *msgs, progress)?),
+                Step::Stream {
+                    model,
+                    device,
+                    dir,
+                    size,
+                    bytes,
+                    seed,
+                } => throughput.push(b.stream(
+                    &at,
+                    step,
+                    (model, *device, *dir),
+                    (*size, *bytes, *seed),
+                    progress,
+                )?),
+            }
+        }
+        let scenario = sentinel.scenario();
+        if let Start::Ready = next_mark(b.guest, &scenario, BOOT_TIMEOUT)? {
+            b.qw.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+            echo_stream(&mut b.qw.stream, 1, b.epoch)?;
+            wait_result(b.guest, &scenario, BOOT_TIMEOUT)?;
+        }
+        Ok(())
+    })();
+    boot.boot_ms = session.guest.boot_ms;
+    boot.driver_ready_ms = session.guest.driver_ready_ms;
+    let ended = session.finish(Duration::from_secs(60));
+    let problems: Vec<String> = outcome
+        .err()
+        .map(|e| format!("{e:#}"))
+        .into_iter()
+        .collect();
+    let rec = ended.record("bench", problems)?;
+    Ok(Measured {
+        latency,
+        throughput,
+        boot,
+        console,
+        aborted: rec.reason,
+    })
+}
+
+/// The bench boot's links: the guest, its qw device's data socket, the
+/// virtio-serial port, the control socket, and the processes to account.
+struct Bencher<'g> {
+    guest: &'g mut Guest,
+    o: &'g BenchOptions,
+    ctl: ControlClient,
+    qw: Link,
+    port: Link,
+    vmm_pid: u32,
+    backend_pid: u32,
+    epoch: Instant,
+}
+
+impl<'g> Bencher<'g> {
+    fn connect(guest: &'g mut Guest, o: &'g BenchOptions) -> Result<Self> {
+        let sock = guest
+            .bench_socket
+            .clone()
+            .context("the bench boot has no port socket")?;
+        let port = Link::connect(&sock, Duration::from_secs(30))?;
+        let qw = Link::connect(&guest.data_path, Duration::from_secs(30))?;
+        let ctl = guest.control()?;
+        let (vmm_pid, backend_pid) = (guest.vmm_pid(), guest.backend_pid());
+        Ok(Self {
+            guest,
+            o,
+            ctl,
+            qw,
+            port,
+            vmm_pid,
+            backend_pid,
+            epoch: Instant::now(),
+        })
+    }
+
+    fn link(&mut self, device: Device) -> &mut Link {
+        if device == Device::Qw {
+            &mut self.qw
+        } else {
+            &mut self.port
+        }
+    }
+
+    /// One latency run: `msgs` echoes once the guest program is ready.
+    fn echo(
+        &mut self,
+        at: &str,
+        step: &Step,
+        model: &str,
+        device: Device,
+        msgs: usize,
+        progress: &mut impl FnMut(&str),
+    ) -> Result<Latency> {
+        progress(&format!(
+            "{at} latency {model} on {}: {msgs} messages",
+            device.name()
+        ));
+        let scenario = step.scenario();
+        let mut res = Latency {
+            model: model.to_string(),
+            device,
+            summary: Summary::default(),
+            samples_ns: Vec::new(),
+            vmm_cpu_us_per_msg: None,
+            backend_cpu_us_per_msg: None,
+            guest: None,
+            error: None,
+        };
+        if let Start::Ended(v) = next_mark(self.guest, &scenario, BOOT_TIMEOUT)? {
+            res.error = guest_error(&v);
+            res.guest = Some(v);
+        } else {
+            let (vmm_pid, backend_pid, epoch) = (self.vmm_pid, self.backend_pid, self.epoch);
+            let link = self.link(device);
+            link.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+            let (vmm0, be0) = (cpu_ns(vmm_pid), cpu_ns(backend_pid));
+            let r = echo_stream(&mut link.stream, msgs, epoch);
+            let per_msg = |before: Option<u64>, pid: u32| {
+                Some(cpu_ns(pid)?.saturating_sub(before?) as f64 / 1e3 / msgs.max(1) as f64)
+            };
+            res.vmm_cpu_us_per_msg = per_msg(vmm0, vmm_pid);
+            if device == Device::Qw {
+                res.backend_cpu_us_per_msg = per_msg(be0, backend_pid);
+            }
+            link.stream.set_read_timeout(None)?;
+            let v = wait_result(self.guest, &scenario, BOOT_TIMEOUT)?;
+            res.error = guest_error(&v);
+            res.guest = Some(v);
+            match r {
+                Ok(rtts) => {
+                    let kept = rtts[self.o.warmup.min(rtts.len())..].to_vec();
+                    res.summary = Summary::of(&kept);
+                    res.samples_ns = kept;
+                }
+                Err(e) => {
+                    res.error.get_or_insert(format!("{e:#}"));
+                }
+            }
+        }
+        if let Some(e) = &res.error {
+            progress(&format!("  n/a: {e}"));
+            recover(&mut self.ctl, &mut self.qw, &mut self.port, device)?;
+        } else {
+            let s = &res.summary;
+            let us = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.1} µs"));
+            progress(&format!(
+                "  p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; CPU per message: QEMU {}, backend {}",
+                s.p50_ns as f64 / 1e3,
+                s.p99_ns as f64 / 1e3,
+                s.max_ns as f64 / 1e3,
+                us(res.vmm_cpu_us_per_msg),
+                us(res.backend_cpu_us_per_msg)
+            ));
+        }
+        Ok(res)
+    }
+
+    /// One throughput run: the stream once the guest program is ready.
+    fn stream(
+        &mut self,
+        at: &str,
+        step: &Step,
+        (model, device, dir): (&str, Device, Dir),
+        (size, bytes, seed): (usize, usize, u64),
+        progress: &mut impl FnMut(&str),
+    ) -> Result<Throughput> {
+        progress(&format!(
+            "{at} throughput {model} {} {size} B on {}: {bytes} bytes",
+            dir.name(),
+            device.name()
+        ));
+        let scenario = step.scenario();
+        let mut res = Throughput::new(model, device, dir, size, bytes);
+        if let Some(why) = unsupported(model, device, dir, size) {
+            progress(&format!("  {why}"));
+            res.error = Some(why.into());
+            return Ok(res);
+        }
+        let data = pattern(seed, bytes);
+        if let Start::Ended(v) = next_mark(self.guest, &scenario, BOOT_TIMEOUT)? {
+            res.error = guest_error(&v);
+            res.guest = Some(v);
+        } else {
+            let (t0, vmm0, be0) = (
+                Instant::now(),
+                cpu_ns(self.vmm_pid),
+                cpu_ns(self.backend_pid),
+            );
+            let link = if device == Device::Qw {
+                &mut self.qw
+            } else {
+                &mut self.port
+            };
+            match drive_stream(self.guest, link, &scenario, device, dir, &data) {
+                Ok((t, v)) => {
+                    let wall = t0.elapsed().as_nanos().max(1) as f64;
+                    let share = |before: Option<u64>, pid: u32| {
+                        Some((cpu_ns(pid)?.saturating_sub(before?)) as f64 / wall)
+                    };
+                    res.vmm_cpu = share(vmm0, self.vmm_pid);
+                    if device == Device::Qw {
+                        res.backend_cpu = share(be0, self.backend_pid);
+                    }
+                    res.secs = t.secs;
+                    res.mb_per_s = bytes as f64 / t.secs / 1e6;
+                    res.msgs_per_s = bytes.div_ceil(size) as f64 / t.secs;
+                    res.runs_mb_per_s = vec![res.mb_per_s];
+                    res.guest = Some(v);
+                }
+                Err(e) => res.error = Some(format!("{e:#}")),
+            }
+        }
+        if let Some(e) = &res.error {
+            progress(&format!("  n/a: {e}"));
+            recover(&mut self.ctl, &mut self.qw, &mut self.port, device)?;
+        } else {
+            let pct = |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.0}%", c * 100.0));
+            progress(&format!(
+                "  {:.2} MB/s in {:.2} s; CPU: QEMU {}, backend {}",
+                res.mb_per_s,
+                res.secs,
+                pct(res.vmm_cpu),
+                pct(res.backend_cpu)
+            ));
+        }
+        Ok(res)
+    }
 }
 
 /// After a failed run: empty the qw device, or reconnect to the port so

@@ -11,7 +11,6 @@
 //! Any kernel splat (oops, BUG, WARN, lockdep, KASAN, hung task) fails it.
 //! Every scenario appends a `fault-<name>` record to `runs.jsonl`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,25 +20,23 @@ use sha2::{Digest, Sha256};
 
 use crate::cell::Cell;
 use crate::env::{runs_dir, workspace_root, Kernel};
-use crate::scenario::{pattern, run_streams_tuned, HostStep, Outcome, Script, StreamCase};
+use crate::report;
+use crate::scenario::{self, pattern, Expect, Outcome, Scenario, Step};
 use crate::Lab;
 
-/// One host step of a scenario file (`[[step]]`), exactly one key each.
+/// One host step of a scenario file (`[[step]]`): exactly one key each
+/// (serde holds it to that).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepSpec {
+#[serde(rename_all = "snake_case")]
+pub enum StepSpec {
     /// Inject a fault (the `fault` control request's object).
-    #[serde(default)]
-    pub fault: Option<toml::Value>,
+    Fault(toml::Value),
     /// Inject this many bytes of the stream, or `"rest"`.
-    #[serde(default)]
-    pub inject: Option<toml::Value>,
+    Inject(toml::Value),
     /// Wait this long.
-    #[serde(default)]
-    pub sleep_ms: Option<u64>,
+    SleepMs(u64),
     /// Send a raw control request (JSON).
-    #[serde(default)]
-    pub control: Option<String>,
+    Control(String),
 }
 
 /// What the reader must get.
@@ -106,8 +103,14 @@ impl FaultScenario {
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut s: FaultScenario = toml::from_str(&text)
-            .with_context(|| format!("{}: not a valid fault scenario", path.display()))?;
+        let mut s: FaultScenario = toml::from_str(&text).map_err(|e| {
+            let hint = if e.message().contains("exactly 1") {
+                "\n(each [[step]] takes exactly one of fault, inject, sleep_ms, control)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{}: not a valid fault scenario: {e}{hint}", path.display())
+        })?;
         s.file = path.to_path_buf();
         if !s.guest.ends_with("-rx") {
             bail!(
@@ -116,22 +119,7 @@ impl FaultScenario {
                 s.guest
             );
         }
-        for (i, st) in s.step.iter().enumerate() {
-            let keys = [
-                st.fault.is_some(),
-                st.inject.is_some(),
-                st.sleep_ms.is_some(),
-                st.control.is_some(),
-            ];
-            if keys.iter().filter(|&&k| k).count() != 1 {
-                bail!(
-                    "{}: step {}: exactly one of fault, inject, sleep_ms, control",
-                    path.display(),
-                    i + 1
-                );
-            }
-        }
-        s.script()?; // catches bad injects and faults early
+        s.scenario(None)?; // catches bad injects and faults early
         Ok(s)
     }
 
@@ -140,82 +128,79 @@ impl FaultScenario {
         let kinds: Vec<String> = self
             .step
             .iter()
-            .filter_map(|s| {
-                s.fault
-                    .as_ref()
-                    .and_then(|f| f.get("kind"))
-                    .and_then(|k| k.as_str().map(str::to_string))
-                    .or_else(|| s.control.clone())
+            .filter_map(|s| match s {
+                StepSpec::Fault(f) => f.get("kind").and_then(|k| k.as_str().map(str::to_string)),
+                StepSpec::Control(c) => Some(c.clone()),
+                _ => None,
             })
             .collect();
         kinds.join(", ")
     }
 
-    fn script(&self) -> Result<Script> {
+    /// The scenario the engine runs: the receive program (opening `dev`
+    /// instead of `/dev/qw0` if given), the host's steps once it waits,
+    /// and the expectations on what it read.
+    pub fn scenario(&self, dev: Option<&str>) -> Result<Scenario> {
         let stream = pattern(self.seed, self.bytes);
         let mut sent = 0;
-        let mut steps = vec![HostStep::Ready(self.guest.clone())];
+        let mut steps = vec![Step::Ready(self.guest.clone())];
         for st in &self.step {
-            if let Some(f) = &st.fault {
-                let json = serde_json::json!({ "op": "fault", "fault": f });
-                crate::scenario::control_request(&json.to_string())?;
-                steps.push(HostStep::Control(json.to_string()));
-            }
-            if let Some(n) = &st.inject {
-                let n = match n {
-                    toml::Value::Integer(n) if *n >= 0 => *n as usize,
-                    toml::Value::String(s) if s == "rest" => self.bytes - sent,
-                    other => bail!("inject = {other}: a byte count or \"rest\""),
-                };
-                if sent + n > self.bytes {
-                    bail!(
-                        "inject: {} bytes in all, but the stream has {}",
-                        sent + n,
-                        self.bytes
-                    );
+            steps.push(match st {
+                StepSpec::Fault(f) => Step::fault(serde_json::to_value(f)?)?,
+                StepSpec::Inject(n) => {
+                    let n = match n {
+                        toml::Value::Integer(n) if *n >= 0 => *n as usize,
+                        toml::Value::String(s) if s == "rest" => self.bytes - sent,
+                        other => bail!("inject = {other}: a byte count or \"rest\""),
+                    };
+                    if sent + n > self.bytes {
+                        bail!(
+                            "inject: {} bytes in all, but the stream has {}",
+                            sent + n,
+                            self.bytes
+                        );
+                    }
+                    sent += n;
+                    Step::inject(stream[sent - n..sent].to_vec())
                 }
-                steps.push(HostStep::Inject(stream[sent..sent + n].to_vec()));
-                sent += n;
-            }
-            if let Some(ms) = st.sleep_ms {
-                steps.push(HostStep::Sleep(Duration::from_millis(ms)));
-            }
-            if let Some(c) = &st.control {
-                crate::scenario::control_request(c)?;
-                steps.push(HostStep::Control(c.clone()));
-            }
+                StepSpec::SleepMs(ms) => Step::Sleep(Duration::from_millis(*ms)),
+                StepSpec::Control(c) => {
+                    crate::scenario::control_request(c)?;
+                    Step::control(serde_json::from_str(c)?)
+                }
+            });
         }
         let sha = serde_json::Value::String(hex::encode(Sha256::digest(&stream)));
-        let (expect, expect_not) = match self.expect.data {
+        let bytes = serde_json::Value::from(self.bytes as u64);
+        let (fields, fields_not) = match self.expect.data {
             DataExpect::Intact => (vec![("sha256".to_string(), sha)], vec![]),
             DataExpect::Corrupted => (
-                vec![(
-                    "bytes".to_string(),
-                    serde_json::Value::from(self.bytes as u64),
-                )],
+                vec![("bytes".to_string(), bytes)],
                 vec![("sha256".to_string(), sha)],
             ),
             DataExpect::Error => (vec![], vec![]),
         };
-        Ok(Script {
-            args: vec![
-                "--bytes".into(),
-                self.bytes.to_string(),
-                "--chunk".into(),
-                "4000".into(),
-            ],
-            steps,
-            expect,
-            expect_failure: self.expect.data == DataExpect::Error,
-            record_as: Some(format!("fault-{}", self.name)),
-            expect_not,
-            stats_at_least: self
-                .expect
-                .stats_at_least
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            result_within: self.expect.max_ms.map(Duration::from_millis),
+        let len = self.bytes.to_string();
+        let mut args = vec!["--bytes", &len, "--chunk", "4000"];
+        if let Some(dev) = dev {
+            args.extend(["--device", dev]);
+        }
+        Ok(Scenario {
+            name: format!("fault-{}", self.name),
+            expect: Expect {
+                ok: self.expect.data != DataExpect::Error,
+                fields,
+                fields_not,
+                counters_at_least: self
+                    .expect
+                    .stats_at_least
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
+                within: self.expect.max_ms.map(Duration::from_millis),
+                ..Expect::default()
+            },
+            ..Scenario::program(&self.guest, &args).with_steps(steps)
         })
     }
 }
@@ -303,16 +288,12 @@ pub fn run_against(
 ) -> Result<Vec<Verdict>> {
     let built = driver.map(|p| p.build(kernel)).transpose()?;
     let dev = driver.and_then(|p| p.manifest.driver.dev.clone());
-    let case = |s: &FaultScenario| {
-        s.script().map(|mut script| {
-            if let Some(dev) = &dev {
-                script.args.extend(["--device".to_string(), dev.clone()]);
-            }
-            StreamCase::scripted(&s.guest, script)
-        })
-    };
-    let boot = |cases: &[StreamCase]| {
-        run_streams_tuned(lab, kernel, cell, cases, |spec| {
+    let boot = |list: &[&FaultScenario]| -> Result<Vec<Outcome>> {
+        let runs: Vec<Scenario> = list
+            .iter()
+            .map(|s| s.scenario(dev.as_deref()))
+            .collect::<Result<_>>()?;
+        scenario::run(lab, kernel, cell, &runs, |spec| {
             if let (Some(p), Some(b)) = (driver, &built) {
                 p.tune(spec, b);
             }
@@ -325,16 +306,13 @@ pub fn run_against(
         .filter(|&i| !scenarios[i].own_boot)
         .collect();
     if !shared.is_empty() {
-        let cases: Vec<StreamCase> = shared
-            .iter()
-            .map(|&i| case(&scenarios[i]))
-            .collect::<Result<_>>()?;
-        for (&i, o) in shared.iter().zip(boot(&cases)?) {
+        let list: Vec<&FaultScenario> = shared.iter().map(|&i| &scenarios[i]).collect();
+        for (&i, o) in shared.iter().zip(boot(&list)?) {
             outs[i] = Some(o);
         }
     }
     for (i, s) in scenarios.iter().enumerate().filter(|(_, s)| s.own_boot) {
-        outs[i] = boot(&[case(s)?])?.into_iter().next();
+        outs[i] = boot(&[s])?.into_iter().next();
     }
     let outs: Vec<Outcome> = outs
         .into_iter()
@@ -366,73 +344,59 @@ pub fn run_against(
     Ok(verdicts)
 }
 
-/// Escape text for XML attributes and content.
-pub fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 fn write_reports(kernel: &Kernel, cell: Cell, tag: &str, verdicts: &[Verdict]) -> Result<()> {
-    let dir = runs_dir().join("faults");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join(format!("report-{tag}.json")),
-        serde_json::to_vec_pretty(&serde_json::json!({
+    let cases: Vec<report::Case> = verdicts
+        .iter()
+        .map(|v| report::Case {
+            name: &v.name,
+            pass: v.pass,
+            message: &v.observed,
+            detail: &v.console_excerpt,
+            output: None,
+        })
+        .collect();
+    report::write(
+        &runs_dir().join("faults"),
+        tag,
+        &serde_json::json!({
             "kernel": kernel.release,
             "cell": cell.name(),
             "vmm": cell.vmm.name(),
             "accel": crate::guest::accel_name(cell.accel),
             "scenarios": verdicts,
-        }))?,
-    )?;
-    let failures = verdicts.iter().filter(|v| !v.pass).count();
-    let mut xml = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"vdevlab-faults-{}-{cell}\" tests=\"{}\" failures=\"{failures}\">\n",
-        kernel.name,
-        verdicts.len()
-    );
-    for v in verdicts {
-        let _ = write!(
-            xml,
-            "  <testcase classname=\"faults.{}.{cell}\" name=\"{}\">",
-            kernel.name,
-            xml_escape(&v.name)
-        );
-        if !v.pass {
-            let _ = write!(
-                xml,
-                "<failure message=\"{}\">{}</failure>",
-                xml_escape(&v.observed),
-                xml_escape(&v.console_excerpt)
-            );
-        }
-        xml.push_str("</testcase>\n");
-    }
-    xml.push_str("</testsuite>\n");
-    std::fs::write(dir.join(format!("junit-{tag}.xml")), xml)?;
-    Ok(())
+        }),
+        &report::junit(
+            &format!("vdevlab-faults-{}-{cell}", kernel.name),
+            &format!("faults.{}.{cell}", kernel.name),
+            &cases,
+        ),
+    )
 }
 
 /// The readable summary table.
 pub fn table(verdicts: &[Verdict]) -> String {
-    let mut out = format!(
-        "{:<28} {:<34} {:<10} {:<7} observed\n",
-        "scenario", "fault", "expected", "verdict"
-    );
-    for v in verdicts {
-        let _ = writeln!(
-            out,
-            "{:<28} {:<34} {:<10} {:<7} {}",
-            v.name,
-            v.fault,
-            v.expected,
-            if v.pass { "PASS" } else { "FAIL" },
-            v.observed
-        );
-    }
-    out
+    let rows: Vec<Vec<String>> = verdicts
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.fault.clone(),
+                v.expected.clone(),
+                report::verdict_word(v.pass),
+                v.observed.clone(),
+            ]
+        })
+        .collect();
+    report::table(
+        &[
+            ("scenario", 28),
+            ("fault", 34),
+            ("expected", 10),
+            ("verdict", 7),
+            ("observed", 0),
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -464,7 +428,8 @@ mod tests {
         .unwrap();
         assert!(FaultScenario::load(&f).is_err());
         std::fs::write(&f, format!("{base}[[step]]\nsleep_ms = 1\ninject = 1\n")).unwrap();
-        assert!(format!("{:#}", FaultScenario::load(&f).unwrap_err()).contains("exactly one"));
+        assert!(format!("{:#}", FaultScenario::load(&f).unwrap_err())
+            .contains("exactly one of fault, inject"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

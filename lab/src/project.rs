@@ -19,22 +19,21 @@
 //! (module name from its `obj-m`): enough for `vdevlab faults --driver`.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-
-use crate::artifacts::{build_module, check_module, write_archive};
+use serde_json::Value;
 use vdevlab_guest::protocol;
 
+use crate::artifacts::{build_module, check_module, write_archive};
 use crate::cell::Cell;
 use crate::env::{runs_dir, target_dir, Kernel};
-use crate::guest::{accel_name, BackendCommand, BootSpec, Guest, GuestDriver};
-use crate::record::{self, RunRecord, Verdict};
-use crate::scenario::{control_request, BOOT_TIMEOUT};
+use crate::guest::{BackendCommand, BootSpec, GuestDriver};
+use crate::report;
+use crate::scenario::{Expect, Scenario, Step};
 use crate::Lab;
 
 /// The manifest's file name.
@@ -158,58 +157,108 @@ fn default_timeout() -> u64 {
     60
 }
 
-/// One host step, exactly one key each.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// One host step: exactly one action (serde holds it to that), and
+/// `reply` beside `control` or `fault`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "toml::Table")]
 pub struct StepSpec {
-    /// Wait until a console line contains this text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wait_for: Option<String>,
-    /// Wait this long.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sleep_ms: Option<u64>,
-    /// Inject this text into the device (qw control plane).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inject: Option<String>,
-    /// Inject these bytes, hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inject_hex: Option<String>,
-    /// Capture from the device until this text has come, which must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capture: Option<String>,
-    /// Inject a fault (`docs/device-spec.md`, "Injected faults").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault: Option<toml::Value>,
-    /// A raw control request (one JSON object); its reply must be `ok`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub control: Option<String>,
+    /// What the host does.
+    pub action: Action,
     /// With `control` or `fault`: fields the reply must have, with these
     /// values; a dotted name looks inside objects (a `stats` reply:
     /// `reply = { "stats.tx_bytes" = 4 }`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<toml::Value>,
+    pub reply: Option<toml::Table>,
+}
+
+/// A host step's action, one key of `[[scenario.step]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Wait until a console line contains this text.
+    WaitFor(String),
+    /// Wait this long.
+    SleepMs(u64),
+    /// Inject this text into the device (qw control plane).
+    Inject(String),
+    /// Inject these bytes, hex.
+    InjectHex(String),
+    /// Capture from the device until this text has come, which must match.
+    Capture(String),
+    /// Inject a fault (`docs/device-spec.md`, "Injected faults").
+    Fault(toml::Value),
+    /// A raw control request (one JSON object); its reply must be `ok`.
+    Control(String),
     /// A host command (`sh -c`, in the project folder) that must exit 0.
     /// It gets `VDEVLAB_CONTROL` (the control socket), `VDEVLAB_SOCKET`
     /// (the vhost-user socket) and `VDEVLAB_RUN_DIR`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
+    Host(String),
+}
+
+impl TryFrom<toml::Table> for StepSpec {
+    type Error = String;
+
+    fn try_from(mut t: toml::Table) -> Result<Self, String> {
+        let reply = match t.remove("reply") {
+            None => None,
+            Some(toml::Value::Table(r)) => Some(r),
+            Some(_) => return Err("reply is a table of fields".into()),
+        };
+        let action = Action::deserialize(toml::Value::Table(t)).map_err(|e| {
+            if e.message().contains("exactly 1") {
+                "exactly one of wait_for, sleep_ms, inject, inject_hex, capture, fault, \
+                 control, host"
+                    .to_string()
+            } else {
+                e.message().to_string()
+            }
+        })?;
+        if reply.is_some() && !matches!(action, Action::Control(_) | Action::Fault(_)) {
+            return Err("reply goes with control or fault".into());
+        }
+        Ok(StepSpec { action, reply })
+    }
 }
 
 impl StepSpec {
-    fn keys(&self) -> usize {
-        [
-            self.wait_for.is_some(),
-            self.sleep_ms.is_some(),
-            self.inject.is_some(),
-            self.inject_hex.is_some(),
-            self.capture.is_some(),
-            self.fault.is_some(),
-            self.control.is_some(),
-            self.host.is_some(),
-        ]
-        .iter()
-        .filter(|&&k| k)
-        .count()
+    /// The engine's step (`dir`: the project folder, for host commands).
+    fn step(&self, dir: &Path) -> Result<Step> {
+        let reply = |req: Value| -> Result<Step> {
+            let reply = self
+                .reply
+                .iter()
+                .flatten()
+                .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?)))
+                .collect::<Result<_>>()?;
+            Ok(Step::Control {
+                request: req,
+                reply,
+            })
+        };
+        Ok(match &self.action {
+            Action::WaitFor(t) => Step::WaitFor(t.clone()),
+            Action::SleepMs(ms) => Step::Sleep(Duration::from_millis(*ms)),
+            Action::Inject(t) => Step::inject(t.as_bytes().to_vec()),
+            Action::InjectHex(h) => Step::inject(hex::decode(h).context("inject_hex")?),
+            Action::Capture(t) => Step::capture(t.as_bytes().to_vec()),
+            Action::Fault(f) => {
+                let Step::Control { request, .. } = Step::fault(serde_json::to_value(f)?)? else {
+                    unreachable!("a fault is a control request")
+                };
+                reply(request)?
+            }
+            Action::Control(c) => {
+                let v: Value =
+                    serde_json::from_str(c).with_context(|| format!("control = {c}: not JSON"))?;
+                if !v.get("op").is_some_and(|op| op.is_string()) {
+                    bail!("control = {c}: a JSON object with \"op\"");
+                }
+                reply(v)?
+            }
+            Action::Host(cmd) => Step::Host {
+                command: cmd.clone(),
+                dir: dir.to_path_buf(),
+            },
+        })
     }
 }
 
@@ -327,44 +376,8 @@ impl Project {
                 bail!("two scenarios are named {}", s.name);
             }
             for (i, st) in s.step.iter().enumerate() {
-                if st.keys() != 1 {
-                    bail!(
-                        "scenario {} step {}: exactly one of wait_for, sleep_ms, inject, \
-                         inject_hex, capture, fault, control, host",
-                        s.name,
-                        i + 1
-                    );
-                }
-                if let Some(c) = &st.control {
-                    let v: serde_json::Value = serde_json::from_str(c)
-                        .with_context(|| format!("scenario {}: control = {c}: not JSON", s.name))?;
-                    if !v.get("op").is_some_and(|op| op.is_string()) {
-                        bail!(
-                            "scenario {}: control = {c}: a JSON object with \"op\"",
-                            s.name
-                        );
-                    }
-                }
-                if let Some(f) = &st.fault {
-                    fault_request(f)?;
-                }
-                if st.reply.is_some() && st.control.is_none() && st.fault.is_none() {
-                    bail!(
-                        "scenario {} step {}: reply goes with control or fault",
-                        s.name,
-                        i + 1
-                    );
-                }
-                if st.reply.as_ref().is_some_and(|r| !r.is_table()) {
-                    bail!(
-                        "scenario {} step {}: reply is a table of fields",
-                        s.name,
-                        i + 1
-                    );
-                }
-                if let Some(h) = &st.inject_hex {
-                    hex::decode(h).with_context(|| format!("scenario {} inject_hex", s.name))?;
-                }
+                st.step(&dir)
+                    .with_context(|| format!("scenario {} step {}", s.name, i + 1))?;
             }
         }
         for f in &manifest.file {
@@ -460,7 +473,11 @@ impl Project {
             add_host_path(&src, f.dest.trim_start_matches('/'), f.mode, &mut files)
                 .with_context(|| format!("[[file]] src = {}", f.src.display()))?;
         }
-        files.push(("vdevlab/run-scenario".into(), 0o755, runner().into_bytes()));
+        files.push((
+            RUNNER.trim_start_matches('/').into(),
+            0o755,
+            runner().into_bytes(),
+        ));
         for s in &self.manifest.scenario {
             files.push((
                 format!("vdevlab/scenarios/{}.sh", s.name),
@@ -509,239 +526,75 @@ impl Project {
         }
     }
 
+    /// The engine's scenario of `s`: the harness's runner starts its
+    /// commands with the guest's timeout; the host's steps once it runs;
+    /// its exit status and output must be the expected ones.
+    pub fn scenario(&self, s: &ScenarioSpec) -> Result<Scenario> {
+        let steps = std::iter::once(Ok(Step::Ready(s.name.clone())))
+            .chain(s.step.iter().map(|st| st.step(&self.dir)))
+            .collect::<Result<Vec<_>>>()?;
+        let timeout = Duration::from_secs(s.timeout_s);
+        Ok(Scenario {
+            name: format!("{}/{}", self.name, s.name),
+            marker: s.name.clone(),
+            command: vec![RUNNER.into(), s.name.clone(), s.timeout_s.to_string()],
+            instance: 0,
+            steps,
+            expect: Expect {
+                status: Some(s.status.into()),
+                output: s.expect_output.clone(),
+                ..Expect::default()
+            },
+            // The guest kills the commands first; the host waits a little
+            // longer, for the report.
+            budget: timeout + Duration::from_secs(30),
+            guest_timeout: Some(timeout),
+            counters: false,
+            host_sha256: None,
+        })
+    }
+
     /// Build for `kernel`, boot once, run every scenario, record each, and
     /// write the reports. Returns the verdicts.
     pub fn run(&self, lab: &Lab, kernel: &Kernel, cell: Cell) -> Result<Vec<ScenarioVerdict>> {
         let built = self.build(kernel)?;
-        let scenarios = &self.manifest.scenario;
-        if scenarios.is_empty() {
+        let specs = &self.manifest.scenario;
+        if specs.is_empty() {
             bail!("{}: no [[scenario]] in {MANIFEST}", self.dir.display());
         }
-        let runs: Vec<Vec<String>> = scenarios
+        let scenarios: Vec<Scenario> = specs
             .iter()
-            .map(|s| {
-                vec![
-                    "/vdevlab/run-scenario".to_string(),
-                    s.name.clone(),
-                    s.timeout_s.to_string(),
-                ]
-            })
-            .collect();
-        let mut spec = BootSpec::new(&self.name, runs).on_kernel(&kernel.name);
-        spec.vmm = cell.vmm;
-        spec.accel = cell.accel;
-        self.tune(&mut spec, &built);
-        let t0 = Instant::now();
-        let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
-        let mut partial: Vec<(Option<i32>, Vec<String>)> = Vec::new();
-        let mut aborted: Option<String> = None;
-        for s in scenarios {
-            if let Some(why) = &aborted {
-                partial.push((None, vec![format!("not run: {why}")]));
-                continue;
-            }
-            match self.drive(&mut guest, s) {
-                Ok((status, problems)) => partial.push((Some(status), problems)),
-                Err(e) => {
-                    let why = format!("{e:#}");
-                    aborted = Some(format!("an earlier scenario ({}) failed: {why}", s.name));
-                    partial.push((None, vec![why]));
-                }
-            }
-        }
-        let boot_ms = guest.boot_ms;
-        let driver_ready_ms = guest.driver_ready_ms;
-        let console = guest.console_path.clone();
-        let finished = if aborted.is_some() {
-            Ok(guest.abort())
-        } else {
-            guest.finish(Duration::from_secs(30))
-        };
-        let duration_ms = t0.elapsed().as_millis() as u64;
-        let mut shared = Vec::new();
-        let text = match &finished {
-            Ok(f) => {
-                for s in &f.splats {
-                    shared.push(format!("kernel {}: {}", s.kind, s.line.trim()));
-                }
-                f.console.clone()
-            }
-            Err(e) => {
-                shared.push(format!("{e:#}"));
-                std::fs::read_to_string(&console).unwrap_or_default()
-            }
-        };
-        let mut verdicts = Vec::new();
-        for (s, (status, mut problems)) in scenarios.iter().zip(partial) {
-            let output = scenario_output(&text, &s.name);
-            if status.is_some() {
-                for want in &s.expect_output {
-                    if !output.contains(want.as_str()) {
-                        problems.push(format!("output lacks {want:?}"));
-                    }
-                }
-            }
-            problems.extend(shared.iter().cloned());
-            let mut rec = RunRecord::new(
-                &format!("{}/{}", self.name, s.name),
-                spec.vmm.name(),
-                accel_name(spec.accel),
-                &kernel.release,
-                Verdict::Fail,
-            );
-            rec.kernel_name = Some(kernel.name.clone());
-            rec.vmm_version = crate::scenario::vmm_version(lab, cell.vmm);
-            rec.boot_ms = boot_ms;
-            rec.driver_ready_ms = driver_ready_ms;
-            rec.console = Some(console.clone());
-            rec.duration_ms = Some(duration_ms);
-            rec.driver = Some(self.module.clone());
-            if problems.is_empty() && status.is_some() {
-                rec.result = Verdict::Pass;
-            } else {
-                rec.reason = Some(problems.join("; "));
-            }
-            record::append(&rec)?;
-            verdicts.push(ScenarioVerdict {
+            .map(|s| self.scenario(s))
+            .collect::<Result<_>>()?;
+        let outs = crate::scenario::run(lab, kernel, cell, &scenarios, |spec| {
+            spec.scenario = self.name.clone();
+            self.tune(spec, &built);
+        })?;
+        let verdicts: Vec<ScenarioVerdict> = specs
+            .iter()
+            .zip(outs)
+            .map(|(s, o)| ScenarioVerdict {
                 name: s.name.clone(),
                 kernel: kernel.name.clone(),
                 cell: cell.name().to_string(),
-                status,
+                status: o
+                    .result
+                    .as_ref()
+                    .and_then(|v| v["status"].as_i64())
+                    .map(|st| st as i32),
                 expected_status: s.status,
-                pass: rec.result == Verdict::Pass,
-                observed: rec.reason.clone().unwrap_or_else(|| "as expected".into()),
-                output,
-                console: console.clone(),
-            });
-        }
+                pass: o.passed(),
+                observed: o
+                    .record
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "as expected".into()),
+                output: o.output,
+                console: o.record.console.clone().unwrap_or_default(),
+            })
+            .collect();
         self.write_reports(kernel, cell, &verdicts)?;
         Ok(verdicts)
-    }
-
-    /// One scenario on the booted guest: the host steps, then its result.
-    /// Returns its exit status and the problems seen; an error means the
-    /// guest is no longer usable for the next scenarios.
-    fn drive(&self, guest: &mut Guest, s: &ScenarioSpec) -> Result<(i32, Vec<String>)> {
-        let budget = Duration::from_secs(s.timeout_s) + Duration::from_secs(30);
-        guest.wait_ready(&s.name, BOOT_TIMEOUT)?;
-        let started = Instant::now();
-        let left = |budget: Duration| budget.saturating_sub(started.elapsed());
-        let mut problems = Vec::new();
-        for (i, st) in s.step.iter().enumerate() {
-            let what = format!("step {} ({})", i + 1, describe(st));
-            if let Some(text) = &st.wait_for {
-                guest
-                    .wait_for(text, left(budget))
-                    .with_context(|| what.clone())?;
-                continue;
-            }
-            if let Err(e) = self.host_step(guest, st, left(budget)) {
-                problems.push(format!("{what}: {e:#}"));
-                break;
-            }
-        }
-        let v = guest.wait_result(&s.name, left(budget).max(Duration::from_secs(5)))?;
-        let status = v["status"]
-            .as_i64()
-            .with_context(|| format!("no status in the result of {}: {v}", s.name))?
-            as i32;
-        if status != s.status {
-            let note = if status == 143 || status == 137 {
-                format!(" (killed by the {} s timeout)", s.timeout_s)
-            } else {
-                String::new()
-            };
-            problems.push(format!("exit status {status}{note}, expected {}", s.status));
-        }
-        Ok((status, problems))
-    }
-
-    fn host_step(&self, guest: &mut Guest, st: &StepSpec, budget: Duration) -> Result<()> {
-        if let Some(ms) = st.sleep_ms {
-            std::thread::sleep(Duration::from_millis(ms));
-        } else if let Some(data) = st
-            .inject
-            .as_ref()
-            .map(|t| t.as_bytes().to_vec())
-            .or_else(|| st.inject_hex.as_ref().and_then(|h| hex::decode(h).ok()))
-        {
-            let mut ctl = guest.control()?;
-            let deadline = Instant::now() + budget;
-            let mut sent = 0;
-            while sent < data.len() {
-                let n = ctl.inject(&data[sent..]).context("injecting")?;
-                if n == 0 {
-                    anyhow::ensure!(Instant::now() < deadline, "the receive FIFO never drained");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                sent += n;
-            }
-        } else if let Some(want) = &st.capture {
-            let mut ctl = guest.control()?;
-            let deadline = Instant::now() + budget;
-            let mut got = Vec::new();
-            while got.len() < want.len() {
-                let chunk = ctl
-                    .capture(Some(want.len() - got.len()))
-                    .context("capturing")?;
-                if chunk.is_empty() {
-                    anyhow::ensure!(
-                        Instant::now() < deadline,
-                        "captured {:?} of the {} bytes expected",
-                        String::from_utf8_lossy(&got),
-                        want.len()
-                    );
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                got.extend(chunk);
-            }
-            anyhow::ensure!(
-                got == want.as_bytes(),
-                "captured {:?}, expected {want:?}",
-                String::from_utf8_lossy(&got)
-            );
-        } else if let Some(json) = st
-            .control
-            .clone()
-            .or_else(|| st.fault.as_ref().map(fault_json))
-        {
-            // Sent as it is: a device of the user's own has requests the
-            // reference device does not know.
-            let req: serde_json::Value = serde_json::from_str(&json)?;
-            let resp: serde_json::Value = guest.control()?.core().call(&req)?;
-            anyhow::ensure!(resp["ok"] == true, "{json}: {}", resp["error"]);
-            if let Some(toml::Value::Table(want)) = &st.reply {
-                for (k, v) in want {
-                    let v = serde_json::to_value(v)?;
-                    let got = k.split('.').try_fold(&resp, |o, part| o.get(part));
-                    anyhow::ensure!(
-                        got == Some(&v),
-                        "{json}: reply field {k} is {}, expected {v}",
-                        got.map_or("absent".to_string(), |g| g.to_string())
-                    );
-                }
-            }
-        } else if let Some(cmd) = &st.host {
-            let out = Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .current_dir(&self.dir)
-                .env("VDEVLAB_CONTROL", &guest.control_path)
-                .env("VDEVLAB_SOCKET", guest.vu_socket())
-                .env("VDEVLAB_RUN_DIR", &guest.run_dir)
-                .stdin(Stdio::null())
-                .output()
-                .with_context(|| format!("running {cmd}"))?;
-            if !out.status.success() {
-                bail!(
-                    "`{cmd}` failed ({}): {}{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout).trim(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
-        Ok(())
     }
 
     fn write_reports(
@@ -750,48 +603,29 @@ impl Project {
         cell: Cell,
         verdicts: &[ScenarioVerdict],
     ) -> Result<()> {
-        let dir = runs_dir().join("user").join(&self.name);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join(format!("report-{}-{cell}.json", kernel.name)),
-            serde_json::to_vec_pretty(&serde_json::json!({
+        let cases: Vec<report::Case> = verdicts
+            .iter()
+            .map(|v| report::Case {
+                name: &v.name,
+                pass: v.pass,
+                message: &v.observed,
+                detail: &v.output,
+                output: Some(&v.output),
+            })
+            .collect();
+        let suite = format!("{}.{}.{cell}", self.name, kernel.name);
+        report::write(
+            &runs_dir().join("user").join(&self.name),
+            &format!("{}-{cell}", kernel.name),
+            &serde_json::json!({
                 "project": self.name,
                 "module": self.module,
                 "kernel": kernel.release,
                 "cell": cell.name(),
                 "scenarios": verdicts,
-            }))?,
-        )?;
-        let failures = verdicts.iter().filter(|v| !v.pass).count();
-        let esc = crate::campaign::xml_escape;
-        let mut xml = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"{}.{}.{cell}\" tests=\"{}\" failures=\"{failures}\">\n",
-            esc(&self.name),
-            kernel.name,
-            verdicts.len()
-        );
-        for v in verdicts {
-            let _ = write!(
-                xml,
-                "  <testcase classname=\"{}.{}.{cell}\" name=\"{}\">",
-                esc(&self.name),
-                kernel.name,
-                esc(&v.name)
-            );
-            if !v.pass {
-                let _ = write!(
-                    xml,
-                    "<failure message=\"{}\">{}</failure>",
-                    esc(&v.observed),
-                    esc(&v.output)
-                );
-            }
-            let _ = write!(xml, "<system-out>{}</system-out>", esc(&v.output));
-            xml.push_str("</testcase>\n");
-        }
-        xml.push_str("</testsuite>\n");
-        std::fs::write(dir.join(format!("junit-{}-{cell}.xml", kernel.name)), xml)?;
-        Ok(())
+            }),
+            &report::junit(&suite, &suite, &cases),
+        )
     }
 }
 
@@ -836,23 +670,32 @@ pub struct ScenarioVerdict {
 
 /// The readable table of verdicts.
 pub fn table(verdicts: &[ScenarioVerdict]) -> String {
-    let mut out = format!(
-        "{:<24} {:<10} {:<8} {:<7} observed\n",
-        "scenario", "kernel", "status", "verdict"
-    );
-    for v in verdicts {
-        let _ = writeln!(
-            out,
-            "{:<24} {:<10} {:<8} {:<7} {}",
-            v.name,
-            v.kernel,
-            v.status.map_or("-".into(), |s| s.to_string()),
-            if v.pass { "PASS" } else { "FAIL" },
-            v.observed
-        );
-    }
-    out
+    let rows: Vec<Vec<String>> = verdicts
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.kernel.clone(),
+                v.status.map_or("-".into(), |s| s.to_string()),
+                report::verdict_word(v.pass),
+                v.observed.clone(),
+            ]
+        })
+        .collect();
+    report::table(
+        &[
+            ("scenario", 24),
+            ("kernel", 10),
+            ("status", 8),
+            ("verdict", 7),
+            ("observed", 0),
+        ],
+        &rows,
+    )
 }
+
+/// Where the runner lives in the guest.
+const RUNNER: &str = "/vdevlab/run-scenario";
 
 /// The guest side of a scenario: announce it, run its commands with a
 /// timeout and stdin from /dev/null, report the exit status, in the
@@ -870,38 +713,6 @@ echo "{result} {{\"scenario\":\"$name\",\"ok\":true,\"status\":$status}}"
         ready = protocol::READY,
         result = protocol::RESULT,
     )
-}
-
-/// The console lines between a scenario's start and its result.
-fn scenario_output(console: &str, name: &str) -> String {
-    let start = protocol::ready_line(name);
-    let end = protocol::result_prefix(name);
-    let mut out = Vec::new();
-    let mut inside = false;
-    for line in console.lines() {
-        if line.contains(&end) {
-            break;
-        }
-        if inside {
-            out.push(line.trim_end_matches('\r'));
-        }
-        if line.contains(&start) {
-            inside = true;
-        }
-    }
-    out.join("\n")
-}
-
-fn fault_json(f: &toml::Value) -> String {
-    serde_json::json!({ "op": "fault", "fault": f }).to_string()
-}
-
-fn fault_request(f: &toml::Value) -> Result<()> {
-    control_request(&fault_json(f)).map(|_| ())
-}
-
-fn describe(st: &StepSpec) -> String {
-    serde_json::to_string(st).unwrap_or_default()
 }
 
 /// Add a host file (or a folder's files, recursively) at guest path `dest`.
@@ -1008,13 +819,6 @@ mod tests {
         std::fs::write(dir.join("Kbuild"), "ccflags-y := -I.\n").unwrap();
         assert!(kbuild_module(&dir).is_err());
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn output_is_cut_between_the_markers() {
-        let console = "boot\nVDEVLAB-READY a\nhello\n[ 1.0] kmsg\nVDEVLAB-RESULT {\"scenario\":\"a\",\"ok\":true,\"status\":0}\nVDEVLAB-READY b\nbye\n";
-        assert_eq!(scenario_output(console, "a"), "hello\n[ 1.0] kmsg");
-        assert_eq!(scenario_output(console, "b"), "bye");
     }
 
     #[test]

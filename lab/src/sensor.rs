@@ -4,7 +4,7 @@
 //! over the lab's initramfs), its VM description
 //! (`vmm-config/configs/sensor.toml`) and its scenarios, which run through
 //! the same boots, run records, console capture and splat detection as the
-//! qw device's ([`crate::scenario::run_streams_tuned`]), with another
+//! qw device's (the engine, [`crate::engine`]), with another
 //! backend, driver and device node in the [`BootSpec`].
 
 use std::fs::{self, File};
@@ -18,7 +18,7 @@ use crate::artifacts::{build_module, check_module, lab_dir, write_archive};
 use crate::cell::Cell;
 use crate::env::{target_dir, workspace_root, Kernel};
 use crate::guest::{BackendCommand, BootSpec, GuestDriver};
-use crate::scenario::{run_streams_tuned, HostStep, Outcome, Script, StreamCase};
+use crate::scenario::{self, Outcome, Scenario, Step};
 use crate::Lab;
 
 /// The driver module's name.
@@ -192,17 +192,10 @@ impl SensorBoot {
 /// the host waits for its `VDEVLAB-READY`, then does `then` (e.g. a
 /// control request), and the guest checks everything itself (every
 /// sample's value, sequence and timestamp, the alarms, the errors).
-pub fn case(scenario: &str, args: &[&str], then: Vec<HostStep>) -> StreamCase {
-    let mut steps = vec![HostStep::Ready(scenario.to_string())];
+pub fn case(scenario: &str, args: &[&str], then: Vec<Step>) -> Scenario {
+    let mut steps = vec![Step::Ready(scenario.to_string())];
     steps.extend(then);
-    StreamCase::scripted(
-        scenario,
-        Script {
-            args: args.iter().map(|a| a.to_string()).collect(),
-            steps,
-            ..Script::default()
-        },
-    )
+    Scenario::program(scenario, args).with_steps(steps)
 }
 
 /// Boot `kernel` once with the sensor in `cell` and run `cases` in order,
@@ -213,9 +206,9 @@ pub fn run(
     art: &SensorArtifacts,
     kernel: &Kernel,
     cell: Cell,
-    cases: &[StreamCase],
+    cases: &[Scenario],
     backend_args: &[String],
 ) -> Result<Vec<Outcome>> {
     let boot = SensorBoot::new(art, kernel, backend_args)?;
-    run_streams_tuned(lab, kernel, cell, cases, |spec| boot.apply(spec))
+    scenario::run(lab, kernel, cell, cases, |spec| boot.apply(spec))
 }

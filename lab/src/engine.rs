@@ -1,0 +1,714 @@
+//! The one scenario engine: boot a guest for a list of [`Scenario`]s, and
+//! for each one wait for its markers, run the host's [`Step`]s, collect
+//! its result and judge it against its [`Expect`]; then finish the guest
+//! (or stop it when a scenario left it unusable), scan its console for
+//! kernel splats, and give every scenario a run record.
+//!
+//! [`run`] does all of that; [`Session`] is the same engine in parts, for
+//! a caller that measures between the markers (the bench) instead of
+//! running data-driven steps.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use vdevlab_device::device::Stats;
+use vdevlab_guest::protocol;
+
+use crate::artifacts::Artifacts;
+use crate::cell::Cell;
+use crate::env::Kernel;
+use crate::guest::{accel_name, BootSpec, Guest};
+use crate::record::{self, RunRecord, Verdict};
+use crate::scenario::{vmm_version, Outcome, Scenario, Step, BOOT_TIMEOUT};
+use crate::Lab;
+
+/// How long the guest gets to power off after its last program.
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a step that waits on the device looks again.
+const POLL: Duration = Duration::from_millis(2);
+/// The least time a result is waited for after the steps, however much of
+/// the budget they used.
+const RESULT_GRACE: Duration = Duration::from_secs(5);
+
+/// Boot `kernel` in `cell` once for `scenarios` (the boot adjusted by
+/// `tune`), run them in order and record each. A scenario that leaves the
+/// guest unusable (a wait that failed, a program left waiting) ends the
+/// boot: those after it are recorded as not run, with the reason.
+pub fn run(
+    lab: &Lab,
+    kernel: &Kernel,
+    cell: Cell,
+    scenarios: &[Scenario],
+    tune: impl FnOnce(&mut BootSpec),
+) -> Result<Vec<Outcome>> {
+    let name = match scenarios {
+        [one] => one.name.replace('/', "-"),
+        _ => "batch".to_string(),
+    };
+    let mut spec = BootSpec::new(&name, scenarios.iter().map(|s| s.command.clone()).collect())
+        .on_kernel(&kernel.name);
+    spec.instances = scenarios.iter().map(|s| s.instance + 1).max().unwrap_or(1);
+    tune(&mut spec);
+    let mut session = Session::boot(lab, &lab.artifacts, kernel, cell, spec)?;
+    let mut driven = Vec::new();
+    let mut ends_boot: Option<String> = None;
+    for s in scenarios {
+        let d = match &ends_boot {
+            Some(why) => Driven::not_run(why),
+            None => session.drive(s),
+        };
+        if ends_boot.is_none() {
+            ends_boot = d.ends_boot.clone();
+        }
+        driven.push(d);
+    }
+    let ended = match ends_boot {
+        Some(_) => session.abort(),
+        None => session.finish(FINISH_TIMEOUT),
+    };
+    scenarios
+        .iter()
+        .zip(driven)
+        .map(|(s, d)| ended.outcome(s, d))
+        .collect()
+}
+
+/// How a scenario's program started.
+#[derive(Debug)]
+pub enum Start {
+    /// It announced itself ready.
+    Ready,
+    /// It ended first: its result line's JSON.
+    Ended(Value),
+}
+
+/// Wait for `VDEVLAB-READY <ready>`, or for `scenario`'s result line if
+/// that comes first (the program failed before getting ready).
+pub fn wait_start(
+    guest: &mut Guest,
+    ready: &str,
+    scenario: &str,
+    timeout: Duration,
+) -> Result<Start> {
+    let result = protocol::result_prefix(scenario);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Any marker is looked at; an error names the one wanted.
+        let line = guest.wait_for(protocol::PREFIX, left).map_err(|e| {
+            let named = format!("'{}'", protocol::ready_line(ready));
+            anyhow::anyhow!(format!("{e:#}").replace(&format!("'{}'", protocol::PREFIX), &named))
+        })?;
+        if protocol::is_ready(&line, ready) {
+            return Ok(Start::Ready);
+        }
+        if line.starts_with(&result) {
+            return Ok(Start::Ended(result_value(&line)?));
+        }
+    }
+}
+
+/// The JSON object of a result line (from its marker on).
+fn result_value(line: &str) -> Result<Value> {
+    let json = protocol::result_json(line).unwrap_or_default();
+    crate::guest::first_json(json).with_context(|| format!("bad result line: {line}"))
+}
+
+/// What driving one scenario gave, before the boot ended.
+#[derive(Debug, Default)]
+pub struct Driven {
+    /// Its result line's JSON, if it came.
+    pub result: Option<Value>,
+    /// What went wrong.
+    pub problems: Vec<String>,
+    /// The device's counters when last read.
+    pub stats: Option<Stats>,
+    /// Why the boot cannot go on after this scenario, if so.
+    pub ends_boot: Option<String>,
+}
+
+impl Driven {
+    fn not_run(why: &str) -> Self {
+        Self {
+            problems: vec![format!("not run: {why}")],
+            ..Self::default()
+        }
+    }
+}
+
+/// A step that did not work out: a check that failed (the scenario fails,
+/// the engine still waits for its result), or a wait on the guest that
+/// failed (the guest is no longer usable).
+enum StepError {
+    Check(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// What a step left: go on, or the program has already reported.
+enum Next {
+    Go,
+    Ended(Value),
+}
+
+/// A booted guest running scenarios; ends in [`Ended`].
+#[derive(Debug)]
+pub struct Session<'l> {
+    lab: &'l Lab,
+    kernel: Kernel,
+    cell: Cell,
+    driver: Option<String>,
+    t0: Instant,
+    /// The guest.
+    pub guest: Guest,
+}
+
+impl<'l> Session<'l> {
+    /// Boot `spec` in `cell` with `art` (the lab's artifacts, or others).
+    pub fn boot(
+        lab: &'l Lab,
+        art: &Artifacts,
+        kernel: &Kernel,
+        cell: Cell,
+        mut spec: BootSpec,
+    ) -> Result<Self> {
+        spec.vmm = cell.vmm;
+        spec.accel = cell.accel;
+        let t0 = Instant::now();
+        let guest = Guest::boot(&lab.env, art, &spec)?;
+        Ok(Self {
+            lab,
+            kernel: kernel.clone(),
+            cell,
+            driver: spec.driver.as_ref().map(|d| d.module.clone()),
+            t0,
+            guest,
+        })
+    }
+
+    /// Run one scenario: its steps, its result, its checks.
+    pub fn drive(&mut self, s: &Scenario) -> Driven {
+        let mut d = Driven::default();
+        let mut deadline: Option<Instant> = None;
+        let mut ended = None;
+        for (i, step) in s.steps.iter().enumerate() {
+            let what = format!("step {} ({})", i + 1, step.describe());
+            match self.step(s, step, &mut deadline, &mut d.stats) {
+                Ok(Next::Go) => {}
+                Ok(Next::Ended(v)) => {
+                    ended = Some(v);
+                    break;
+                }
+                Err(StepError::Check(e)) => {
+                    d.problems.push(format!("{what}: {e:#}"));
+                    break;
+                }
+                Err(StepError::Fatal(e)) => {
+                    let why = format!("{what}: {e:#}");
+                    d.problems.push(why.clone());
+                    d.ends_boot = Some(format!("an earlier scenario ({}) failed: {why}", s.name));
+                    return d;
+                }
+            }
+        }
+        let result = match ended {
+            Some(v) => Some(v),
+            None if !s.expect.result => {
+                d.ends_boot = Some(format!("{} leaves its program waiting", s.name));
+                None
+            }
+            None => {
+                let left =
+                    deadline.map_or(s.budget, |t| t.saturating_duration_since(Instant::now()));
+                let timeout = s.expect.within.unwrap_or(left.max(RESULT_GRACE));
+                match self.guest.wait_result(&s.marker, timeout) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        d.problems.push(why.clone());
+                        d.ends_boot =
+                            Some(format!("an earlier scenario ({}) failed: {why}", s.name));
+                        return d;
+                    }
+                }
+            }
+        };
+        if let Some(v) = &result {
+            d.problems.extend(judge(s, v));
+        }
+        if s.counters || !s.expect.counters_at_least.is_empty() {
+            self.check_counters(s, &mut d);
+        }
+        d.result = result;
+        d
+    }
+
+    fn step(
+        &mut self,
+        s: &Scenario,
+        step: &Step,
+        deadline: &mut Option<Instant>,
+        stats: &mut Option<Stats>,
+    ) -> Result<Next, StepError> {
+        let left = |d: &Option<Instant>| {
+            d.map_or(BOOT_TIMEOUT, |t| {
+                t.saturating_duration_since(Instant::now())
+            })
+        };
+        let check = StepError::Check;
+        let fatal = StepError::Fatal;
+        match step {
+            Step::Ready(m) => {
+                let start = wait_start(&mut self.guest, m, &s.marker, left(deadline));
+                deadline.get_or_insert_with(|| Instant::now() + s.budget);
+                if let Start::Ended(v) = start.map_err(fatal)? {
+                    return Ok(Next::Ended(v));
+                }
+            }
+            Step::WaitFor(text) => {
+                self.guest.wait_for(text, left(deadline)).map_err(fatal)?;
+            }
+            Step::Sleep(d) => std::thread::sleep(*d),
+            Step::Stream { inject, capture } => {
+                self.stream(s.instance, inject, capture, left(deadline))
+                    .map_err(check)?;
+            }
+            Step::Control { request, reply } => {
+                self.control(s.instance, request, reply).map_err(check)?;
+            }
+            Step::Host { command, dir } => self.host(command, dir).map_err(check)?,
+            Step::Counter { name, at_least } => {
+                let got = self.wait_counter(s.instance, name, *at_least, left(deadline));
+                *stats = got.as_ref().ok().and_then(|(_, s)| *s);
+                got.map_err(check)?;
+            }
+            Step::KillBackend => self.guest.kill_backend(),
+            Step::Quiet(d) => {
+                match self.guest.wait_for(&protocol::result_prefix(&s.marker), *d) {
+                    Ok(line) => {
+                        return Err(check(anyhow::anyhow!(
+                            "the program reported instead of waiting: {line}"
+                        )))
+                    }
+                    Err(e) if format!("{e}").contains("within") => {}
+                    Err(e) => return Err(fatal(e)),
+                }
+                if !self.guest.vmm_running() {
+                    return Err(check(anyhow::anyhow!("the VMM exited")));
+                }
+            }
+        }
+        Ok(Next::Go)
+    }
+
+    /// Inject `rx` (all of it, waiting for FIFO room) and capture `tx`,
+    /// interleaved, so a reader and a writer in the guest run at once.
+    fn stream(&self, instance: usize, rx: &[u8], tx: &[u8], budget: Duration) -> Result<()> {
+        let mut ctl = self.guest.control_of(instance)?;
+        let deadline = Instant::now() + budget;
+        let (mut sent, mut got) = (0, Vec::with_capacity(tx.len()));
+        while sent < rx.len() || got.len() < tx.len() {
+            let mut moved = 0;
+            if sent < rx.len() {
+                let n = ctl.inject(&rx[sent..]).context("injecting")?;
+                sent += n;
+                moved += n;
+            }
+            if got.len() < tx.len() {
+                let chunk = ctl
+                    .capture(Some(tx.len() - got.len()))
+                    .context("capturing")?;
+                moved += chunk.len();
+                got.extend_from_slice(&chunk);
+            }
+            if moved == 0 {
+                if Instant::now() > deadline {
+                    bail!(
+                        "stalled: injected {sent} of {}, captured {} of {} bytes",
+                        rx.len(),
+                        got.len(),
+                        tx.len()
+                    );
+                }
+                // FIFO full or capture empty: the driver has not caught up.
+                std::thread::sleep(POLL);
+            }
+        }
+        if got != tx {
+            let at = got.iter().zip(tx).position(|(a, b)| a != b).unwrap_or(0);
+            match std::str::from_utf8(tx) {
+                Ok(want) if tx.len() <= 64 => bail!(
+                    "captured {:?}, expected {want:?}",
+                    String::from_utf8_lossy(&got)
+                ),
+                _ => bail!("the captured stream differs from the expected one at byte {at}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Send a request as it is (a user's device has requests the shipped
+    /// ones do not know); the reply must be `ok` and have `reply`'s fields.
+    fn control(&self, instance: usize, request: &Value, reply: &[(String, Value)]) -> Result<()> {
+        let resp: Value = self.guest.control_of(instance)?.core().call(request)?;
+        if resp["ok"] != true {
+            bail!(
+                "control request {request} failed: {}",
+                resp["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        for (k, want) in reply {
+            let got = k.split('.').try_fold(&resp, |o, part| o.get(part));
+            if got != Some(want) {
+                bail!(
+                    "{request}: reply field {k} is {}, expected {want}",
+                    got.map_or("absent".to_string(), |g| g.to_string())
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn host(&self, cmd: &str, dir: &PathBuf) -> Result<()> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(dir)
+            .env("VDEVLAB_CONTROL", &self.guest.control_path)
+            .env("VDEVLAB_SOCKET", self.guest.vu_socket())
+            .env("VDEVLAB_RUN_DIR", &self.guest.run_dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {cmd}"))?;
+        if !out.status.success() {
+            bail!(
+                "`{cmd}` failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// The device's counters, by name (and as the qw device's [`Stats`]
+    /// when they are its).
+    fn counters(&self, instance: usize) -> Result<(serde_json::Map<String, Value>, Option<Stats>)> {
+        let fields = self.guest.control_of(instance)?.core().stats_fields()?;
+        let stats = serde_json::from_value(Value::Object(fields.clone())).ok();
+        Ok((fields, stats))
+    }
+
+    fn wait_counter(
+        &self,
+        instance: usize,
+        name: &str,
+        at_least: u64,
+        budget: Duration,
+    ) -> Result<(u64, Option<Stats>)> {
+        let deadline = Instant::now() + budget;
+        loop {
+            let (fields, stats) = self.counters(instance)?;
+            let got = fields.get(name).and_then(Value::as_u64).unwrap_or(0);
+            if got >= at_least {
+                return Ok((got, stats));
+            }
+            if Instant::now() > deadline {
+                bail!("device counter {name} stayed at {got}, below {at_least}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn check_counters(&self, s: &Scenario, d: &mut Driven) {
+        let seen = self.counters(s.instance).ok();
+        if let Some((_, Some(stats))) = &seen {
+            d.stats = Some(*stats);
+        }
+        for (name, min) in &s.expect.counters_at_least {
+            let got = seen
+                .as_ref()
+                .and_then(|(f, _)| f.get(name))
+                .and_then(Value::as_u64);
+            if got.is_none_or(|g| g < *min) {
+                d.problems.push(format!(
+                    "device counter {name} is {got:?}, expected at least {min}"
+                ));
+            }
+        }
+    }
+
+    /// Wait for the guest to power off after its last program, and scan
+    /// its console.
+    pub fn finish(self, timeout: Duration) -> Ended {
+        let (lab, kernel, cell, driver, t0) =
+            (self.lab, self.kernel, self.cell, self.driver, self.t0);
+        let (boot_ms, driver_ready_ms) = (self.guest.boot_ms, self.guest.driver_ready_ms);
+        let console = self.guest.console_path.clone();
+        let (problems, text) = match self.guest.finish(timeout) {
+            Ok(f) => (splat_problems(&f.splats), f.console),
+            Err(e) => (
+                vec![format!("{e:#}")],
+                std::fs::read_to_string(&console).unwrap_or_default(),
+            ),
+        };
+        Ended::new(
+            lab,
+            &kernel,
+            cell,
+            driver,
+            t0,
+            (boot_ms, driver_ready_ms),
+            console,
+            problems,
+            text,
+        )
+    }
+
+    /// Stop the guest now (a program still waits, or the guest is no
+    /// longer usable), and scan its console.
+    pub fn abort(self) -> Ended {
+        let (lab, kernel, cell, driver, t0) =
+            (self.lab, self.kernel, self.cell, self.driver, self.t0);
+        let (boot_ms, driver_ready_ms) = (self.guest.boot_ms, self.guest.driver_ready_ms);
+        let console = self.guest.console_path.clone();
+        let f = self.guest.abort();
+        let problems = splat_problems(&f.splats);
+        Ended::new(
+            lab,
+            &kernel,
+            cell,
+            driver,
+            t0,
+            (boot_ms, driver_ready_ms),
+            console,
+            problems,
+            f.console,
+        )
+    }
+}
+
+fn splat_problems(splats: &[crate::splat::Splat]) -> Vec<String> {
+    splats
+        .iter()
+        .map(|s| format!("kernel {}: {}", s.kind, s.line.trim()))
+        .collect()
+}
+
+/// The result line against the expectations.
+fn judge(s: &Scenario, v: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let ok = v.get("ok") == Some(&Value::Bool(true));
+    if ok && !s.expect.ok {
+        problems.push("the guest program succeeded, but it was expected to fail".into());
+    }
+    if !ok && s.expect.ok {
+        problems.push(format!(
+            "guest program failed: {}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no error given")
+        ));
+    }
+    if ok != s.expect.ok {
+        // Its other fields say nothing more.
+        return problems;
+    }
+    for (field, want) in &s.expect.fields {
+        if v.get(field) != Some(want) {
+            let got = v.get(field).map_or("absent".into(), |g| g.to_string());
+            problems.push(format!("{field} is {got}, expected {want}"));
+        }
+    }
+    for (field, bad) in &s.expect.fields_not {
+        if v.get(field) == Some(bad) {
+            problems.push(format!("{field} is {bad}, which it must not be"));
+        }
+    }
+    if let Some(want) = s.expect.status {
+        match v.get("status").and_then(Value::as_i64) {
+            None => problems.push(format!("no status in the result: {v}")),
+            Some(st) if st != want => {
+                let note = match s.guest_timeout {
+                    Some(t) if st == 143 || st == 137 => {
+                        format!(" (killed by the {} s timeout)", t.as_secs())
+                    }
+                    _ => String::new(),
+                };
+                problems.push(format!("exit status {st}{note}, expected {want}"));
+            }
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+/// A boot that has ended: what every scenario's record shares.
+#[derive(Debug)]
+pub struct Ended {
+    base: RunRecord,
+    /// Problems of the whole boot (kernel splats, a VMM that failed).
+    pub problems: Vec<String>,
+    /// The whole console.
+    pub console: String,
+}
+
+impl Ended {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        lab: &Lab,
+        kernel: &Kernel,
+        cell: Cell,
+        driver: Option<String>,
+        t0: Instant,
+        (boot_ms, driver_ready_ms): (Option<u64>, Option<u64>),
+        console_path: PathBuf,
+        problems: Vec<String>,
+        console: String,
+    ) -> Self {
+        let mut base = RunRecord::new(
+            "",
+            cell.vmm.name(),
+            accel_name(cell.accel),
+            &kernel.release,
+            Verdict::Fail,
+        );
+        base.kernel_name = Some(kernel.name.clone());
+        base.vmm_version = vmm_version(lab, cell.vmm);
+        base.boot_ms = boot_ms;
+        base.driver_ready_ms = driver_ready_ms;
+        base.console = Some(console_path);
+        base.duration_ms = Some(t0.elapsed().as_millis() as u64);
+        base.driver = driver;
+        Self {
+            base,
+            problems,
+            console,
+        }
+    }
+
+    /// Append the record of `name`: it passed if neither it nor the boot
+    /// had a problem.
+    pub fn record(&self, name: &str, mut problems: Vec<String>) -> Result<RunRecord> {
+        problems.extend(self.problems.iter().cloned());
+        let mut rec = self.base.clone();
+        rec.scenario = name.to_string();
+        if problems.is_empty() {
+            rec.result = Verdict::Pass;
+        } else {
+            rec.reason = Some(problems.join("; "));
+        }
+        record::append(&rec)?;
+        Ok(rec)
+    }
+
+    fn outcome(&self, s: &Scenario, mut d: Driven) -> Result<Outcome> {
+        let output = scenario_output(&self.console, &s.marker);
+        if d.result.is_some() {
+            for want in &s.expect.output {
+                if !output.contains(want.as_str()) {
+                    d.problems.push(format!("output lacks {want:?}"));
+                }
+            }
+        }
+        let ran = d.result.is_some() || !s.expect.result;
+        if !ran && d.problems.is_empty() {
+            d.problems.push("no result".into());
+        }
+        let record = self.record(&s.name, d.problems)?;
+        let guest = d
+            .result
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        Ok(Outcome {
+            record,
+            guest,
+            result: d.result,
+            host_sha256: s.host_sha256.clone(),
+            stats: d.stats,
+            output,
+        })
+    }
+}
+
+/// The console lines between `marker`'s READY and its result.
+pub fn scenario_output(console: &str, marker: &str) -> String {
+    let end = protocol::result_prefix(marker);
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in console.lines() {
+        if line.contains(&end) {
+            break;
+        }
+        if inside {
+            out.push(line.trim_end_matches('\r'));
+        }
+        if !inside {
+            inside = line
+                .find(protocol::READY)
+                .is_some_and(|i| protocol::is_ready(&line[i..], marker));
+        }
+    }
+    out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Expect;
+
+    #[test]
+    fn output_is_cut_between_the_markers() {
+        let console = "boot\nVDEVLAB-READY a\nhello\n[ 1.0] kmsg\nVDEVLAB-RESULT {\"scenario\":\"a\",\"ok\":true,\"status\":0}\nVDEVLAB-READY b\nbye\n";
+        assert_eq!(scenario_output(console, "a"), "hello\n[ 1.0] kmsg");
+        assert_eq!(scenario_output(console, "b"), "bye");
+        let staged = "VDEVLAB-READY a-2\nno\nVDEVLAB-READY a\nyes\n";
+        assert_eq!(scenario_output(staged, "a"), "yes");
+    }
+
+    fn judged(expect: Expect, result: &str) -> Vec<String> {
+        let s = Scenario {
+            expect,
+            guest_timeout: Some(Duration::from_secs(9)),
+            ..Scenario::program("x", &[])
+        };
+        judge(&s, &serde_json::from_str(result).unwrap())
+    }
+
+    #[test]
+    fn results_are_judged_against_the_expectations() {
+        assert!(judged(Expect::default(), r#"{"ok":true}"#).is_empty());
+        assert_eq!(
+            judged(Expect::default(), r#"{"ok":false,"error":"EIO"}"#),
+            ["guest program failed: EIO"]
+        );
+        let must_fail = Expect {
+            ok: false,
+            ..Expect::default()
+        };
+        assert!(judged(must_fail.clone(), r#"{"ok":false}"#).is_empty());
+        assert_eq!(
+            judged(must_fail, r#"{"ok":true}"#),
+            ["the guest program succeeded, but it was expected to fail"]
+        );
+        let fields = Expect {
+            fields: vec![("bytes".into(), Value::from(3))],
+            fields_not: vec![("sha256".into(), Value::from("aa"))],
+            status: Some(0),
+            ..Expect::default()
+        };
+        assert_eq!(
+            judged(
+                fields,
+                r#"{"ok":true,"bytes":2,"sha256":"aa","status":143}"#
+            ),
+            [
+                "bytes is 2, expected 3",
+                "sha256 is \"aa\", which it must not be",
+                "exit status 143 (killed by the 9 s timeout), expected 0"
+            ]
+        );
+    }
+}
