@@ -12,9 +12,10 @@
 
 use vdevlab_device::irq::IrqMode;
 use vdevlab_lab::cell::Cell;
+use vdevlab_lab::engine::{self, run_streams};
 use vdevlab_lab::env::Kernel;
 use vdevlab_lab::record::read_all;
-use vdevlab_lab::scenario::{self, pattern, run_streams, StreamCase};
+use vdevlab_lab::scenario::{self, pattern, StreamCase};
 use vdevlab_lab::Lab;
 use vdevlab_tests::{assert_passed, lab};
 
@@ -45,7 +46,7 @@ fn lab_kernel(name: &str) -> (Lab, Kernel) {
 fn blocking_rx(kernel: &str, cell: Cell) {
     let (lab, kernel) = lab_kernel(kernel);
     let payload = pattern(0xb10c, PAYLOAD);
-    let out = scenario::blocking_rx(&lab, &kernel, cell, &payload).expect("the scenario could run");
+    let out = engine::blocking_rx(&lab, &kernel, cell, &payload).expect("the scenario could run");
     assert_passed(&out);
     // Check the data ourselves too, not only the harness's verdict.
     let guest = out.guest.as_ref().expect("the guest reported a result");
@@ -143,7 +144,7 @@ fn driver_ioctls_pm_and_teardown(kernel: &str, cell: Cell) {
         Scenario::program("teardown-unbind", &[]).with_steps(vec![ready("teardown-unbind")]),
         Scenario::program("teardown-remove", &[]).with_steps(vec![ready("teardown-remove")]),
     ];
-    let outs = scenario::run(&lab, &kernel, cell, &cases, |_| {}).expect("the scenarios could run");
+    let outs = engine::run(&lab, &kernel, cell, &cases, |_| {}).expect("the scenarios could run");
     for out in &outs {
         assert_passed(out);
     }
@@ -155,7 +156,7 @@ fn driver_ioctls_pm_and_teardown(kernel: &str, cell: Cell) {
 fn driver_dynamic_debug() {
     let (lab, kernel) = lab_kernel("trixie");
     let cases = [StreamCase::new("blocking-rx", 8192, 3)];
-    let on = vdevlab_lab::scenario::run_streams_tuned(&lab, &kernel, Cell::QEMU_TCG, &cases, |b| {
+    let on = vdevlab_lab::engine::run_streams_tuned(&lab, &kernel, Cell::QEMU_TCG, &cases, |b| {
         b.driver_params.push("dyndbg=+p".into())
     })
     .expect("the scenario could run");
@@ -209,7 +210,7 @@ fn device_needs_reset_is_noticed(kernel: &str, cell: Cell) {
             Step::inject(after_reset.clone()),
         ])
     };
-    let outs = scenario::run(&lab, &kernel, cell, &[case], |_| {}).expect("the scenario could run");
+    let outs = engine::run(&lab, &kernel, cell, &[case], |_| {}).expect("the scenario could run");
     assert_passed(&outs[0]);
     let guest = outs[0].guest.as_ref().expect("the guest reported a result");
     let ms = guest.extra.get("read_ms").and_then(|v| v.as_u64());
@@ -470,12 +471,12 @@ kernel_tests!(lab);
 
 /// The device model crashes mid-stream while QEMU keeps running: the
 /// guest read what was delivered, then its reader waits quietly; no error,
-/// no splat (see `vdevlab_lab::scenario::backend_crash_rx` for why QEMU's
+/// no splat (see `vdevlab_lab::engine::backend_crash_rx` for why QEMU's
 /// generic device cannot reconnect).
 #[test]
 fn backend_crash_while_the_vmm_runs() {
     let (lab, kernel) = lab_kernel("trixie");
-    let out = vdevlab_lab::scenario::backend_crash_rx(&lab, &kernel, 64 * 1024)
+    let out = vdevlab_lab::engine::backend_crash_rx(&lab, &kernel, 64 * 1024)
         .expect("the scenario could run");
     assert_passed(&out);
     assert_eq!(

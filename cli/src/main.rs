@@ -25,8 +25,9 @@ mod faults;
 mod new;
 mod up;
 mod user;
+use vdevlab_lab::engine::blocking_rx;
 use vdevlab_lab::record::runs_file;
-use vdevlab_lab::scenario::{blocking_rx, pattern};
+use vdevlab_lab::scenario::pattern;
 use vdevlab_lab::Lab;
 
 #[derive(Debug, Parser)]

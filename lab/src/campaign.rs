@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cell::Cell;
+use crate::engine;
 use crate::env::{runs_dir, workspace_root, Kernel};
 use crate::report;
-use crate::scenario::{self, pattern, Expect, Outcome, Scenario, Step};
+use crate::scenario::{pattern, Expect, Outcome, Scenario, Step};
 use crate::Lab;
 
 /// One host step of a scenario file (`[[step]]`): exactly one key each
@@ -293,7 +294,7 @@ pub fn run_against(
             .iter()
             .map(|s| s.scenario(dev.as_deref()))
             .collect::<Result<_>>()?;
-        scenario::run(lab, kernel, cell, &runs, |spec| {
+        engine::run(lab, kernel, cell, &runs, |spec| {
             if let (Some(p), Some(b)) = (driver, &built) {
                 p.tune(spec, b);
             }

@@ -566,7 +566,7 @@ impl Project {
             .iter()
             .map(|s| self.scenario(s))
             .collect::<Result<_>>()?;
-        let outs = crate::scenario::run(lab, kernel, cell, &scenarios, |spec| {
+        let outs = crate::engine::run(lab, kernel, cell, &scenarios, |spec| {
             spec.scenario = self.name.clone();
             self.tune(spec, &built);
         })?;

@@ -18,9 +18,8 @@ use vdevlab_device::device::Stats;
 use vdevlab_device::irq::IrqMode;
 
 use crate::cell::Cell;
-use crate::engine;
 use crate::env::Kernel;
-use crate::guest::{accel_name, BootSpec, Vmm};
+use crate::guest::{accel_name, Vmm};
 use crate::record::{self, RunRecord, Verdict};
 use crate::Lab;
 
@@ -500,100 +499,6 @@ fn stream_fields(prefix: &str, data: &[u8]) -> Vec<(String, Value)> {
             Value::String(hex::encode(Sha256::digest(data))),
         ),
     ]
-}
-
-/// Run `scenarios` in one boot of `kernel` in `cell`, in order, each with
-/// its own run record; the boot adjusted by `tune` (driver parameters, a
-/// user's module, another device).
-pub fn run(
-    lab: &Lab,
-    kernel: &Kernel,
-    cell: Cell,
-    scenarios: &[Scenario],
-    tune: impl FnOnce(&mut BootSpec),
-) -> Result<Vec<Outcome>> {
-    engine::run(lab, kernel, cell, scenarios, tune)
-}
-
-/// Run stream cases in one boot of `kernel`, in order.
-pub fn run_streams(
-    lab: &Lab,
-    kernel: &Kernel,
-    cell: Cell,
-    cases: &[StreamCase],
-) -> Result<Vec<Outcome>> {
-    run_streams_tuned(lab, kernel, cell, cases, |_| {})
-}
-
-/// [`run_streams`] with the boot adjusted by `tune` (e.g. driver parameters).
-pub fn run_streams_tuned(
-    lab: &Lab,
-    kernel: &Kernel,
-    cell: Cell,
-    cases: &[StreamCase],
-    tune: impl FnOnce(&mut BootSpec),
-) -> Result<Vec<Outcome>> {
-    let scenarios: Vec<Scenario> = cases
-        .iter()
-        .map(|c| c.scenario(None))
-        .collect::<Result<_>>()?;
-    run(lab, kernel, cell, &scenarios, tune)
-}
-
-/// `blocking-rx`: the guest's blocking `read()` sleeps in the driver; the
-/// host injects `payload` through the control plane once the reader is
-/// waiting; the guest must receive exactly those bytes. Boots `kernel`.
-pub fn blocking_rx(lab: &Lab, kernel: &Kernel, cell: Cell, payload: &[u8]) -> Result<Outcome> {
-    let case = StreamCase::new("blocking-rx", payload.len(), 0);
-    let mut outs = run(lab, kernel, cell, &[case.scenario(Some(payload))?], |_| {})?;
-    outs.pop().context("the run gave no outcome")
-}
-
-/// `backend-crash-rx`: the device model crashes (SIGKILL) mid-stream while
-/// QEMU keeps running, and what the guest sees is checked.
-///
-/// QEMU 11.1's `vhost-user-test-device-pci` cannot reconnect: started with
-/// the chardev's `reconnect-ms` it fails to realize ("Failed to set msg
-/// fds": the generic device does not wait for the socket to connect), and
-/// without it a closed socket stays closed. So a crash is final for the
-/// device, and the contract for the guest is: data delivered before the
-/// crash is read intact; then the device goes quiet, and the reader simply
-/// blocks (no error, no invented byte, no kernel splat) until the VM is
-/// torn down. The guest's blocking reader waits for `2 * half` bytes; the
-/// host delivers `half`, kills the backend, and checks that the reader is
-/// still waiting and the VM still running 5 s later.
-pub fn backend_crash_rx(lab: &Lab, kernel: &Kernel, half: usize) -> Result<Outcome> {
-    let total = (2 * half).to_string();
-    let scenario = Scenario {
-        name: "backend-crash-rx".into(),
-        expect: Expect {
-            result: false,
-            ..Expect::default()
-        },
-        ..Scenario::program("blocking-rx", &["--bytes", &total, "--chunk", "4000"]).with_steps(
-            vec![
-                Step::Ready("blocking-rx".into()),
-                Step::inject(pattern(0x7e57, half)),
-                // Delivered into the driver's buffers, not just queued.
-                Step::Counter {
-                    name: "rx_bytes".into(),
-                    at_least: half as u64,
-                },
-                Step::KillBackend,
-                Step::Quiet(Duration::from_secs(5)),
-            ],
-        )
-    };
-    let mut outs = run(lab, kernel, Cell::QEMU_TCG, &[scenario], |spec| {
-        // The driver must not read config space here: QEMU 11.1's generic
-        // vhost-user device forwards every config read to the backend, and
-        // once it has handled the backend's disconnect such a read fails
-        // an assertion (vhost_dev_get_config: `hdev->vhost_ops`) and aborts
-        // QEMU. With the default config_status=1 the driver's status-word
-        // poll does that within 500 ms of the crash.
-        spec.driver_params = vec!["config_status=0".into()];
-    })?;
-    outs.pop().context("the run gave no outcome")
 }
 
 #[cfg(test)]

@@ -16,9 +16,10 @@ use vdevlab_vmm_config::{VmConfig, SENSOR_CONFIG_TOML};
 
 use crate::artifacts::{build_module, check_module, lab_dir, write_archive};
 use crate::cell::Cell;
+use crate::engine;
 use crate::env::{target_dir, workspace_root, Kernel};
 use crate::guest::{BackendCommand, BootSpec, GuestDriver};
-use crate::scenario::{self, Outcome, Scenario, Step};
+use crate::scenario::{Outcome, Scenario, Step};
 use crate::Lab;
 
 /// The driver module's name.
@@ -210,5 +211,5 @@ pub fn run(
     backend_args: &[String],
 ) -> Result<Vec<Outcome>> {
     let boot = SensorBoot::new(art, kernel, backend_args)?;
-    scenario::run(lab, kernel, cell, cases, |spec| boot.apply(spec))
+    engine::run(lab, kernel, cell, cases, |spec| boot.apply(spec))
 }
