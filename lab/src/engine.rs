@@ -526,50 +526,37 @@ impl<'l> Session<'l> {
     /// Wait for the guest to power off after its last program, and scan
     /// its console.
     pub fn finish(self, timeout: Duration) -> Ended {
-        let (lab, kernel, cell, driver, t0) =
-            (self.lab, self.kernel, self.cell, self.driver, self.t0);
-        let (boot_ms, driver_ready_ms) = (self.guest.boot_ms, self.guest.driver_ready_ms);
         let console = self.guest.console_path.clone();
-        let (problems, text) = match self.guest.finish(timeout) {
-            Ok(f) => (splat_problems(&f.splats), f.console),
+        let times = (self.guest.boot_ms, self.guest.driver_ready_ms);
+        let (splats, failed, text) = match self.guest.finish(timeout) {
+            Ok(f) => (f.splats, None, f.console),
             Err(e) => (
-                vec![format!("{e:#}")],
+                Vec::new(),
+                Some(format!("{e:#}")),
                 std::fs::read_to_string(&console).unwrap_or_default(),
             ),
         };
-        Ended::new(
-            lab,
-            &kernel,
-            cell,
-            driver,
-            t0,
-            (boot_ms, driver_ready_ms),
-            console,
-            problems,
-            text,
-        )
+        let mut ended = Ended::new(self.lab, &self.kernel, self.cell, self.t0, times, console);
+        ended.driver(self.driver);
+        ended.problems = splat_problems(&splats);
+        ended.problems.extend(failed);
+        ended.splats = splats;
+        ended.console = text;
+        ended
     }
 
     /// Stop the guest now (a program still waits, or the guest is no
     /// longer usable), and scan its console.
     pub fn abort(self) -> Ended {
-        let (lab, kernel, cell, driver, t0) =
-            (self.lab, self.kernel, self.cell, self.driver, self.t0);
-        let (boot_ms, driver_ready_ms) = (self.guest.boot_ms, self.guest.driver_ready_ms);
         let console = self.guest.console_path.clone();
+        let times = (self.guest.boot_ms, self.guest.driver_ready_ms);
         let f = self.guest.abort();
-        let problems = splat_problems(&f.splats);
-        Ended::new(
-            lab,
-            &kernel,
-            cell,
-            driver,
-            t0,
-            (boot_ms, driver_ready_ms),
-            console,
-            problems,
-            f.console,
-        )
+        let mut ended = Ended::new(self.lab, &self.kernel, self.cell, self.t0, times, console);
+        ended.driver(self.driver);
+        ended.problems = splat_problems(&f.splats);
+        ended.splats = f.splats;
+        ended.console = f.console;
+        ended
     }
 }
 
@@ -634,22 +621,20 @@ pub struct Ended {
     base: RunRecord,
     /// Problems of the whole boot (kernel splats, a VMM that failed).
     pub problems: Vec<String>,
+    /// The kernel splats on the console.
+    pub splats: Vec<crate::splat::Splat>,
     /// The whole console.
     pub console: String,
 }
 
 impl Ended {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         lab: &Lab,
         kernel: &Kernel,
         cell: Cell,
-        driver: Option<String>,
         t0: Instant,
         (boot_ms, driver_ready_ms): (Option<u64>, Option<u64>),
         console_path: PathBuf,
-        problems: Vec<String>,
-        console: String,
     ) -> Self {
         let mut base = RunRecord::new(
             "",
@@ -664,12 +649,17 @@ impl Ended {
         base.driver_ready_ms = driver_ready_ms;
         base.console = Some(console_path);
         base.duration_ms = Some(t0.elapsed().as_millis() as u64);
-        base.driver = driver;
         Self {
             base,
-            problems,
-            console,
+            problems: Vec::new(),
+            splats: Vec::new(),
+            console: String::new(),
         }
+    }
+
+    /// The driver module under test, for the records.
+    pub fn driver(&mut self, module: Option<String>) {
+        self.base.driver = module;
     }
 
     /// Append the record of `name`: it passed if neither it nor the boot

@@ -11,17 +11,18 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
 use vdevlab_guest::protocol;
 
 use crate::cell::Cell;
+use crate::engine;
 use crate::env::Kernel;
-use crate::guest::{accel_name, BootSpec, Guest};
+use crate::guest::{BootSpec, Guest};
 use crate::project::Project;
-use crate::record::{self, RunRecord, Verdict};
+use crate::record::RunRecord;
 use crate::scenario::BOOT_TIMEOUT;
 use crate::splat::Splat;
 use crate::Lab;
@@ -100,12 +101,10 @@ pub fn up(
     project: Option<&Project>,
     cell: Cell,
     input: impl Read + Send + 'static,
-    mut output: impl Write + Send + 'static,
+    output: impl Write + Send + 'static,
 ) -> Result<Session> {
     let mut spec = BootSpec::new("up", Vec::new()).on_kernel(&kernel.name);
     spec.interactive = true;
-    spec.vmm = cell.vmm;
-    spec.accel = cell.accel;
     let what = match project {
         Some(p) => {
             let built = p.build(kernel)?;
@@ -114,10 +113,56 @@ pub fn up(
         }
         None => "vdevlab_qw.ko".to_string(),
     };
-    let t0 = Instant::now();
-    let mut guest = Guest::boot(&lab.env, &lab.artifacts, &spec)?;
+    let mut session = engine::Session::boot(lab, &lab.artifacts, kernel, cell, spec)?;
+    let guest = &mut session.guest;
     let raw = guest.raw_console().context("no console stream")?;
-    let mut to_guest = guest.console_input().context("no console input")?;
+    let to_guest = guest.console_input().context("no console input")?;
+    greet(guest, kernel, &what);
+    let echo = echo_console(raw, output)?;
+    let ready = guest.wait_for(protocol::SHELL, BOOT_TIMEOUT);
+    let powered_off = match &ready {
+        Err(e) => {
+            say(&format!("the guest did not get to its shell: {e:#}"));
+            false
+        }
+        Ok(_) => {
+            say("the guest shell is ready");
+            interact(guest, input, to_guest)?
+        }
+    };
+    let console = guest.console_path.clone();
+    let ended = if powered_off {
+        session.finish(Duration::from_secs(10))
+    } else {
+        session.abort()
+    };
+    let _ = echo.join();
+    let record = ended.record(
+        "up",
+        ready.err().map(|e| format!("{e:#}")).into_iter().collect(),
+    )?;
+    say(&format!(
+        "{}; backend stopped, sockets removed; console {}",
+        if powered_off {
+            "the guest powered off"
+        } else {
+            "the guest was stopped"
+        },
+        console.display()
+    ));
+    for s in &ended.splats {
+        say(&format!("kernel {}: {}", s.kind, s.line.trim()));
+    }
+    Ok(Session {
+        powered_off,
+        splats: ended.splats,
+        console,
+        record,
+    })
+}
+
+/// Where things are and how to drive the device from another terminal.
+fn greet(guest: &Guest, kernel: &Kernel, what: &str) {
     say(&format!(
         "booting {} ({}) with {what}; run folder {}",
         kernel.name,
@@ -142,10 +187,15 @@ pub fn up(
         ));
     }
     say("leave with `exit` or Ctrl-D (the guest powers off), or Ctrl-] (kills it)");
+}
 
-    // The console, as it comes, until the shell has ended (the dmesg dump
-    // after it is for the splat scan, not for the user).
-    let echo = std::thread::Builder::new()
+/// Show the console as it comes, until the shell has ended (the dmesg
+/// dump after it is for the splat scan, not for the user).
+fn echo_console(
+    raw: std::sync::mpsc::Receiver<Vec<u8>>,
+    mut output: impl Write + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>> {
+    Ok(std::thread::Builder::new()
         .name("vdevlab-up-echo".into())
         .spawn(move || {
             let mut tail = Vec::new();
@@ -166,96 +216,43 @@ pub fn up(
                 let _ = output.write_all(show);
                 let _ = output.flush();
             }
-        })?;
+        })?)
+}
 
-    let ready = guest.wait_for(protocol::SHELL, BOOT_TIMEOUT);
-    let mut powered_off = false;
-    if let Err(e) = &ready {
-        say(&format!("the guest did not get to its shell: {e:#}"));
-    } else {
-        say("the guest shell is ready");
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            // SAFETY: the handler only stores to an atomic, which is
-            // async-signal-safe.
-            unsafe {
-                libc::signal(
-                    sig,
-                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-                )
-            };
-        }
-        let quit = Arc::new(AtomicBool::new(false));
-        let raw_mode = RawTerminal::enter();
-        let q = quit.clone();
-        std::thread::Builder::new()
-            .name("vdevlab-up-input".into())
-            .spawn(move || forward_input(input, &mut to_guest, &q))?;
-        loop {
-            if quit.load(Ordering::SeqCst) || SIGNALLED.load(Ordering::SeqCst) {
-                break;
-            }
-            if !guest.vmm_running() {
-                powered_off = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        drop(raw_mode);
+/// The user's session: input goes to the guest until the guest powers off
+/// (true), or Ctrl-] or a signal ends it (false).
+fn interact(
+    guest: &mut Guest,
+    input: impl Read + Send + 'static,
+    mut to_guest: std::process::ChildStdin,
+) -> Result<bool> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
     }
-    let console = guest.console_path.clone();
-    let boot_ms = guest.boot_ms;
-    let driver_ready_ms = guest.driver_ready_ms;
-    let finished = if powered_off {
-        guest.finish(Duration::from_secs(10))?
-    } else {
-        guest.abort()
+    let quit = Arc::new(AtomicBool::new(false));
+    let raw_mode = RawTerminal::enter();
+    let q = quit.clone();
+    std::thread::Builder::new()
+        .name("vdevlab-up-input".into())
+        .spawn(move || forward_input(input, &mut to_guest, &q))?;
+    let powered_off = loop {
+        if quit.load(Ordering::SeqCst) || SIGNALLED.load(Ordering::SeqCst) {
+            break false;
+        }
+        if !guest.vmm_running() {
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
-    let _ = echo.join();
-    let mut rec = RunRecord::new(
-        "up",
-        spec.vmm.name(),
-        accel_name(spec.accel),
-        &kernel.release,
-        Verdict::Pass,
-    );
-    rec.kernel_name = Some(kernel.name.clone());
-    rec.vmm_version = crate::scenario::vmm_version(lab, cell.vmm);
-    rec.boot_ms = boot_ms;
-    rec.driver_ready_ms = driver_ready_ms;
-    rec.console = Some(console.clone());
-    rec.duration_ms = Some(t0.elapsed().as_millis() as u64);
-    rec.driver = project.map(|p| p.module.clone());
-    let mut problems: Vec<String> = finished
-        .splats
-        .iter()
-        .map(|s| format!("kernel {}: {}", s.kind, s.line.trim()))
-        .collect();
-    if let Err(e) = ready {
-        problems.insert(0, format!("{e:#}"));
-    }
-    if !problems.is_empty() {
-        rec.result = Verdict::Fail;
-        rec.reason = Some(problems.join("; "));
-    }
-    record::append(&rec)?;
-    say(&format!(
-        "{}; backend stopped, sockets removed; console {}",
-        if powered_off {
-            "the guest powered off"
-        } else {
-            "the guest was stopped"
-        },
-        console.display()
-    ));
-    for s in &finished.splats {
-        say(&format!("kernel {}: {}", s.kind, s.line.trim()));
-    }
-    Ok(Session {
-        powered_off,
-        splats: finished.splats,
-        console,
-        record: rec,
-    })
+    drop(raw_mode);
+    Ok(powered_off)
 }
 
 /// Copy the user's input to the guest console until Ctrl-] (set `quit`) or
