@@ -308,7 +308,6 @@ pub fn build_module(
     dir: &Path,
     label: &str,
 ) -> Result<(PathBuf, String, PathBuf)> {
-    use sha2::{Digest, Sha256};
     let build = dir.join(format!("{label}-{}", kernel.release));
     let ko = build.join(format!("{name}.ko"));
     let log_path = dir.join(format!("{label}-{}.log", kernel.release));
@@ -319,6 +318,55 @@ pub fn build_module(
     let lock = fs::File::create(dir.join(format!("{label}-{}.lock", kernel.release)))?;
     lock.lock()
         .with_context(|| format!("locking the {label} build for {}", kernel.release))?;
+    let stamp = copy_sources(kernel, src, &build)?;
+    if ko.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        if let Ok(log) = fs::read_to_string(&log_path) {
+            return Ok((ko, log, log_path));
+        }
+    }
+    let _ = fs::remove_file(&stamp_path);
+    // A rebuild compiles everything again, so its log holds every warning
+    // (and sparse's report) rather than only the changed files'.
+    for entry in fs::read_dir(&build)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "o" || e == "ko") {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    let (mut cmd, what) = make_command(kernel, &build);
+    // English compiler messages: the warning check looks for "warning:".
+    cmd.env("LC_ALL", "C");
+    let what = format!(
+        "building {} for {} {} (make W=1 modules, {what})",
+        src.display(),
+        kernel.name,
+        kernel.release
+    );
+    let (status, log) = output_log(&mut cmd, &what)?;
+    fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
+    if !status.success() {
+        bail!(
+            "{what} failed ({status}); log {}:\n{log}",
+            log_path.display()
+        );
+    }
+    if !ko.is_file() {
+        bail!(
+            "{what} made no {name}.ko (is obj-m in {}/Kbuild {name}.o?); log {}:\n{log}",
+            src.display(),
+            log_path.display()
+        );
+    }
+    fs::write(&stamp_path, &stamp)?;
+    Ok((ko, log, log_path))
+}
+
+/// Copy the module's sources (`.c`, `.h`, `.S`, Kbuild, Makefile and an
+/// `include/` tree) into `build`, and return the build's stamp: a hash of
+/// the sources, the build's place and flags, and the kernel headers.
+fn copy_sources(kernel: &Kernel, src: &Path, build: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     // The build's place and flags too.
     hash.update(format!(
@@ -363,25 +411,15 @@ pub fn build_module(
             hash.update(format!("{f} {} {:?}\n", m.len(), m.modified().ok()));
         }
     }
-    let stamp = hex::encode(hash.finalize());
-    if ko.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
-        if let Ok(log) = fs::read_to_string(&log_path) {
-            return Ok((ko, log, log_path));
-        }
-    }
-    let _ = fs::remove_file(&stamp_path);
-    // A rebuild compiles everything again, so its log holds every warning
-    // (and sparse's report) rather than only the changed files'.
-    for entry in fs::read_dir(&build)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "o" || e == "ko") {
-            let _ = fs::remove_file(path);
-        }
-    }
+    Ok(hex::encode(hash.finalize()))
+}
 
+/// The kbuild command for a module in `build` (W=1, sparse where the
+/// kernel has it), and a description for messages.
+fn make_command(kernel: &Kernel, build: &Path) -> (Command, String) {
     // C=1: sparse checks every file it compiles.
     let sparse = kernel.sparse.then_some("C=1");
-    let (mut cmd, what) = match &kernel.build {
+    let (cmd, what) = match &kernel.build {
         BuildPlace::InRoot(root) => {
             let mut c = Command::new(in_root_script());
             c.arg(root);
@@ -413,31 +451,7 @@ pub fn build_module(
     } else {
         what
     };
-    // English compiler messages: the warning check looks for "warning:".
-    cmd.env("LC_ALL", "C");
-    let what = format!(
-        "building {} for {} {} (make W=1 modules, {what})",
-        src.display(),
-        kernel.name,
-        kernel.release
-    );
-    let (status, log) = output_log(&mut cmd, &what)?;
-    fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
-    if !status.success() {
-        bail!(
-            "{what} failed ({status}); log {}:\n{log}",
-            log_path.display()
-        );
-    }
-    if !ko.is_file() {
-        bail!(
-            "{what} made no {name}.ko (is obj-m in {}/Kbuild {name}.o?); log {}:\n{log}",
-            src.display(),
-            log_path.display()
-        );
-    }
-    fs::write(&stamp_path, &stamp)?;
-    Ok((ko, log, log_path))
+    (cmd, what)
 }
 
 /// Copy keeping mtimes stable for unchanged files, so make rebuilds only
