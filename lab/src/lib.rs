@@ -1,10 +1,27 @@
 //! The vdevlab harness, shared by the `vdevlab` command and the integration
-//! tests: it provisions the lab ([`env`]), builds what a boot needs
-//! ([`artifacts`]), boots guests under a real VMM with the real backend
-//! ([`guest`]), runs scenarios ([`scenario`]), spots kernel splats
-//! ([`splat`]) and records every run ([`record`]), in each cell of the
-//! matrix ([`cell`]: VMM and accelerator); a run's sockets live in a short
-//! private folder ([`sockets`]).
+//! tests. Its modules, in the order a run uses them:
+//!
+//! - [`mod@env`]: provisions the lab (toolchain, guest kernels, QEMU) and
+//!   knows where things live;
+//! - [`doctor`]: says what this machine can run, and what to do about it;
+//! - [`cell`]: the matrix's cells (VMM and accelerator) and which can run;
+//! - [`artifacts`]: builds what a boot needs (backend, guest programs,
+//!   driver, initramfs);
+//! - [`sockets`]: a run's short private socket folder;
+//! - [`guest`]: boots a guest under a real VMM with the real backend, and
+//!   reads its console;
+//! - [`scenario`]: what a scenario is (data: a guest command, the host's
+//!   steps, the expectations);
+//! - [`engine`]: the one engine that runs scenarios and records them;
+//! - [`campaign`]: fault-injection campaigns (`faults/*.toml`);
+//! - [`project`]: a user's own driver, device and scenarios
+//!   (`vdevlab.toml`);
+//! - [`sensor`]: the second example device in the lab;
+//! - [`mod@bench`]: latency and throughput against virtio-serial and a pipe;
+//! - [`up`]: the interactive lab, a shell on the guest's console;
+//! - [`splat`]: spots kernel splats on a console;
+//! - [`record`]: one run record per scenario, `runs.jsonl`;
+//! - [`report`]: JSON and JUnit reports and verdict tables.
 
 pub mod artifacts;
 pub mod bench;
