@@ -281,6 +281,12 @@ impl<'l> Session<'l> {
             match self.step(s, step, &mut deadline, &mut d.stats) {
                 Ok(Next::Go) => {}
                 Ok(Next::Ended(v)) => {
+                    // Ending before its first READY is the program's own
+                    // failure (its result says why); skipping a later one
+                    // leaves host steps undone, which the verdict says.
+                    if s.steps[..i].iter().any(|p| matches!(p, Step::Ready(_))) {
+                        d.problems.push(format!("{what}: the program ended before it"));
+                    }
                     ended = Some(v);
                     break;
                 }
