@@ -152,3 +152,252 @@ impl<D: VirtioDevice> Engine<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::chain::tests::{rx_cases, tx_cases};
+    use crate::chain::{Chain, Direction, QueueSpec};
+    use crate::testing::{memory, Desc, Link, Ring, MEM, QUEUE_SIZE};
+    use crate::Core;
+
+    const RX: u16 = 0;
+    const TX: u16 = 1;
+    /// Bytes waiting ahead of a malformed receive chain.
+    const PAYLOAD: &[u8] = b"payload!";
+    /// Where the well-formed chains that follow a malformed one live.
+    const GOOD: u64 = 0x30000;
+    const GOOD2: u64 = 0x31000;
+
+    /// About the smallest device there is: bytes put in `fifo` go to the
+    /// driver's receive buffers (queue 0, taken only while there are bytes),
+    /// the driver's transmit buffers (queue 1) land in `capture`.
+    #[derive(Debug, Default)]
+    struct Pipe {
+        fifo: VecDeque<u8>,
+        capture: Vec<u8>,
+        rx_bytes: u64,
+        rx_buffers: u64,
+        tx_bytes: u64,
+    }
+
+    impl VirtioDevice for Pipe {
+        fn name(&self) -> &'static str {
+            "pipe"
+        }
+        fn queues(&self) -> Vec<QueueSpec> {
+            vec![
+                QueueSpec::new("rx", QUEUE_SIZE, Direction::DeviceWrites),
+                QueueSpec::new("tx", QUEUE_SIZE, Direction::DeviceReads),
+            ]
+        }
+        fn config_space(&self, _core: &Core) -> Vec<u8> {
+            Vec::new()
+        }
+        fn wants_buffers(&self, queue: u16) -> bool {
+            queue == TX || !self.fifo.is_empty()
+        }
+        fn handle_chain(&mut self, queue: u16, chain: &Chain<'_>, _core: &mut Core) -> Outcome {
+            if queue == TX {
+                return match chain.read_to_end(&mut self.capture) {
+                    Ok(n) => {
+                        self.tx_bytes += n as u64;
+                        Outcome::Complete { used_len: 0 }
+                    }
+                    Err(e) => Outcome::Refuse(e),
+                };
+            }
+            let n = (chain.writable_len() as usize).min(self.fifo.len());
+            let (a, b) = self.fifo.as_slices();
+            let from_a = n.min(a.len());
+            match chain.write(&[&a[..from_a], &b[..n - from_a]]) {
+                Ok(written) => {
+                    self.fifo.drain(..written);
+                    self.rx_bytes += written as u64;
+                    self.rx_buffers += 1;
+                    Outcome::Complete {
+                        used_len: written as u32,
+                    }
+                }
+                Err(e) => Outcome::Refuse(e),
+            }
+        }
+        fn reset(&mut self, _core: &mut Core) {
+            self.fifo.clear();
+            self.capture.clear();
+        }
+        fn counters(&self) -> Fields {
+            Fields::new()
+        }
+    }
+
+    fn engine_with(data: &[u8]) -> Engine<Pipe> {
+        let mut eng = Engine::new(Pipe::default());
+        eng.device.fifo.extend(data);
+        eng
+    }
+
+    /// (bad_chains, queue_errors)
+    fn faults(eng: &Engine<Pipe>) -> (u64, u64) {
+        let c = eng.core.counters();
+        (c.bad_chains, c.queue_errors)
+    }
+
+    #[test]
+    fn rx_refuses_bad_chains_and_keeps_going() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::readable(0x8000, 8)]); // device-readable on rx
+        ring.post(&[Desc::writable(MEM - 4, 8)]); // runs past the end of memory
+        ring.post(&[Desc::writable(u64::MAX - 2, 8)]); // wraps the address space
+        ring.post(&[Desc::writable(0x9000, 0)]); // no bytes
+        ring.post(&[Desc::writable(0xa000, 8)]); // fine
+        let mut eng = engine_with(PAYLOAD);
+        let pass = eng.process(RX, &mut ring.queue, &mem).unwrap();
+        assert_eq!(pass.completed, 5);
+        assert_eq!(eng.core.counters().bad_chains, 4);
+        for i in 0..4 {
+            assert_eq!(ring.used(i).1, 0, "bad chain {i} completes with length 0");
+        }
+        assert_eq!(ring.used(4), (4, 8));
+        assert_eq!(
+            ring.read(0xa000, 8),
+            PAYLOAD,
+            "no byte lost to the bad chains"
+        );
+    }
+
+    #[test]
+    fn loops_and_bad_next_indices_are_refused() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4).link(Link::Slot(0))]); // points at itself
+        ring.post(&[Desc::writable(0x9000, 4).link(Link::Raw(99))]); // next past the table
+        ring.post(&[Desc::writable(0xa000, 8)]); // fine
+        let mut eng = engine_with(b"12345678");
+        let pass = eng.process(RX, &mut ring.queue, &mem).unwrap();
+        assert_eq!(pass.completed, 3);
+        assert_eq!(eng.core.counters().bad_chains, 2);
+        assert_eq!(ring.used(0), (0, 0));
+        assert_eq!(ring.used(1), (1, 0));
+        assert_eq!(ring.used(2), (2, 8));
+    }
+
+    #[test]
+    fn tx_refuses_writable_descriptors() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4)]);
+        let mut eng = engine_with(b"");
+        let pass = eng.process(TX, &mut ring.queue, &mem).unwrap();
+        assert_eq!(pass.completed, 1);
+        assert_eq!(eng.core.counters().bad_chains, 1);
+        assert_eq!(ring.used(0), (0, 0));
+        assert!(eng.device.capture.is_empty());
+    }
+
+    #[test]
+    fn a_head_outside_the_table_breaks_the_ring_without_losing_data() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4)]);
+        // A second avail entry naming head 300 in a 16-entry table.
+        ring.push_avail(300);
+        let mut eng = engine_with(b"abcdefgh");
+        assert!(eng.process(RX, &mut ring.queue, &mem).is_err());
+        assert_eq!(ring.used(0), (0, 4), "the good chain before it completed");
+        assert_eq!(ring.used_idx(), 1);
+        assert_eq!(eng.device.fifo.len(), 4, "no byte went to the bad head");
+        assert_eq!(eng.device.rx_bytes, 4);
+        assert_eq!(eng.core.counters().queue_errors, 1);
+    }
+
+    #[test]
+    fn avail_index_jump_is_a_queue_error() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4)]);
+        ring.set_avail_idx(100); // more than the queue size ahead
+        let mut eng = engine_with(b"x");
+        assert!(eng.process(RX, &mut ring.queue, &mem).is_err());
+        assert_eq!(eng.core.counters().queue_errors, 1);
+    }
+
+    /// Each malformed receive chain of the table in `chain.rs`, then a good
+    /// one: the bad chain completes with length 0 and counts in
+    /// `bad_chains`, no byte is lost, and the queue keeps working.
+    #[test]
+    fn a_malformed_rx_chain_is_completed_empty_and_the_queue_goes_on() {
+        for c in rx_cases() {
+            let mem = memory();
+            let mut ring = Ring::new(&mem);
+            let bad = (c.post)(&mut ring);
+            let good = ring.post(&[Desc::writable(GOOD, 8)]);
+            let mut eng = engine_with(PAYLOAD);
+            let pass = eng.process(RX, &mut ring.queue, &mem);
+            assert!(pass.is_ok(), "{}: the queue broke: {pass:?}", c.name);
+            assert_eq!(
+                ring.all_used(),
+                vec![(bad.into(), 0), (good.into(), 8)],
+                "{}: bad chain completed with length 0, then the good chain with the payload",
+                c.name
+            );
+            assert_eq!(ring.read(GOOD, 8), PAYLOAD, "{}: no byte lost", c.name);
+            assert_eq!(faults(&eng), (1, 0), "{}: counters", c.name);
+            assert_eq!((eng.device.rx_bytes, eng.device.rx_buffers), (8, 1));
+
+            // The queue is not dead.
+            let again = ring.post(&[Desc::writable(GOOD2, 16)]);
+            eng.device.fifo.extend(b"still alive");
+            eng.process(RX, &mut ring.queue, &mem).unwrap();
+            assert_eq!(ring.used_idx(), 3, "{}: {:?}", c.name, ring.all_used());
+            assert_eq!(ring.used(2), (again.into(), 11), "{}", c.name);
+            assert_eq!(ring.read(GOOD2, 11), b"still alive", "{}", c.name);
+        }
+    }
+
+    /// The same for each malformed transmit chain: only the good chain's
+    /// bytes reach the device.
+    #[test]
+    fn a_malformed_tx_chain_is_completed_empty_and_the_queue_goes_on() {
+        for c in tx_cases() {
+            let mem = memory();
+            let mut ring = Ring::new(&mem);
+            let bad = (c.post)(&mut ring);
+            ring.write(GOOD, b"good bytes");
+            let good = ring.post(&[Desc::readable(GOOD, 10)]);
+            let mut eng = engine_with(b"");
+            let pass = eng.process(TX, &mut ring.queue, &mem);
+            assert!(pass.is_ok(), "{}: the queue broke: {pass:?}", c.name);
+            assert_eq!(
+                ring.all_used(),
+                vec![(bad.into(), 0), (good.into(), 0)],
+                "{}",
+                c.name
+            );
+            let captured = std::mem::take(&mut eng.device.capture);
+            assert_eq!(
+                captured,
+                b"good bytes",
+                "{}: only the good chain's bytes are captured ({} bytes captured)",
+                c.name,
+                captured.len()
+            );
+            assert_eq!(
+                (faults(&eng), eng.device.tx_bytes),
+                ((1, 0), 10),
+                "{}: counters",
+                c.name
+            );
+
+            ring.write(GOOD2, b"still alive");
+            let again = ring.post(&[Desc::readable(GOOD2, 11)]);
+            eng.process(TX, &mut ring.queue, &mem).unwrap();
+            assert_eq!(ring.used_idx(), 3, "{}: {:?}", c.name, ring.all_used());
+            assert_eq!(ring.used(2), (again.into(), 0), "{}", c.name);
+            assert_eq!(eng.device.capture, b"still alive", "{}", c.name);
+        }
+    }
+}

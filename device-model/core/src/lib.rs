@@ -37,6 +37,8 @@ pub mod irq;
 pub mod sockpath;
 pub mod sources;
 pub mod state;
+#[cfg(test)]
+mod testing;
 
 pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};
 pub use device::{to_fields, Fields, Outcome, VirtioDevice};
