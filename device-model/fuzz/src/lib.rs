@@ -573,7 +573,7 @@ pub fn run(data: &[u8]) -> Outcome {
                 let start = books.injected + dev.stats().inject_rejected_bytes;
                 let bytes = pattern_slice(start, usize::from(*len));
                 let before = dev.stats();
-                let accepted = dev.device.inject(bytes);
+                let accepted = dev.device.qw_mut().inject(bytes);
                 books.injected += accepted as u64;
                 let after = dev.stats();
                 assert_eq!(
@@ -588,7 +588,7 @@ pub fn run(data: &[u8]) -> Outcome {
                 );
             }
             Op::Take { max } => {
-                let got = dev.device.take_capture(usize::from(*max));
+                let got = dev.device.qw_mut().take_capture(usize::from(*max));
                 books.taken += got.len() as u64;
                 out.captured.extend_from_slice(&got);
             }
@@ -632,7 +632,7 @@ fn pass(
     // The device reads the available index once, before it writes anything.
     let ring_broken = (Wrapping(q.avail_idx(mem)) - avail_before).0 > size;
     let stats_before = dev.stats();
-    let captured_before = dev.device.tx_captured();
+    let captured_before = dev.device.qw().tx_captured();
     // The available entries as they are before the pass (for the broken-ring
     // check below: add_used may overwrite them when the guest made the rings
     // overlap, and rx data may overwrite them while the device walks).
@@ -657,30 +657,30 @@ fn pass(
         "{name}: injected_bytes matches what the host injected"
     );
     assert_eq!(
-        s.rx_bytes + dev.device.rx_pending() as u64,
+        s.rx_bytes + dev.device.qw().rx_pending() as u64,
         s.injected_bytes,
         "{name} pass ({result:?}): rx_bytes + rx_pending == injected_bytes \
          (a byte left the FIFO without being reported delivered, or was invented)"
     );
     assert_eq!(
         s.tx_bytes,
-        books.taken + dev.device.tx_captured() as u64,
+        books.taken + dev.device.qw().tx_captured() as u64,
         "{name} pass ({result:?}): tx_bytes == bytes taken + bytes still captured"
     );
-    let tx_pass_bytes = (dev.device.tx_captured() - captured_before.min(dev.device.tx_captured())) as u64;
+    let tx_pass_bytes = (dev.device.qw().tx_captured() - captured_before.min(dev.device.qw().tx_captured())) as u64;
     // Capacity. The spec lets an *empty* capture take one buffer larger than
     // the whole capture (at most MAX_CHAIN_BYTES), so that a big buffer
     // cannot wedge the queue; otherwise the capture stays within capacity.
     assert!(
-        dev.device.tx_captured() <= tx_capacity
-            || dev.device.tx_captured() <= captured_before
+        dev.device.qw().tx_captured() <= tx_capacity
+            || dev.device.qw().tx_captured() <= captured_before
             || (captured_before == 0
                 && qi == TX
                 && s.tx_buffers - stats_before.tx_buffers == 1
-                && dev.device.tx_captured() as u64 <= MAX_CHAIN_BYTES),
+                && dev.device.qw().tx_captured() as u64 <= MAX_CHAIN_BYTES),
         "{name}: capture holds {} bytes (was {captured_before}), more than its capacity \
          {tx_capacity}, and not as the single oversized buffer an empty capture may take",
-        dev.device.tx_captured()
+        dev.device.qw().tx_captured()
     );
     assert!(advanced <= size, "{name}: more completions than the queue size");
 
