@@ -224,8 +224,77 @@ impl ControlClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The counters of a `stats` reply, by name, as clients have read them
+    /// (the CLI, the lab's reports, users' scripts): the wire form of
+    /// [`Stats`], which must not change.
+    pub(crate) const STATS_FIELDS: [&str; 20] = [
+        "injected_bytes",
+        "inject_rejected_bytes",
+        "rx_bytes",
+        "rx_buffers",
+        "tx_bytes",
+        "tx_buffers",
+        "bad_chains",
+        "interrupts_raised",
+        "interrupts_suppressed",
+        "queue_errors",
+        "overruns",
+        "interrupts_dropped",
+        "spurious_interrupts",
+        "stalled_passes",
+        "corrupted_buffers",
+        "truncated_bytes",
+        "hostile_bogus_ids",
+        "hostile_overlong",
+        "hostile_index_jumps",
+        "hostile_double_completions",
+    ];
+
+    #[test]
+    fn stats_keep_their_wire_form() {
+        // Every counter a different value: a field mixed up with another,
+        // dropped or renamed shows.
+        let raw: serde_json::Map<String, Value> = STATS_FIELDS
+            .iter()
+            .zip(1u64..)
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        let stats: Stats = serde_json::from_value(Value::Object(raw.clone())).unwrap();
+        assert_eq!(serde_json::to_value(stats).unwrap(), Value::Object(raw));
+        // The fields clients read by name, the device's and the core's.
+        assert_eq!(
+            (stats.injected_bytes, stats.rx_bytes, stats.tx_bytes),
+            (1, 3, 5)
+        );
+        assert_eq!(
+            (
+                stats.bad_chains,
+                stats.interrupts_raised,
+                stats.queue_errors
+            ),
+            (7, 8, 10)
+        );
+        assert_eq!((stats.overruns, stats.hostile_double_completions), (11, 20));
+        // Replies of devices older than the fault and hostile counters
+        // still parse (those read as 0); the original ten do not go missing.
+        let old: serde_json::Map<String, Value> = STATS_FIELDS[..10]
+            .iter()
+            .map(|k| (k.to_string(), 1.into()))
+            .collect();
+        let s: Stats = serde_json::from_value(Value::Object(old.clone())).unwrap();
+        assert_eq!((s.rx_bytes, s.overruns, s.hostile_overlong), (1, 0, 0));
+        for k in STATS_FIELDS[..10].iter() {
+            let mut short = old.clone();
+            short.remove(*k);
+            assert!(
+                serde_json::from_value::<Stats>(Value::Object(short)).is_err(),
+                "a reply without {k} is refused"
+            );
+        }
+    }
 
     #[test]
     fn requests_round_trip_as_json_lines() {

@@ -579,6 +579,38 @@ mod control_plane_tests {
             assert!(typed.get(key).is_some(), "Stats lacks the counter {key}");
         }
         assert_eq!(raw.len(), typed.as_object().unwrap().len());
+        // And exactly the counters clients know (the wire form).
+        let mut names: Vec<&str> = raw.keys().map(String::as_str).collect();
+        let mut want = crate::control::tests::STATS_FIELDS.to_vec();
+        names.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn a_stats_reply_reads_into_stats_and_back_unchanged() {
+        // Counters of the device and of the core, none zero.
+        let plane = plane(QwDevice::new(4, 4));
+        let inject = br#"{"op":"inject","data":"0102030405"}"#;
+        assert!(plane.handle_line(inject).ok);
+        {
+            let mut eng = plane.engine.lock().unwrap();
+            let c = eng.core.counters_mut();
+            (c.bad_chains, c.interrupts_raised, c.hostile_overlong) = (2, 3, 4);
+        }
+        let reply = plane.handle_line(br#"{"op":"stats"}"#);
+        let raw = reply.fields["stats"].clone();
+        let stats: Stats = serde_json::from_value(raw.clone()).unwrap();
+        assert_eq!(serde_json::to_value(stats).unwrap(), raw);
+        assert_eq!((stats.injected_bytes, stats.inject_rejected_bytes), (4, 1));
+        assert_eq!(
+            (
+                stats.bad_chains,
+                stats.interrupts_raised,
+                stats.hostile_overlong
+            ),
+            (2, 3, 4)
+        );
     }
 
     #[test]
