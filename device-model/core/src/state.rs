@@ -20,7 +20,8 @@ use crate::faults::FaultState;
 use crate::irq::{IrqAction, IrqMode, IrqPolicy};
 
 /// The core's counters, reported (merged with the device's) by the control
-/// plane's `stats` request.
+/// plane's `stats` request. Those added after the first four may be missing
+/// from an older device's reply: a client reads them as 0.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoreCounters {
     /// Chains refused as malformed (completed with length 0).
@@ -32,15 +33,20 @@ pub struct CoreCounters {
     /// Times a queue was found broken as a whole.
     pub queue_errors: u64,
     /// Fault injection: due interrupts deliberately lost.
+    #[serde(default)]
     pub interrupts_dropped: u64,
     /// Fault injection: interrupts raised with nothing new to report.
+    #[serde(default)]
     pub spurious_interrupts: u64,
     /// Fault injection: passes skipped because a queue was stalled.
+    #[serde(default)]
     pub stalled_passes: u64,
     /// Fault injection: device-to-driver buffers delivered with a flipped byte.
+    #[serde(default)]
     pub corrupted_buffers: u64,
     /// Fault injection: bytes taken from the device but not reported to the
     /// driver (truncated buffers).
+    #[serde(default)]
     pub truncated_bytes: u64,
     /// Hostile mode: used entries naming an id the driver never posted.
     #[serde(default)]

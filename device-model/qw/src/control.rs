@@ -7,6 +7,7 @@
 //! The protocol is documented in `docs/device-spec.md` ("Control plane").
 
 use std::io;
+use std::ops::Deref;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,9 @@ pub use vdevlab_device_core::control::{spawn, Plane, Reply, MAX_LINE};
 use vdevlab_device_core::faults::Fault;
 use vdevlab_device_core::irq::IrqMode;
 use vdevlab_device_core::sources::SourceConfig;
-use vdevlab_device_core::{Engine, VirtioDevice};
+use vdevlab_device_core::{CoreCounters, Engine, VirtioDevice};
+
+use crate::qw::QwCounters;
 
 /// A control-plane request of the qw device: the core's requests and qw's
 /// own (`inject`, `capture`, `source`).
@@ -68,62 +71,11 @@ pub enum Request {
 }
 
 /// All the counters of a qw device, as the control plane's `stats` request
-/// reports them: the core's ([`vdevlab_device_core::CoreCounters`]) and the
-/// device's ([`QwCounters`](crate::qw::QwCounters)) in one flat object. This is the clients' view.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Bytes accepted from the host for delivery to the driver.
-    pub injected_bytes: u64,
-    /// Bytes the host offered that the receive FIFO had no room for.
-    pub inject_rejected_bytes: u64,
-    /// Bytes written into the driver's receive buffers.
-    pub rx_bytes: u64,
-    /// Receive buffers completed.
-    pub rx_buffers: u64,
-    /// Bytes read from the driver's transmit buffers.
-    pub tx_bytes: u64,
-    /// Transmit buffers completed.
-    pub tx_buffers: u64,
-    /// Chains refused as malformed (completed with length 0).
-    pub bad_chains: u64,
-    /// Used-buffer interrupts raised.
-    pub interrupts_raised: u64,
-    /// Used-buffer interrupts the driver asked us not to send.
-    pub interrupts_suppressed: u64,
-    /// Times a queue was found broken as a whole.
-    pub queue_errors: u64,
-    /// Generator samples lost because the receive FIFO was full.
-    #[serde(default)]
-    pub overruns: u64,
-    /// Fault injection: due interrupts deliberately lost.
-    #[serde(default)]
-    pub interrupts_dropped: u64,
-    /// Fault injection: interrupts raised with nothing new to report.
-    #[serde(default)]
-    pub spurious_interrupts: u64,
-    /// Fault injection: passes skipped because a queue was stalled.
-    #[serde(default)]
-    pub stalled_passes: u64,
-    /// Fault injection: receive buffers delivered with a flipped byte.
-    #[serde(default)]
-    pub corrupted_buffers: u64,
-    /// Fault injection: bytes taken from the FIFO but not reported to the
-    /// driver (truncated receive buffers).
-    #[serde(default)]
-    pub truncated_bytes: u64,
-    /// Hostile mode: used entries naming an id the driver never posted.
-    #[serde(default)]
-    pub hostile_bogus_ids: u64,
-    /// Hostile mode: used entries with a length larger than the buffer.
-    #[serde(default)]
-    pub hostile_overlong: u64,
-    /// Hostile mode: used-index jumps.
-    #[serde(default)]
-    pub hostile_index_jumps: u64,
-    /// Hostile mode: heads completed a second time.
-    #[serde(default)]
-    pub hostile_double_completions: u64,
-}
+/// reports them: the device's ([`QwCounters`]) with the core's
+/// ([`CoreCounters`]) beside them, in one flat JSON object. This is the
+/// clients' view. The core's counters are read by name too
+/// (`stats.bad_chains`, through [`Deref`]), or as `stats.core`.
+pub type Stats = QwCounters<CoreCounters>;
 
 impl Stats {
     /// The stats of `eng` (the qw device on its core,
@@ -131,6 +83,14 @@ impl Stats {
     /// them.
     pub fn of<D: VirtioDevice>(eng: &Engine<D>) -> Self {
         serde_json::from_value(Value::Object(eng.stats_fields())).unwrap_or_default()
+    }
+}
+
+impl Deref for Stats {
+    type Target = CoreCounters;
+
+    fn deref(&self) -> &CoreCounters {
+        &self.core
     }
 }
 

@@ -21,9 +21,13 @@ pub const DEFAULT_RX_FIFO_BYTES: usize = 1 << 20;
 /// device applies back-pressure (stops completing transmit buffers).
 pub const DEFAULT_TX_CAPTURE_BYTES: usize = 1 << 20;
 
-/// The qw device's own counters (the core keeps the generic ones).
+/// The qw device's own counters (the core keeps the generic ones), and
+/// beside them `C`: nothing (`()`) in the device, which counts only its own
+/// events; the core's counters in [`Stats`](crate::control::Stats), the
+/// clients' view of a `stats` reply, which thus names every counter once.
+/// `C` is flattened: the JSON object stays flat either way.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QwCounters {
+pub struct QwCounters<C = ()> {
     /// Bytes accepted from the host for delivery to the driver.
     pub injected_bytes: u64,
     /// Bytes the host offered that the receive FIFO had no room for.
@@ -36,8 +40,13 @@ pub struct QwCounters {
     pub tx_bytes: u64,
     /// Transmit buffers completed.
     pub tx_buffers: u64,
-    /// Generator samples lost because the receive FIFO was full.
+    /// Generator samples lost because the receive FIFO was full (may be
+    /// missing from an older device's reply).
+    #[serde(default)]
     pub overruns: u64,
+    /// The counters reported with these (see above).
+    #[serde(flatten)]
+    pub core: C,
 }
 
 /// The qw device's state: the receive FIFO, the transmit capture and the
