@@ -276,3 +276,416 @@ pub fn validate<'a>(
         writable,
     })
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testing::{memory, Desc, Link, Ring, MEM, QUEUE_SIZE, W};
+    use virtio_queue::QueueOwnedT;
+
+    /// A malformed chain: how the driver posts it (returning its head), and
+    /// the refusal [`validate`] must give.
+    pub(crate) struct Malformed {
+        pub(crate) name: &'static str,
+        pub(crate) post: fn(&mut Ring<'_>) -> u16,
+        pub(crate) refusal: fn(&ChainError) -> bool,
+    }
+
+    const MAX: u32 = DEFAULT_MAX_CHAIN_BYTES as u32;
+
+    fn case(
+        name: &'static str,
+        post: fn(&mut Ring<'_>) -> u16,
+        refusal: fn(&ChainError) -> bool,
+    ) -> Malformed {
+        Malformed {
+            name,
+            post,
+            refusal,
+        }
+    }
+
+    /// Malformed chains on a device-writes queue (a receive queue).
+    pub(crate) fn rx_cases() -> Vec<Malformed> {
+        let mut cases = rx_table_cases();
+        cases.extend(rx_indirect_cases());
+        cases
+    }
+
+    /// Receive chains in the descriptor table itself.
+    fn rx_table_cases() -> Vec<Malformed> {
+        vec![
+            // Wrong direction.
+            case(
+                "rx_readable_descriptor",
+                |r| r.post(&[Desc::readable(0x10000, 8)]),
+                |e| matches!(e, ChainError::WrongDirection { index: 0, .. }),
+            ),
+            case(
+                "rx_chain_with_a_readable_tail",
+                |r| r.post(&[Desc::writable(0x10000, 4), Desc::readable(0x11000, 4)]),
+                |e| matches!(e, ChainError::WrongDirection { index: 1, .. }),
+            ),
+            // Outside guest memory.
+            case(
+                "rx_descriptor_past_the_end_of_memory",
+                |r| r.post(&[Desc::writable(MEM - 4, 8)]),
+                |e| matches!(e, ChainError::OutOfMemory { index: 0, .. }),
+            ),
+            case(
+                "rx_descriptor_far_outside_memory",
+                |r| r.post(&[Desc::writable(0x1_0000_0000, 8)]),
+                |e| matches!(e, ChainError::OutOfMemory { index: 0, .. }),
+            ),
+            case(
+                "rx_second_descriptor_outside_memory",
+                |r| r.post(&[Desc::writable(0x10000, 4), Desc::writable(MEM, 4)]),
+                |e| matches!(e, ChainError::OutOfMemory { index: 1, .. }),
+            ),
+            case(
+                "rx_descriptor_wrapping_the_address_space",
+                |r| r.post(&[Desc::writable(u64::MAX - 3, 8)]),
+                |e| matches!(e, ChainError::OutOfMemory { index: 0, .. }),
+            ),
+            // Zero bytes in total.
+            case(
+                "rx_zero_length_descriptor",
+                |r| r.post(&[Desc::writable(0x10000, 0)]),
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "rx_chain_of_zero_length_descriptors",
+                |r| r.post(&[Desc::writable(0x10000, 0), Desc::writable(0x11000, 0)]),
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            // Longer than 1 MiB in total (each descriptor inside memory).
+            case(
+                "rx_chain_longer_than_1_mib",
+                |r| {
+                    r.post(&[
+                        Desc::writable(0x100000, MAX / 2),
+                        Desc::writable(0x200000, MAX / 2 + 1),
+                    ])
+                },
+                |e| matches!(e, ChainError::TooLong { .. }),
+            ),
+            // The virtio spec (2.7.5.3): no loops, `next` inside the table,
+            // no indirect table inside an indirect table. virtio-queue's walk
+            // stops silently on all of them, so the core has to notice.
+            //
+            // A descriptor loop: 0 -> 1 -> 0 -> ... (never ends).
+            case(
+                "rx_descriptor_loop",
+                |r| {
+                    r.post(&[
+                        Desc::writable(0x10000, 16),
+                        Desc::writable(0x11000, 16).link(Link::Slot(0)),
+                    ])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+            case(
+                "rx_next_outside_the_table",
+                |r| r.post(&[Desc::writable(0x10000, 8).link(Link::Raw(QUEUE_SIZE + 44))]),
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+        ]
+    }
+
+    /// Receive chains through an indirect table.
+    fn rx_indirect_cases() -> Vec<Malformed> {
+        vec![
+            // Indirect tables. One virtio-queue cannot use at all (outside
+            // memory, a length not a multiple of 16, or 0) yields no
+            // descriptor, so the chain has no bytes; one that breaks off
+            // midway leaves its last entry pointing onwards.
+            case(
+                "rx_indirect_table_outside_memory",
+                |r| r.post(&[Desc::indirect(MEM + 0x1000, 16)]),
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "rx_indirect_table_length_not_a_multiple_of_16",
+                |r| {
+                    r.write_table(
+                        0x20000,
+                        &[Desc::writable(0x10000, 8), Desc::writable(0x11000, 8)],
+                    );
+                    r.post(&[Desc::indirect(0x20000, 24)])
+                },
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "rx_indirect_table_of_zero_length",
+                |r| r.post(&[Desc::indirect(0x20000, 0)]),
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "rx_indirect_table_running_past_the_end_of_memory",
+                |r| {
+                    // Entry 0 is fine and links to entry 1, past the end.
+                    r.write_table(MEM - 16, &[Desc::writable(0x10000, 8).link(Link::Slot(1))]);
+                    r.post(&[Desc::indirect(MEM - 16, 32)])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+            case(
+                "rx_indirect_entry_outside_memory",
+                |r| {
+                    r.write_table(
+                        0x20000,
+                        &[Desc::writable(0x10000, 4), Desc::writable(MEM - 2, 4)],
+                    );
+                    r.post(&[Desc::indirect(0x20000, 32)])
+                },
+                |e| matches!(e, ChainError::OutOfMemory { index: 1, .. }),
+            ),
+            case(
+                "rx_indirect_entry_readable",
+                |r| {
+                    r.write_table(
+                        0x20000,
+                        &[Desc::writable(0x10000, 4), Desc::readable(0x11000, 4)],
+                    );
+                    r.post(&[Desc::indirect(0x20000, 32)])
+                },
+                |e| matches!(e, ChainError::WrongDirection { index: 1, .. }),
+            ),
+            case(
+                "rx_indirect_inside_an_indirect_table",
+                |r| {
+                    r.write_table(0x21000, &[Desc::writable(0x11000, 8)]);
+                    r.write_table(
+                        0x20000,
+                        &[
+                            Desc::writable(0x10000, 8),
+                            Desc::indirect(0x21000, 16).with_flags(W),
+                        ],
+                    );
+                    r.post(&[Desc::indirect(0x20000, 32)])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+            case(
+                "rx_indirect_loop",
+                |r| {
+                    r.write_table(
+                        0x20000,
+                        &[
+                            Desc::writable(0x10000, 8),
+                            Desc::writable(0x11000, 8).link(Link::Slot(0)),
+                        ],
+                    );
+                    r.post(&[Desc::indirect(0x20000, 32)])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+        ]
+    }
+
+    /// Malformed chains on a device-reads queue (a transmit queue). The
+    /// readable ones carry bytes, which must not reach the device.
+    pub(crate) fn tx_cases() -> Vec<Malformed> {
+        vec![
+            case(
+                "tx_writable_descriptor",
+                |r| {
+                    r.write(0x10000, b"WRONGDIR");
+                    r.post(&[Desc::writable(0x10000, 8)])
+                },
+                |e| matches!(e, ChainError::WrongDirection { index: 0, .. }),
+            ),
+            case(
+                "tx_chain_with_a_writable_tail",
+                |r| {
+                    r.write(0x10000, b"HEAD");
+                    r.post(&[Desc::readable(0x10000, 4), Desc::writable(0x11000, 4)])
+                },
+                |e| matches!(e, ChainError::WrongDirection { index: 1, .. }),
+            ),
+            case(
+                "tx_descriptor_past_the_end_of_memory",
+                |r| r.post(&[Desc::readable(MEM - 4, 8)]),
+                |e| matches!(e, ChainError::OutOfMemory { index: 0, .. }),
+            ),
+            case(
+                "tx_descriptor_wrapping_the_address_space",
+                |r| r.post(&[Desc::readable(u64::MAX - 3, 8)]),
+                |e| matches!(e, ChainError::OutOfMemory { index: 0, .. }),
+            ),
+            case(
+                "tx_zero_length_descriptor",
+                |r| r.post(&[Desc::readable(0x10000, 0)]),
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "tx_chain_longer_than_1_mib",
+                |r| {
+                    r.post(&[
+                        Desc::readable(0x100000, MAX / 2),
+                        Desc::readable(0x200000, MAX / 2 + 1),
+                    ])
+                },
+                |e| matches!(e, ChainError::TooLong { .. }),
+            ),
+            case(
+                "tx_descriptor_loop",
+                |r| {
+                    r.write(0x10000, b"LOOP-A");
+                    r.write(0x11000, b"LOOP-B");
+                    r.post(&[
+                        Desc::readable(0x10000, 6),
+                        Desc::readable(0x11000, 6).link(Link::Slot(0)),
+                    ])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+            case(
+                "tx_next_outside_the_table",
+                |r| {
+                    r.write(0x10000, b"TRUNCATED");
+                    r.post(&[Desc::readable(0x10000, 9).link(Link::Raw(QUEUE_SIZE + 44))])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+            case(
+                "tx_indirect_table_outside_memory",
+                |r| r.post(&[Desc::indirect(MEM + 0x1000, 16)]),
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "tx_indirect_table_length_not_a_multiple_of_16",
+                |r| {
+                    r.write(0x10000, b"INDIRECT");
+                    r.write_table(
+                        0x20000,
+                        &[Desc::readable(0x10000, 8), Desc::readable(0x10000, 8)],
+                    );
+                    r.post(&[Desc::indirect(0x20000, 17)])
+                },
+                |e| matches!(e, ChainError::Empty { .. }),
+            ),
+            case(
+                "tx_indirect_table_running_past_the_end_of_memory",
+                |r| {
+                    r.write(0x10000, b"PARTIAL!");
+                    r.write_table(MEM - 16, &[Desc::readable(0x10000, 8).link(Link::Slot(1))]);
+                    r.post(&[Desc::indirect(MEM - 16, 32)])
+                },
+                |e| matches!(e, ChainError::Runaway { .. }),
+            ),
+        ]
+    }
+
+    /// The first available chain of `ring`, validated against `spec`:
+    /// its readable and writable lengths.
+    fn first(
+        ring: &mut Ring<'_>,
+        mem: &GuestMemoryMmap,
+        spec: &QueueSpec,
+    ) -> Result<(u64, u64), ChainError> {
+        let chain = ring
+            .queue
+            .iter(mem)
+            .unwrap()
+            .next()
+            .expect("a chain is available");
+        validate(mem, chain, spec).map(|c| (c.readable_len(), c.writable_len()))
+    }
+
+    fn spec(direction: Direction) -> QueueSpec {
+        QueueSpec::new("q", QUEUE_SIZE, direction)
+    }
+
+    #[test]
+    fn every_malformed_chain_is_refused_for_what_is_wrong_with_it() {
+        // The table qw's protocol tests had (19 receive, 11 transmit cases).
+        assert_eq!((rx_cases().len(), tx_cases().len()), (19, 11));
+        for (direction, cases) in [
+            (Direction::DeviceWrites, rx_cases()),
+            (Direction::DeviceReads, tx_cases()),
+        ] {
+            for c in cases {
+                let mem = memory();
+                let mut ring = Ring::new(&mem);
+                (c.post)(&mut ring);
+                match first(&mut ring, &mem, &spec(direction)) {
+                    Err(e) => assert!((c.refusal)(&e), "{}: refused as {e:?}", c.name),
+                    Ok(lens) => panic!("{}: accepted ({lens:?})", c.name),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn well_formed_chains_are_accepted_with_their_lengths() {
+        let mem = memory();
+        let writes = spec(Direction::DeviceWrites);
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x10000, 3), Desc::writable(0x11000, 5)]);
+        assert_eq!(first(&mut ring, &mem, &writes), Ok((0, 8)));
+        // Indirect, and exactly the limit (1 MiB in two descriptors).
+        let mut ring = Ring::new(&mem);
+        ring.write_table(
+            0x20000,
+            &[
+                Desc::writable(0x100000, MAX / 2),
+                Desc::writable(0x200000, MAX / 2),
+            ],
+        );
+        ring.post(&[Desc::indirect(0x20000, 32)]);
+        assert_eq!(first(&mut ring, &mem, &writes), Ok((0, u64::from(MAX))));
+        // A request/response queue: readable first, then writable.
+        let rw = spec(Direction::ReadThenWrite);
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::readable(0x10000, 4), Desc::writable(0x11000, 2)]);
+        assert_eq!(first(&mut ring, &mem, &rw), Ok((4, 2)));
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x11000, 2), Desc::readable(0x10000, 4)]);
+        assert!(matches!(
+            first(&mut ring, &mem, &rw),
+            Err(ChainError::WrongDirection { index: 1, .. })
+        ));
+        // A lower limit of the queue's own.
+        let small = QueueSpec {
+            max_chain_bytes: 7,
+            ..writes
+        };
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x10000, 8)]);
+        assert_eq!(
+            first(&mut ring, &mem, &small),
+            Err(ChainError::TooLong {
+                head: 0,
+                len: 8,
+                max: 7
+            })
+        );
+    }
+
+    #[test]
+    fn a_chain_reads_and_writes_only_its_own_bytes() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.write(0x10000, b"abcdefgh");
+        ring.post(&[
+            Desc::readable(0x10000, 3),
+            Desc::writable(0x11000, 2),
+            Desc::writable(0x12000, 2),
+        ]);
+        let chain = ring.queue.iter(&mem).unwrap().next().unwrap();
+        let c = validate(&mem, chain, &spec(Direction::ReadThenWrite)).unwrap();
+        assert_eq!(c.head(), 0);
+        let mut got = Vec::new();
+        assert_eq!(c.read_to_end(&mut got), Ok(3));
+        assert_eq!(got, b"abc", "only the readable part");
+        assert_eq!(c.write(&[b"xy", b"zw", b"never"]), Ok(4), "what fits");
+        assert_eq!(ring.read(0x11000, 2), b"xy");
+        assert_eq!(ring.read(0x12000, 3), b"zw\0");
+        assert_eq!(
+            ring.read(0x10000, 8),
+            b"abcdefgh",
+            "readable bytes untouched"
+        );
+    }
+}

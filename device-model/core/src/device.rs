@@ -5,7 +5,7 @@ use std::os::fd::RawFd;
 use serde_json::{Map, Value};
 
 use crate::chain::{Chain, ChainError, QueueSpec};
-use crate::engine::Core;
+use crate::state::Core;
 
 /// Fields of a control-plane reply (`{"ok":true, ...fields}`), or of the
 /// device's counters: a JSON object.

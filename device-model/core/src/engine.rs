@@ -1,69 +1,20 @@
-//! The device's generic half ([`Core`]) and the unit the transport and the
-//! control plane lock and drive ([`Engine`]): a device plus its core.
+//! The unit the transport and the control plane lock and drive
+//! ([`Engine`]): a device plus its generic state ([`Core`], in
+//! [`crate::state`]).
 //!
 //! [`Engine::process`] is the one place where chains leave the available ring
 //! and land on the used ring: it validates each chain, hands it to the
 //! device, and puts the result on the used ring. It runs under the real
 //! backend and under unit tests with mock queues alike.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::timerfd::TimerFd;
 
-use crate::chain::{validate, ChainError, QueueError, QueueSpec};
+use crate::chain::{validate, QueueError};
 use crate::device::{to_fields, Fields, Outcome, VirtioDevice};
-use crate::faults::FaultState;
-use crate::irq::{IrqAction, IrqMode, IrqPolicy};
-
-/// The core's counters, reported (merged with the device's) by the control
-/// plane's `stats` request.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CoreCounters {
-    /// Chains refused as malformed (completed with length 0).
-    pub bad_chains: u64,
-    /// Used-buffer interrupts raised.
-    pub interrupts_raised: u64,
-    /// Used-buffer interrupts the driver asked us not to send.
-    pub interrupts_suppressed: u64,
-    /// Times a queue was found broken as a whole.
-    pub queue_errors: u64,
-    /// Fault injection: due interrupts deliberately lost.
-    pub interrupts_dropped: u64,
-    /// Fault injection: interrupts raised with nothing new to report.
-    pub spurious_interrupts: u64,
-    /// Fault injection: passes skipped because a queue was stalled.
-    pub stalled_passes: u64,
-    /// Fault injection: device-to-driver buffers delivered with a flipped byte.
-    pub corrupted_buffers: u64,
-    /// Fault injection: bytes taken from the device but not reported to the
-    /// driver (truncated buffers).
-    pub truncated_bytes: u64,
-    /// Hostile mode: used entries naming an id the driver never posted.
-    #[serde(default)]
-    pub hostile_bogus_ids: u64,
-    /// Hostile mode: used entries with a length larger than the buffer.
-    #[serde(default)]
-    pub hostile_overlong: u64,
-    /// Hostile mode: used-index jumps (the index moved past the entries written).
-    #[serde(default)]
-    pub hostile_index_jumps: u64,
-    /// Hostile mode: heads completed a second time.
-    #[serde(default)]
-    pub hostile_double_completions: u64,
-}
-
-/// The error of [`Core::notify_config_change`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "config-change interrupts are unsupported by vhost 0.18: the backend cannot send \
-     VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (its sender is private); re-read the config \
-     space on another event (a used buffer on an event queue) instead"
-)]
-pub struct ConfigChangeUnsupported;
+use crate::hostile;
+// Where these lived before `crate::state`; the paths keep working.
+pub use crate::state::{ConfigChangeUnsupported, Core, CoreCounters};
 
 /// What one pass over a queue did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -78,233 +29,6 @@ pub struct Pass {
 /// transport runs at the end of one event before leaving the remaining
 /// requests for the next event.
 pub const MAX_PASS_ROUNDS: usize = 4;
-
-/// The generic state of a device: its queue list, interrupt policies, armed
-/// faults, needs-reset, counters and timer. A device gets it in every call
-/// of [`VirtioDevice`].
-#[derive(Debug)]
-pub struct Core {
-    queues: Vec<QueueSpec>,
-    counters: CoreCounters,
-    irq: Vec<IrqPolicy>,
-    faults: FaultState,
-    needs_reset: bool,
-    bad_chain_logged: bool,
-    tick_period: Option<Duration>,
-    tick_timer: Option<Arc<Mutex<TimerFd>>>,
-    /// Queues a device asked to have served ([`Core::request_pass`]);
-    /// `pass_requested` says whether any is set, so the transport's check
-    /// after every event is one load when nothing was asked.
-    pass_requests: Vec<bool>,
-    pass_requested: bool,
-}
-
-impl Core {
-    /// The core of a device with these queues.
-    pub fn new(queues: Vec<QueueSpec>) -> Self {
-        let n = queues.len();
-        Self {
-            irq: vec![IrqPolicy::default(); n],
-            faults: FaultState::new(n),
-            queues,
-            counters: CoreCounters::default(),
-            needs_reset: false,
-            bad_chain_logged: false,
-            tick_period: None,
-            tick_timer: None,
-            pass_requests: vec![false; n],
-            pass_requested: false,
-        }
-    }
-
-    /// Ask for a pass over `queue` once the current work is done: a device
-    /// that makes data for another queue while handling a chain (a loopback
-    /// turning a transmit buffer into receive data, a control request that
-    /// starts sampling) calls this from
-    /// [`VirtioDevice::handle_chain`] (or any other callback that gets the
-    /// core) instead of waiting for the next kick or tick.
-    ///
-    /// The transport honours requests at the end of the event it is
-    /// handling (a kick, a tick, a control request, host I/O): it runs each
-    /// requested queue whose [`VirtioDevice::wants_buffers`] holds, in index
-    /// order, never from inside a pass (no recursion). Passes run that way
-    /// may request more; at most [`MAX_PASS_ROUNDS`] rounds run per event,
-    /// and requests still left then stay recorded until the next event
-    /// ends (so a device that requests forever cannot starve the other
-    /// events). A request for a queue that does not exist is ignored.
-    /// Cheap: a flag when used, nothing when not.
-    pub fn request_pass(&mut self, queue: u16) {
-        if let Some(r) = self.pass_requests.get_mut(queue as usize) {
-            *r = true;
-            self.pass_requested = true;
-        }
-    }
-
-    /// [`request_pass`](Self::request_pass) for every queue.
-    pub fn request_all_passes(&mut self) {
-        self.pass_requests.fill(true);
-        self.pass_requested = !self.pass_requests.is_empty();
-    }
-
-    /// Whether a pass was requested and not yet taken.
-    pub fn pass_requested(&self) -> bool {
-        self.pass_requested
-    }
-
-    /// The queues, in index order.
-    pub fn queues(&self) -> &[QueueSpec] {
-        &self.queues
-    }
-
-    /// Queue indices named by `sel`: a queue name, or `"all"`. The error
-    /// lists the names the device has.
-    pub fn resolve_queues(&self, sel: &str) -> Result<Vec<u16>, String> {
-        if sel == "all" {
-            return Ok((0..self.queues.len() as u16).collect());
-        }
-        match self.queues.iter().position(|q| q.name == sel) {
-            Some(i) => Ok(vec![i as u16]),
-            None => {
-                let names: Vec<&str> = self.queues.iter().map(|q| q.name).collect();
-                Err(format!(
-                    "queue must be {} or all, not {sel:?}",
-                    names.join(", ")
-                ))
-            }
-        }
-    }
-
-    /// The core's counters.
-    pub fn counters(&self) -> CoreCounters {
-        self.counters
-    }
-
-    /// Mutable access to the counters (the transport's interrupt bookkeeping).
-    pub fn counters_mut(&mut self) -> &mut CoreCounters {
-        &mut self.counters
-    }
-
-    /// The armed faults (see [`crate::faults`]).
-    pub fn faults_mut(&mut self) -> &mut FaultState {
-        &mut self.faults
-    }
-
-    /// The data-damage fault hook, for a device writing device-to-driver
-    /// data: if a `corrupt_rx` or `truncate_rx` fault is armed, flip a byte
-    /// of `data` and/or choose to report only part of it. Returns how many
-    /// bytes at the end of `data` are *not* to be reported to the driver
-    /// (already counted in `truncated_bytes`). Cheap when nothing is armed.
-    pub fn damage(&mut self, data: &mut [u8]) -> usize {
-        if !self.faults.rx_damage_armed() {
-            return 0;
-        }
-        let (corrupted, cut) = self.faults.damage_rx(data);
-        self.counters.corrupted_buffers += u64::from(corrupted);
-        self.counters.truncated_bytes += cut as u64;
-        cut
-    }
-
-    /// Whether a data-damage fault is armed (so a device can take its slow,
-    /// copying path only then).
-    pub fn damage_armed(&self) -> bool {
-        self.faults.rx_damage_armed()
-    }
-
-    /// Whether the device has declared itself broken (DEVICE_NEEDS_RESET).
-    pub fn needs_reset(&self) -> bool {
-        self.needs_reset
-    }
-
-    /// Declare (or clear) the device broken: it stops serving its queues
-    /// until the driver resets them.
-    pub fn set_needs_reset(&mut self, on: bool) {
-        self.needs_reset = on;
-    }
-
-    /// Set queue `queue`'s interrupt mode.
-    pub fn set_irq_mode(&mut self, queue: u16, mode: IrqMode) -> Result<(), String> {
-        mode.validate()?;
-        let p = self
-            .irq
-            .get_mut(queue as usize)
-            .ok_or_else(|| format!("no queue {queue}"))?;
-        p.set_mode(mode);
-        Ok(())
-    }
-
-    /// Queue `queue`'s interrupt mode.
-    pub fn irq_mode(&self, queue: u16) -> Option<IrqMode> {
-        self.irq.get(queue as usize).map(IrqPolicy::mode)
-    }
-
-    /// `n` buffers of `queue` were completed: what to do about the interrupt.
-    pub fn on_completions(&mut self, queue: u16, n: u32) -> IrqAction {
-        self.irq
-            .get_mut(queue as usize)
-            .map_or(IrqAction::Wait, |p| p.on_completions(n))
-    }
-
-    /// `queue`'s interrupt timer expired: whether to raise the interrupt.
-    pub fn on_irq_timer(&mut self, queue: u16) -> bool {
-        self.irq
-            .get_mut(queue as usize)
-            .is_some_and(IrqPolicy::on_timer)
-    }
-
-    /// Run the device's timer every `period` ([`VirtioDevice::tick`]), or stop
-    /// it (`None`). Under the real transport a timerfd on the control-plane
-    /// thread drives it; in unit tests only the period is recorded.
-    pub fn set_tick(&mut self, period: Option<Duration>) -> Result<(), String> {
-        if period.is_some_and(|p| p < Duration::from_micros(10)) {
-            return Err("the device timer's period must be at least 10 us".into());
-        }
-        if let Some(t) = &self.tick_timer {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            match period {
-                Some(p) => t.reset(p, Some(p)),
-                None => t.clear(),
-            }
-            .map_err(|e| format!("device timer: {e}"))?;
-        }
-        self.tick_period = period;
-        Ok(())
-    }
-
-    /// The device timer's period, if it runs.
-    pub fn tick_period(&self) -> Option<Duration> {
-        self.tick_period
-    }
-
-    pub(crate) fn attach_tick_timer(&mut self, timer: Arc<Mutex<TimerFd>>) {
-        self.tick_timer = Some(timer);
-    }
-
-    /// Raise a config-change interrupt. Not possible with vhost 0.18 (see
-    /// [`ConfigChangeUnsupported`]); the hook is here so a device can be
-    /// written against it and the error says why it does nothing.
-    pub fn notify_config_change(&mut self) -> Result<(), ConfigChangeUnsupported> {
-        tracing::debug!("config-change interrupt requested; unsupported by vhost 0.18");
-        Err(ConfigChangeUnsupported)
-    }
-
-    /// Count and log a refused chain.
-    pub fn refuse(&mut self, e: &ChainError) {
-        self.counters.bad_chains += 1;
-        // One warning per device, then debug: a hostile guest must not be
-        // able to flood the host's log.
-        if self.bad_chain_logged {
-            tracing::debug!(error = %e, "refused a descriptor chain");
-        } else {
-            self.bad_chain_logged = true;
-            tracing::warn!(error = %e, "refused a descriptor chain (further ones are logged at debug level)");
-        }
-    }
-
-    /// A whole-queue fault was found (counted in `queue_errors`).
-    pub fn queue_error(&mut self) {
-        self.counters.queue_errors += 1;
-    }
-}
 
 /// A device and its core: what the transport and the control plane share
 /// (behind one lock) and drive.
@@ -325,7 +49,7 @@ impl<D: VirtioDevice> Engine<D> {
 
     /// Counters, the core's and the device's, as one JSON object.
     pub fn stats_fields(&self) -> Fields {
-        let mut all = to_fields(&self.core.counters);
+        let mut all = to_fields(&self.core.counters());
         all.extend(self.device.counters());
         all
     }
@@ -346,18 +70,8 @@ impl<D: VirtioDevice> Engine<D> {
     /// queues whose [`VirtioDevice::wants_buffers`] holds, in index order,
     /// and clear every request. Empty (and no allocation) when none was made.
     pub fn take_pass_requests(&mut self) -> Vec<u16> {
-        if !self.core.pass_requested {
-            return Vec::new();
-        }
-        self.core.pass_requested = false;
         let device = &self.device;
-        self.core
-            .pass_requests
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(q, r)| std::mem::take(r).then_some(q as u16))
-            .filter(|&q| device.wants_buffers(q))
-            .collect()
+        self.core.take_pass_requests(|q| device.wants_buffers(q))
     }
 
     /// Serve queue `queue` once: take available chains while the device
@@ -376,7 +90,7 @@ impl<D: VirtioDevice> Engine<D> {
         q: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<Pass, QueueError> {
-        let Some(spec) = self.core.queues.get(queue as usize).copied() else {
+        let Some(spec) = self.core.queues().get(queue as usize).copied() else {
             return Ok(Pass::default());
         };
         let mut completions: Vec<(u16, u32, u64)> = Vec::new();
@@ -424,7 +138,7 @@ impl<D: VirtioDevice> Engine<D> {
         }
         let mut pass = Pass::default();
         for (head, len, buffer) in completions {
-            crate::hostile::complete(&mut self.core, queue, q, mem, head, len, buffer)
+            hostile::complete(&mut self.core, queue, q, mem, head, len, buffer)
                 .inspect_err(|_| self.core.queue_error())?;
             pass.completed += 1;
             pass.bytes += u64::from(len);
@@ -435,6 +149,255 @@ impl<D: VirtioDevice> Engine<D> {
                 Err(QueueError::Ring(e))
             }
             None => Ok(pass),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::chain::tests::{rx_cases, tx_cases};
+    use crate::chain::{Chain, Direction, QueueSpec};
+    use crate::testing::{memory, Desc, Link, Ring, MEM, QUEUE_SIZE};
+    use crate::Core;
+
+    const RX: u16 = 0;
+    const TX: u16 = 1;
+    /// Bytes waiting ahead of a malformed receive chain.
+    const PAYLOAD: &[u8] = b"payload!";
+    /// Where the well-formed chains that follow a malformed one live.
+    const GOOD: u64 = 0x30000;
+    const GOOD2: u64 = 0x31000;
+
+    /// About the smallest device there is: bytes put in `fifo` go to the
+    /// driver's receive buffers (queue 0, taken only while there are bytes),
+    /// the driver's transmit buffers (queue 1) land in `capture`.
+    #[derive(Debug, Default)]
+    struct Pipe {
+        fifo: VecDeque<u8>,
+        capture: Vec<u8>,
+        rx_bytes: u64,
+        rx_buffers: u64,
+        tx_bytes: u64,
+    }
+
+    impl VirtioDevice for Pipe {
+        fn name(&self) -> &'static str {
+            "pipe"
+        }
+        fn queues(&self) -> Vec<QueueSpec> {
+            vec![
+                QueueSpec::new("rx", QUEUE_SIZE, Direction::DeviceWrites),
+                QueueSpec::new("tx", QUEUE_SIZE, Direction::DeviceReads),
+            ]
+        }
+        fn config_space(&self, _core: &Core) -> Vec<u8> {
+            Vec::new()
+        }
+        fn wants_buffers(&self, queue: u16) -> bool {
+            queue == TX || !self.fifo.is_empty()
+        }
+        fn handle_chain(&mut self, queue: u16, chain: &Chain<'_>, _core: &mut Core) -> Outcome {
+            if queue == TX {
+                return match chain.read_to_end(&mut self.capture) {
+                    Ok(n) => {
+                        self.tx_bytes += n as u64;
+                        Outcome::Complete { used_len: 0 }
+                    }
+                    Err(e) => Outcome::Refuse(e),
+                };
+            }
+            let n = (chain.writable_len() as usize).min(self.fifo.len());
+            let (a, b) = self.fifo.as_slices();
+            let from_a = n.min(a.len());
+            match chain.write(&[&a[..from_a], &b[..n - from_a]]) {
+                Ok(written) => {
+                    self.fifo.drain(..written);
+                    self.rx_bytes += written as u64;
+                    self.rx_buffers += 1;
+                    Outcome::Complete {
+                        used_len: written as u32,
+                    }
+                }
+                Err(e) => Outcome::Refuse(e),
+            }
+        }
+        fn reset(&mut self, _core: &mut Core) {
+            self.fifo.clear();
+            self.capture.clear();
+        }
+        fn counters(&self) -> Fields {
+            Fields::new()
+        }
+    }
+
+    fn engine_with(data: &[u8]) -> Engine<Pipe> {
+        let mut eng = Engine::new(Pipe::default());
+        eng.device.fifo.extend(data);
+        eng
+    }
+
+    /// (bad_chains, queue_errors)
+    fn faults(eng: &Engine<Pipe>) -> (u64, u64) {
+        let c = eng.core.counters();
+        (c.bad_chains, c.queue_errors)
+    }
+
+    #[test]
+    fn rx_refuses_bad_chains_and_keeps_going() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::readable(0x8000, 8)]); // device-readable on rx
+        ring.post(&[Desc::writable(MEM - 4, 8)]); // runs past the end of memory
+        ring.post(&[Desc::writable(u64::MAX - 2, 8)]); // wraps the address space
+        ring.post(&[Desc::writable(0x9000, 0)]); // no bytes
+        ring.post(&[Desc::writable(0xa000, 8)]); // fine
+        let mut eng = engine_with(PAYLOAD);
+        let pass = eng.process(RX, &mut ring.queue, &mem).unwrap();
+        assert_eq!(pass.completed, 5);
+        assert_eq!(eng.core.counters().bad_chains, 4);
+        for i in 0..4 {
+            assert_eq!(ring.used(i).1, 0, "bad chain {i} completes with length 0");
+        }
+        assert_eq!(ring.used(4), (4, 8));
+        assert_eq!(
+            ring.read(0xa000, 8),
+            PAYLOAD,
+            "no byte lost to the bad chains"
+        );
+    }
+
+    #[test]
+    fn loops_and_bad_next_indices_are_refused() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4).link(Link::Slot(0))]); // points at itself
+        ring.post(&[Desc::writable(0x9000, 4).link(Link::Raw(99))]); // next past the table
+        ring.post(&[Desc::writable(0xa000, 8)]); // fine
+        let mut eng = engine_with(b"12345678");
+        let pass = eng.process(RX, &mut ring.queue, &mem).unwrap();
+        assert_eq!(pass.completed, 3);
+        assert_eq!(eng.core.counters().bad_chains, 2);
+        assert_eq!(ring.used(0), (0, 0));
+        assert_eq!(ring.used(1), (1, 0));
+        assert_eq!(ring.used(2), (2, 8));
+    }
+
+    #[test]
+    fn tx_refuses_writable_descriptors() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4)]);
+        let mut eng = engine_with(b"");
+        let pass = eng.process(TX, &mut ring.queue, &mem).unwrap();
+        assert_eq!(pass.completed, 1);
+        assert_eq!(eng.core.counters().bad_chains, 1);
+        assert_eq!(ring.used(0), (0, 0));
+        assert!(eng.device.capture.is_empty());
+    }
+
+    #[test]
+    fn a_head_outside_the_table_breaks_the_ring_without_losing_data() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4)]);
+        // A second avail entry naming head 300 in a 16-entry table.
+        ring.push_avail(300);
+        let mut eng = engine_with(b"abcdefgh");
+        assert!(eng.process(RX, &mut ring.queue, &mem).is_err());
+        assert_eq!(ring.used(0), (0, 4), "the good chain before it completed");
+        assert_eq!(ring.used_idx(), 1);
+        assert_eq!(eng.device.fifo.len(), 4, "no byte went to the bad head");
+        assert_eq!(eng.device.rx_bytes, 4);
+        assert_eq!(eng.core.counters().queue_errors, 1);
+    }
+
+    #[test]
+    fn avail_index_jump_is_a_queue_error() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0x8000, 4)]);
+        ring.set_avail_idx(100); // more than the queue size ahead
+        let mut eng = engine_with(b"x");
+        assert!(eng.process(RX, &mut ring.queue, &mem).is_err());
+        assert_eq!(eng.core.counters().queue_errors, 1);
+    }
+
+    /// Each malformed receive chain of the table in `chain.rs`, then a good
+    /// one: the bad chain completes with length 0 and counts in
+    /// `bad_chains`, no byte is lost, and the queue keeps working.
+    #[test]
+    fn a_malformed_rx_chain_is_completed_empty_and_the_queue_goes_on() {
+        for c in rx_cases() {
+            let mem = memory();
+            let mut ring = Ring::new(&mem);
+            let bad = (c.post)(&mut ring);
+            let good = ring.post(&[Desc::writable(GOOD, 8)]);
+            let mut eng = engine_with(PAYLOAD);
+            let pass = eng.process(RX, &mut ring.queue, &mem);
+            assert!(pass.is_ok(), "{}: the queue broke: {pass:?}", c.name);
+            assert_eq!(
+                ring.all_used(),
+                vec![(bad.into(), 0), (good.into(), 8)],
+                "{}: bad chain completed with length 0, then the good chain with the payload",
+                c.name
+            );
+            assert_eq!(ring.read(GOOD, 8), PAYLOAD, "{}: no byte lost", c.name);
+            assert_eq!(faults(&eng), (1, 0), "{}: counters", c.name);
+            assert_eq!((eng.device.rx_bytes, eng.device.rx_buffers), (8, 1));
+
+            // The queue is not dead.
+            let again = ring.post(&[Desc::writable(GOOD2, 16)]);
+            eng.device.fifo.extend(b"still alive");
+            eng.process(RX, &mut ring.queue, &mem).unwrap();
+            assert_eq!(ring.used_idx(), 3, "{}: {:?}", c.name, ring.all_used());
+            assert_eq!(ring.used(2), (again.into(), 11), "{}", c.name);
+            assert_eq!(ring.read(GOOD2, 11), b"still alive", "{}", c.name);
+        }
+    }
+
+    /// The same for each malformed transmit chain: only the good chain's
+    /// bytes reach the device.
+    #[test]
+    fn a_malformed_tx_chain_is_completed_empty_and_the_queue_goes_on() {
+        for c in tx_cases() {
+            let mem = memory();
+            let mut ring = Ring::new(&mem);
+            let bad = (c.post)(&mut ring);
+            ring.write(GOOD, b"good bytes");
+            let good = ring.post(&[Desc::readable(GOOD, 10)]);
+            let mut eng = engine_with(b"");
+            let pass = eng.process(TX, &mut ring.queue, &mem);
+            assert!(pass.is_ok(), "{}: the queue broke: {pass:?}", c.name);
+            assert_eq!(
+                ring.all_used(),
+                vec![(bad.into(), 0), (good.into(), 0)],
+                "{}",
+                c.name
+            );
+            let captured = std::mem::take(&mut eng.device.capture);
+            assert_eq!(
+                captured,
+                b"good bytes",
+                "{}: only the good chain's bytes are captured ({} bytes captured)",
+                c.name,
+                captured.len()
+            );
+            assert_eq!(
+                (faults(&eng), eng.device.tx_bytes),
+                ((1, 0), 10),
+                "{}: counters",
+                c.name
+            );
+
+            ring.write(GOOD2, b"still alive");
+            let again = ring.post(&[Desc::readable(GOOD2, 11)]);
+            eng.process(TX, &mut ring.queue, &mem).unwrap();
+            assert_eq!(ring.used_idx(), 3, "{}: {:?}", c.name, ring.all_used());
+            assert_eq!(ring.used(2), (again.into(), 0), "{}", c.name);
+            assert_eq!(eng.device.capture, b"still alive", "{}", c.name);
         }
     }
 }

@@ -28,7 +28,7 @@ use tracing::warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::engine::Core;
+use crate::state::Core;
 
 /// An id the driver never made available on `q`: the smallest index below
 /// the queue size that no available-ring slot names, else the queue size.

@@ -6,7 +6,9 @@
 //!
 //! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] transport;
 //! - [`chain`]: queue helpers: every chain validated before a device sees it;
-//! - [`engine`]: the device's generic state ([`Core`]) and the pass over a
+//! - [`state`]: the device's generic state ([`Core`], [`CoreCounters`]);
+//! - [`device`]: the trait a device implements ([`VirtioDevice`]);
+//! - [`engine`]: a device and its core ([`Engine`]), and the pass over a
 //!   queue ([`Engine::process`]);
 //! - [`irq`]: interrupt policies (immediate, coalesced, delayed);
 //! - [`control`]: the host control plane (a Unix socket speaking JSON lines);
@@ -34,7 +36,11 @@ pub mod hostile;
 pub mod irq;
 pub mod sockpath;
 pub mod sources;
+pub mod state;
+#[cfg(test)]
+mod testing;
 
 pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};
 pub use device::{to_fields, Fields, Outcome, VirtioDevice};
-pub use engine::{ConfigChangeUnsupported, Core, CoreCounters, Engine, Pass, MAX_PASS_ROUNDS};
+pub use engine::{Engine, Pass, MAX_PASS_ROUNDS};
+pub use state::{ConfigChangeUnsupported, Core, CoreCounters};

@@ -573,7 +573,7 @@ pub fn run(data: &[u8]) -> Outcome {
                 let start = books.injected + dev.stats().inject_rejected_bytes;
                 let bytes = pattern_slice(start, usize::from(*len));
                 let before = dev.stats();
-                let accepted = dev.device.inject(bytes);
+                let accepted = dev.device.qw_mut().inject(bytes);
                 books.injected += accepted as u64;
                 let after = dev.stats();
                 assert_eq!(
@@ -588,7 +588,7 @@ pub fn run(data: &[u8]) -> Outcome {
                 );
             }
             Op::Take { max } => {
-                let got = dev.device.take_capture(usize::from(*max));
+                let got = dev.device.qw_mut().take_capture(usize::from(*max));
                 books.taken += got.len() as u64;
                 out.captured.extend_from_slice(&got);
             }
@@ -626,66 +626,142 @@ fn pass(
     books: &Books,
     tx_capacity: usize,
 ) -> Result<Pass, QueueError> {
-    let size = q.rings.size;
-    let used_before = Wrapping(q.queue.next_used());
-    let avail_before = Wrapping(q.queue.next_avail());
-    // The device reads the available index once, before it writes anything.
-    let ring_broken = (Wrapping(q.avail_idx(mem)) - avail_before).0 > size;
-    let stats_before = dev.stats();
-    let captured_before = dev.device.tx_captured();
-    // The available entries as they are before the pass (for the broken-ring
-    // check below: add_used may overwrite them when the guest made the rings
-    // overlap, and rx data may overwrite them while the device walks).
-    let pending = (Wrapping(q.avail_idx(mem)) - avail_before).0.min(size);
-    let heads_before: Vec<u16> = (0..pending)
-        .map(|k| q.avail_head(mem, (avail_before + Wrapping(k)).0))
-        .collect();
-
+    let before = Before::take(dev, q, mem);
     let result = if qi == RX {
         dev.process_rx(&mut q.queue, mem)
     } else {
         dev.process_tx(&mut q.queue, mem)
     };
-    let s = dev.stats();
-    let name = if qi == RX { "rx" } else { "tx" };
-    let advanced = (Wrapping(q.queue.next_used()) - used_before).0;
-    let taken = (Wrapping(q.queue.next_avail()) - avail_before).0;
+    let after = After {
+        name: if qi == RX { "rx" } else { "tx" },
+        qi,
+        stats: dev.stats(),
+        advanced: (Wrapping(q.queue.next_used()) - before.used).0,
+        taken: (Wrapping(q.queue.next_avail()) - before.avail).0,
+    };
+    let tx_pass_bytes = check_books(dev, &before, &after, &result, books, tx_capacity);
+    let name = after.name;
+    assert!(after.advanced <= q.rings.size, "{name}: more completions than the queue size");
+    let used = check_used_ring(q, mem, &before, &after);
+    check_counters(&before, &after, &used, tx_pass_bytes);
+    match &result {
+        Ok(p) => check_success(q, mem, &before, &after, &used, p),
+        Err(e) => check_queue_error(q, mem, &before, &after, e),
+    }
+    result
+}
 
-    // Conservation, whatever the result: no byte lost or invented.
+/// The queue and the device just before a pass.
+struct Before {
+    used: Wrapping<u16>,
+    avail: Wrapping<u16>,
+    /// The available index is more than the queue size ahead.
+    ring_broken: bool,
+    stats: Stats,
+    captured: usize,
+    /// The available entries as they are before the pass (for the
+    /// broken-ring check: add_used may overwrite them when the guest made
+    /// the rings overlap, and rx data may overwrite them while the device
+    /// walks).
+    heads: Vec<u16>,
+}
+
+impl Before {
+    fn take(dev: &Engine<QwDevice>, q: &QueueModel, mem: &GuestMemoryMmap) -> Self {
+        let size = q.rings.size;
+        let avail = Wrapping(q.queue.next_avail());
+        // The device reads the available index once, before it writes anything.
+        let ahead = (Wrapping(q.avail_idx(mem)) - avail).0;
+        let heads = (0..ahead.min(size))
+            .map(|k| q.avail_head(mem, (avail + Wrapping(k)).0))
+            .collect();
+        Self {
+            used: Wrapping(q.queue.next_used()),
+            avail,
+            ring_broken: ahead > size,
+            stats: dev.stats(),
+            captured: dev.device.qw().tx_captured(),
+            heads,
+        }
+    }
+}
+
+/// What a pass did, as the harness sees it right after.
+struct After {
+    name: &'static str,
+    qi: u8,
+    stats: Stats,
+    /// Used entries added.
+    advanced: u16,
+    /// Available entries taken.
+    taken: u16,
+}
+
+/// The used entries a pass added, summed up.
+struct Used {
+    /// Sum of their lengths.
+    sum: u64,
+    /// Entries with a length, and without.
+    with_data: u64,
+    empty: u64,
+}
+
+/// Conservation, whatever the result: no byte lost or invented; and the
+/// capture within its capacity. Returns the bytes the pass added to the
+/// capture.
+fn check_books(
+    dev: &Engine<QwDevice>,
+    before: &Before,
+    after: &After,
+    result: &Result<Pass, QueueError>,
+    books: &Books,
+    tx_capacity: usize,
+) -> u64 {
+    let (name, qi, s) = (after.name, after.qi, &after.stats);
+    let captured_before = before.captured;
+    let stats_before = &before.stats;
     assert_eq!(
         s.injected_bytes, books.injected,
         "{name}: injected_bytes matches what the host injected"
     );
     assert_eq!(
-        s.rx_bytes + dev.device.rx_pending() as u64,
+        s.rx_bytes + dev.device.qw().rx_pending() as u64,
         s.injected_bytes,
         "{name} pass ({result:?}): rx_bytes + rx_pending == injected_bytes \
          (a byte left the FIFO without being reported delivered, or was invented)"
     );
     assert_eq!(
         s.tx_bytes,
-        books.taken + dev.device.tx_captured() as u64,
+        books.taken + dev.device.qw().tx_captured() as u64,
         "{name} pass ({result:?}): tx_bytes == bytes taken + bytes still captured"
     );
-    let tx_pass_bytes = (dev.device.tx_captured() - captured_before.min(dev.device.tx_captured())) as u64;
+    let tx_pass_bytes = (dev.device.qw().tx_captured() - captured_before.min(dev.device.qw().tx_captured())) as u64;
     // Capacity. The spec lets an *empty* capture take one buffer larger than
     // the whole capture (at most MAX_CHAIN_BYTES), so that a big buffer
     // cannot wedge the queue; otherwise the capture stays within capacity.
     assert!(
-        dev.device.tx_captured() <= tx_capacity
-            || dev.device.tx_captured() <= captured_before
+        dev.device.qw().tx_captured() <= tx_capacity
+            || dev.device.qw().tx_captured() <= captured_before
             || (captured_before == 0
                 && qi == TX
                 && s.tx_buffers - stats_before.tx_buffers == 1
-                && dev.device.tx_captured() as u64 <= MAX_CHAIN_BYTES),
+                && dev.device.qw().tx_captured() as u64 <= MAX_CHAIN_BYTES),
         "{name}: capture holds {} bytes (was {captured_before}), more than its capacity \
          {tx_capacity}, and not as the single oversized buffer an empty capture may take",
-        dev.device.tx_captured()
+        dev.device.qw().tx_captured()
     );
-    assert!(advanced <= size, "{name}: more completions than the queue size");
+    tx_pass_bytes
+}
 
-    // The used ring: the device's next_used is published, and the elements
-    // it wrote are well formed and add up to the counters.
+/// The used ring: the device's next_used is published, and the elements
+/// it wrote are well formed.
+fn check_used_ring(
+    q: &QueueModel,
+    mem: &GuestMemoryMmap,
+    before: &Before,
+    after: &After,
+) -> Used {
+    let (name, qi, size, advanced) = (after.name, after.qi, q.rings.size, after.advanced);
     if advanced > 0 {
         let used_idx: u16 = u16::from_le(mem.read_obj(GuestAddress(q.rings.used + 2)).unwrap());
         assert_eq!(
@@ -696,7 +772,7 @@ fn pass(
     }
     let (mut sum, mut with_data, mut empty) = (0u64, 0u64, 0u64);
     for k in 0..advanced {
-        let slot = u64::from((used_before + Wrapping(k)).0 % size);
+        let slot = u64::from((before.used + Wrapping(k)).0 % size);
         let at = q.rings.used + 4 + 8 * slot;
         let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap());
         let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap());
@@ -712,8 +788,15 @@ fn pass(
             empty += 1;
         }
     }
+    Used { sum, with_data, empty }
+}
+
+/// The used elements add up to the counters.
+fn check_counters(before: &Before, after: &After, used: &Used, tx_pass_bytes: u64) {
+    let (s, stats_before, advanced) = (&after.stats, &before.stats, after.advanced);
+    let (sum, with_data, empty) = (used.sum, used.with_data, used.empty);
     let bad = s.bad_chains - stats_before.bad_chains;
-    if qi == RX {
+    if after.qi == RX {
         assert_eq!(sum, s.rx_bytes - stats_before.rx_bytes, "rx: used lengths add up to rx_bytes");
         assert_eq!(s.rx_buffers - stats_before.rx_buffers, with_data, "rx: rx_buffers counts filled buffers");
         assert_eq!(bad, empty, "rx: every length-0 completion is a refused chain, and vice versa");
@@ -725,68 +808,86 @@ fn pass(
         assert_eq!(accepted > 0, tx_pass_bytes > 0, "tx: accepted buffers carry bytes");
         assert_eq!(s.rx_bytes, stats_before.rx_bytes, "tx pass moved rx bytes");
     }
+}
 
-    match &result {
-        Ok(p) => {
-            assert!(
-                !ring_broken,
-                "{name}: the available index is more than the queue size ahead, \
-                 but the pass succeeded ({p:?})"
-            );
-            assert_eq!(s.queue_errors, stats_before.queue_errors, "{name}: queue error counted on success");
-            assert_eq!(
-                u32::from(advanced),
-                p.completed,
-                "{name}: next_used advanced by exactly the completions reported"
-            );
-            assert_eq!(taken, advanced, "{name}: every chain taken off the available ring was completed");
-            // The pass reports the used lengths: the bytes written on rx,
-            // none on tx.
-            let bytes = if qi == RX { sum } else { 0 };
-            assert_eq!(p.bytes, bytes, "{name}: the pass reports the used lengths");
-            // The transport asks this after a pass with completions; it must
-            // not fail on a ring inside memory, whatever the guest wrote.
-            if p.completed > 0 {
-                q.queue
-                    .needs_notification(mem)
-                    .expect("needs_notification on a ring inside memory");
-            }
-        }
-        Err(e) => {
-            assert_eq!(
-                s.queue_errors,
-                stats_before.queue_errors + 1,
-                "{name}: a queue error is counted once"
-            );
-            // Spec: a broken ring is an available index more than the queue
-            // size ahead, or an available entry naming a head outside the
-            // table. Completions before the fault stay; the bad entry gets
-            // no byte (it is the last entry the device took, and it is not
-            // on the used ring).
-            if ring_broken {
-                assert_eq!(advanced, 0, "{name}: completions although the available index was broken");
-            } else {
-                assert!(taken >= 1, "{name}: queue error `{e}` without a broken available index or entry");
-                let at = (avail_before + Wrapping(taken - 1)).0;
-                let before = heads_before.get(usize::from(taken - 1)).copied();
-                let after = q.avail_head(mem, at);
-                // What the device read lies between those two snapshots; if
-                // the guest let the device's writes land on the available
-                // ring, neither snapshot need show it.
-                let clobbered = (qi == RX && s.rx_bytes > stats_before.rx_bytes)
-                    || (advanced > 0 && q.rings.avail_overlaps_used());
-                assert!(
-                    before.is_some_and(|h| h >= size) || after >= size || clobbered,
-                    "{name}: queue error `{e}` although the available index was not more than \
-                     the queue size ahead and the last entry taken names head {before:?}/{after} < {size}"
-                );
-                assert_eq!(
-                    taken,
-                    advanced + 1,
-                    "{name}: every entry before the bad one was completed, and only those"
-                );
-            }
-        }
+/// A pass that succeeded: the ring was sane, and it completed every chain
+/// it took.
+fn check_success(
+    q: &mut QueueModel,
+    mem: &GuestMemoryMmap,
+    before: &Before,
+    after: &After,
+    used: &Used,
+    p: &Pass,
+) {
+    let (name, s, advanced, taken) = (after.name, &after.stats, after.advanced, after.taken);
+    assert!(
+        !before.ring_broken,
+        "{name}: the available index is more than the queue size ahead, \
+         but the pass succeeded ({p:?})"
+    );
+    assert_eq!(s.queue_errors, before.stats.queue_errors, "{name}: queue error counted on success");
+    assert_eq!(
+        u32::from(advanced),
+        p.completed,
+        "{name}: next_used advanced by exactly the completions reported"
+    );
+    assert_eq!(taken, advanced, "{name}: every chain taken off the available ring was completed");
+    // The pass reports the used lengths: the bytes written on rx,
+    // none on tx.
+    let bytes = if after.qi == RX { used.sum } else { 0 };
+    assert_eq!(p.bytes, bytes, "{name}: the pass reports the used lengths");
+    // The transport asks this after a pass with completions; it must
+    // not fail on a ring inside memory, whatever the guest wrote.
+    if p.completed > 0 {
+        q.queue
+            .needs_notification(mem)
+            .expect("needs_notification on a ring inside memory");
     }
-    result
+}
+
+/// A pass that found the queue broken: counted once, and only a broken
+/// ring (spec) explains it.
+fn check_queue_error(
+    q: &QueueModel,
+    mem: &GuestMemoryMmap,
+    before: &Before,
+    after: &After,
+    e: &QueueError,
+) {
+    let (name, s, size) = (after.name, &after.stats, q.rings.size);
+    let (advanced, taken, stats_before) = (after.advanced, after.taken, &before.stats);
+    assert_eq!(
+        s.queue_errors,
+        stats_before.queue_errors + 1,
+        "{name}: a queue error is counted once"
+    );
+    // Spec: a broken ring is an available index more than the queue
+    // size ahead, or an available entry naming a head outside the
+    // table. Completions before the fault stay; the bad entry gets
+    // no byte (it is the last entry the device took, and it is not
+    // on the used ring).
+    if before.ring_broken {
+        assert_eq!(advanced, 0, "{name}: completions although the available index was broken");
+        return;
+    }
+    assert!(taken >= 1, "{name}: queue error `{e}` without a broken available index or entry");
+    let at = (before.avail + Wrapping(taken - 1)).0;
+    let head_before = before.heads.get(usize::from(taken - 1)).copied();
+    let after_head = q.avail_head(mem, at);
+    // What the device read lies between those two snapshots; if
+    // the guest let the device's writes land on the available
+    // ring, neither snapshot need show it.
+    let clobbered = (after.qi == RX && s.rx_bytes > stats_before.rx_bytes)
+        || (advanced > 0 && q.rings.avail_overlaps_used());
+    assert!(
+        head_before.is_some_and(|h| h >= size) || after_head >= size || clobbered,
+        "{name}: queue error `{e}` although the available index was not more than \
+         the queue size ahead and the last entry taken names head {head_before:?}/{after_head} < {size}"
+    );
+    assert_eq!(
+        taken,
+        advanced + 1,
+        "{name}: every entry before the bad one was completed, and only those"
+    );
 }

@@ -41,6 +41,7 @@ use support::{
     DATA_BASE, QUEUE_SIZE, RX, TX,
 };
 use vdevlab_device::control::Response;
+use vdevlab_device::core::CoreCounters;
 use vdevlab_device::device::Stats;
 use vhost::VhostBackend;
 use virtio_bindings::bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
@@ -581,8 +582,11 @@ impl Driver {
             name,
             counts: self.counts,
             device: Some(Stats {
-                interrupts_raised: now.interrupts_raised - s0.interrupts_raised,
-                interrupts_suppressed: now.interrupts_suppressed - s0.interrupts_suppressed,
+                core: CoreCounters {
+                    interrupts_raised: now.interrupts_raised - s0.interrupts_raised,
+                    interrupts_suppressed: now.interrupts_suppressed - s0.interrupts_suppressed,
+                    ..now.core
+                },
                 ..now
             }),
         }

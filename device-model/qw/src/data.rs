@@ -32,7 +32,7 @@ use std::path::Path;
 use tracing::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::device::QwDevice;
+use crate::qw::Qw;
 
 /// Bytes read from the client per read call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -105,7 +105,7 @@ impl DataPort {
 
     /// Handle whatever is ready: accept a connection, read the client's
     /// bytes into the FIFO, write captured bytes to it.
-    pub fn service(&mut self, dev: &mut QwDevice) -> Wake {
+    pub fn service(&mut self, qw: &mut Qw) -> Wake {
         let mut events = [EpollEvent::default(); 2];
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
@@ -122,12 +122,12 @@ impl DataPort {
                 _ => {
                     let set = ev.event_set();
                     if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP) {
-                        wake.rx |= self.read_in(dev);
+                        wake.rx |= self.read_in(qw);
                     }
                 }
             }
         }
-        let sync = self.sync(dev);
+        let sync = self.sync(qw);
         Wake {
             rx: wake.rx || sync.rx,
             tx: sync.tx,
@@ -136,16 +136,16 @@ impl DataPort {
 
     /// After a queue pass: send what the driver transmitted, and read
     /// again if the FIFO has room once more.
-    pub fn sync(&mut self, dev: &mut QwDevice) -> Wake {
+    pub fn sync(&mut self, qw: &mut Qw) -> Wake {
         let mut wake = Wake::default();
         let Some(client) = self.client.as_mut() else {
             return wake;
         };
-        if dev.tx_captured() > 0 {
+        if qw.tx_captured() > 0 {
             // Asked before sending: a capture that was exactly full is not
             // full any more once sent.
-            let waiting = dev.tx_waiting_for_room();
-            match dev.send_capture(client) {
+            let waiting = qw.tx_waiting_for_room();
+            match qw.send_capture(client) {
                 Ok(sent) => wake.tx = sent > 0 && waiting,
                 Err(e) => {
                     debug!(error = %e, "data port client gone while writing");
@@ -157,10 +157,10 @@ impl DataPort {
         // A paused reader is not watched at all: a hang-up would
         // otherwise report the client ready over and over.
         let mut want = EventSet::empty();
-        if dev.rx_room() > 0 {
+        if qw.rx_room() > 0 {
             want |= EventSet::IN | EventSet::READ_HANG_UP;
         }
-        if dev.tx_captured() > 0 {
+        if qw.tx_captured() > 0 {
             want |= EventSet::OUT;
         }
         self.watch(want);
@@ -203,10 +203,10 @@ impl DataPort {
 
     /// Read the client's bytes into the FIFO while it has room. Returns
     /// whether bytes arrived.
-    fn read_in(&mut self, dev: &mut QwDevice) -> bool {
+    fn read_in(&mut self, qw: &mut Qw) -> bool {
         let mut got = 0;
         while got < READ_BUDGET {
-            let room = dev.rx_room().min(self.buf.len());
+            let room = qw.rx_room().min(self.buf.len());
             if room == 0 {
                 break;
             }
@@ -221,7 +221,7 @@ impl DataPort {
                 }
                 Ok(n) => {
                     // `room` bytes fit, so the FIFO takes all of them.
-                    let taken = dev.inject(&self.buf[..n]);
+                    let taken = qw.inject(&self.buf[..n]);
                     debug_assert_eq!(taken, n);
                     got += n;
                 }
@@ -291,13 +291,13 @@ mod tests {
     /// through the kernel, so the first call may see nothing).
     fn service_until(
         port: &mut DataPort,
-        dev: &mut QwDevice,
-        mut done: impl FnMut(&DataPort, &QwDevice) -> bool,
+        qw: &mut Qw,
+        mut done: impl FnMut(&DataPort, &Qw) -> bool,
     ) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !done(port, dev) {
+        while !done(port, qw) {
             assert!(Instant::now() < deadline, "the data port made no progress");
-            port.service(dev);
+            port.service(qw);
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -305,28 +305,28 @@ mod tests {
     #[test]
     fn bytes_flow_both_ways_and_the_fifo_limits_reading() {
         let (mut port, path) = port();
-        let mut dev = QwDevice::new(100, 1000);
+        let mut qw = Qw::new(100, 1000);
         assert!(!port.connected());
         let mut client = UnixStream::connect(&path).unwrap();
-        service_until(&mut port, &mut dev, |p, _| p.connected());
+        service_until(&mut port, &mut qw, |p, _| p.connected());
 
         // 300 bytes offered, 100 fit: the rest waits in the socket.
         let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
         client.write_all(&data).unwrap();
-        service_until(&mut port, &mut dev, |_, d| d.rx_pending() == 100);
-        assert_eq!(dev.counters().inject_rejected_bytes, 0, "nothing refused");
+        service_until(&mut port, &mut qw, |_, d| d.rx_pending() == 100);
+        assert_eq!(qw.counters().inject_rejected_bytes, 0, "nothing refused");
         assert!(port.watching.is_empty(), "reading paused");
-        assert_eq!(dev.take_rx(1000), data[..100]);
+        assert_eq!(qw.take_rx(1000), data[..100]);
         // Room again: a sync resumes reading.
-        port.sync(&mut dev);
-        service_until(&mut port, &mut dev, |_, d| d.rx_pending() == 100);
-        assert_eq!(dev.take_rx(1000), data[100..200]);
+        port.sync(&mut qw);
+        service_until(&mut port, &mut qw, |_, d| d.rx_pending() == 100);
+        assert_eq!(qw.take_rx(1000), data[100..200]);
 
         // Transmitted bytes go to the client.
-        dev.push_capture_for_test(b"hello");
-        let w = port.sync(&mut dev);
+        qw.push_capture_for_test(b"hello");
+        let w = port.sync(&mut qw);
         assert!(!w.tx, "no transmit pass waited for room");
-        assert_eq!(dev.tx_captured(), 0);
+        assert_eq!(qw.tx_captured(), 0);
         let mut back = [0u8; 5];
         client.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"hello");
@@ -334,34 +334,34 @@ mod tests {
         // A closed client is dropped once its last bytes are in (the
         // driver makes room for them); its place is free for another.
         drop(client);
-        service_until(&mut port, &mut dev, |_, d| d.rx_pending() == 100);
-        assert_eq!(dev.take_rx(1000), data[200..]);
-        port.sync(&mut dev);
-        service_until(&mut port, &mut dev, |p, _| !p.connected());
+        service_until(&mut port, &mut qw, |_, d| d.rx_pending() == 100);
+        assert_eq!(qw.take_rx(1000), data[200..]);
+        port.sync(&mut qw);
+        service_until(&mut port, &mut qw, |p, _| !p.connected());
         let _second = UnixStream::connect(&path).unwrap();
-        service_until(&mut port, &mut dev, |p, _| p.connected());
+        service_until(&mut port, &mut qw, |p, _| p.connected());
     }
 
     #[test]
     fn a_full_capture_waits_for_the_reader() {
         let (mut port, path) = port();
-        let mut dev = QwDevice::new(100, 4 << 20);
+        let mut qw = Qw::new(100, 4 << 20);
         let mut client = UnixStream::connect(&path).unwrap();
-        service_until(&mut port, &mut dev, |p, _| p.connected());
+        service_until(&mut port, &mut qw, |p, _| p.connected());
         // More than a socket buffer holds: part stays captured.
         let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i * 7) as u8).collect();
-        dev.push_capture_for_test(&data);
+        qw.push_capture_for_test(&data);
         // Exactly full: the transmit pass stopped without deferring a chain.
-        let w = port.sync(&mut dev);
+        let w = port.sync(&mut qw);
         assert!(w.tx, "room made for a waiting transmit pass asks for one");
-        assert!(dev.tx_captured() > 0, "the socket took everything at once?");
+        assert!(qw.tx_captured() > 0, "the socket took everything at once?");
         assert!(port.watching.contains(EventSet::OUT));
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; 4 << 20];
             client.read_exact(&mut got).unwrap();
             got
         });
-        service_until(&mut port, &mut dev, |_, d| d.tx_captured() == 0);
+        service_until(&mut port, &mut qw, |_, d| d.tx_captured() == 0);
         assert_eq!(reader.join().unwrap(), data);
         assert!(!port.watching.contains(EventSet::OUT));
     }

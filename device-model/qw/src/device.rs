@@ -1,135 +1,44 @@
-//! The qw device's logic, on the device framework ([`vdevlab_device_core`]).
-//!
-//! [`QwDevice`] owns the device's data: a receive FIFO (bytes waiting to be
-//! delivered to the driver) and a transmit capture (bytes the driver wrote).
-//! It implements [`VirtioDevice`]: the core hands it validated chains of its
-//! two queues and it moves bytes between those buffers and the chains, so
-//! the same code runs under the real backend and under unit tests with mock
-//! queues. Everything the guest hands over is untrusted; the core refuses
-//! malformed chains before they get here (see `docs/device-spec.md`).
+//! The qw device on the device framework ([`vdevlab_device_core`]):
+//! [`QwDevice`] implements [`VirtioDevice`], mapping its two queues, its
+//! config space, its timer, its host control requests and its data port
+//! onto the device's logic ([`Qw`], in [`crate::qw`]). The core hands it
+//! validated chains of its two queues (it refuses malformed ones before they
+//! get here, see `docs/device-spec.md`); this file moves bytes between those
+//! chains and the logic's buffers, so the same code runs under the real
+//! backend and under unit tests with mock queues.
 
-use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 use vdevlab_device_core::sources::{Sink, Source};
 use vdevlab_device_core::{
-    to_fields, Chain, Core, Direction, Engine, Fields, Outcome, Pass, QueueError, QueueSpec,
-    VirtioDevice,
+    to_fields, Chain, ChainError, Core, Direction, Engine, Fields, Outcome, Pass, QueueError,
+    QueueSpec, VirtioDevice,
 };
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use crate::control::Request;
 use crate::data::DataPort;
+use crate::qw::Qw;
 use crate::spec::{MAX_CHAIN_BYTES, MAX_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
-/// The qw device's own counters (the core keeps the generic ones).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QwCounters {
-    /// Bytes accepted from the host for delivery to the driver.
-    pub injected_bytes: u64,
-    /// Bytes the host offered that the receive FIFO had no room for.
-    pub inject_rejected_bytes: u64,
-    /// Bytes written into the driver's receive buffers.
-    pub rx_bytes: u64,
-    /// Receive buffers completed.
-    pub rx_buffers: u64,
-    /// Bytes read from the driver's transmit buffers.
-    pub tx_bytes: u64,
-    /// Transmit buffers completed.
-    pub tx_buffers: u64,
-    /// Generator samples lost because the receive FIFO was full.
-    pub overruns: u64,
-}
+// Where these lived before the logic moved to `crate::qw` and the clients'
+// types to `crate::control`; the paths keep working.
+pub use crate::control::Stats;
+pub use crate::qw::{QwCounters, DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
 
-/// All the counters of a qw device, as the control plane's `stats` request
-/// reports them: the core's ([`vdevlab_device_core::CoreCounters`]) and the
-/// device's ([`QwCounters`]) in one flat object. This is the clients' view.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Bytes accepted from the host for delivery to the driver.
-    pub injected_bytes: u64,
-    /// Bytes the host offered that the receive FIFO had no room for.
-    pub inject_rejected_bytes: u64,
-    /// Bytes written into the driver's receive buffers.
-    pub rx_bytes: u64,
-    /// Receive buffers completed.
-    pub rx_buffers: u64,
-    /// Bytes read from the driver's transmit buffers.
-    pub tx_bytes: u64,
-    /// Transmit buffers completed.
-    pub tx_buffers: u64,
-    /// Chains refused as malformed (completed with length 0).
-    pub bad_chains: u64,
-    /// Used-buffer interrupts raised.
-    pub interrupts_raised: u64,
-    /// Used-buffer interrupts the driver asked us not to send.
-    pub interrupts_suppressed: u64,
-    /// Times a queue was found broken as a whole.
-    pub queue_errors: u64,
-    /// Generator samples lost because the receive FIFO was full.
-    #[serde(default)]
-    pub overruns: u64,
-    /// Fault injection: due interrupts deliberately lost.
-    #[serde(default)]
-    pub interrupts_dropped: u64,
-    /// Fault injection: interrupts raised with nothing new to report.
-    #[serde(default)]
-    pub spurious_interrupts: u64,
-    /// Fault injection: passes skipped because a queue was stalled.
-    #[serde(default)]
-    pub stalled_passes: u64,
-    /// Fault injection: receive buffers delivered with a flipped byte.
-    #[serde(default)]
-    pub corrupted_buffers: u64,
-    /// Fault injection: bytes taken from the FIFO but not reported to the
-    /// driver (truncated receive buffers).
-    #[serde(default)]
-    pub truncated_bytes: u64,
-    /// Hostile mode: used entries naming an id the driver never posted.
-    #[serde(default)]
-    pub hostile_bogus_ids: u64,
-    /// Hostile mode: used entries with a length larger than the buffer.
-    #[serde(default)]
-    pub hostile_overlong: u64,
-    /// Hostile mode: used-index jumps.
-    #[serde(default)]
-    pub hostile_index_jumps: u64,
-    /// Hostile mode: heads completed a second time.
-    #[serde(default)]
-    pub hostile_double_completions: u64,
-}
-
-impl Stats {
-    /// The stats of `eng`, merged as the control plane reports them.
-    pub fn of(eng: &Engine<QwDevice>) -> Self {
-        serde_json::from_value(Value::Object(eng.stats_fields())).unwrap_or_default()
-    }
-}
-
-/// Default receive FIFO size: how much the host may inject ahead of the driver.
-pub const DEFAULT_RX_FIFO_BYTES: usize = 1 << 20;
-/// Default transmit capture size: how much the driver may write before the
-/// device applies back-pressure (stops completing transmit buffers).
-pub const DEFAULT_TX_CAPTURE_BYTES: usize = 1 << 20;
-
-/// The qw device's state.
+/// The qw device as a [`VirtioDevice`]: its logic, its receive source and
+/// its data port.
 #[derive(Debug)]
 pub struct QwDevice {
-    rx_fifo: VecDeque<u8>,
-    rx_capacity: usize,
-    tx_capture: VecDeque<u8>,
-    tx_capacity: usize,
-    counters: QwCounters,
+    qw: Qw,
     source: Source,
-    scratch: Vec<u8>,
     /// The data port, if the device has one (see [`crate::data`]).
     data: Option<DataPort>,
-    /// The last transmit chain looked at was deferred for lack of room in
-    /// the capture: whoever drains the capture must ask for another pass.
-    tx_deferred: bool,
+    /// Reused for every transmit buffer: no allocation per chain.
+    scratch: Vec<u8>,
 }
 
 impl Default for QwDevice {
@@ -138,8 +47,8 @@ impl Default for QwDevice {
     }
 }
 
-/// The receive FIFO as a [`Sink`] for the data source.
-struct RxFifo<'a>(&'a mut QwDevice);
+/// The receive FIFO as a [`Sink`] for the receive source.
+struct RxFifo<'a>(&'a mut Qw);
 
 impl Sink for RxFifo<'_> {
     fn room(&self) -> usize {
@@ -154,15 +63,10 @@ impl QwDevice {
     /// A device with the given FIFO and capture capacities, in bytes.
     pub fn new(rx_capacity: usize, tx_capacity: usize) -> Self {
         Self {
-            rx_fifo: VecDeque::new(),
-            rx_capacity,
-            tx_capture: VecDeque::new(),
-            tx_capacity,
-            counters: QwCounters::default(),
+            qw: Qw::new(rx_capacity, tx_capacity),
             source: Source::default(),
-            scratch: Vec::new(),
             data: None,
-            tx_deferred: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -172,104 +76,15 @@ impl QwDevice {
         self
     }
 
-    /// Write captured transmit bytes to `out`, oldest first, until it
-    /// would block or the capture is empty; the bytes written leave the
-    /// capture. Returns how many were written (the data port's path).
-    pub fn send_capture(&mut self, out: &mut impl std::io::Write) -> std::io::Result<usize> {
-        let mut sent = 0;
-        loop {
-            let (front, _) = self.tx_capture.as_slices();
-            if front.is_empty() {
-                return Ok(sent);
-            }
-            match out.write(front) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.tx_capture.drain(..n);
-                    sent += n;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(sent),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+    /// The device's state (its buffers and counters).
+    pub fn qw(&self) -> &Qw {
+        &self.qw
     }
 
-    /// Whether transmit chains wait for room in the capture: it is full, or
-    /// the last chain did not fit.
-    pub fn tx_waiting_for_room(&self) -> bool {
-        self.tx_deferred || self.tx_capture.len() >= self.tx_capacity
-    }
-
-    /// Put bytes in the transmit capture as if the driver sent them (tests).
-    #[cfg(test)]
-    pub(crate) fn push_capture_for_test(&mut self, data: &[u8]) {
-        self.tx_capture.extend(data);
-    }
-
-    /// Take up to `max` bytes from the front of the receive FIFO (tests).
-    #[cfg(test)]
-    pub(crate) fn take_rx(&mut self, max: usize) -> Vec<u8> {
-        let n = max.min(self.rx_fifo.len());
-        self.rx_fifo.drain(..n).collect()
-    }
-
-    /// Run `f` on the data port, which gets the device too.
-    fn with_port<T: Default>(&mut self, f: impl FnOnce(&mut DataPort, &mut Self) -> T) -> T {
-        let Some(mut port) = self.data.take() else {
-            return T::default();
-        };
-        let out = f(&mut port, self);
-        self.data = Some(port);
-        out
-    }
-
-    /// Queue bytes for delivery to the driver. Returns how many were
-    /// accepted: the rest did not fit the FIFO and were refused (and counted),
-    /// never silently dropped.
-    pub fn inject(&mut self, data: &[u8]) -> usize {
-        let room = self.rx_capacity.saturating_sub(self.rx_fifo.len());
-        let n = room.min(data.len());
-        self.rx_fifo.extend(&data[..n]);
-        self.counters.injected_bytes += n as u64;
-        self.counters.inject_rejected_bytes += (data.len() - n) as u64;
-        n
-    }
-
-    /// Bytes waiting in the receive FIFO.
-    pub fn rx_pending(&self) -> usize {
-        self.rx_fifo.len()
-    }
-
-    /// Room left in the receive FIFO.
-    pub fn rx_room(&self) -> usize {
-        self.rx_capacity.saturating_sub(self.rx_fifo.len())
-    }
-
-    /// Receive FIFO capacity.
-    pub fn rx_capacity(&self) -> usize {
-        self.rx_capacity
-    }
-
-    /// Transmit capture capacity.
-    pub fn tx_capacity(&self) -> usize {
-        self.tx_capacity
-    }
-
-    /// Take up to `max` captured transmit bytes, oldest first.
-    pub fn take_capture(&mut self, max: usize) -> Vec<u8> {
-        let n = max.min(self.tx_capture.len());
-        self.tx_capture.drain(..n).collect()
-    }
-
-    /// Bytes waiting in the transmit capture.
-    pub fn tx_captured(&self) -> usize {
-        self.tx_capture.len()
-    }
-
-    /// The device's own counters.
-    pub fn counters(&self) -> QwCounters {
-        self.counters
+    /// Mutable access to the device's state (the host side: inject, take
+    /// the capture).
+    pub fn qw_mut(&mut self) -> &mut Qw {
+        &mut self.qw
     }
 
     /// The receive source (generator, file, or host injection only).
@@ -285,52 +100,91 @@ impl QwDevice {
     /// Move data from the receive source into the FIFO (one timer tick).
     /// Returns whether new bytes arrived.
     pub fn pump_source(&mut self) -> bool {
-        let mut source = std::mem::take(&mut self.source);
-        let p = source.pump(&mut RxFifo(self));
-        self.source = source;
+        let p = self.source.pump(&mut RxFifo(&mut self.qw));
         if p.overrun {
-            self.counters.overruns += 1;
+            self.qw.count_overrun();
         }
         p.bytes > 0
     }
 
-    /// Fill one receive chain from the FIFO.
-    fn fill(
-        &mut self,
-        chain: &Chain<'_>,
-        core: &mut Core,
-    ) -> Result<u32, vdevlab_device_core::ChainError> {
-        // Bounded by the chain length, itself bounded by MAX_CHAIN_BYTES.
-        let room = (chain.writable_len() as usize).min(self.rx_fifo.len());
-        if core.damage_armed() {
-            // Fault injection (rare path): damage a copy, then deliver it.
-            let mut data: Vec<u8> = self.rx_fifo.range(..room).copied().collect();
-            let cut = core.damage(&mut data);
-            chain.write(&[&data])?;
-            self.rx_fifo.drain(..room);
-            return Ok((room - cut) as u32);
+    /// Run `f` on the data port, if there is one, with the device's state.
+    fn with_port<T: Default>(&mut self, f: impl FnOnce(&mut DataPort, &mut Qw) -> T) -> T {
+        match self.data.as_mut() {
+            Some(port) => f(port, &mut self.qw),
+            None => T::default(),
         }
-        let (a, b) = self.rx_fifo.as_slices();
-        let from_a = room.min(a.len());
-        chain.write(&[&a[..from_a], &b[..room - from_a]])?;
-        self.rx_fifo.drain(..room);
-        Ok(room as u32)
     }
 
-    /// Read a whole transmit chain into the capture, if it fits.
-    fn drain(&mut self, chain: &Chain<'_>) -> Result<Option<u64>, vdevlab_device_core::ChainError> {
-        let room = self.tx_capacity.saturating_sub(self.tx_capture.len());
-        // A buffer waits for room, except that an empty capture takes any
-        // buffer (at most MAX_CHAIN_BYTES): a buffer larger than the whole
-        // capture must not wedge the queue forever.
-        if chain.readable_len() as usize > room && !self.tx_capture.is_empty() {
-            return Ok(None);
+    /// Fill one receive chain from the FIFO; returns the used length.
+    fn fill(&mut self, chain: &Chain<'_>, core: &mut Core) -> Result<u32, ChainError> {
+        // Bounded by the chain length, itself bounded by MAX_CHAIN_BYTES.
+        let (a, b) = self.qw.rx_front(chain.writable_len() as usize);
+        let taken = a.len() + b.len();
+        let reported = if core.damage_armed() {
+            // Fault injection (rare path): damage a copy, then deliver it.
+            let mut data = [a, b].concat();
+            let cut = core.damage(&mut data);
+            chain.write(&[&data])?;
+            taken - cut
+        } else {
+            chain.write(&[a, b])?;
+            taken
+        };
+        let reported = reported as u32;
+        self.qw.rx_delivered(taken, reported);
+        Ok(reported)
+    }
+
+    /// Read a whole transmit chain into the capture, or leave it on the
+    /// ring while it does not fit.
+    fn drain(&mut self, chain: &Chain<'_>) -> Outcome {
+        if !self.qw.tx_fits(chain.readable_len()) {
+            self.qw.tx_defer();
+            return Outcome::Defer;
         }
-        // One scratch buffer, reused: no allocation per chain.
         self.scratch.clear();
-        chain.read_to_end(&mut self.scratch)?;
-        self.tx_capture.extend(&self.scratch);
-        Ok(Some(self.scratch.len() as u64))
+        if let Err(e) = chain.read_to_end(&mut self.scratch) {
+            return Outcome::Refuse(e);
+        }
+        self.qw.tx_accept(&self.scratch);
+        Outcome::Complete { used_len: 0 }
+    }
+
+    /// The device's own control requests: `inject`, `capture`, `source`.
+    fn device_request(&mut self, req: Request, core: &mut Core) -> Option<Result<Fields, String>> {
+        let mut f = Fields::new();
+        match req {
+            Request::Inject { data } => {
+                let bytes = match hex::decode(&data) {
+                    Ok(b) => b,
+                    Err(e) => return Some(Err(format!("data is not valid hex: {e}"))),
+                };
+                let accepted = self.qw.inject(&bytes);
+                if accepted < bytes.len() {
+                    tracing::warn!(
+                        offered = bytes.len(),
+                        accepted,
+                        "receive FIFO full; injection partly refused"
+                    );
+                }
+                f.insert("accepted".into(), accepted.into());
+            }
+            Request::Capture { max } => {
+                let data = self.qw.take_capture(max.unwrap_or(usize::MAX));
+                f.insert("data".into(), hex::encode(data).into());
+            }
+            Request::Source { source } => {
+                let tick = source.tick();
+                if let Err(e) = self.source.set(source) {
+                    return Some(Err(e));
+                }
+                if let Err(e) = core.set_tick(tick) {
+                    return Some(Err(format!("timer: {e}")));
+                }
+            }
+            _ => return None,
+        }
+        Some(Ok(f))
     }
 }
 
@@ -352,7 +206,7 @@ impl VirtioDevice for QwDevice {
     }
 
     fn config_space(&self, core: &Core) -> Vec<u8> {
-        crate::config::render(self, core).to_vec()
+        crate::config::render(&self.qw, self.source.config(), core).to_vec()
     }
 
     /// Receive buffers are only taken while there is data to put in them,
@@ -360,8 +214,8 @@ impl VirtioDevice for QwDevice {
     /// only while the capture has room (back-pressure rather than loss).
     fn wants_buffers(&self, queue: u16) -> bool {
         match queue {
-            RX_QUEUE => !self.rx_fifo.is_empty(),
-            TX_QUEUE => self.tx_capture.len() < self.tx_capacity,
+            RX_QUEUE => self.qw.wants_rx(),
+            TX_QUEUE => self.qw.wants_tx(),
             _ => false,
         }
     }
@@ -369,39 +223,17 @@ impl VirtioDevice for QwDevice {
     fn handle_chain(&mut self, queue: u16, chain: &Chain<'_>, core: &mut Core) -> Outcome {
         match queue {
             RX_QUEUE => match self.fill(chain, core) {
-                Ok(len) => {
-                    self.counters.rx_bytes += u64::from(len);
-                    if len > 0 {
-                        self.counters.rx_buffers += 1;
-                    }
-                    Outcome::Complete { used_len: len }
-                }
+                Ok(len) => Outcome::Complete { used_len: len },
                 Err(e) => Outcome::Refuse(e),
             },
-            _ => match self.drain(chain) {
-                Ok(Some(n)) => {
-                    self.tx_deferred = false;
-                    self.counters.tx_bytes += n;
-                    // Like rx_buffers, count only buffers that carried data.
-                    self.counters.tx_buffers += 1;
-                    Outcome::Complete { used_len: 0 }
-                }
-                // Not enough room for this whole buffer: leave it on the
-                // ring for a later pass.
-                Ok(None) => {
-                    self.tx_deferred = true;
-                    Outcome::Defer
-                }
-                Err(e) => Outcome::Refuse(e),
-            },
+            _ => self.drain(chain),
         }
     }
 
     /// Forget all data. Counters are kept: they describe the whole session,
     /// across resets.
     fn reset(&mut self, _core: &mut Core) {
-        self.rx_fifo.clear();
-        self.tx_capture.clear();
+        self.qw.clear();
     }
 
     fn control(
@@ -413,53 +245,20 @@ impl VirtioDevice for QwDevice {
         if !matches!(op, "inject" | "capture" | "source") {
             return None;
         }
-        let req = match Request::deserialize(request) {
-            Ok(r) => r,
-            Err(e) => return Some(Err(format!("bad request: {e}"))),
-        };
-        let mut f = Fields::new();
-        match req {
-            Request::Inject { data } => {
-                let bytes = match hex::decode(&data) {
-                    Ok(b) => b,
-                    Err(e) => return Some(Err(format!("data is not valid hex: {e}"))),
-                };
-                let accepted = self.inject(&bytes);
-                if accepted < bytes.len() {
-                    tracing::warn!(
-                        offered = bytes.len(),
-                        accepted,
-                        "receive FIFO full; injection partly refused"
-                    );
-                }
-                f.insert("accepted".into(), accepted.into());
-            }
-            Request::Capture { max } => {
-                let data = self.take_capture(max.unwrap_or(usize::MAX));
-                f.insert("data".into(), hex::encode(data).into());
-            }
-            Request::Source { source } => {
-                let tick = source.tick();
-                if let Err(e) = self.source.set(source) {
-                    return Some(Err(e));
-                }
-                if let Err(e) = core.set_tick(tick) {
-                    return Some(Err(format!("timer: {e}")));
-                }
-            }
-            _ => return None,
+        match Request::deserialize(request) {
+            Ok(req) => self.device_request(req, core),
+            Err(e) => Some(Err(format!("bad request: {e}"))),
         }
-        Some(Ok(f))
     }
 
     fn counters(&self) -> Fields {
-        to_fields(&self.counters)
+        to_fields(&self.qw.counters())
     }
 
     fn reply_fields(&self) -> Fields {
         let mut f = Fields::new();
-        f.insert("rx_pending".into(), self.rx_pending().into());
-        f.insert("tx_captured".into(), self.tx_captured().into());
+        f.insert("rx_pending".into(), self.qw.rx_pending().into());
+        f.insert("tx_captured".into(), self.qw.tx_captured().into());
         f
     }
 
@@ -476,12 +275,12 @@ impl VirtioDevice for QwDevice {
     }
 
     fn io_ready(&mut self, _core: &mut Core) -> bool {
-        let wake = self.with_port(|port, dev| port.service(dev));
+        let wake = self.with_port(|port, qw| port.service(qw));
         wake.rx || wake.tx
     }
 
     fn after_pass(&mut self, queue: u16, _core: &mut Core) -> bool {
-        let wake = self.with_port(|port, dev| port.sync(dev));
+        let wake = self.with_port(|port, qw| port.sync(qw));
         queue == TX_QUEUE && wake.tx
     }
 }
@@ -515,7 +314,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const MEM: u64 = 0x10_0000;
 
@@ -564,7 +363,7 @@ mod tests {
             ],
         );
         let mut dev = Engine::new(QwDevice::default());
-        assert_eq!(dev.device.inject(b"hello world"), 11);
+        assert_eq!(dev.device.qw_mut().inject(b"hello world"), 11);
         let pass = dev.process_rx(&mut q, &mem).unwrap();
         assert_eq!(
             pass,
@@ -584,7 +383,7 @@ mod tests {
         assert_eq!(used(&vq, 0), (0, 4));
         assert_eq!(used(&vq, 1), (1, 6));
         assert_eq!(
-            dev.device.rx_pending(),
+            dev.device.qw().rx_pending(),
             1,
             "the last byte waits for the next buffer"
         );
@@ -598,60 +397,9 @@ mod tests {
         let mut dev = Engine::new(QwDevice::default());
         assert_eq!(dev.process_rx(&mut q, &mem).unwrap(), Pass::default());
         assert_eq!(vq.used().idx().load(), 0);
-        dev.device.inject(b"x");
+        dev.device.qw_mut().inject(b"x");
         assert_eq!(dev.process_rx(&mut q, &mem).unwrap().completed, 1);
         assert_eq!(vq.used().idx().load(), 1);
-    }
-
-    #[test]
-    fn rx_refuses_bad_chains_and_keeps_going() {
-        let mem = memory();
-        let w = VRING_DESC_F_WRITE;
-        let (vq, mut q) = queue_with(
-            &mem,
-            &[
-                vec![desc(0x8000, 8, 0, 0)],       // device-readable on rx
-                vec![desc(MEM - 4, 8, w, 0)],      // runs past the end of memory
-                vec![desc(u64::MAX - 2, 8, w, 0)], // wraps the address space
-                vec![desc(0x9000, 0, w, 0)],       // no bytes
-                vec![desc(0xa000, 8, w, 0)],       // fine
-            ],
-        );
-        let mut dev = Engine::new(QwDevice::default());
-        dev.device.inject(b"payload!");
-        let pass = dev.process_rx(&mut q, &mem).unwrap();
-        assert_eq!(pass.completed, 5);
-        assert_eq!(dev.stats().bad_chains, 4);
-        for i in 0..4 {
-            assert_eq!(used(&vq, i).1, 0, "bad chain {i} completes with length 0");
-        }
-        assert_eq!(used(&vq, 4), (4, 8));
-        let mut got = [0u8; 8];
-        mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
-        assert_eq!(&got, b"payload!", "no byte lost to the bad chains");
-    }
-
-    #[test]
-    fn loops_and_bad_next_indices_are_refused() {
-        let mem = memory();
-        let w = VRING_DESC_F_WRITE;
-        let n = VRING_DESC_F_NEXT;
-        let (vq, mut q) = queue_with(
-            &mem,
-            &[
-                vec![desc(0x8000, 4, w | n, 0)],  // points at itself
-                vec![desc(0x9000, 4, w | n, 99)], // next past the table
-                vec![desc(0xa000, 8, w, 0)],      // fine
-            ],
-        );
-        let mut dev = Engine::new(QwDevice::default());
-        dev.device.inject(b"12345678");
-        let pass = dev.process_rx(&mut q, &mem).unwrap();
-        assert_eq!(pass.completed, 3);
-        assert_eq!(dev.stats().bad_chains, 2);
-        assert_eq!(used(&vq, 0), (0, 0));
-        assert_eq!(used(&vq, 1), (1, 0));
-        assert_eq!(used(&vq, 2), (2, 8));
     }
 
     #[test]
@@ -668,12 +416,12 @@ mod tests {
         assert_eq!(pass.completed, 1, "the second buffer does not fit");
         assert_eq!(dev.stats().tx_bytes, 4);
         assert_eq!(vq.used().idx().load(), 1);
-        assert_eq!(dev.device.take_capture(100), b"abcd");
+        assert_eq!(dev.device.qw_mut().take_capture(100), b"abcd");
         let pass = dev.process_tx(&mut q, &mem).unwrap();
         assert_eq!(pass.completed, 1);
         assert_eq!(dev.stats().tx_bytes, 8);
-        assert_eq!(dev.device.take_capture(2), b"ef");
-        assert_eq!(dev.device.take_capture(100), b"gh");
+        assert_eq!(dev.device.qw_mut().take_capture(2), b"ef");
+        assert_eq!(dev.device.qw_mut().take_capture(100), b"gh");
     }
 
     #[test]
@@ -694,57 +442,234 @@ mod tests {
         );
         assert_eq!(dev.stats().tx_bytes, 10);
         assert_eq!(vq.used().idx().load(), 1);
-        assert_eq!(dev.device.take_capture(100), b"0123456789");
+        assert_eq!(dev.device.qw_mut().take_capture(100), b"0123456789");
     }
 
     #[test]
-    fn tx_refuses_writable_descriptors() {
-        let mem = memory();
-        let (vq, mut q) = queue_with(&mem, &[vec![desc(0x8000, 4, VRING_DESC_F_WRITE, 0)]]);
-        let mut dev = Engine::new(QwDevice::default());
-        let pass = dev.process_tx(&mut q, &mem).unwrap();
-        assert_eq!(pass.completed, 1);
-        assert_eq!(dev.stats().bad_chains, 1);
-        assert_eq!(used(&vq, 0), (0, 0));
-        assert_eq!(dev.device.tx_captured(), 0);
-    }
-
-    #[test]
-    fn a_head_outside_the_table_breaks_the_ring_without_losing_data() {
-        let mem = memory();
-        let w = VRING_DESC_F_WRITE;
-        let (vq, mut q) = queue_with(&mem, &[vec![desc(0x8000, 4, w, 0)]]);
-        // A second avail entry naming head 300 in a 16-entry table.
-        let ring = vq.avail_addr().checked_add(4 + 2).unwrap();
-        mem.write_obj(300u16.to_le(), ring).unwrap();
-        vq.avail().idx().store(2);
-        let mut dev = Engine::new(QwDevice::default());
-        dev.device.inject(b"abcdefgh");
-        assert!(dev.process_rx(&mut q, &mem).is_err());
-        assert_eq!(used(&vq, 0), (0, 4), "the good chain before it completed");
-        assert_eq!(vq.used().idx().load(), 1);
-        assert_eq!(dev.device.rx_pending(), 4, "no byte went to the bad head");
-        assert_eq!(dev.stats().rx_bytes, 4);
-        assert_eq!(dev.stats().queue_errors, 1);
+    fn config_reads_are_windowed_and_bounded() {
+        let dev = Engine::new(QwDevice::default());
+        assert_eq!(crate::config::read(&dev, 0, 4), b"QWDV");
+        assert_eq!(
+            crate::config::read(&dev, 46, 4),
+            [0, 0, 0, 0][..].iter().copied().take(4).collect::<Vec<_>>()
+        );
+        assert_eq!(crate::config::read(&dev, 1000, 8), vec![0; 8]);
+        assert_eq!(crate::config::read(&dev, 0, u32::MAX).len(), 4096);
     }
 
     #[test]
     fn inject_refuses_what_does_not_fit() {
         let mut dev = Engine::new(QwDevice::new(4, 4));
-        assert_eq!(dev.device.inject(b"abcdef"), 4);
+        assert_eq!(dev.device.qw_mut().inject(b"abcdef"), 4);
         assert_eq!(dev.stats().inject_rejected_bytes, 2);
         dev.device.reset(&mut dev.core);
-        assert_eq!(dev.device.rx_pending(), 0);
+        assert_eq!(dev.device.qw().rx_pending(), 0);
+    }
+}
+
+/// The device's control requests, answered as the control plane's server
+/// answers them (the core's [`Plane`](vdevlab_device_core::control::Plane)
+/// with no socket, then over one).
+#[cfg(test)]
+mod control_plane_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use vdevlab_device_core::irq::IrqMode;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use crate::control::{spawn, ControlClient, Plane, Request, Response};
+
+    fn plane(dev: QwDevice) -> Plane<QwDevice> {
+        Plane::new(
+            Arc::new(Mutex::new(Engine::new(dev))),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Answer `req` as the server does, parsed as a client would.
+    fn handle_request(plane: &Plane<QwDevice>, req: Request) -> Response {
+        let reply = plane.handle(&serde_json::to_value(req).unwrap());
+        serde_json::from_value(serde_json::to_value(reply).unwrap()).unwrap()
     }
 
     #[test]
-    fn avail_index_jump_is_a_queue_error() {
-        let mem = memory();
-        let (vq, mut q) = queue_with(&mem, &[vec![desc(0x8000, 4, VRING_DESC_F_WRITE, 0)]]);
-        vq.avail().idx().store(100); // more than the queue size ahead
-        let mut dev = Engine::new(QwDevice::default());
-        dev.device.inject(b"x");
-        assert!(dev.process_rx(&mut q, &mem).is_err());
-        assert_eq!(dev.stats().queue_errors, 1);
+    fn generator_source_ticks_into_the_fifo_and_config_shows_it() {
+        let plane = plane(QwDevice::default());
+        let req: Request = serde_json::from_str(
+            r#"{"op":"source","source":{"kind":"generator","bytes":100,"period_us":1000,"seed":9}}"#,
+        )
+        .unwrap();
+        assert!(handle_request(&plane, req).ok);
+        std::thread::sleep(Duration::from_millis(20));
+        plane.tick();
+        let pending = plane.engine.lock().unwrap().device.qw().rx_pending();
+        assert!(
+            pending >= 1000 && pending.is_multiple_of(100),
+            "late ticks keep the rate: {pending}"
+        );
+        assert!(plane.kick.read().unwrap() >= 1);
+        let config = handle_request(&plane, Request::Config {}).data.unwrap();
+        let config = hex::decode(config).unwrap();
+        assert_eq!(&config[0..4], b"QWDV");
+        assert_eq!(config[0x20], 1, "source: generator");
+        let bad: Request = serde_json::from_str(
+            r#"{"op":"source","source":{"kind":"generator","bytes":0,"period_us":1000}}"#,
+        )
+        .unwrap();
+        assert!(handle_request(&plane, bad).error.unwrap().contains("bytes"));
+        let off: Request =
+            serde_json::from_str(r#"{"op":"source","source":{"kind":"inject"}}"#).unwrap();
+        assert!(handle_request(&plane, off).ok);
+        assert!(handle_request(&plane, Request::NeedsReset {}).ok);
+        assert!(plane.engine.lock().unwrap().core.needs_reset());
+    }
+
+    /// What `control::tests::requests_round_trip_as_json_lines` refuses on
+    /// the client's side, the server refuses too.
+    #[test]
+    fn the_server_refuses_what_the_protocol_does_not_allow() {
+        let plane = plane(QwDevice::default());
+        let bad = plane.handle_line(br#"{"op":"explode"}"#);
+        assert!(!bad.ok && bad.error.unwrap().contains("unknown op"));
+        assert!(!plane.handle_line(br#"{"op":"ping","x":1}"#).ok);
+        assert!(
+            !plane
+                .handle_line(br#"{"op":"inject","data":"00","x":1}"#)
+                .ok
+        );
+        assert!(!plane.handle_line(b"[1]").ok);
+    }
+
+    #[test]
+    fn inject_and_stats_through_handle_request() {
+        let plane = plane(QwDevice::new(4, 4));
+        let resp = handle_request(
+            &plane,
+            Request::Inject {
+                data: "0102030405".into(),
+            },
+        );
+        assert!(resp.ok);
+        assert_eq!(resp.accepted, Some(4));
+        assert_eq!(resp.rx_pending, Some(4));
+        assert_eq!(plane.kick.read().unwrap(), 1, "the worker is kicked");
+        let resp = handle_request(&plane, Request::Inject { data: "zz".into() });
+        assert!(!resp.ok);
+        assert!(resp.error.unwrap().contains("hex"));
+        let stats = handle_request(&plane, Request::Stats {}).stats.unwrap();
+        assert_eq!(stats.injected_bytes, 4);
+        assert_eq!(stats.inject_rejected_bytes, 1);
+    }
+
+    #[test]
+    fn every_counter_reaches_the_typed_stats() {
+        // The clients' flat Stats must name every counter the core and the
+        // device report, or a counter would be silently invisible.
+        let plane = plane(QwDevice::default());
+        let reply = plane.handle_line(br#"{"op":"stats"}"#);
+        let serde_json::Value::Object(raw) = reply.fields["stats"].clone() else {
+            panic!("stats is not an object")
+        };
+        let typed = serde_json::to_value(Stats::default()).unwrap();
+        for key in raw.keys() {
+            assert!(typed.get(key).is_some(), "Stats lacks the counter {key}");
+        }
+        assert_eq!(raw.len(), typed.as_object().unwrap().len());
+        // And exactly the counters clients know (the wire form).
+        let mut names: Vec<&str> = raw.keys().map(String::as_str).collect();
+        let mut want = crate::control::tests::STATS_FIELDS.to_vec();
+        names.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn a_stats_reply_reads_into_stats_and_back_unchanged() {
+        // Counters of the device and of the core, none zero.
+        let plane = plane(QwDevice::new(4, 4));
+        let inject = br#"{"op":"inject","data":"0102030405"}"#;
+        assert!(plane.handle_line(inject).ok);
+        {
+            let mut eng = plane.engine.lock().unwrap();
+            let c = eng.core.counters_mut();
+            (c.bad_chains, c.interrupts_raised, c.hostile_overlong) = (2, 3, 4);
+        }
+        let reply = plane.handle_line(br#"{"op":"stats"}"#);
+        let raw = reply.fields["stats"].clone();
+        let stats: Stats = serde_json::from_value(raw.clone()).unwrap();
+        assert_eq!(serde_json::to_value(stats).unwrap(), raw);
+        assert_eq!((stats.injected_bytes, stats.inject_rejected_bytes), (4, 1));
+        assert_eq!(
+            (
+                stats.bad_chains,
+                stats.interrupts_raised,
+                stats.hostile_overlong
+            ),
+            (2, 3, 4)
+        );
+    }
+
+    #[test]
+    fn interrupt_mode_and_reset() {
+        let plane = plane(QwDevice::default());
+        let req: Request = serde_json::from_str(
+            r#"{"op":"interrupt_mode","queue":"all","irq":{"mode":"coalesce","count":4,"usecs":500}}"#,
+        )
+        .unwrap();
+        assert!(handle_request(&plane, req).ok);
+        let want = IrqMode::Coalesce {
+            count: 4,
+            usecs: 500,
+        };
+        assert_eq!(
+            plane.engine.lock().unwrap().core.irq_mode(TX_QUEUE),
+            Some(want)
+        );
+        let bad = Request::InterruptMode {
+            queue: "middle".into(),
+            irq: IrqMode::Immediate,
+        };
+        assert!(handle_request(&plane, bad)
+            .error
+            .unwrap()
+            .contains("rx, tx or all"));
+        let bad = Request::InterruptMode {
+            queue: "rx".into(),
+            irq: IrqMode::Coalesce { count: 0, usecs: 1 },
+        };
+        assert!(!handle_request(&plane, bad).ok);
+        handle_request(
+            &plane,
+            Request::Inject {
+                data: "0102".into(),
+            },
+        );
+        let resp = handle_request(&plane, Request::Reset {});
+        assert_eq!(resp.rx_pending, Some(0));
+    }
+
+    #[test]
+    fn socket_serves_several_clients_and_is_private() {
+        let dir = std::env::temp_dir().join(format!("vdevlab-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let eng = Arc::new(Mutex::new(Engine::new(QwDevice::default())));
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        spawn(path.clone(), eng.clone(), kick).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut a = ControlClient::connect(&path).unwrap();
+        let mut b = ControlClient::connect(&path).unwrap();
+        assert_eq!(a.inject(b"abc").unwrap(), 3);
+        assert_eq!(b.inject(b"de").unwrap(), 2);
+        assert_eq!(a.stats().unwrap().rx_pending, Some(5));
+        let bad = b.request(&Request::Inject { data: "q".into() }).unwrap();
+        assert!(!bad.ok);
+        assert_eq!(eng.lock().unwrap().device.qw().rx_pending(), 5);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -3,7 +3,8 @@
 use anyhow::Context;
 use clap::Parser;
 use vdevlab_device::data::DataPort;
-use vdevlab_device::device::{QwDevice, DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
+use vdevlab_device::device::QwDevice;
+use vdevlab_device::qw::{DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
 use vdevlab_device_core::daemon::{init_logging, run, DaemonArgs};
 
 /// The vdevlab reference device (qw) as a vhost-user backend.

@@ -505,84 +505,35 @@ macro_rules! refused {
     };
 }
 
-const W: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
-
+// One case per row of the spec's table and direction, over vhost-user. The
+// whole table of malformed chains (indirect tables, next indices, every
+// place a descriptor can leave memory) is the core's, tested beside the code
+// that refuses them: `device-model/core/src/chain.rs` (the refusal for each)
+// and `engine.rs` (each one completed empty, no byte lost, the queue going
+// on), on rings in test memory.
 refused! { refused_rx_case:
     // Wrong direction.
     malformed_rx_readable_descriptor =>
         |v| v.post_chain(RX, &[Desc::readable(0x10000, 8)]);
-    malformed_rx_chain_with_a_readable_tail =>
-        |v| v.post_chain(RX, &[Desc::writable(0x10000, 4), Desc::readable(0x11000, 4)]);
     // Outside guest memory.
     malformed_rx_descriptor_past_the_end_of_memory =>
         |v| v.post_chain(RX, &[Desc::writable(MEM_SIZE - 4, 8)]);
-    malformed_rx_descriptor_far_outside_memory =>
-        |v| v.post_chain(RX, &[Desc::writable(0x1_0000_0000, 8)]);
-    malformed_rx_second_descriptor_outside_memory =>
-        |v| v.post_chain(RX, &[Desc::writable(0x10000, 4), Desc::writable(MEM_SIZE, 4)]);
-    malformed_rx_descriptor_wrapping_the_address_space =>
-        |v| v.post_chain(RX, &[Desc::writable(u64::MAX - 3, 8)]);
     // Zero bytes in total.
     malformed_rx_zero_length_descriptor =>
         |v| v.post_chain(RX, &[Desc::writable(0x10000, 0)]);
-    malformed_rx_chain_of_zero_length_descriptors =>
-        |v| v.post_chain(RX, &[Desc::writable(0x10000, 0), Desc::writable(0x11000, 0)]);
     // Longer than 1 MiB in total (each descriptor inside memory).
     malformed_rx_chain_longer_than_1_mib =>
         |v| v.post_chain(RX, &[
             Desc::writable(0x100000, (MAX_CHAIN_BYTES / 2) as u32),
             Desc::writable(0x200000, (MAX_CHAIN_BYTES / 2) as u32 + 1),
         ]);
-    // The cases below are not named in the spec's table; the expectation
-    // (refused) follows from "every descriptor chain is checked before any
-    // byte moves" and from the virtio spec (2.7.5.3: no loops, `next` inside
-    // the table, no indirect table inside an indirect table). virtio-queue's
-    // walk stops silently on all of them, so the device has to notice.
-    //
-    // A descriptor loop: 0 -> 1 -> 0 -> ... (never ends).
+    // Never ends (virtio 2.7.5.3): a descriptor loop 0 -> 1 -> 0 -> ...,
+    // and one inside an indirect table.
     malformed_rx_descriptor_loop =>
         |v| v.post_chain(RX, &[
             Desc::writable(0x10000, 16),
             Desc::writable(0x11000, 16).link(Link::Slot(0)),
         ]);
-    // `next` outside the descriptor table.
-    malformed_rx_next_outside_the_table =>
-        |v| v.post_chain(RX, &[Desc::writable(0x10000, 8).link(Link::Raw(QUEUE_SIZE + 44))]);
-    // Indirect tables.
-    malformed_rx_indirect_table_outside_memory =>
-        |v| v.post_chain(RX, &[Desc::indirect(MEM_SIZE + 0x1000, 16)]);
-    malformed_rx_indirect_table_length_not_a_multiple_of_16 =>
-        |v| {
-            v.write_indirect_table(0x20000, &[Desc::writable(0x10000, 8), Desc::writable(0x11000, 8)]);
-            v.post_chain(RX, &[Desc::indirect(0x20000, 24)])
-        };
-    malformed_rx_indirect_table_of_zero_length =>
-        |v| v.post_chain(RX, &[Desc::indirect(0x20000, 0)]);
-    malformed_rx_indirect_table_running_past_the_end_of_memory =>
-        |v| {
-            // Entry 0 is fine and links to entry 1, which is past the end.
-            v.write_indirect_table(MEM_SIZE - 16, &[Desc::writable(0x10000, 8).link(Link::Slot(1))]);
-            v.post_chain(RX, &[Desc::indirect(MEM_SIZE - 16, 32)])
-        };
-    malformed_rx_indirect_entry_outside_memory =>
-        |v| {
-            v.write_indirect_table(0x20000, &[Desc::writable(0x10000, 4), Desc::writable(MEM_SIZE - 2, 4)]);
-            v.post_chain(RX, &[Desc::indirect(0x20000, 32)])
-        };
-    malformed_rx_indirect_entry_readable =>
-        |v| {
-            v.write_indirect_table(0x20000, &[Desc::writable(0x10000, 4), Desc::readable(0x11000, 4)]);
-            v.post_chain(RX, &[Desc::indirect(0x20000, 32)])
-        };
-    malformed_rx_indirect_inside_an_indirect_table =>
-        |v| {
-            v.write_indirect_table(0x21000, &[Desc::writable(0x11000, 8)]);
-            v.write_indirect_table(0x20000, &[
-                Desc::writable(0x10000, 8),
-                Desc::indirect(0x21000, 16).with_flags(W),
-            ]);
-            v.post_chain(RX, &[Desc::indirect(0x20000, 32)])
-        };
     malformed_rx_indirect_loop =>
         |v| {
             v.write_indirect_table(0x20000, &[
@@ -596,13 +547,6 @@ refused! { refused_rx_case:
 refused! { refused_tx_case:
     malformed_tx_writable_descriptor =>
         |v| { v.write(0x10000, b"WRONGDIR"); v.post_chain(TX, &[Desc::writable(0x10000, 8)]) };
-    malformed_tx_chain_with_a_writable_tail =>
-        |v| {
-            v.write(0x10000, b"HEAD");
-            v.post_chain(TX, &[Desc::readable(0x10000, 4), Desc::writable(0x11000, 4)])
-        };
-    malformed_tx_descriptor_past_the_end_of_memory =>
-        |v| v.post_chain(TX, &[Desc::readable(MEM_SIZE - 4, 8)]);
     malformed_tx_descriptor_wrapping_the_address_space =>
         |v| v.post_chain(TX, &[Desc::readable(u64::MAX - 3, 8)]);
     malformed_tx_zero_length_descriptor =>
@@ -620,25 +564,6 @@ refused! { refused_tx_case:
                 Desc::readable(0x10000, 6),
                 Desc::readable(0x11000, 6).link(Link::Slot(0)),
             ])
-        };
-    malformed_tx_next_outside_the_table =>
-        |v| {
-            v.write(0x10000, b"TRUNCATED");
-            v.post_chain(TX, &[Desc::readable(0x10000, 9).link(Link::Raw(QUEUE_SIZE + 44))])
-        };
-    malformed_tx_indirect_table_outside_memory =>
-        |v| v.post_chain(TX, &[Desc::indirect(MEM_SIZE + 0x1000, 16)]);
-    malformed_tx_indirect_table_length_not_a_multiple_of_16 =>
-        |v| {
-            v.write(0x10000, b"INDIRECT");
-            v.write_indirect_table(0x20000, &[Desc::readable(0x10000, 8), Desc::readable(0x10000, 8)]);
-            v.post_chain(TX, &[Desc::indirect(0x20000, 17)])
-        };
-    malformed_tx_indirect_table_running_past_the_end_of_memory =>
-        |v| {
-            v.write(0x10000, b"PARTIAL!");
-            v.write_indirect_table(MEM_SIZE - 16, &[Desc::readable(0x10000, 8).link(Link::Slot(1))]);
-            v.post_chain(TX, &[Desc::indirect(MEM_SIZE - 16, 32)])
         };
 }
 

@@ -270,6 +270,16 @@ fn connect(dev: &Device) -> UnixStream {
     }
 }
 
+/// What a VMM's start-up handshake leaves for the replay.
+struct Started {
+    vmm: Vmm,
+    acked_protocol: VhostUserProtocolFeatures,
+    /// QEMU: our end of the backend request channel.
+    backend_channel: Option<UnixStream>,
+    /// QEMU: the masked call notifiers.
+    masked: Vec<EventFd>,
+}
+
 impl Replay {
     /// Connect to `dev` as `script`'s VMM and run its start-up handshake
     /// (nothing activated yet: the guest has not found the device).
@@ -280,163 +290,144 @@ impl Replay {
         watchdog.arm(&handle, format!("{}: start", script.name()));
         let fe = Frontend::from_stream(stream, target.layout.queues as u64);
         let mut sent = Vec::new();
-        let mut log = |m: String| sent.push(m);
-        let queues = target.layout.queues;
-        let offered;
-        let acked_protocol;
-        let offered_protocol;
-        let mut backend_channel = None;
-        let mut masked = Vec::new();
-        match script {
-            Script::CloudHypervisor => {
-                log("SET_OWNER".into());
-                fe.set_owner().expect("SET_OWNER");
-                log("GET_FEATURES".into());
-                offered = fe.get_features().expect("GET_FEATURES");
-                assert_ne!(
-                    offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-                    0,
-                    "without PROTOCOL_FEATURES, Cloud Hypervisor cannot read the config space"
-                );
-                let mut fe = fe;
-                log("GET_PROTOCOL_FEATURES".into());
-                offered_protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-                acked_protocol = CH_PROTOCOL & offered_protocol;
-                log(format!(
-                    "SET_PROTOCOL_FEATURES({:#x})",
-                    acked_protocol.bits()
-                ));
-                fe.set_protocol_features(acked_protocol)
-                    .expect("SET_PROTOCOL_FEATURES");
-                if acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-                }
-                if acked_protocol.contains(VhostUserProtocolFeatures::MQ) {
-                    log("GET_QUEUE_NUM".into());
-                    let n = fe.get_queue_num().expect("GET_QUEUE_NUM");
-                    assert!(
-                        n >= queues as u64,
-                        "the backend has {n} queues, not {queues}"
-                    );
-                }
-                let vmm = Vmm::assemble(fe, target.layout, 0, offered, offered_protocol);
-                watchdog.disarm();
-                Self::assembled(
-                    script,
-                    target,
-                    vmm,
-                    handle,
-                    acked_protocol,
-                    sent,
-                    None,
-                    masked,
-                )
-            }
-            Script::Qemu11 => {
-                let mut fe = fe;
-                log("GET_FEATURES".into());
-                offered = fe.get_features().expect("GET_FEATURES");
-                assert_ne!(
-                    offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-                    0,
-                    "QEMU needs PROTOCOL_FEATURES for config_size"
-                );
-                log("GET_PROTOCOL_FEATURES".into());
-                offered_protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-                assert!(
-                    offered_protocol.contains(VhostUserProtocolFeatures::CONFIG),
-                    "QEMU refuses to realize a device with config_size whose backend lacks CONFIG"
-                );
-                acked_protocol = offered_protocol;
-                log(format!(
-                    "SET_PROTOCOL_FEATURES({:#x})",
-                    acked_protocol.bits()
-                ));
-                fe.set_protocol_features(acked_protocol)
-                    .expect("SET_PROTOCOL_FEATURES");
-                if acked_protocol.contains(VhostUserProtocolFeatures::MQ) {
-                    log("GET_QUEUE_NUM".into());
-                    let n = fe.get_queue_num().expect("GET_QUEUE_NUM");
-                    assert!(
-                        n >= queues as u64,
-                        "the backend has {n} queues, not {queues}"
-                    );
-                }
-                if acked_protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-                    log("GET_MAX_MEM_SLOTS".into());
-                    let slots = fe.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS");
-                    assert!(slots >= 1, "the backend takes {slots} memory slots");
-                }
-                if acked_protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
-                    let (ours, theirs) = UnixStream::pair().expect("socketpair");
-                    let reply = acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
-                    log(format!(
-                        "SET_BACKEND_REQ_FD{}",
-                        if reply { " +NEED_REPLY" } else { "" }
-                    ));
-                    if reply {
-                        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-                    }
-                    fe.set_backend_request_fd(&theirs)
-                        .expect("SET_BACKEND_REQ_FD");
-                    fe.set_hdr_flags(VhostUserHeaderFlag::empty());
-                    backend_channel = Some(ours);
-                }
-                log("SET_OWNER".into());
-                fe.set_owner().expect("SET_OWNER");
-                log("GET_FEATURES".into());
-                assert_eq!(fe.get_features().expect("GET_FEATURES"), offered);
-                let vmm = Vmm::assemble(fe, target.layout, 0, offered, offered_protocol);
-                for q in 0..queues {
-                    let m = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-                    log(format!("SET_VRING_CALL({q}, masked)"));
-                    vmm.fe.set_vring_call(q, &m).expect("SET_VRING_CALL");
-                    log(format!("SET_VRING_ERR({q})"));
-                    vmm.fe
-                        .set_vring_err(q, &vmm.rings[q].err)
-                        .expect("SET_VRING_ERR");
-                    masked.push(m);
-                }
-                watchdog.disarm();
-                Self::assembled(
-                    script,
-                    target,
-                    vmm,
-                    handle,
-                    acked_protocol,
-                    sent,
-                    backend_channel,
-                    masked,
-                )
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn assembled(
-        script: Script,
-        target: Target,
-        vmm: Vmm,
-        stream: UnixStream,
-        acked_protocol: VhostUserProtocolFeatures,
-        sent: Vec<String>,
-        backend_channel: Option<UnixStream>,
-        masked: Vec<EventFd>,
-    ) -> Self {
+        let started = match script {
+            Script::CloudHypervisor => Self::start_cloud_hypervisor(fe, target, &mut sent),
+            Script::Qemu11 => Self::start_qemu11(fe, target, &mut sent),
+        };
+        watchdog.disarm();
         Self {
             script,
             target,
-            vmm,
-            stream,
-            acked_protocol,
+            vmm: started.vmm,
+            stream: handle,
+            acked_protocol: started.acked_protocol,
             sent,
-            backend_channel,
-            masked,
+            backend_channel: started.backend_channel,
+            masked: started.masked,
             qemu_config: vec![0; target.config_size as usize],
             mem_sent: false,
             acked_features: 0,
             active: false,
             watchdog: Watchdog::new(),
+        }
+    }
+
+    /// Cloud Hypervisor's start-up handshake (see the module documentation).
+    fn start_cloud_hypervisor(mut fe: Frontend, target: Target, sent: &mut Vec<String>) -> Started {
+        let mut log = |m: String| sent.push(m);
+        let queues = target.layout.queues;
+        log("SET_OWNER".into());
+        fe.set_owner().expect("SET_OWNER");
+        log("GET_FEATURES".into());
+        let offered = fe.get_features().expect("GET_FEATURES");
+        assert_ne!(
+            offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0,
+            "without PROTOCOL_FEATURES, Cloud Hypervisor cannot read the config space"
+        );
+        log("GET_PROTOCOL_FEATURES".into());
+        let offered_protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        let acked_protocol = CH_PROTOCOL & offered_protocol;
+        log(format!(
+            "SET_PROTOCOL_FEATURES({:#x})",
+            acked_protocol.bits()
+        ));
+        fe.set_protocol_features(acked_protocol)
+            .expect("SET_PROTOCOL_FEATURES");
+        if acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        if acked_protocol.contains(VhostUserProtocolFeatures::MQ) {
+            log("GET_QUEUE_NUM".into());
+            let n = fe.get_queue_num().expect("GET_QUEUE_NUM");
+            assert!(
+                n >= queues as u64,
+                "the backend has {n} queues, not {queues}"
+            );
+        }
+        Started {
+            vmm: Vmm::assemble(fe, target.layout, 0, offered, offered_protocol),
+            acked_protocol,
+            backend_channel: None,
+            masked: Vec::new(),
+        }
+    }
+
+    /// QEMU 11's start-up handshake, as the generic vhost-user device
+    /// realizes (see the module documentation).
+    fn start_qemu11(mut fe: Frontend, target: Target, sent: &mut Vec<String>) -> Started {
+        let mut log = |m: String| sent.push(m);
+        let queues = target.layout.queues;
+        log("GET_FEATURES".into());
+        let offered = fe.get_features().expect("GET_FEATURES");
+        assert_ne!(
+            offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0,
+            "QEMU needs PROTOCOL_FEATURES for config_size"
+        );
+        log("GET_PROTOCOL_FEATURES".into());
+        let offered_protocol = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        assert!(
+            offered_protocol.contains(VhostUserProtocolFeatures::CONFIG),
+            "QEMU refuses to realize a device with config_size whose backend lacks CONFIG"
+        );
+        let acked_protocol = offered_protocol;
+        log(format!(
+            "SET_PROTOCOL_FEATURES({:#x})",
+            acked_protocol.bits()
+        ));
+        fe.set_protocol_features(acked_protocol)
+            .expect("SET_PROTOCOL_FEATURES");
+        if acked_protocol.contains(VhostUserProtocolFeatures::MQ) {
+            log("GET_QUEUE_NUM".into());
+            let n = fe.get_queue_num().expect("GET_QUEUE_NUM");
+            assert!(
+                n >= queues as u64,
+                "the backend has {n} queues, not {queues}"
+            );
+        }
+        if acked_protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            log("GET_MAX_MEM_SLOTS".into());
+            let slots = fe.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS");
+            assert!(slots >= 1, "the backend takes {slots} memory slots");
+        }
+        let mut backend_channel = None;
+        if acked_protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let (ours, theirs) = UnixStream::pair().expect("socketpair");
+            let reply = acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+            log(format!(
+                "SET_BACKEND_REQ_FD{}",
+                if reply { " +NEED_REPLY" } else { "" }
+            ));
+            if reply {
+                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+            fe.set_backend_request_fd(&theirs)
+                .expect("SET_BACKEND_REQ_FD");
+            fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+            backend_channel = Some(ours);
+        }
+        log("SET_OWNER".into());
+        fe.set_owner().expect("SET_OWNER");
+        log("GET_FEATURES".into());
+        assert_eq!(fe.get_features().expect("GET_FEATURES"), offered);
+        let vmm = Vmm::assemble(fe, target.layout, 0, offered, offered_protocol);
+        let mut masked = Vec::new();
+        for q in 0..queues {
+            let m = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+            log(format!("SET_VRING_CALL({q}, masked)"));
+            vmm.fe.set_vring_call(q, &m).expect("SET_VRING_CALL");
+            log(format!("SET_VRING_ERR({q})"));
+            vmm.fe
+                .set_vring_err(q, &vmm.rings[q].err)
+                .expect("SET_VRING_ERR");
+            masked.push(m);
+        }
+        Started {
+            vmm,
+            acked_protocol,
+            backend_channel,
+            masked,
         }
     }
 
