@@ -32,13 +32,13 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::common::{errno_name, last_errno, mask_name, poll_one, read_counter};
 use crate::common::{nap, open_device, Access};
-use crate::models::ioctl_stats::AFTER_RESET_BYTES;
-use crate::models::multi_open::install_interrupter;
-use crate::models::qwdev::{
-    class_dir, errno_name, get_stats, ioctl_plain, last_errno, mask_name, poll_one, read_counter,
-    Checked, QwStats, QW_IOC_RESET, QW_STATE_NEEDS_RESET,
-};
+use crate::scenarios::ioctl_stats::AFTER_RESET_BYTES;
+use crate::scenarios::multi_open::install_interrupter;
+use crate::scenarios::Checked;
+use crate::uapi::ioctl_plain;
+use crate::uapi::qw::{class_dir, get_stats, QwStats, QW_IOC_RESET, QW_STATE_NEEDS_RESET};
 use crate::{ready, Opts};
 
 /// How soon after `VDEVLAB-READY` the blocked read must fail.
@@ -299,7 +299,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     }
 
     // The device works again.
-    crate::models::ioctl_stats::read_after_reset(&mut c, raw, &o.scenario);
+    crate::scenarios::ioctl_stats::read_after_reset(&mut c, raw, &o.scenario);
     if let Some(st) = stats(&mut c, raw, "stats_end") {
         c.check(st.rx_pending == 0, || {
             format!(

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::common::{errno_err, interrupted, nap, open_device, os_err, set_fl, Access};
-use crate::models::epoll::{epoll_for, epoll_wait_one};
-use crate::models::linux_aio::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
+use crate::io_models::epoll::{epoll_for, epoll_wait_one};
+use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
 use crate::{ready, Opts, Report};
 
 /// The echo scenarios' prefix: `echo-<model>` for each of [`crate::MODELS`].

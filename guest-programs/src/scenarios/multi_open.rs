@@ -29,8 +29,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::common::{errno_name, last_errno, read_fd};
 use crate::common::{nap, open_device, Access};
-use crate::models::qwdev::{errno_name, fionread, last_errno, read_fd, Checked};
+use crate::scenarios::Checked;
+use crate::uapi::fionread;
 use crate::{pattern, ready, Opts};
 
 /// How many readers share the device.

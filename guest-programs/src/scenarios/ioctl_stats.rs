@@ -30,11 +30,13 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::common::{errno_name, poll_one, read_counter, read_fd};
 use crate::common::{nap, open_device, Access};
-use crate::models::qwdev::{
-    class_dir, errno_name, fionread, get_stats, ioctl_plain, poll_one, read_counter, read_fd,
-    Checked, QwStats, QW_IOC_FLUSH, QW_IOC_RESET, QW_IOC_UNDEFINED, SYSFS_COUNTERS,
+use crate::scenarios::Checked;
+use crate::uapi::qw::{
+    class_dir, get_stats, QwStats, QW_IOC_FLUSH, QW_IOC_RESET, QW_IOC_UNDEFINED, SYSFS_COUNTERS,
 };
+use crate::uapi::{fionread, ioctl_plain};
 use crate::{ready, Opts};
 
 /// Most bytes the driver holds unread: 64 rx buffers of one page.

@@ -60,12 +60,13 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::common::{nap, open_device, os_err, Access};
-use crate::models::linux_aio::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
-use crate::models::qwdev::{
-    errno_name, get_stats, last_errno, mask_name, poll_one, read_fd, wait_for_chardev, write_sysfs,
-    Checked, DRIVER, QW_STATE_REMOVED,
+use crate::common::{
+    errno_name, last_errno, mask_name, poll_one, read_fd, wait_for_chardev, write_sysfs,
 };
+use crate::common::{nap, open_device, os_err, Access};
+use crate::scenarios::Checked;
+use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
+use crate::uapi::qw::{get_stats, DRIVER, QW_STATE_REMOVED};
 use crate::{marker, pattern, ready, Opts};
 
 /// How the device goes away.
@@ -361,7 +362,7 @@ fn writer(fd: OwnedFd, seed: u64, tx: Sender<Msg>) -> Result<JoinHandle<()>, Str
 fn epoller(fd: OwnedFd, tx: Sender<Msg>) -> Result<JoinHandle<()>, String> {
     spawn(Waiter::Epoll, move || {
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32;
-        let ep = match crate::models::epoll::epoll_for(fd.as_raw_fd(), events) {
+        let ep = match crate::io_models::epoll::epoll_for(fd.as_raw_fd(), events) {
             Ok(ep) => ep,
             Err(e) => {
                 let _ = tx.send(Msg::Armed(Waiter::Epoll, Err(e)));
