@@ -76,6 +76,16 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 impl Wave {
+    /// The waveform a device's config space describes.
+    pub fn of(info: &SensorInfo) -> Self {
+        Wave {
+            seed: info.seed,
+            amplitude: info.amplitude,
+            period: info.wave_period,
+            noise: info.noise,
+        }
+    }
+
     /// The value of sample `seq` (docs/sensor-spec.md, "The waveform"). The
     /// device model has its own copy; both pin the same values in tests.
     pub fn value(&self, seq: u32) -> i32 {
@@ -192,6 +202,15 @@ struct Stream {
 }
 
 impl Stream {
+    /// Nothing read yet.
+    fn new(wave: Wave) -> Self {
+        Self {
+            wave,
+            got: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
+
     fn push(&mut self, s: SensorSample) {
         if let Some(prev) = self.got.last() {
             if s.seq != prev.seq.wrapping_add(1) && self.bad.len() < 5 {
@@ -253,18 +272,37 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
         info.rate_hz == 0 && info.status & STATUS_SAMPLING == 0,
         || format!("the sensor samples before it was asked to: {info:?}"),
     );
-    let wave = Wave {
-        seed: info.seed,
-        amplitude: info.amplitude,
-        period: info.wave_period,
-        noise: info.noise,
-    };
+    let wave = Wave::of(&info);
     let threshold = o
         .threshold
         .unwrap_or_else(|| i32::try_from(info.amplitude / 2).unwrap_or(0));
     ready(&o.scenario);
 
-    // Bad arguments are refused by the device, through the driver.
+    check_bad_arguments(&mut c, fd, &info, threshold);
+    let Some(t0) = start_sampling(&mut c, fd, o, threshold)? else {
+        return Ok(c);
+    };
+    let mut st = Stream::new(wave);
+    st.read_n(fd, o.samples as usize, o.chunk as usize)?;
+    let first = check_first_rate(&mut c, fd, o, &st, t0)?;
+    check_rate_change(&mut c, fd, o, &mut st)?;
+    stop_and_drain(&mut c, fd, &mut st)?;
+
+    let last = *st.got.last().unwrap_or(&first);
+    c.report
+        .num("samples", st.got.len() as u64)
+        .num("last_seq", u64::from(last.seq));
+    for b in &st.bad {
+        c.fail(b.clone());
+    }
+    check_alarms(&mut c, fd, &st, (first.seq, last.seq), threshold);
+    check_end(&mut c, fd)?;
+    Ok(c)
+}
+
+/// Bad arguments are refused by the device, through the driver: a rate
+/// above the maximum and an undefined threshold mode give `EINVAL`.
+fn check_bad_arguments(c: &mut Checked, fd: RawFd, info: &SensorInfo, threshold: i32) {
     let bad_rate = set_rate(fd, info.max_rate_hz.saturating_add(1));
     c.report.text("bad_rate", &outcome(&bad_rate));
     c.check(bad_rate == Err(libc::EINVAL), || {
@@ -275,16 +313,25 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     c.check(bad_mode == Err(libc::EINVAL), || {
         format!("mode 7 gave {}, expected EINVAL", outcome(&bad_mode))
     });
+}
 
+/// Set the threshold (both directions) and the first rate, and wait for
+/// the first alarm (`POLLPRI`: the waveform crosses the threshold within
+/// one period). Returns when sampling was asked for, or `None` when the
+/// rate was refused (the run ends there).
+fn start_sampling(
+    c: &mut Checked,
+    fd: RawFd,
+    o: &SensorOpts,
+    threshold: i32,
+) -> Result<Option<Instant>, String> {
     let r = set_threshold(fd, threshold, ALARM_RISING | ALARM_FALLING);
     c.check(r.is_ok(), || format!("SET_THRESHOLD: {}", outcome(&r)));
     let t0 = Instant::now();
     if let Err(e) = set_rate(fd, o.rate) {
         c.fail(format!("SET_RATE {}: {}", o.rate, errno_name(e)));
-        return Ok(c);
+        return Ok(None);
     }
-    // Wait for the first alarm: the waveform crosses the threshold within
-    // one period.
     let pri = poll_one(fd, libc::POLLPRI, 10_000)?;
     let alarm_wait_ms = t0.elapsed().as_millis() as u64;
     c.report
@@ -296,16 +343,27 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
             mask_name(pri as u32)
         )
     });
+    Ok(Some(t0))
+}
 
-    let mut st = Stream {
-        wave,
-        got: Vec::new(),
-        bad: Vec::new(),
-    };
-    st.read_n(fd, o.samples as usize, o.chunk as usize)?;
+/// The sample period at `rate_hz`, in ns.
+fn period_ns(rate_hz: u32) -> u64 {
+    1_000_000_000 / u64::from(rate_hz)
+}
+
+/// The samples read at the first rate (sampling asked for at `t0`): the
+/// first is sequence 0 at 0 ns, every step is one period, none came
+/// before its time, and the config says sampling at that rate. Returns
+/// the first sample.
+fn check_first_rate(
+    c: &mut Checked,
+    fd: RawFd,
+    o: &SensorOpts,
+    st: &Stream,
+    t0: Instant,
+) -> Result<SensorSample, String> {
     let elapsed = t0.elapsed();
-    let p1 = 1_000_000_000 / u64::from(o.rate);
-    let p2 = 1_000_000_000 / u64::from(o.rate2);
+    let p1 = period_ns(o.rate);
     let first = st.got[0];
     c.report
         .num("first_seq", u64::from(first.seq))
@@ -339,8 +397,30 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
         mid.rate_hz == o.rate && mid.status & STATUS_SAMPLING != 0,
         || format!("config while sampling: {mid:?}"),
     );
+    Ok(first)
+}
 
-    // Change the rate: the step switches once, from p1 to p2.
+/// How many of `steps` still have the old period `p1`, and whether the
+/// steps switch exactly once from `p1` to `p2` (the old ones first, then
+/// only new ones).
+fn switches_once(steps: &[u64], p1: u64, p2: u64) -> (usize, bool) {
+    let switch = steps.iter().position(|&d| d == p2);
+    let old = steps.iter().take_while(|&&d| d == p1).count();
+    (
+        old,
+        switch == Some(old) && steps[old..].iter().all(|&d| d == p2),
+    )
+}
+
+/// Change to the second rate and read `--samples2` more: the step must
+/// switch once, from the old period to the new.
+fn check_rate_change(
+    c: &mut Checked,
+    fd: RawFd,
+    o: &SensorOpts,
+    st: &mut Stream,
+) -> Result<(), String> {
+    let (p1, p2) = (period_ns(o.rate), period_ns(o.rate2));
     let change_at = st.got.len();
     let r = set_rate(fd, o.rate2);
     c.check(r.is_ok(), || {
@@ -348,21 +428,21 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     });
     st.read_n(fd, o.samples2 as usize, o.chunk as usize)?;
     let steps2 = st.steps(change_at);
-    let switch = steps2.iter().position(|&d| d == p2);
-    let old = steps2.iter().take_while(|&&d| d == p1).count();
+    let (old, once) = switches_once(&steps2, p1, p2);
     c.report.num("old_rate_steps_after_change", old as u64);
-    c.check(
-        switch == Some(old) && steps2[old..].iter().all(|&d| d == p2),
-        || {
-            format!(
-                "after the change to {} Hz the steps were not {p1} then only {p2}: {:?}",
-                o.rate2,
-                &steps2[..steps2.len().min(12)]
-            )
-        },
-    );
+    c.check(once, || {
+        format!(
+            "after the change to {} Hz the steps were not {p1} then only {p2}: {:?}",
+            o.rate2,
+            &steps2[..steps2.len().min(12)]
+        )
+    });
+    Ok(())
+}
 
-    // Stop: what was taken still arrives, then nothing.
+/// Stop: what was taken still arrives (read without blocking until
+/// `EAGAIN`), then nothing: `poll` stays quiet and a read gets `EAGAIN`.
+fn stop_and_drain(c: &mut Checked, fd: RawFd, st: &mut Stream) -> Result<(), String> {
     let r = set_rate(fd, 0);
     c.check(r.is_ok(), || format!("SET_RATE 0: {}", outcome(&r)));
     nap(Duration::from_millis(300));
@@ -391,16 +471,24 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     c.check(again == Err(libc::EAGAIN), || {
         format!("O_NONBLOCK read of a stopped sensor: {}", outcome(&again))
     });
+    Ok(())
+}
 
-    let last = *st.got.last().unwrap_or(&first);
-    c.report
-        .num("samples", st.got.len() as u64)
-        .num("last_seq", u64::from(last.seq));
-    for b in &st.bad {
-        c.fail(b.clone());
-    }
+/// The alarms (sequence, kind) that the samples `seqs` (first, last) must
+/// raise under `threshold`, both directions armed.
+fn expected_alarms(wave: &Wave, (first, last): (u32, u32), threshold: i32) -> Vec<(u32, u32)> {
+    (first..=last)
+        .filter_map(|s| {
+            wave.crossing(s, threshold, ALARM_RISING | ALARM_FALLING)
+                .map(|k| (s, k))
+        })
+        .collect()
+}
 
-    // The alarms are exactly the crossings of the samples taken.
+/// The alarms are exactly the crossings of the samples taken (`seqs`:
+/// the first and the last), and each matches its sample.
+fn check_alarms(c: &mut Checked, fd: RawFd, st: &Stream, seqs: (u32, u32), threshold: i32) {
+    let wave = st.wave;
     let mut alarms = Vec::new();
     loop {
         match get_alarm(fd) {
@@ -412,12 +500,7 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
             }
         }
     }
-    let expected: Vec<(u32, u32)> = (first.seq..=last.seq)
-        .filter_map(|s| {
-            wave.crossing(s, threshold, ALARM_RISING | ALARM_FALLING)
-                .map(|k| (s, k))
-        })
-        .collect();
+    let expected = expected_alarms(&wave, seqs, threshold);
     let seen: Vec<(u32, u32)> = alarms.iter().map(|a| (a.seq, a.kind)).collect();
     c.report
         .num("alarms", alarms.len() as u64)
@@ -443,7 +526,11 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
             break;
         }
     }
+}
 
+/// At the end nothing was dropped (driver and device), no error, and the
+/// sensor is stopped.
+fn check_end(c: &mut Checked, fd: RawFd) -> Result<(), String> {
     let stats = get_stats(fd)?;
     let end = get_info(fd)?;
     c.report
@@ -460,7 +547,7 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
         end.rate_hz == 0 && end.status & STATUS_SAMPLING == 0,
         || format!("config after stop: {end:?}"),
     );
-    Ok(c)
+    Ok(())
 }
 
 fn info_json(i: &SensorInfo) -> String {
@@ -613,12 +700,7 @@ pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
     let info = get_info(fd)?;
-    let wave = Wave {
-        seed: info.seed,
-        amplitude: info.amplitude,
-        period: info.wave_period,
-        noise: info.noise,
-    };
+    let wave = Wave::of(&info);
     let r = set_rate(fd, o.rate);
     c.check(r.is_ok(), || {
         format!("SET_RATE {}: {}", o.rate, outcome(&r))
@@ -704,12 +786,7 @@ pub fn hostile(o: &SensorOpts) -> Result<Checked, String> {
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
     let info = get_info(fd)?;
-    let wave = Wave {
-        seed: info.seed,
-        amplitude: info.amplitude,
-        period: info.wave_period,
-        noise: info.noise,
-    };
+    let wave = Wave::of(&info);
     let errors_before = get_stats(fd)?.errors;
     let r = set_rate(fd, o.rate);
     c.check(r.is_ok(), || {
@@ -867,6 +944,55 @@ mod tests {
         assert_eq!(w.crossing(2, 0, ALARM_FALLING), None);
         assert_eq!(w.crossing(7, 0, 3), Some(ALARM_FALLING));
         assert_eq!(w.crossing(3, 0, 3), None);
+    }
+
+    #[test]
+    fn the_alarms_a_run_must_see() {
+        let w = Wave {
+            seed: 1,
+            amplitude: 100,
+            period: 8,
+            noise: 0,
+        };
+        let both = (ALARM_RISING, ALARM_FALLING);
+        assert_eq!(
+            expected_alarms(&w, (0, 16), 0),
+            [(2, both.0), (7, both.1), (10, both.0), (15, both.1)]
+        );
+        assert_eq!(expected_alarms(&w, (3, 9), 0), [(7, both.1)]);
+        assert!(expected_alarms(&w, (0, 16), 101).is_empty());
+    }
+
+    #[test]
+    fn the_rate_switches_once() {
+        let (p1, p2) = (period_ns(500), period_ns(250));
+        assert_eq!((p1, p2), (2_000_000, 4_000_000));
+        assert_eq!(switches_once(&[p1, p1, p2, p2], p1, p2), (2, true));
+        assert_eq!(switches_once(&[p2, p2], p1, p2), (0, true));
+        assert_eq!(switches_once(&[p1, p1], p1, p2), (2, false));
+        assert_eq!(switches_once(&[p1, p2, p1], p1, p2), (1, false));
+        assert_eq!(switches_once(&[p1, 3_000_000, p2], p1, p2), (1, false));
+        assert_eq!(switches_once(&[], p1, p2), (0, false));
+    }
+
+    #[test]
+    fn the_wave_comes_from_the_config_space() {
+        let info = SensorInfo {
+            seed: 9,
+            amplitude: 1000,
+            wave_period: 64,
+            noise: 5,
+            ..SensorInfo::default()
+        };
+        assert_eq!(
+            Wave::of(&info),
+            Wave {
+                seed: 9,
+                amplitude: 1000,
+                period: 64,
+                noise: 5
+            }
+        );
     }
 
     #[test]
