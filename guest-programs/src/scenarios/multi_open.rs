@@ -25,6 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -127,53 +128,94 @@ fn json_array(v: impl Iterator<Item = u64>) -> String {
 /// Run `multi-open`.
 pub fn run(o: &Opts) -> Result<Checked, String> {
     install_interrupter()?;
-    let fds = (0..READERS)
-        .map(|_| open_device(&o.device, Access::Read, false))
-        .collect::<Result<Vec<_>, _>>()?;
-    let total = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(o.bytes == 0));
-    let mut handles = Vec::new();
-    for (i, fd) in fds.into_iter().enumerate() {
-        let (t, s, chunk, want) = (Arc::clone(&total), Arc::clone(&stop), o.chunk, o.bytes);
-        let h = std::thread::Builder::new()
-            .name(format!("qw-reader-{i}"))
-            .spawn(move || reader(fd, chunk, want, t, s))
-            .map_err(|e| format!("spawning reader {i}: {e}"))?;
-        handles.push(h);
-    }
+    let readers = Readers::start(o)?;
     ready(&o.scenario);
 
     let mut c = Checked::new();
-    let start = Instant::now();
-    while !stop.load(Ordering::SeqCst)
-        && !handles.iter().any(|h| h.is_finished())
-        && start.elapsed() < LIMIT
-    {
-        nap(Duration::from_millis(5));
-    }
-    if !stop.load(Ordering::SeqCst) && start.elapsed() >= LIMIT {
-        c.fail(format!(
-            "only {} of {} bytes within {LIMIT:?}",
-            total.load(Ordering::SeqCst),
-            o.bytes
-        ));
-    }
-    stop.store(true, Ordering::SeqCst);
-    // Wake the readers still asleep in read(); repeat, as a signal that
-    // lands just before a read starts is lost.
-    while handles.iter().any(|h| !h.is_finished()) {
-        for h in handles.iter().filter(|h| !h.is_finished()) {
-            // SAFETY: the thread has not been joined, so its pthread_t is
-            // valid; SIGUSR1 has a handler that does nothing.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) };
-        }
-        nap(Duration::from_millis(10));
-    }
-    let results: Vec<ReaderResult> = handles
-        .into_iter()
-        .map(|h| h.join().map_err(|_| "a reader panicked".to_string()))
-        .collect::<Result<_, _>>()?;
+    let results = readers.wait_and_stop(&mut c, o.bytes)?;
+    judge_readers(&mut c, o, &results)?;
+    check_more_openers(&mut c, o);
+    Ok(c)
+}
 
+/// The reader threads and what they share: the bytes read in all, and
+/// the flag that stops them.
+struct Readers {
+    total: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<ReaderResult>>,
+}
+
+impl Readers {
+    /// Open the device [`READERS`] times and start a reader on each; they
+    /// stop themselves once `--bytes` arrived in all.
+    fn start(o: &Opts) -> Result<Self, String> {
+        let fds = (0..READERS)
+            .map(|_| open_device(&o.device, Access::Read, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(o.bytes == 0));
+        let mut handles = Vec::new();
+        for (i, fd) in fds.into_iter().enumerate() {
+            let (t, s, chunk, want) = (Arc::clone(&total), Arc::clone(&stop), o.chunk, o.bytes);
+            let h = std::thread::Builder::new()
+                .name(format!("qw-reader-{i}"))
+                .spawn(move || reader(fd, chunk, want, t, s))
+                .map_err(|e| format!("spawning reader {i}: {e}"))?;
+            handles.push(h);
+        }
+        Ok(Self {
+            total,
+            stop,
+            handles,
+        })
+    }
+
+    /// Wait until the readers have `want` bytes (or one ends, or
+    /// [`LIMIT`] passes: a problem), then stop them, waking those still
+    /// asleep in `read()`, and collect what each saw.
+    fn wait_and_stop(self, c: &mut Checked, want: u64) -> Result<Vec<ReaderResult>, String> {
+        let Self {
+            total,
+            stop,
+            handles,
+        } = self;
+        let start = Instant::now();
+        while !stop.load(Ordering::SeqCst)
+            && !handles.iter().any(|h| h.is_finished())
+            && start.elapsed() < LIMIT
+        {
+            nap(Duration::from_millis(5));
+        }
+        if !stop.load(Ordering::SeqCst) && start.elapsed() >= LIMIT {
+            c.fail(format!(
+                "only {} of {} bytes within {LIMIT:?}",
+                total.load(Ordering::SeqCst),
+                want
+            ));
+        }
+        stop.store(true, Ordering::SeqCst);
+        // Wake the readers still asleep in read(); repeat, as a signal that
+        // lands just before a read starts is lost.
+        while handles.iter().any(|h| !h.is_finished()) {
+            for h in handles.iter().filter(|h| !h.is_finished()) {
+                // SAFETY: the thread has not been joined, so its pthread_t is
+                // valid; SIGUSR1 has a handler that does nothing.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR1) };
+            }
+            nap(Duration::from_millis(10));
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| "a reader panicked".to_string()))
+            .collect()
+    }
+}
+
+/// The readers together got exactly `--bytes`, none failed, and the
+/// bytes are the pattern's (same byte histogram; the order is lost
+/// between readers).
+fn judge_readers(c: &mut Checked, o: &Opts, results: &[ReaderResult]) -> Result<(), String> {
     let sum: u64 = results.iter().map(|r| r.bytes).sum();
     c.report
         .num("bytes", sum)
@@ -192,7 +234,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         }
     }
     let mut hist = [0u64; 256];
-    for r in &results {
+    for r in results {
         for (h, x) in hist.iter_mut().zip(r.histogram.iter()) {
             *h += x;
         }
@@ -205,48 +247,18 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     c.check(hist_ok, || {
         "the bytes read are not those of the pattern (byte histogram differs)".into()
     });
+    Ok(())
+}
 
-    // One more reader and a writer, with the four still open.
-    match (
+/// One more reader and a writer, with the four still open: nothing is
+/// left over (`FIONREAD` 0, `EAGAIN`), and the writer writes the first
+/// [`TX_BYTES`] of the pattern.
+fn check_more_openers(c: &mut Checked, o: &Opts) {
+    let (rfd, wfd) = match (
         open_device(&o.device, Access::Read, true),
         open_device(&o.device, Access::Write, false),
     ) {
-        (Ok(rfd), Ok(wfd)) => {
-            match fionread(rfd.as_raw_fd()) {
-                Ok(n) => {
-                    c.report.num("leftover", n.max(0) as u64);
-                    c.check(n == 0, || format!("FIONREAD {n} after all bytes were read"));
-                }
-                Err(e) => c.fail(e),
-            }
-            let mut b = [0u8; 16];
-            let r = read_fd(rfd.as_raw_fd(), &mut b);
-            let text = match r {
-                Ok(n) => format!("returned {n}"),
-                Err(e) => errno_name(e),
-            };
-            c.report.text("extra_read", &text);
-            c.check(r == Err(libc::EAGAIN), || {
-                format!("a non-blocking read by a fifth opener: {text}, not EAGAIN")
-            });
-            let data = pattern(o.seed, TX_BYTES);
-            // SAFETY: `data` is a live buffer of TX_BYTES bytes.
-            let n = unsafe { libc::write(wfd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n == TX_BYTES as isize {
-                c.report
-                    .num("tx_bytes", TX_BYTES as u64)
-                    .text("tx_sha256", &hex::encode(Sha256::digest(&data)));
-            } else {
-                c.fail(format!(
-                    "write of {TX_BYTES} bytes by the extra writer: {}",
-                    if n < 0 {
-                        errno_name(last_errno())
-                    } else {
-                        format!("returned {n}")
-                    }
-                ));
-            }
-        }
+        (Ok(rfd), Ok(wfd)) => (rfd, wfd),
         (r, w) => {
             if let Err(e) = r {
                 c.fail(format!("a fifth opener: {e}"));
@@ -254,9 +266,43 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
             if let Err(e) = w {
                 c.fail(format!("a writer next to the readers: {e}"));
             }
+            return;
         }
+    };
+    match fionread(rfd.as_raw_fd()) {
+        Ok(n) => {
+            c.report.num("leftover", n.max(0) as u64);
+            c.check(n == 0, || format!("FIONREAD {n} after all bytes were read"));
+        }
+        Err(e) => c.fail(e),
     }
-    Ok(c)
+    let mut b = [0u8; 16];
+    let r = read_fd(rfd.as_raw_fd(), &mut b);
+    let text = match r {
+        Ok(n) => format!("returned {n}"),
+        Err(e) => errno_name(e),
+    };
+    c.report.text("extra_read", &text);
+    c.check(r == Err(libc::EAGAIN), || {
+        format!("a non-blocking read by a fifth opener: {text}, not EAGAIN")
+    });
+    let data = pattern(o.seed, TX_BYTES);
+    // SAFETY: `data` is a live buffer of TX_BYTES bytes.
+    let n = unsafe { libc::write(wfd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    if n == TX_BYTES as isize {
+        c.report
+            .num("tx_bytes", TX_BYTES as u64)
+            .text("tx_sha256", &hex::encode(Sha256::digest(&data)));
+    } else {
+        c.fail(format!(
+            "write of {TX_BYTES} bytes by the extra writer: {}",
+            if n < 0 {
+                errno_name(last_errno())
+            } else {
+                format!("returned {n}")
+            }
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -269,5 +315,57 @@ mod tests {
         assert_eq!((h[0], h[1], h[2], h[255]), (1, 2, 0, 1));
         assert_eq!(json_array([1u64, 2, 3].into_iter()), "[1,2,3]");
         assert_eq!(json_array(std::iter::empty()), "[]");
+    }
+
+    fn result(data: &[u8], error: Option<&str>) -> ReaderResult {
+        ReaderResult {
+            bytes: data.len() as u64,
+            reads: 1,
+            histogram: histogram(data),
+            error: error.map(String::from),
+        }
+    }
+
+    #[test]
+    fn the_readers_share_the_pattern() {
+        let o = crate::parse_args(["multi-open", "--bytes", "1000", "--seed", "5"]).unwrap();
+        let p = pattern(5, 1000);
+        // Any split of the stream between the readers, any order.
+        let results = [
+            result(&p[600..], None),
+            result(&[], None),
+            result(&p[..100], None),
+            result(&p[100..600], None),
+        ];
+        let mut c = Checked::new();
+        judge_readers(&mut c, &o, &results).unwrap();
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        let line = crate::checked_result_line("multi-open", &c.report, &[]);
+        assert!(
+            line.ends_with(
+                "\"bytes\":1000,\"reader_bytes\":[400,0,100,500],\"reader_reads\":[1,1,1,1],\
+                 \"readers_with_data\":3,\"histogram_ok\":true}"
+            ),
+            "{line}"
+        );
+
+        // A byte short, another byte instead, and a reader's error.
+        let mut other = p[..100].to_vec();
+        other[0] = other[0].wrapping_add(1);
+        let results = [
+            result(&p[100..999], Some("read after 899 bytes: EIO")),
+            result(&other, None),
+        ];
+        let mut c = Checked::new();
+        judge_readers(&mut c, &o, &results).unwrap();
+        assert_eq!(
+            c.problems,
+            [
+                "the readers got 999 bytes in all, expected 1000",
+                "reader 0: read after 899 bytes: EIO",
+                "the bytes read are not those of the pattern (byte histogram differs)"
+            ]
+        );
+        assert_eq!(c.report.get("histogram_ok"), Some("false"));
     }
 }

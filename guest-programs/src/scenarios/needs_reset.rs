@@ -173,63 +173,13 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     let raw = fd.as_raw_fd();
     let mut c = Checked::new();
 
-    // Not the qw driver (a FIFO on the host): stop before touching more.
-    let start = get_stats(raw)?;
-    c.report.raw("stats_start", &start.json());
-    c.check(start.state == 0, || {
-        format!("state {:#x} before VDEVLAB-READY", start.state)
-    });
-    if let Some(v) = sysfs_needs_reset(&mut c, &o.device, "sysfs_start") {
-        c.check(v == 0, || format!("sysfs needs_reset {v} at the start"));
-    }
+    let start = check_start(&mut c, o, raw)?;
     install_interrupter()?;
-
-    // The blocked reader: one read, its outcome and when it came back.
-    let (tx, rx) = mpsc::channel::<(Result<usize, i32>, Instant)>();
-    let (tid_tx, tid_rx) = mpsc::channel::<libc::pid_t>();
-    let reader = std::thread::Builder::new()
-        .name("needs-reset-rd".into())
-        .spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            let _ = tid_tx.send(unsafe { libc::gettid() });
-            let mut buf = vec![0u8; READ_LEN];
-            let r = io_once(raw, &mut buf, false);
-            let _ = tx.send((r, Instant::now()));
-        })
-        .map_err(|e| format!("spawning the reader: {e}"))?;
-    let tid = tid_rx
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(|e| format!("the reader thread did not start: {e}"))?;
-    // Asleep in the driver before the marker, so the host's request finds
-    // a waiting reader.
-    let t = Instant::now();
-    let mut where_ = wchan(tid);
-    while where_.is_empty() || where_ == "0" {
-        if t.elapsed() > Duration::from_secs(5) {
-            break;
-        }
-        nap(Duration::from_millis(10));
-        where_ = wchan(tid);
-    }
-    c.report.text("wchan", &where_);
+    let reader = start_reader(&mut c, raw)?;
 
     ready(&o.scenario);
     let ready_at = Instant::now();
-    let got = match rx.recv_timeout(GIVE_UP) {
-        Ok((r, at)) => Some((r, at.duration_since(ready_at))),
-        Err(_) => None,
-    };
-    // A reader still waiting is interrupted (repeatedly: a signal that
-    // lands just before the read starts is lost).
-    while !reader.is_finished() {
-        // SAFETY: not joined yet, so the pthread_t is valid; SIGUSR1 has a
-        // handler that does nothing.
-        unsafe { libc::pthread_kill(reader.as_pthread_t(), libc::SIGUSR1) };
-        nap(Duration::from_millis(10));
-    }
-    reader
-        .join()
-        .map_err(|_| "the reader panicked".to_string())?;
+    let got = reader.wait(ready_at)?;
 
     let mut b = [0u8; 1];
     let broken = Broken {
@@ -241,62 +191,10 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         sysfs: sysfs_needs_reset(&mut c, &o.device, "sysfs_broken"),
         state: stats(&mut c, raw, "stats_broken").map(|st| st.state),
     };
-    c.report
-        .text(
-            "read",
-            &broken
-                .read
-                .as_ref()
-                .map_or_else(|| "still waiting".to_string(), outcome),
-        )
-        .num("read_ms", broken.read_ms)
-        .text(
-            "poll_broken",
-            &broken
-                .revents
-                .map_or_else(|| "poll failed".into(), |r| mask_name(r as u16 as u32)),
-        )
-        .text("read_broken", &outcome(&broken.read_again))
-        .text("write_broken", &outcome(&broken.write));
+    report_broken(&mut c, &broken);
     c.problems.extend(broken_problems(&broken));
 
-    // The way out.
-    let reset = ioctl_plain(raw, QW_IOC_RESET);
-    c.report.text(
-        "reset",
-        &match reset {
-            Ok(()) => "ok".to_string(),
-            Err(e) => errno_name(e),
-        },
-    );
-    c.check(reset.is_ok(), || {
-        format!("QW_IOC_RESET: {}", errno_name(reset.err().unwrap_or(0)))
-    });
-    if let Some(st) = stats(&mut c, raw, "stats_reset") {
-        c.check(st.state == 0, || {
-            format!("state {:#x} after QW_IOC_RESET", st.state)
-        });
-        c.check(st.resets == start.resets + 1, || {
-            format!(
-                "resets went from {} to {}, expected +1",
-                start.resets, st.resets
-            )
-        });
-    }
-    if let Some(v) = sysfs_needs_reset(&mut c, &o.device, "sysfs_reset") {
-        c.check(v == 0, || {
-            format!("sysfs needs_reset {v} after QW_IOC_RESET")
-        });
-    }
-    match poll_one(raw, libc::POLLIN | libc::POLLOUT, 0) {
-        Ok(rev) => {
-            c.report.text("poll_reset", &mask_name(rev as u16 as u32));
-            c.check(rev & (libc::POLLERR | libc::POLLHUP) == 0, || {
-                format!("poll after QW_IOC_RESET: {}", mask_name(rev as u16 as u32))
-            });
-        }
-        Err(e) => c.fail(e),
-    }
+    recover(&mut c, o, raw, &start);
 
     // The device works again.
     crate::scenarios::ioctl_stats::read_after_reset(&mut c, raw, &o.scenario);
@@ -314,6 +212,151 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     Ok(c)
 }
 
+/// The counters at the start (`stats_start`, state 0) and sysfs
+/// `needs_reset` 0. Not the qw driver (a FIFO on the host): the error
+/// stops the run before it touches more.
+fn check_start(c: &mut Checked, o: &Opts, raw: RawFd) -> Result<QwStats, String> {
+    let start = get_stats(raw)?;
+    c.report.raw("stats_start", &start.json());
+    c.check(start.state == 0, || {
+        format!("state {:#x} before VDEVLAB-READY", start.state)
+    });
+    if let Some(v) = sysfs_needs_reset(c, &o.device, "sysfs_start") {
+        c.check(v == 0, || format!("sysfs needs_reset {v} at the start"));
+    }
+    Ok(start)
+}
+
+/// The blocked read's outcome: bytes or errno, and a time (when it came
+/// back, or how long after the marker).
+type ReadOutcome<T> = (Result<usize, i32>, T);
+
+/// The blocked reader: a thread in one `read`, which sends its outcome
+/// and when it came back.
+struct Reader {
+    handle: std::thread::JoinHandle<()>,
+    done: mpsc::Receiver<ReadOutcome<Instant>>,
+}
+
+/// Start the blocked reader on `raw` and wait (5 s at most) until it
+/// sleeps in the driver, so that the host's request finds a waiting
+/// reader: `wchan`.
+fn start_reader(c: &mut Checked, raw: RawFd) -> Result<Reader, String> {
+    let (tx, done) = mpsc::channel::<ReadOutcome<Instant>>();
+    let (tid_tx, tid_rx) = mpsc::channel::<libc::pid_t>();
+    let handle = std::thread::Builder::new()
+        .name("needs-reset-rd".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let mut buf = vec![0u8; READ_LEN];
+            let r = io_once(raw, &mut buf, false);
+            let _ = tx.send((r, Instant::now()));
+        })
+        .map_err(|e| format!("spawning the reader: {e}"))?;
+    let tid = tid_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|e| format!("the reader thread did not start: {e}"))?;
+    let t = Instant::now();
+    let mut where_ = wchan(tid);
+    while where_.is_empty() || where_ == "0" {
+        if t.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        nap(Duration::from_millis(10));
+        where_ = wchan(tid);
+    }
+    c.report.text("wchan", &where_);
+    Ok(Reader { handle, done })
+}
+
+impl Reader {
+    /// The read's outcome and how long after `ready_at` it came, or
+    /// `None` if it did not within [`GIVE_UP`]. A reader still waiting is
+    /// interrupted (repeatedly: a signal that lands just before the read
+    /// starts is lost); the thread is joined either way.
+    fn wait(self, ready_at: Instant) -> Result<Option<ReadOutcome<Duration>>, String> {
+        let got = match self.done.recv_timeout(GIVE_UP) {
+            Ok((r, at)) => Some((r, at.duration_since(ready_at))),
+            Err(_) => None,
+        };
+        while !self.handle.is_finished() {
+            // SAFETY: not joined yet, so the pthread_t is valid; SIGUSR1
+            // has a handler that does nothing.
+            unsafe { libc::pthread_kill(self.handle.as_pthread_t(), libc::SIGUSR1) };
+            nap(Duration::from_millis(10));
+        }
+        self.handle
+            .join()
+            .map_err(|_| "the reader panicked".to_string())?;
+        Ok(got)
+    }
+}
+
+/// The fields of what was seen while broken: `read`, `read_ms`,
+/// `poll_broken`, `read_broken`, `write_broken`.
+fn report_broken(c: &mut Checked, broken: &Broken) {
+    c.report
+        .text(
+            "read",
+            &broken
+                .read
+                .as_ref()
+                .map_or_else(|| "still waiting".to_string(), outcome),
+        )
+        .num("read_ms", broken.read_ms)
+        .text(
+            "poll_broken",
+            &broken
+                .revents
+                .map_or_else(|| "poll failed".into(), |r| mask_name(r as u16 as u32)),
+        )
+        .text("read_broken", &outcome(&broken.read_again))
+        .text("write_broken", &outcome(&broken.write));
+}
+
+/// The way out: `QW_IOC_RESET` succeeds, and then the state is 0,
+/// `resets` one more than at `start`, sysfs `needs_reset` 0 and `poll`
+/// without `POLLERR`/`POLLHUP`.
+fn recover(c: &mut Checked, o: &Opts, raw: RawFd, start: &QwStats) {
+    let reset = ioctl_plain(raw, QW_IOC_RESET);
+    c.report.text(
+        "reset",
+        &match reset {
+            Ok(()) => "ok".to_string(),
+            Err(e) => errno_name(e),
+        },
+    );
+    c.check(reset.is_ok(), || {
+        format!("QW_IOC_RESET: {}", errno_name(reset.err().unwrap_or(0)))
+    });
+    if let Some(st) = stats(c, raw, "stats_reset") {
+        c.check(st.state == 0, || {
+            format!("state {:#x} after QW_IOC_RESET", st.state)
+        });
+        c.check(st.resets == start.resets + 1, || {
+            format!(
+                "resets went from {} to {}, expected +1",
+                start.resets, st.resets
+            )
+        });
+    }
+    if let Some(v) = sysfs_needs_reset(c, &o.device, "sysfs_reset") {
+        c.check(v == 0, || {
+            format!("sysfs needs_reset {v} after QW_IOC_RESET")
+        });
+    }
+    match poll_one(raw, libc::POLLIN | libc::POLLOUT, 0) {
+        Ok(rev) => {
+            c.report.text("poll_reset", &mask_name(rev as u16 as u32));
+            c.check(rev & (libc::POLLERR | libc::POLLHUP) == 0, || {
+                format!("poll after QW_IOC_RESET: {}", mask_name(rev as u16 as u32))
+            });
+        }
+        Err(e) => c.fail(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +371,31 @@ mod tests {
             sysfs: Some(1),
             state: Some(QW_STATE_NEEDS_RESET),
         }
+    }
+
+    #[test]
+    fn what_was_seen_while_broken_is_reported() {
+        let mut c = Checked::new();
+        report_broken(&mut c, &good());
+        let line = crate::checked_result_line("needs-reset", &c.report, &[]);
+        assert!(
+            line.ends_with(
+                "\"read\":\"EIO\",\"read_ms\":700,\"poll_broken\":\"0xd (IN|OUT|ERR)\",\
+                 \"read_broken\":\"EIO\",\"write_broken\":\"EIO\"}"
+            ),
+            "{line}"
+        );
+        let mut c = Checked::new();
+        report_broken(
+            &mut c,
+            &Broken {
+                read: None,
+                revents: None,
+                ..good()
+            },
+        );
+        assert_eq!(c.report.get("read"), Some("\"still waiting\""));
+        assert_eq!(c.report.get("poll_broken"), Some("\"poll failed\""));
     }
 
     #[test]
