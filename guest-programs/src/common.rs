@@ -1,12 +1,14 @@
-//! What every model shares: opening the device, the receive and transmit
+//! What every program shares: opening the device, the receive and transmit
 //! bookkeeping (byte counts, SHA-256, partial reads and short writes), and
-//! small wrappers around system calls.
+//! small wrappers around system calls (errno names, `poll` of one
+//! descriptor, reads that retry `EINTR`, sysfs reads and writes).
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -76,6 +78,140 @@ pub fn nap(d: Duration) {
     };
     // SAFETY: `ts` is a valid timespec; a null remainder pointer is allowed.
     unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+/// The calling thread's errno.
+pub fn last_errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// The symbolic name of an errno value (the ones these scenarios meet),
+/// or `errno N`.
+pub fn errno_name(e: i32) -> String {
+    let name = match e {
+        0 => "0",
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EINTR => "EINTR",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOTTY => "ENOTTY",
+        libc::ENOSPC => "ENOSPC",
+        libc::ESPIPE => "ESPIPE",
+        libc::EPIPE => "EPIPE",
+        libc::ENOSYS => "ENOSYS",
+        libc::ETIME => "ETIME",
+        libc::ESHUTDOWN => "ESHUTDOWN",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECANCELED => "ECANCELED",
+        libc::EINPROGRESS => "EINPROGRESS",
+        libc::ENOTCONN => "ENOTCONN",
+        _ => return format!("errno {e}"),
+    };
+    name.to_string()
+}
+
+/// Write `value` to a sysfs (or procfs) file in one `write`.
+pub fn write_sysfs(path: &Path, value: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| format!("write {value:?} to {}: {e}", path.display()))
+}
+
+/// Wait until `path` is a character device (a device node came back);
+/// returns how long that took.
+pub fn wait_for_chardev(path: &str, timeout: Duration) -> Result<Duration, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let start = Instant::now();
+    loop {
+        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device()) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("no {path} within {timeout:?}"));
+        }
+        nap(Duration::from_millis(20));
+    }
+}
+
+/// `poll()` one descriptor for `events` with a timeout in milliseconds
+/// (0: just look); the returned events, or 0 on timeout.
+pub fn poll_one(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout_ms: i32,
+) -> Result<libc::c_short, String> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n >= 0 {
+            return Ok(if n == 0 { 0 } else { pfd.revents });
+        }
+        if !interrupted() {
+            return Err(os_err("poll"));
+        }
+    }
+}
+
+/// A `poll`/`epoll` event mask spelled out, e.g. `0x11 (IN|HUP)`.
+pub fn mask_name(mask: u32) -> String {
+    let names = [
+        (libc::EPOLLIN as u32, "IN"),
+        (libc::EPOLLPRI as u32, "PRI"),
+        (libc::EPOLLOUT as u32, "OUT"),
+        (libc::EPOLLERR as u32, "ERR"),
+        (libc::EPOLLHUP as u32, "HUP"),
+        (libc::EPOLLRDNORM as u32, "RDNORM"),
+        (libc::EPOLLWRNORM as u32, "WRNORM"),
+        (libc::EPOLLRDHUP as u32, "RDHUP"),
+    ];
+    let set: Vec<&str> = names
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    format!("{mask:#x} ({})", set.join("|"))
+}
+
+/// A read of `len` bytes into `buf` that retries `EINTR`: the byte count,
+/// or the errno.
+pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
+    loop {
+        // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = last_errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// One sysfs counter: a decimal number and a newline.
+pub fn read_counter(path: &Path) -> Result<u64, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|e| format!("{}: {:?}: {e}", path.display(), text.trim()))
 }
 
 /// What one non-waiting attempt at I/O did.
@@ -362,5 +498,33 @@ impl Side {
             Side::Rx(r) => r.report(),
             Side::Tx(t) => t.report(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_and_mask_names() {
+        assert_eq!(errno_name(libc::ENODEV), "ENODEV");
+        assert_eq!(errno_name(libc::ESHUTDOWN), "ESHUTDOWN");
+        assert_eq!(errno_name(9999), "errno 9999");
+        assert_eq!(
+            mask_name((libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLRDNORM) as u32),
+            "0x51 (IN|HUP|RDNORM)"
+        );
+    }
+
+    #[test]
+    fn counters_parse() {
+        let dir = std::env::temp_dir().join(format!("common-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("rx_bytes"), "12345\n").unwrap();
+        std::fs::write(dir.join("bad"), "x\n").unwrap();
+        assert_eq!(read_counter(&dir.join("rx_bytes")), Ok(12345));
+        assert!(read_counter(&dir.join("bad")).is_err());
+        assert!(read_counter(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

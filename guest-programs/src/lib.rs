@@ -1,6 +1,14 @@
 //! Shared parts of `vdevlab-guest`: the test pattern (which the host uses
-//! too), the scenario list, argument parsing, the marker-line output, and
-//! one module per Linux I/O model (`models`).
+//! too), the scenario list, argument parsing and the marker-line output;
+//! the programs themselves are in the modules below.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`protocol`] | the guest/host protocol: marker names, READY and RESULT lines |
+//! | [`common`] | opening the device, rx/tx bookkeeping, system call wrappers |
+//! | [`io_models`] | one module per Linux I/O model (`<model>-rx`/`-tx`, `mixed`) |
+//! | [`scenarios`] | robustness, sensor and echo programs |
+//! | [`uapi`] | the drivers' ioctls and structs, the native AIO ABI |
 //!
 //! A scenario is `<model>-<direction>`: `rx` moves bytes from the device to
 //! the program (the host injects), `tx` from the program to the device (the
@@ -11,8 +19,10 @@
 //! a FIFO).
 
 pub mod common;
-pub mod models;
+pub mod io_models;
 pub mod protocol;
+pub mod scenarios;
+pub mod uapi;
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -59,10 +69,10 @@ pub const SCENARIOS: &[&str] = &[
 /// open device. Not in [`SCENARIOS`], which lists the single-direction ones.
 pub const MIXED: &str = "mixed";
 
-/// The driver-robustness scenarios (see `models::teardown`,
-/// `models::ioctl_stats`, `models::pm_freeze`, `models::multi_open`,
-/// `models::needs_reset`). Each
-/// reports every observation, also on failure, and on failure its `error`
+/// The driver-robustness scenarios (see [`scenarios::teardown`],
+/// [`scenarios::ioctl_stats`], [`scenarios::pm_freeze`],
+/// [`scenarios::multi_open`], [`scenarios::needs_reset`]). Each reports
+/// every observation, also on failure, and on failure its `error`
 /// lists every check that did not hold.
 pub const ROBUSTNESS: &[&str] = &[
     "teardown-unbind",
@@ -73,7 +83,7 @@ pub const ROBUSTNESS: &[&str] = &[
     "needs-reset",
 ];
 
-/// The echo scenarios of `vdevlab bench` (`models::echo`): `echo-<model>`
+/// The echo scenarios of `vdevlab bench` ([`scenarios::echo`]): `echo-<model>`
 /// for each of [`MODELS`]. Not printed by `list`, which names the test
 /// suite's scenarios.
 pub const ECHO: &[&str] = &[

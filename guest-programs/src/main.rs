@@ -19,11 +19,12 @@
 
 use std::process::ExitCode;
 
-use vdevlab_guest::models::qwdev::Checked;
-use vdevlab_guest::models::teardown::How;
-use vdevlab_guest::models::{
-    blocking, echo, epoll, ioctl_stats, linux_aio, mixed, multi_open, needs_reset, nonblocking,
-    pm_freeze, poll, posix_aio, select, sensor, sigio, teardown, uring,
+use vdevlab_guest::io_models::{
+    blocking, epoll, linux_aio, mixed, nonblocking, poll, posix_aio, select, sigio, uring,
+};
+use vdevlab_guest::scenarios::teardown::How;
+use vdevlab_guest::scenarios::{
+    echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, teardown, Checked,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,

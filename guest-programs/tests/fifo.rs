@@ -533,7 +533,7 @@ fn list_names_every_scenario() {
     let mut expect: Vec<&str> = SCENARIOS.to_vec();
     expect.push(MIXED);
     expect.extend_from_slice(ROBUSTNESS);
-    expect.extend_from_slice(vdevlab_guest::models::sensor::SENSOR_SCENARIOS);
+    expect.extend_from_slice(vdevlab_guest::scenarios::sensor::SENSOR_SCENARIOS);
     assert_eq!(names, expect);
 }
 

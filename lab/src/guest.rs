@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -473,8 +473,378 @@ fn wait_for_path(path: &Path, child: &mut Child, log: &Path, timeout: Duration) 
     Ok(())
 }
 
+/// The socket names of a boot's private folder, each linked from the run
+/// folder: per instance its vhost-user, control and data sockets (`vu.sock`,
+/// `ctl.sock`, `data.sock`, then `vu1.sock`, ...), and `bench.sock` for a
+/// [`BootSpec::bench_port`].
+fn socket_names(spec: &BootSpec) -> Vec<String> {
+    let mut names = vec!["vu.sock".to_string(), "ctl.sock".into(), "data.sock".into()];
+    for i in 1..spec.instances.max(1) {
+        names.extend([
+            format!("vu{i}.sock"),
+            format!("ctl{i}.sock"),
+            format!("data{i}.sock"),
+        ]);
+    }
+    if spec.bench_port.is_some() {
+        names.push("bench.sock".into());
+    }
+    names
+}
+
+/// Start one backend per instance: the first on `vu.sock`/`ctl.sock`
+/// (its log `backend.log`), instance `i` on `vu<i>.sock`/`ctl<i>.sock`
+/// (`backend<i>.log`). Returns the first and the others with their
+/// control sockets.
+fn start_backends(
+    launch: &Launch,
+    sockets: &SocketDir,
+    run_dir: &Path,
+    instances: usize,
+) -> Result<(Child, Vec<(Child, PathBuf)>)> {
+    let backend = start_backend(
+        launch,
+        &sockets.socket("vu.sock"),
+        &sockets.socket("ctl.sock"),
+        &run_dir.join("backend.log"),
+    )?;
+    let mut extra = Vec::new();
+    for i in 1..instances.max(1) {
+        let ctl = sockets.socket(&format!("ctl{i}.sock"));
+        let child = start_backend(
+            launch,
+            &sockets.socket(&format!("vu{i}.sock")),
+            &ctl,
+            &run_dir.join(format!("backend{i}.log")),
+        )?;
+        extra.push((child, ctl));
+    }
+    Ok((backend, extra))
+}
+
+/// The kernel command line of a boot, and its run list when that is too
+/// long for the command line (it then goes into the initramfs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KernelCmdline {
+    /// The whole command line.
+    cmdline: String,
+    /// The run list for `/vdevlab.run`, if not on the command line.
+    runs_file: Option<String>,
+}
+
+/// The command line `spec` boots with: the lab VM's `base` line, `quiet`,
+/// and the `vdevlab.*` words that init.sh reads (virtio id, run list,
+/// virtio-serial port, driver and device node, shell, driver parameters).
+/// Fails on arguments init.sh cannot split back.
+fn kernel_cmdline(base: &str, spec: &BootSpec) -> Result<KernelCmdline> {
+    let mut cmdline = format!("{base} quiet vdevlab.virtio_id={}", spec.virtio_id);
+    let mut runs_file = None;
+    if !spec.runs.is_empty() {
+        // init.sh splits runs at ';' and arguments at ','.
+        let bad = |a: &String| a.is_empty() || a.contains([',', ';', ' ', '"']);
+        if spec.runs.iter().flatten().any(bad) {
+            bail!(
+                "guest program arguments must be non-empty, without ',', ';', ' ' or '\"': {:?}",
+                spec.runs
+            );
+        }
+        let runs: Vec<String> = spec.runs.iter().map(|r| r.join(",")).collect();
+        let runs = runs.join(";");
+        if runs.len() <= MAX_CMDLINE_RUNS {
+            cmdline.push_str(&format!(" vdevlab.run={runs}"));
+        } else {
+            // Too long for the kernel command line (2048 bytes on x86):
+            // init.sh reads the same list from /vdevlab.run instead.
+            runs_file = Some(runs);
+        }
+    }
+    if let Some(name) = &spec.bench_port {
+        cmdline.push_str(&format!(" vdevlab.vport={name}"));
+    }
+    if let Some(d) = &spec.driver {
+        let ok = |w: &str| !w.is_empty() && !w.contains([',', ';', ' ', '"', '=']);
+        if !ok(&d.module) || d.dev.as_deref().is_some_and(|p| !ok(p)) {
+            bail!("bad driver module name or device node: {d:?}");
+        }
+        cmdline.push_str(&format!(
+            " vdevlab.driver={} vdevlab.dev={}",
+            d.module,
+            d.dev.as_deref().unwrap_or("none")
+        ));
+    }
+    if spec.interactive {
+        cmdline.push_str(" vdevlab.shell=1");
+    }
+    if !spec.driver_params.is_empty() {
+        // init.sh splits them at ',' and passes them to insmod.
+        let bad =
+            |p: &String| !p.contains('=') || p.starts_with('=') || p.contains([',', ';', ' ', '"']);
+        if spec.driver_params.iter().any(bad) {
+            bail!(
+                "driver parameters must be name=value, without ',', ';', ' ' or '\"': {:?}",
+                spec.driver_params
+            );
+        }
+        cmdline.push_str(&format!(
+            " vdevlab.qw_params={}",
+            spec.driver_params.join(",")
+        ));
+    }
+    Ok(KernelCmdline { cmdline, runs_file })
+}
+
+/// The initramfs a boot uses (host path): the kernel's own `base`, or,
+/// when there are `overlays` or a run list too long for the command line,
+/// a copy in `run_dir` with those appended (the kernel unpacks them all).
+/// The flag says which.
+fn boot_initramfs(
+    base: &Path,
+    run_dir: &Path,
+    overlays: &[PathBuf],
+    runs_file: Option<&str>,
+) -> Result<(PathBuf, bool)> {
+    let combined = runs_file.is_some() || !overlays.is_empty();
+    if !combined {
+        return Ok((base.to_path_buf(), false));
+    }
+    let copy = run_dir.join("initramfs.cpio");
+    append_archives(base, &copy, overlays, runs_file)?;
+    Ok((copy, true))
+}
+
+/// Where the VMM finds the kernel, the initramfs and the sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VmmPaths {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    vu_socket: PathBuf,
+    bench_socket: PathBuf,
+}
+
+/// The paths the VMM is given: the host paths, or for a QEMU in the lab
+/// root the folders bound into it ([`root_binds`]): the kernel's folder
+/// at `/lab/kernel`, the artifacts at `/lab/artifacts` (the kernel's own
+/// initramfs), the run folder at `/lab/run` (a `combined` initramfs) and
+/// the sockets at `/lab/sock`.
+fn vmm_paths(
+    in_root: bool,
+    image: &Path,
+    initramfs: &Path,
+    combined: bool,
+    vu_sock: &Path,
+    bench_sock: &Path,
+) -> Result<VmmPaths> {
+    let kernel_name = image.file_name().context("kernel path has no file name")?;
+    let initramfs_name = initramfs
+        .file_name()
+        .context("initramfs has no file name")?;
+    let initramfs_dir = if combined {
+        "/lab/run"
+    } else {
+        "/lab/artifacts"
+    };
+    Ok(if in_root {
+        VmmPaths {
+            kernel: Path::new("/lab/kernel").join(kernel_name),
+            initramfs: Path::new(initramfs_dir).join(initramfs_name),
+            vu_socket: PathBuf::from("/lab/sock/vu.sock"),
+            bench_socket: PathBuf::from("/lab/sock/bench.sock"),
+        }
+    } else {
+        VmmPaths {
+            kernel: image.to_path_buf(),
+            initramfs: initramfs.to_path_buf(),
+            vu_socket: vu_sock.to_path_buf(),
+            bench_socket: bench_sock.to_path_buf(),
+        }
+    })
+}
+
+/// The VM a boot describes: the lab VM `base` with the spec's kernel,
+/// initramfs, command line and accelerator, one vhost-user device per
+/// instance (`vu0` on `vu.sock`, `vu<i>` on `vu<i>.sock` beside it; a
+/// user's backend brings its queue sizes and config space size), and the
+/// benchmark's virtio-serial port.
+fn vm_config(
+    base: &VmConfig,
+    spec: &BootSpec,
+    cmdline: String,
+    paths: &VmmPaths,
+) -> Result<VmConfig> {
+    let mut cfg = base.clone();
+    cfg.kernel = paths.kernel.clone();
+    cfg.initramfs = Some(paths.initramfs.clone());
+    cfg.cmdline = cmdline;
+    cfg.accel = spec.accel;
+    let dev = cfg
+        .vhost_user
+        .first_mut()
+        .context("the lab VM description has no vhost-user device")?;
+    dev.socket = paths.vu_socket.clone();
+    dev.virtio_id = spec.virtio_id;
+    dev.reconnect_ms = spec.reconnect_ms;
+    if let Some(bc) = &spec.backend {
+        dev.queue_sizes = bc.queue_sizes.clone();
+        dev.config_size = bc.config_size;
+    }
+    let first = dev.clone();
+    for i in 1..spec.instances.max(1) {
+        let mut d = first.clone();
+        d.id = format!("vu{i}");
+        d.socket = first.socket.with_file_name(format!("vu{i}.sock"));
+        cfg.vhost_user.push(d);
+    }
+    if let Some(name) = &spec.bench_port {
+        cfg.virtio_serial.push(VirtioSerialPort::new(
+            "bench0",
+            paths.bench_socket.clone(),
+            name.clone(),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// The `host:/lab/...` folders `images/in-root.sh` binds into the lab
+/// root for QEMU: the kernel's folder, the artifacts, the run folder and
+/// the sockets.
+fn root_binds(kernel_dir: &Path, art_dir: &Path, run_dir: &Path, sock_dir: &Path) -> [String; 4] {
+    [
+        format!("{}:/lab/kernel", kernel_dir.display()),
+        format!("{}:/lab/artifacts", art_dir.display()),
+        format!("{}:/lab/run", run_dir.display()),
+        format!("{}:/lab/sock", sock_dir.display()),
+    ]
+}
+
+/// QEMU with `args`: the host's, or the lab root's through
+/// `images/in-root.sh <root> <binds...> -- <qemu>`.
+fn qemu_command(qemu: &QemuRuntime, binds: &[String], args: Vec<String>) -> Command {
+    let mut c = match qemu {
+        QemuRuntime::Host(qemu) => Command::new(qemu),
+        QemuRuntime::InRoot { root, qemu } => {
+            let mut c = Command::new(in_root_script());
+            c.arg(root).args(binds).arg("--").arg(qemu);
+            c
+        }
+    };
+    c.args(args);
+    c
+}
+
+/// The VMM process for `cfg` (not started yet): Cloud Hypervisor, or
+/// QEMU (see [`qemu_command`]) with the folders `binds`.
+fn vmm_command(vmm: Vmm, qemu: &QemuRuntime, cfg: &VmConfig, binds: &[String]) -> Result<Command> {
+    Ok(match vmm {
+        Vmm::CloudHypervisor => {
+            let (bin, _) = crate::env::cloud_hypervisor().map_err(anyhow::Error::msg)?;
+            let mut c = Command::new(bin);
+            c.args(
+                cfg.cloud_hypervisor_args()
+                    .context("rendering the Cloud Hypervisor command line")?,
+            );
+            c
+        }
+        Vmm::Qemu => {
+            let args = cfg.qemu_args().context("rendering the QEMU command line")?;
+            qemu_command(qemu, binds, args)
+        }
+    })
+}
+
+/// Cuts the console's byte stream into lines, as chunks arrive.
+#[derive(Debug, Default)]
+struct LineSplitter {
+    line: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// The lines that `chunk` completes, each with its `\n`.
+    fn push(&mut self, chunk: &[u8]) -> Vec<Vec<u8>> {
+        let mut done = Vec::new();
+        for piece in chunk.split_inclusive(|&b| b == b'\n') {
+            self.line.extend_from_slice(piece);
+            if self.line.ends_with(b"\n") {
+                done.push(std::mem::take(&mut self.line));
+            }
+        }
+        done
+    }
+
+    /// What is left after the last end of line, if anything.
+    fn finish(self) -> Option<Vec<u8>> {
+        (!self.line.is_empty()).then_some(self.line)
+    }
+}
+
+/// A console line's text: lossy UTF-8, without its end-of-line characters.
+fn line_text(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .trim_end_matches(['\r', '\n'])
+        .to_string()
+}
+
+/// The console reader's receivers: the lines, and for an interactive
+/// boot the raw chunks.
+type ConsoleReceivers = (Receiver<ConsoleLine>, Option<Receiver<Vec<u8>>>);
+
+/// Follow the VMM's stdout on a thread until it closes: save every chunk
+/// to `console`, send it raw (`interactive`), and send each line stamped
+/// with the time since `started`.
+fn spawn_console_reader(
+    stdout: ChildStdout,
+    mut console: File,
+    started: Instant,
+    interactive: bool,
+) -> Result<ConsoleReceivers> {
+    let (tx, lines) = mpsc::channel();
+    let (raw_tx, raw_console) = if interactive {
+        let (t, r) = mpsc::channel();
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    std::thread::Builder::new()
+        .name("vdevlab-console".into())
+        .spawn(move || {
+            // Chunks as they come (an interactive prompt has no end of
+            // line yet), cut into lines for the markers.
+            let mut reader = stdout;
+            let mut buf = [0u8; 4096];
+            let mut splitter = LineSplitter::default();
+            let send = |raw: &[u8]| {
+                // Keep saving the console even if nobody listens.
+                let _ = tx.send(ConsoleLine {
+                    at: started.elapsed(),
+                    text: line_text(raw),
+                });
+            };
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &buf[..n];
+                let _ = console.write_all(chunk);
+                if let Some(raw) = &raw_tx {
+                    let _ = raw.send(chunk.to_vec());
+                }
+                for line in splitter.push(chunk) {
+                    send(&line);
+                }
+            }
+            if let Some(rest) = splitter.finish() {
+                send(&rest);
+            }
+            let _ = console.flush();
+        })?;
+    Ok((lines, raw_console))
+}
+
 impl Guest {
-    /// Start the backend and boot a guest under the spec's VMM.
+    /// Start the backend and boot a guest under the spec's VMM: the run
+    /// folder and its sockets, the backends, the kernel command line and
+    /// initramfs, the VM description and the VMM's command, then the VMM
+    /// itself and the console reader.
     pub fn boot(env: &LabEnv, art: &Artifacts, spec: &BootSpec) -> Result<Guest> {
         let kernel = env.kernel(&spec.kernel)?.clone();
         let kernel_art = art.for_kernel(&kernel.name)?;
@@ -482,22 +852,12 @@ impl Guest {
         // Sockets live in a short private folder (the run folder may be too
         // deep for a socket path); the run folder links to each.
         let sockets = SocketDir::create()?;
-        let mut names = vec!["vu.sock".to_string(), "ctl.sock".into(), "data.sock".into()];
-        for i in 1..spec.instances.max(1) {
-            names.extend([
-                format!("vu{i}.sock"),
-                format!("ctl{i}.sock"),
-                format!("data{i}.sock"),
-            ]);
-        }
-        if spec.bench_port.is_some() {
-            names.push("bench.sock".into());
-        }
-        for n in &names {
+        for n in &socket_names(spec) {
             sockets.link_into(&run_dir, n)?;
         }
         let vu_sock = sockets.socket("vu.sock");
         let ctl_sock = sockets.socket("ctl.sock");
+        let bench_sock = sockets.socket("bench.sock");
         let backend_log = run_dir.join("backend.log");
         let console_path = run_dir.join("console.log");
 
@@ -505,182 +865,26 @@ impl Guest {
             None => Launch::Reference(art.device_bin.clone()),
             Some(bc) => Launch::Command(bc.clone(), run_dir.clone()),
         };
-        let backend = start_backend(&launch, &vu_sock, &ctl_sock, &backend_log)?;
-        let mut extra = Vec::new();
-        for i in 1..spec.instances.max(1) {
-            let ctl = sockets.socket(&format!("ctl{i}.sock"));
-            let child = start_backend(
-                &launch,
-                &sockets.socket(&format!("vu{i}.sock")),
-                &ctl,
-                &run_dir.join(format!("backend{i}.log")),
-            )?;
-            extra.push((child, ctl));
-        }
+        let (backend, extra) = start_backends(&launch, &sockets, &run_dir, spec.instances)?;
 
         let base =
             VmConfig::from_toml_str(LAB_CONFIG_TOML).context("the shipped lab VM description")?;
-        let mut cmdline = format!(
-            "{} quiet vdevlab.virtio_id={}",
-            base.cmdline, spec.virtio_id
-        );
-        let mut runs_file = None;
-        if !spec.runs.is_empty() {
-            // init.sh splits runs at ';' and arguments at ','.
-            let bad = |a: &String| a.is_empty() || a.contains([',', ';', ' ', '"']);
-            if spec.runs.iter().flatten().any(bad) {
-                bail!(
-                    "guest program arguments must be non-empty, without ',', ';', ' ' or '\"': {:?}",
-                    spec.runs
-                );
-            }
-            let runs: Vec<String> = spec.runs.iter().map(|r| r.join(",")).collect();
-            let runs = runs.join(";");
-            if runs.len() <= MAX_CMDLINE_RUNS {
-                cmdline.push_str(&format!(" vdevlab.run={runs}"));
-            } else {
-                // Too long for the kernel command line (2048 bytes on x86):
-                // init.sh reads the same list from /vdevlab.run instead.
-                runs_file = Some(runs);
-            }
-        }
-        if let Some(name) = &spec.bench_port {
-            cmdline.push_str(&format!(" vdevlab.vport={name}"));
-        }
-        if let Some(d) = &spec.driver {
-            let ok = |w: &str| !w.is_empty() && !w.contains([',', ';', ' ', '"', '=']);
-            if !ok(&d.module) || d.dev.as_deref().is_some_and(|p| !ok(p)) {
-                bail!("bad driver module name or device node: {d:?}");
-            }
-            cmdline.push_str(&format!(
-                " vdevlab.driver={} vdevlab.dev={}",
-                d.module,
-                d.dev.as_deref().unwrap_or("none")
-            ));
-        }
-        if spec.interactive {
-            cmdline.push_str(" vdevlab.shell=1");
-        }
-        if !spec.driver_params.is_empty() {
-            // init.sh splits them at ',' and passes them to insmod.
-            let bad = |p: &String| {
-                !p.contains('=') || p.starts_with('=') || p.contains([',', ';', ' ', '"'])
-            };
-            if spec.driver_params.iter().any(bad) {
-                bail!(
-                    "driver parameters must be name=value, without ',', ';', ' ' or '\"': {:?}",
-                    spec.driver_params
-                );
-            }
-            cmdline.push_str(&format!(
-                " vdevlab.qw_params={}",
-                spec.driver_params.join(",")
-            ));
-        }
+        let line = kernel_cmdline(&base.cmdline, spec)?;
         let image = boot_image(&kernel, spec)?;
         let kernel_dir = image.parent().context("kernel path has no folder")?;
-        // A long run list goes into a second initramfs archive appended to
-        // a copy of the kernel's (the kernel unpacks both).
-        let combined = runs_file.is_some() || !spec.overlays.is_empty();
-        let initramfs_host = if combined {
-            let copy = run_dir.join("initramfs.cpio");
-            append_archives(
-                &kernel_art.initramfs,
-                &copy,
-                &spec.overlays,
-                runs_file.as_deref(),
-            )?;
-            copy
-        } else {
-            kernel_art.initramfs.clone()
-        };
-        let kernel_name = image.file_name().context("kernel path has no file name")?;
-        let initramfs_name = initramfs_host
-            .file_name()
-            .context("initramfs has no file name")?;
-        let initramfs_dir = if combined {
-            "/lab/run"
-        } else {
-            "/lab/artifacts"
-        };
+        let (initramfs, combined) = boot_initramfs(
+            &kernel_art.initramfs,
+            &run_dir,
+            &spec.overlays,
+            line.runs_file.as_deref(),
+        )?;
         let in_root = spec.vmm == Vmm::Qemu && matches!(env.qemu, QemuRuntime::InRoot { .. });
-        let bench_sock = sockets.socket("bench.sock");
-        let (kernel_path, initramfs, socket, bench_sock_vmm) = if in_root {
-            (
-                Path::new("/lab/kernel").join(kernel_name),
-                Path::new(initramfs_dir).join(initramfs_name),
-                PathBuf::from("/lab/sock/vu.sock"),
-                PathBuf::from("/lab/sock/bench.sock"),
-            )
-        } else {
-            (
-                image.clone(),
-                initramfs_host.clone(),
-                vu_sock.clone(),
-                bench_sock.clone(),
-            )
-        };
-        let mut cfg = base.clone();
-        cfg.kernel = kernel_path;
-        cfg.initramfs = Some(initramfs);
-        cfg.cmdline = cmdline;
-        cfg.accel = spec.accel;
-        let dev = cfg
-            .vhost_user
-            .first_mut()
-            .context("the lab VM description has no vhost-user device")?;
-        dev.socket = socket;
-        dev.virtio_id = spec.virtio_id;
-        dev.reconnect_ms = spec.reconnect_ms;
-        if let Some(bc) = &spec.backend {
-            dev.queue_sizes = bc.queue_sizes.clone();
-            dev.config_size = bc.config_size;
-        }
-        let first = dev.clone();
-        for i in 1..spec.instances.max(1) {
-            let mut d = first.clone();
-            d.id = format!("vu{i}");
-            d.socket = first.socket.with_file_name(format!("vu{i}.sock"));
-            cfg.vhost_user.push(d);
-        }
-        if let Some(name) = &spec.bench_port {
-            cfg.virtio_serial.push(VirtioSerialPort::new(
-                "bench0",
-                bench_sock_vmm,
-                name.clone(),
-            ));
-        }
-        let mut cmd = match spec.vmm {
-            Vmm::CloudHypervisor => {
-                let (bin, _) = crate::env::cloud_hypervisor().map_err(anyhow::Error::msg)?;
-                let mut c = Command::new(bin);
-                c.args(
-                    cfg.cloud_hypervisor_args()
-                        .context("rendering the Cloud Hypervisor command line")?,
-                );
-                c
-            }
-            Vmm::Qemu => {
-                let args = cfg.qemu_args().context("rendering the QEMU command line")?;
-                let mut c = match &env.qemu {
-                    QemuRuntime::Host(qemu) => Command::new(qemu),
-                    QemuRuntime::InRoot { root, qemu } => {
-                        let mut c = Command::new(in_root_script());
-                        c.arg(root)
-                            .arg(format!("{}:/lab/kernel", kernel_dir.display()))
-                            .arg(format!("{}:/lab/artifacts", art.dir.display()))
-                            .arg(format!("{}:/lab/run", run_dir.display()))
-                            .arg(format!("{}:/lab/sock", sockets.path().display()))
-                            .arg("--")
-                            .arg(qemu);
-                        c
-                    }
-                };
-                c.args(args);
-                c
-            }
-        };
+        let paths = vmm_paths(in_root, &image, &initramfs, combined, &vu_sock, &bench_sock)?;
+        let cfg = vm_config(&base, spec, line.cmdline, &paths)?;
+        let binds = root_binds(kernel_dir, &art.dir, &run_dir, sockets.path());
+        let mut cmd = vmm_command(spec.vmm, &env.qemu, &cfg, &binds)?;
         fs::write(run_dir.join("vmm.cmdline"), format!("{cmd:?}\n"))?;
+
         let started = Instant::now();
         let mut vmm_child = cmd
             .stdin(if spec.interactive {
@@ -692,58 +896,14 @@ impl Guest {
             .stderr(File::create(run_dir.join("vmm.stderr"))?)
             .spawn()
             .with_context(|| format!("starting {}", spec.vmm.name()))?;
-
         let stdout = vmm_child.stdout.take().context("QEMU stdout")?;
         let console_input = vmm_child.stdin.take();
-        let (tx, lines) = mpsc::channel();
-        let (raw_tx, raw_console) = if spec.interactive {
-            let (t, r) = mpsc::channel();
-            (Some(t), Some(r))
-        } else {
-            (None, None)
-        };
-        let mut console = File::create(&console_path)?;
-        std::thread::Builder::new()
-            .name("vdevlab-console".into())
-            .spawn(move || {
-                // Chunks as they come (an interactive prompt has no end of
-                // line yet), cut into lines for the markers.
-                let mut reader = stdout;
-                let mut buf = [0u8; 4096];
-                let mut line = Vec::new();
-                let send = |raw: &[u8]| {
-                    let text = String::from_utf8_lossy(raw)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string();
-                    // Keep saving the console even if nobody listens.
-                    let _ = tx.send(ConsoleLine {
-                        at: started.elapsed(),
-                        text,
-                    });
-                };
-                loop {
-                    let n = match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let chunk = &buf[..n];
-                    let _ = console.write_all(chunk);
-                    if let Some(raw) = &raw_tx {
-                        let _ = raw.send(chunk.to_vec());
-                    }
-                    for piece in chunk.split_inclusive(|&b| b == b'\n') {
-                        line.extend_from_slice(piece);
-                        if line.ends_with(b"\n") {
-                            send(&line);
-                            line.clear();
-                        }
-                    }
-                }
-                if !line.is_empty() {
-                    send(&line);
-                }
-                let _ = console.flush();
-            })?;
+        let (lines, raw_console) = spawn_console_reader(
+            stdout,
+            File::create(&console_path)?,
+            started,
+            spec.interactive,
+        )?;
 
         Ok(Guest {
             scenario: spec.scenario.clone(),
@@ -1280,6 +1440,345 @@ mod tests {
             vmm_failed("qemu-system-x86_64: warning: host doesn't support requested feature\n"),
             None
         );
+    }
+
+    fn lab_vm() -> VmConfig {
+        VmConfig::from_toml_str(LAB_CONFIG_TOML).unwrap()
+    }
+
+    fn host_paths() -> VmmPaths {
+        vmm_paths(
+            false,
+            Path::new("/k/trixie/vmlinuz"),
+            Path::new("/art/trixie/initramfs.cpio"),
+            false,
+            Path::new("/s/vu.sock"),
+            Path::new("/s/bench.sock"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_kernel_command_line_of_a_boot() {
+        let base = lab_vm().cmdline;
+        let spec = BootSpec::new("blocking-rx", vec![]);
+        let line = kernel_cmdline(&base, &spec).unwrap();
+        assert_eq!(
+            line.cmdline,
+            format!(
+                "console=ttyS0 panic=-1 quiet vdevlab.virtio_id={}",
+                vdevlab_device::spec::DEFAULT_VIRTIO_ID
+            )
+        );
+        assert_eq!(line.runs_file, None);
+
+        let mut spec = BootSpec::new(
+            "x",
+            vec![
+                vec!["blocking-rx".into(), "--bytes".into(), "100".into()],
+                vec!["poll-tx".into()],
+            ],
+        );
+        spec.virtio_id = 42;
+        spec.bench_port = Some("bench".into());
+        spec.driver = Some(GuestDriver {
+            module: "mydrv".into(),
+            dev: None,
+        });
+        spec.interactive = true;
+        spec.driver_params = vec!["config_status=0".into(), "dyndbg=+p".into()];
+        assert_eq!(
+            kernel_cmdline("console=ttyS0", &spec).unwrap(),
+            KernelCmdline {
+                cmdline: "console=ttyS0 quiet vdevlab.virtio_id=42 \
+                          vdevlab.run=blocking-rx,--bytes,100;poll-tx vdevlab.vport=bench \
+                          vdevlab.driver=mydrv vdevlab.dev=none vdevlab.shell=1 \
+                          vdevlab.qw_params=config_status=0,dyndbg=+p"
+                    .into(),
+                runs_file: None,
+            }
+        );
+        spec.driver = Some(GuestDriver {
+            module: "mydrv".into(),
+            dev: Some("/dev/my0".into()),
+        });
+        let line = kernel_cmdline("c", &spec).unwrap().cmdline;
+        assert!(
+            line.contains(" vdevlab.driver=mydrv vdevlab.dev=/dev/my0 "),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_long_run_list_goes_to_the_initramfs_and_bad_words_are_refused() {
+        let run = vec!["blocking-rx".to_string(), "--bytes".into(), "4096".into()];
+        // 24 bytes a run and a ';' between: 48 runs fit in MAX_CMDLINE_RUNS
+        // (1199 bytes), 49 do not.
+        let fits = BootSpec::new("x", vec![run.clone(); 48]);
+        let line = kernel_cmdline("c", &fits).unwrap();
+        assert!(line
+            .cmdline
+            .contains(" vdevlab.run=blocking-rx,--bytes,4096;"));
+        assert_eq!(line.runs_file, None);
+        let long = BootSpec::new("x", vec![run.clone(); 49]);
+        let line = kernel_cmdline("c", &long).unwrap();
+        assert!(!line.cmdline.contains("vdevlab.run="), "{}", line.cmdline);
+        let runs = line.runs_file.unwrap();
+        assert_eq!(runs.len(), 49 * 25 - 1);
+        assert!(runs.starts_with("blocking-rx,--bytes,4096;blocking-rx,"));
+
+        for bad in ["", "a,b", "a;b", "a b", "a\"b"] {
+            let spec = BootSpec::new("x", vec![vec!["poll-rx".into(), bad.into()]]);
+            assert!(kernel_cmdline("c", &spec).is_err(), "{bad:?}");
+        }
+        for bad in ["noequals", "=v", "a=b,c=d", "a=b c"] {
+            let mut spec = BootSpec::new("x", vec![]);
+            spec.driver_params = vec![bad.into()];
+            assert!(kernel_cmdline("c", &spec).is_err(), "{bad:?}");
+        }
+        for (module, dev) in [("", None), ("a=b", None), ("ok", Some("/dev/a b"))] {
+            let mut spec = BootSpec::new("x", vec![]);
+            spec.driver = Some(GuestDriver {
+                module: module.into(),
+                dev: dev.map(String::from),
+            });
+            assert!(kernel_cmdline("c", &spec).is_err(), "{module:?} {dev:?}");
+        }
+    }
+
+    #[test]
+    fn sockets_per_instance_and_the_bench_port() {
+        let mut spec = BootSpec::new("x", vec![]);
+        assert_eq!(socket_names(&spec), ["vu.sock", "ctl.sock", "data.sock"]);
+        spec.instances = 0;
+        assert_eq!(socket_names(&spec).len(), 3);
+        spec.instances = 3;
+        spec.bench_port = Some("b".into());
+        assert_eq!(
+            socket_names(&spec),
+            [
+                "vu.sock",
+                "ctl.sock",
+                "data.sock",
+                "vu1.sock",
+                "ctl1.sock",
+                "data1.sock",
+                "vu2.sock",
+                "ctl2.sock",
+                "data2.sock",
+                "bench.sock"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_vmm_sees_host_paths_or_the_lab_roots() {
+        assert_eq!(
+            host_paths(),
+            VmmPaths {
+                kernel: "/k/trixie/vmlinuz".into(),
+                initramfs: "/art/trixie/initramfs.cpio".into(),
+                vu_socket: "/s/vu.sock".into(),
+                bench_socket: "/s/bench.sock".into(),
+            }
+        );
+        let image = Path::new("/k/trixie/vmlinux");
+        let vu = Path::new("/s/vu.sock");
+        let bench = Path::new("/s/bench.sock");
+        let own = Path::new("/art/trixie/initramfs.cpio");
+        let root = vmm_paths(true, image, own, false, vu, bench).unwrap();
+        assert_eq!(
+            root,
+            VmmPaths {
+                kernel: "/lab/kernel/vmlinux".into(),
+                initramfs: "/lab/artifacts/initramfs.cpio".into(),
+                vu_socket: "/lab/sock/vu.sock".into(),
+                bench_socket: "/lab/sock/bench.sock".into(),
+            }
+        );
+        let copy = Path::new("/runs/x-1/initramfs.cpio");
+        let root = vmm_paths(true, image, copy, true, vu, bench).unwrap();
+        assert_eq!(root.initramfs, Path::new("/lab/run/initramfs.cpio"));
+        assert!(vmm_paths(false, Path::new("/"), own, false, vu, bench).is_err());
+    }
+
+    #[test]
+    fn the_qemu_argv_of_a_boot() {
+        let mut spec = BootSpec::new("x", vec![]);
+        spec.reconnect_ms = Some(500);
+        let cfg = vm_config(
+            &lab_vm(),
+            &spec,
+            "console=ttyS0 quiet".into(),
+            &host_paths(),
+        )
+        .unwrap();
+        let args = cfg.qemu_args().unwrap();
+        let pair = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].as_str()
+        };
+        assert_eq!(&args[..2], ["-accel", "tcg"]);
+        assert_eq!(pair("-kernel"), "/k/trixie/vmlinuz");
+        assert_eq!(pair("-initrd"), "/art/trixie/initramfs.cpio");
+        assert_eq!(pair("-append"), "console=ttyS0 quiet");
+        assert_eq!(
+            pair("-chardev"),
+            "socket,id=vu0,path=/s/vu.sock,reconnect-ms=500"
+        );
+        let device = pair("-device");
+        assert!(
+            device.starts_with("vhost-user-test-device-pci,"),
+            "{device}"
+        );
+        assert!(
+            device.contains(&format!(
+                "virtio-id={}",
+                vdevlab_device::spec::DEFAULT_VIRTIO_ID
+            )),
+            "{device}"
+        );
+        assert!(device.contains("config_size=48"), "{device}");
+
+        // Three instances, a user's backend and the bench port.
+        spec.instances = 3;
+        spec.reconnect_ms = None;
+        spec.bench_port = Some("bench".into());
+        spec.backend = Some(BackendCommand {
+            argv: vec!["my-backend".into(), "{socket}".into()],
+            queue_sizes: vec![64],
+            config_size: 8,
+        });
+        let cfg = vm_config(&lab_vm(), &spec, "c".into(), &host_paths()).unwrap();
+        let ids: Vec<(&str, &Path, &[u16], u32)> = cfg
+            .vhost_user
+            .iter()
+            .map(|d| {
+                (
+                    d.id.as_str(),
+                    d.socket.as_path(),
+                    &d.queue_sizes[..],
+                    d.config_size,
+                )
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("vu0", Path::new("/s/vu.sock"), &[64][..], 8),
+                ("vu1", Path::new("/s/vu1.sock"), &[64][..], 8),
+                ("vu2", Path::new("/s/vu2.sock"), &[64][..], 8),
+            ]
+        );
+        assert_eq!(cfg.virtio_serial.len(), 1);
+        assert_eq!(cfg.virtio_serial[0].id, "bench0");
+        assert_eq!(cfg.virtio_serial[0].socket, Path::new("/s/bench.sock"));
+        assert_eq!(cfg.virtio_serial[0].name, "bench");
+        let args = cfg.qemu_args().unwrap();
+        let chardevs: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(f, _)| *f == "-chardev")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(chardevs.len(), 4, "{args:?}");
+        assert_eq!(chardevs[2], "socket,id=vu2,path=/s/vu2.sock");
+    }
+
+    #[test]
+    fn the_cloud_hypervisor_argv_of_a_boot() {
+        let mut spec = BootSpec::new("x", vec![]);
+        spec.vmm = Vmm::CloudHypervisor;
+        spec.accel = Accel::Kvm;
+        let cfg = vm_config(
+            &lab_vm(),
+            &spec,
+            "console=ttyS0 quiet".into(),
+            &host_paths(),
+        )
+        .unwrap();
+        let args = cfg.cloud_hypervisor_args().unwrap();
+        let pair = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].as_str()
+        };
+        assert_eq!(pair("--kernel"), "/k/trixie/vmlinuz");
+        assert_eq!(pair("--initramfs"), "/art/trixie/initramfs.cpio");
+        assert_eq!(pair("--cmdline"), "console=ttyS0 quiet");
+        let vu = pair("--generic-vhost-user");
+        assert!(vu.contains("socket=/s/vu.sock"), "{vu}");
+        assert!(
+            vu.contains(&format!(
+                "device_type={}",
+                vdevlab_device::spec::DEFAULT_VIRTIO_ID
+            )),
+            "{vu}"
+        );
+        // TCG is QEMU's only.
+        spec.accel = Accel::Tcg;
+        let cfg = vm_config(&lab_vm(), &spec, "c".into(), &host_paths()).unwrap();
+        assert!(cfg.cloud_hypervisor_args().is_err());
+    }
+
+    #[test]
+    fn qemu_in_the_lab_root_runs_through_the_helper_with_its_binds() {
+        let binds = root_binds(
+            Path::new("/k/trixie"),
+            Path::new("/art"),
+            Path::new("/runs/x-1"),
+            Path::new("/tmp/vdl-1"),
+        );
+        assert_eq!(
+            binds,
+            [
+                "/k/trixie:/lab/kernel",
+                "/art:/lab/artifacts",
+                "/runs/x-1:/lab/run",
+                "/tmp/vdl-1:/lab/sock"
+            ]
+        );
+        let args = vec!["-accel".to_string(), "tcg".into()];
+        let root = QemuRuntime::InRoot {
+            root: "/cache/trixie-root".into(),
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        let c = qemu_command(&root, &binds, args.clone());
+        assert_eq!(c.get_program(), in_root_script().as_os_str());
+        let argv: Vec<&std::ffi::OsStr> = c.get_args().collect();
+        assert_eq!(
+            argv,
+            [
+                "/cache/trixie-root",
+                "/k/trixie:/lab/kernel",
+                "/art:/lab/artifacts",
+                "/runs/x-1:/lab/run",
+                "/tmp/vdl-1:/lab/sock",
+                "--",
+                "/usr/bin/qemu-system-x86_64",
+                "-accel",
+                "tcg"
+            ]
+        );
+        let host = qemu_command(&QemuRuntime::Host("/usr/bin/qemu".into()), &binds, args);
+        assert_eq!(host.get_program(), "/usr/bin/qemu");
+        assert_eq!(host.get_args().collect::<Vec<_>>(), ["-accel", "tcg"]);
+    }
+
+    #[test]
+    fn the_console_is_cut_into_lines_as_chunks_arrive() {
+        let mut s = LineSplitter::default();
+        assert!(s.push(b"Linux ver").is_empty());
+        assert_eq!(
+            s.push(b"sion 7\r\nVDEVLAB-BOOT\n~ # "),
+            [&b"Linux version 7\r\n"[..], b"VDEVLAB-BOOT\n"]
+        );
+        assert_eq!(s.push(b"\n\n"), [&b"~ # \n"[..], b"\n"]);
+        assert_eq!(s.finish(), None);
+        let mut s = LineSplitter::default();
+        s.push(b"no end");
+        assert_eq!(s.finish().as_deref(), Some(&b"no end"[..]));
+        assert_eq!(line_text(b"VDEVLAB-EXIT 0\r\n"), "VDEVLAB-EXIT 0");
+        assert_eq!(line_text(b"a\xffb\n"), "a\u{fffd}b");
     }
 
     #[test]

@@ -14,68 +14,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::common::{errno_err, interrupted, nap, open_device, os_err, Access, Rx, Tx};
-use crate::models::epoll::{epoll_for, epoll_wait_one};
+use crate::io_models::epoll::{epoll_for, epoll_wait_one};
+use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD, IOCB_CMD_PWRITE, IOCB_FLAG_RESFD};
 use crate::{ready, Dir, Opts, Report};
-
-pub(crate) const IOCB_CMD_PREAD: u16 = 0;
-const IOCB_CMD_PWRITE: u16 = 1;
-const IOCB_FLAG_RESFD: u32 = 1 << 0;
-
-/// `struct iocb` of `<linux/aio_abi.h>` (little-endian field order).
-#[repr(C)]
-#[derive(Debug, Default)]
-pub(crate) struct Iocb {
-    pub(crate) aio_data: u64,
-    pub(crate) aio_key: u32,
-    pub(crate) aio_rw_flags: i32,
-    pub(crate) aio_lio_opcode: u16,
-    pub(crate) aio_reqprio: i16,
-    pub(crate) aio_fildes: u32,
-    pub(crate) aio_buf: u64,
-    pub(crate) aio_nbytes: u64,
-    pub(crate) aio_offset: i64,
-    pub(crate) aio_reserved2: u64,
-    pub(crate) aio_flags: u32,
-    pub(crate) aio_resfd: u32,
-}
-
-/// `struct io_event`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct IoEvent {
-    pub(crate) data: u64,
-    pub(crate) obj: u64,
-    pub(crate) res: i64,
-    pub(crate) res2: i64,
-}
-
-const _: () = assert!(std::mem::size_of::<Iocb>() == 64);
-const _: () = assert!(std::mem::size_of::<IoEvent>() == 32);
-#[cfg(not(target_endian = "little"))]
-compile_error!("Iocb has the little-endian field order");
-
-/// An AIO context; destroying it cancels or waits for what is in flight,
-/// so it must be dropped before the buffers it may still be using.
-#[derive(Debug)]
-pub(crate) struct Ctx(pub(crate) libc::c_ulong);
-
-impl Ctx {
-    pub(crate) fn new(nr: libc::c_long) -> Result<Self, String> {
-        let mut ctx: libc::c_ulong = 0;
-        // SAFETY: io_setup writes the new context id to `ctx`.
-        if unsafe { libc::syscall(libc::SYS_io_setup, nr, &mut ctx as *mut libc::c_ulong) } < 0 {
-            return Err(os_err("io_setup (is the kernel built with CONFIG_AIO?)"));
-        }
-        Ok(Self(ctx))
-    }
-}
-
-impl Drop for Ctx {
-    fn drop(&mut self) {
-        // SAFETY: `self.0` is a context from io_setup, destroyed only here.
-        unsafe { libc::syscall(libc::SYS_io_destroy, self.0) };
-    }
-}
 
 /// The eventfd, its epoll watcher and the context.
 #[derive(Debug)]

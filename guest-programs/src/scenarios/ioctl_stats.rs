@@ -24,17 +24,19 @@
 //! `stats_reset`, `sha256_after_reset`, `head_after_reset`,
 //! `stats_end`.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::common::{errno_name, poll_one, read_counter, read_fd};
 use crate::common::{nap, open_device, Access};
-use crate::models::qwdev::{
-    class_dir, errno_name, fionread, get_stats, ioctl_plain, poll_one, read_counter, read_fd,
-    Checked, QwStats, QW_IOC_FLUSH, QW_IOC_RESET, QW_IOC_UNDEFINED, SYSFS_COUNTERS,
+use crate::scenarios::Checked;
+use crate::uapi::qw::{
+    class_dir, get_stats, QwStats, QW_IOC_FLUSH, QW_IOC_RESET, QW_IOC_UNDEFINED, SYSFS_COUNTERS,
 };
+use crate::uapi::{fionread, ioctl_plain};
 use crate::{ready, Opts};
 
 /// Most bytes the driver holds unread: 64 rx buffers of one page.
@@ -102,28 +104,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     let mut c = Checked::new();
     c.report.num("bytes", want);
 
-    {
-        let ro = open_device(&o.device, Access::Read, true)?;
-        let wo = open_device(&o.device, Access::Write, true)?;
-        expect_errno(
-            &mut c,
-            "QW_IOC_RESET on a read-only file",
-            ioctl_plain(ro.as_raw_fd(), QW_IOC_RESET),
-            libc::EBADF,
-        );
-        expect_errno(
-            &mut c,
-            "QW_IOC_FLUSH on a write-only file",
-            ioctl_plain(wo.as_raw_fd(), QW_IOC_FLUSH),
-            libc::EBADF,
-        );
-        expect_errno(
-            &mut c,
-            "an undefined 'q' ioctl",
-            ioctl_plain(raw, QW_IOC_UNDEFINED),
-            libc::ENOTTY,
-        );
-    }
+    check_access(&mut c, o, raw)?;
     let start = stats(&mut c, raw, "stats_start").ok_or("QW_IOC_GET_STATS failed")?;
     if start.rx_pending != 0 {
         c.fail(format!(
@@ -133,6 +114,53 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     }
 
     ready(&o.scenario);
+    wait_fionread(&mut c, raw, want);
+    if let Some(st) = stats(&mut c, raw, "stats_pending") {
+        judge_pending(&mut c, &start, &st, want);
+        sysfs_matches(&mut c, &o.device, &st);
+    }
+    flush(&mut c, raw, &start, want);
+    reset(&mut c, raw, &start);
+
+    // The device still works.
+    read_after_reset(&mut c, raw, &o.scenario);
+    // Nothing more than the 100 bytes came.
+    if let Some(st) = stats(&mut c, raw, "stats_end") {
+        judge_end(&mut c, &start, &st, want);
+    }
+    Ok(c)
+}
+
+/// The ioctls check the file's access mode: `QW_IOC_RESET` on a read-only
+/// file and `QW_IOC_FLUSH` on a write-only one give `EBADF`, and an
+/// undefined `'q'` ioctl on `raw` gives `ENOTTY`.
+fn check_access(c: &mut Checked, o: &Opts, raw: RawFd) -> Result<(), String> {
+    let ro = open_device(&o.device, Access::Read, true)?;
+    let wo = open_device(&o.device, Access::Write, true)?;
+    expect_errno(
+        c,
+        "QW_IOC_RESET on a read-only file",
+        ioctl_plain(ro.as_raw_fd(), QW_IOC_RESET),
+        libc::EBADF,
+    );
+    expect_errno(
+        c,
+        "QW_IOC_FLUSH on a write-only file",
+        ioctl_plain(wo.as_raw_fd(), QW_IOC_FLUSH),
+        libc::EBADF,
+    );
+    expect_errno(
+        c,
+        "an undefined 'q' ioctl",
+        ioctl_plain(raw, QW_IOC_UNDEFINED),
+        libc::ENOTTY,
+    );
+    Ok(())
+}
+
+/// `FIONREAD` must reach `want` within [`FIONREAD_LIMIT`] (the host
+/// injects them): `fionread`, `fionread_ms`.
+fn wait_fionread(c: &mut Checked, raw: RawFd, want: u64) {
     let t = Instant::now();
     let mut seen = 0;
     loop {
@@ -153,27 +181,31 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     c.check(seen as u64 == want, || {
         format!("FIONREAD {seen}, expected {want} within {FIONREAD_LIMIT:?}")
     });
+}
 
-    if let Some(st) = stats(&mut c, raw, "stats_pending") {
-        c.check(st.rx_pending == want, || {
-            format!("rx_pending {} with {want} bytes unread", st.rx_pending)
-        });
-        c.check(
-            st.rx_bytes >= want && st.rx_bytes.wrapping_sub(start.rx_bytes) == want,
-            || {
-                format!(
-                    "rx_bytes went from {} to {}, expected +{want}",
-                    start.rx_bytes, st.rx_bytes
-                )
-            },
-        );
-        c.check(st.state == 0, || {
-            format!("state {:#x} with data pending", st.state)
-        });
-        sysfs_matches(&mut c, &o.device, &st);
-    }
+/// With `want` bytes unread: `rx_pending` is `want`, `rx_bytes` grew by
+/// `want` since `start`, state 0.
+fn judge_pending(c: &mut Checked, start: &QwStats, st: &QwStats, want: u64) {
+    c.check(st.rx_pending == want, || {
+        format!("rx_pending {} with {want} bytes unread", st.rx_pending)
+    });
+    c.check(
+        st.rx_bytes >= want && st.rx_bytes.wrapping_sub(start.rx_bytes) == want,
+        || {
+            format!(
+                "rx_bytes went from {} to {}, expected +{want}",
+                start.rx_bytes, st.rx_bytes
+            )
+        },
+    );
+    c.check(st.state == 0, || {
+        format!("state {:#x} with data pending", st.state)
+    });
+}
 
-    // Flush.
+/// `QW_IOC_FLUSH` drops the `want` unread bytes: `FIONREAD` 0, the
+/// counters (`stats_flushed`), and a non-blocking read gets `EAGAIN`.
+fn flush(c: &mut Checked, raw: RawFd, start: &QwStats, want: u64) {
     let flushed = ioctl_plain(raw, QW_IOC_FLUSH);
     c.check(flushed.is_ok(), || {
         format!("QW_IOC_FLUSH: {}", errno_name(flushed.err().unwrap_or(0)))
@@ -184,19 +216,8 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         }
         Err(e) => c.fail(e),
     }
-    if let Some(st) = stats(&mut c, raw, "stats_flushed") {
-        c.check(
-            st.flushed_bytes.wrapping_sub(start.flushed_bytes) == want,
-            || {
-                format!(
-                    "flushed_bytes went from {} to {}, expected +{want}",
-                    start.flushed_bytes, st.flushed_bytes
-                )
-            },
-        );
-        c.check(st.rx_pending == 0, || {
-            format!("rx_pending {} after the flush", st.rx_pending)
-        });
+    if let Some(st) = stats(c, raw, "stats_flushed") {
+        judge_flushed(c, start, &st, want);
     }
     let mut b = [0u8; 64];
     let r = read_fd(raw, &mut b);
@@ -209,40 +230,61 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
             }
         )
     });
+}
 
-    // Reset.
+/// After the flush: `flushed_bytes` grew by `want`, nothing pending.
+fn judge_flushed(c: &mut Checked, start: &QwStats, st: &QwStats, want: u64) {
+    c.check(
+        st.flushed_bytes.wrapping_sub(start.flushed_bytes) == want,
+        || {
+            format!(
+                "flushed_bytes went from {} to {}, expected +{want}",
+                start.flushed_bytes, st.flushed_bytes
+            )
+        },
+    );
+    c.check(st.rx_pending == 0, || {
+        format!("rx_pending {} after the flush", st.rx_pending)
+    });
+}
+
+/// `QW_IOC_RESET` succeeds (`stats_reset`).
+fn reset(c: &mut Checked, raw: RawFd, start: &QwStats) {
     let reset = ioctl_plain(raw, QW_IOC_RESET);
     c.check(reset.is_ok(), || {
         format!("QW_IOC_RESET: {}", errno_name(reset.err().unwrap_or(0)))
     });
-    if let Some(st) = stats(&mut c, raw, "stats_reset") {
-        c.check(st.resets == start.resets + 1, || {
-            format!(
-                "resets went from {} to {}, expected +1",
-                start.resets, st.resets
-            )
-        });
-        c.check(st.state == 0, || {
-            format!("state {:#x} after the reset", st.state)
-        });
+    if let Some(st) = stats(c, raw, "stats_reset") {
+        judge_reset(c, start, &st);
     }
+}
 
-    // The device still works.
-    read_after_reset(&mut c, raw, &o.scenario);
-    // Nothing more than the 100 bytes came.
-    if let Some(st) = stats(&mut c, raw, "stats_end") {
-        c.check(st.rx_pending == 0, || {
-            format!("rx_pending {} after reading the 100 bytes", st.rx_pending)
-        });
-        let total = want + AFTER_RESET_BYTES as u64;
-        c.check(st.rx_bytes.wrapping_sub(start.rx_bytes) == total, || {
-            format!(
-                "rx_bytes went from {} to {}, expected +{total} in all",
-                start.rx_bytes, st.rx_bytes
-            )
-        });
-    }
-    Ok(c)
+/// After the reset: `resets` one more, state 0.
+fn judge_reset(c: &mut Checked, start: &QwStats, st: &QwStats) {
+    c.check(st.resets == start.resets + 1, || {
+        format!(
+            "resets went from {} to {}, expected +1",
+            start.resets, st.resets
+        )
+    });
+    c.check(st.state == 0, || {
+        format!("state {:#x} after the reset", st.state)
+    });
+}
+
+/// At the end: nothing pending, and `rx_bytes` grew by `want` and the
+/// [`AFTER_RESET_BYTES`], no more.
+fn judge_end(c: &mut Checked, start: &QwStats, st: &QwStats, want: u64) {
+    c.check(st.rx_pending == 0, || {
+        format!("rx_pending {} after reading the 100 bytes", st.rx_pending)
+    });
+    let total = want + AFTER_RESET_BYTES as u64;
+    c.check(st.rx_bytes.wrapping_sub(start.rx_bytes) == total, || {
+        format!(
+            "rx_bytes went from {} to {}, expected +{total} in all",
+            start.rx_bytes, st.rx_bytes
+        )
+    });
 }
 
 /// Every sysfs counter exists and parses; `rx_bytes` and `rx_pending`
@@ -284,5 +326,62 @@ pub fn read_after_reset(c: &mut Checked, raw: i32, scenario: &str) {
                 );
         }
         Err(e) => c.fail(format!("after the reset: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(rx_bytes: u64, rx_pending: u64, flushed_bytes: u64, resets: u64) -> QwStats {
+        QwStats {
+            rx_bytes,
+            rx_pending,
+            flushed_bytes,
+            resets,
+            ..QwStats::default()
+        }
+    }
+
+    #[test]
+    fn a_clean_run_of_counters_passes() {
+        let start = at(1000, 0, 50, 2);
+        let mut c = Checked::new();
+        judge_pending(&mut c, &start, &at(5096, 4096, 50, 2), 4096);
+        judge_flushed(&mut c, &start, &at(5096, 0, 4146, 2), 4096);
+        judge_reset(&mut c, &start, &at(5096, 0, 4146, 3));
+        judge_end(&mut c, &start, &at(5196, 0, 4146, 3), 4096);
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+    }
+
+    #[test]
+    fn each_counter_that_is_off_is_named() {
+        let start = at(1000, 0, 50, 2);
+        let mut c = Checked::new();
+        let mut pending = at(5000, 4000, 50, 2);
+        pending.state = crate::uapi::qw::QW_STATE_NEEDS_RESET;
+        judge_pending(&mut c, &start, &pending, 4096);
+        assert_eq!(
+            c.problems,
+            [
+                "rx_pending 4000 with 4096 bytes unread",
+                "rx_bytes went from 1000 to 5000, expected +4096",
+                "state 0x1 with data pending"
+            ]
+        );
+        let mut c = Checked::new();
+        judge_flushed(&mut c, &start, &at(5096, 1, 50, 2), 4096);
+        judge_reset(&mut c, &start, &at(5096, 0, 50, 2));
+        judge_end(&mut c, &start, &at(5296, 7, 50, 3), 4096);
+        assert_eq!(
+            c.problems,
+            [
+                "flushed_bytes went from 50 to 50, expected +4096",
+                "rx_pending 1 after the flush",
+                "resets went from 2 to 2, expected +1",
+                "rx_pending 7 after reading the 100 bytes",
+                "rx_bytes went from 1000 to 5296, expected +4196 in all"
+            ]
+        );
     }
 }

@@ -27,8 +27,10 @@ use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
+use crate::common::write_sysfs;
 use crate::common::{nap, open_device, Access, Rx, Step};
-use crate::models::qwdev::{get_stats, write_sysfs, Checked};
+use crate::scenarios::Checked;
+use crate::uapi::qw::get_stats;
 use crate::{ready, Opts, Report};
 
 const PM_TEST: &str = "/sys/power/pm_test";

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::common::{errno_err, interrupted, nap, open_device, os_err, set_fl, Access};
-use crate::models::epoll::{epoll_for, epoll_wait_one};
-use crate::models::linux_aio::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
+use crate::io_models::epoll::{epoll_for, epoll_wait_one};
+use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
 use crate::{ready, Opts, Report};
 
 /// The echo scenarios' prefix: `echo-<model>` for each of [`crate::MODELS`].
@@ -550,6 +550,8 @@ pub fn echo_fd(
     Ok(r)
 }
 
+/// Echo until `total` bytes went through: read what is there (at most
+/// `buf.len()`, never past `total`), write it all back.
 fn echo_loop(
     fd: RawFd,
     model: Model,
@@ -562,79 +564,7 @@ fn echo_loop(
     while c.bytes < total {
         let want = (total - c.bytes).min(buf.len() as u64) as usize;
         let p = buf.as_mut_ptr();
-        // Read: at least one byte, the model's way.
-        let n = loop {
-            match model {
-                Model::Blocking => match try_io(fd, p, want, false)? {
-                    Some(n) => break n,
-                    None => return Err("EAGAIN from a blocking descriptor".into()),
-                },
-                Model::Nonblocking => match try_io(fd, p, want, false)? {
-                    Some(n) => {
-                        backoff = FIRST_BACKOFF;
-                        break n;
-                    }
-                    None => {
-                        c.empty += 1;
-                        c.waits += 1;
-                        nap(backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                },
-                // Wait first, then one read per wakeup.
-                Model::Select | Model::Poll | Model::EpollLt => {
-                    c.waits += 1;
-                    match (model, &*waiter) {
-                        (Model::Select, _) => select_one(fd, false)?,
-                        (Model::EpollLt, Waiter::Epoll { rd, .. }) => {
-                            let ev = epoll_wait_one(rd.as_raw_fd())?;
-                            if ev & libc::EPOLLERR as u32 != 0 {
-                                return Err(format!("epoll reported EPOLLERR ({ev:#x})"));
-                            }
-                        }
-                        _ => {
-                            let rev = poll_one(fd, libc::POLLIN, -1)?;
-                            if rev & libc::POLLERR != 0 {
-                                return Err(format!("poll reported POLLERR ({rev:#x})"));
-                            }
-                        }
-                    }
-                    match try_io(fd, p, want, false)? {
-                        Some(n) => break n,
-                        None => c.empty += 1,
-                    }
-                }
-                // Drain until EAGAIN, then wait for the next edge/signal.
-                Model::EpollEt | Model::Sigio => match try_io(fd, p, want, false)? {
-                    Some(n) => break n,
-                    None => {
-                        c.waits += 1;
-                        match &*waiter {
-                            Waiter::Sig(s) => s.wait()?,
-                            Waiter::Epoll { rd, .. } => {
-                                let ev = epoll_wait_one(rd.as_raw_fd())?;
-                                if ev & libc::EPOLLERR as u32 != 0 {
-                                    return Err(format!("epoll reported EPOLLERR ({ev:#x})"));
-                                }
-                            }
-                            _ => unreachable!("edge models have their waiter"),
-                        }
-                    }
-                },
-                Model::PosixAio => break posix_aio(fd, p, want, false, c)?,
-                Model::LinuxAio => match waiter {
-                    // SAFETY: `buf` outlives the request; on an error the
-                    // caller forgets it and the context.
-                    Waiter::Aio(a) => break unsafe { a.transfer(fd, false, p, want, c) }?,
-                    _ => unreachable!("linux-aio has its context"),
-                },
-                Model::IoUring => match waiter {
-                    // SAFETY: as for linux-aio.
-                    Waiter::Uring(r) => break unsafe { uring(r, fd, p, want, false, c) }?,
-                    _ => unreachable!("io-uring has its ring"),
-                },
-            }
-        };
+        let n = read_some(fd, model, p, want, waiter, c, &mut backoff)?;
         if n == 0 {
             return Err(format!(
                 "read returned 0 (end of file) after {} bytes",
@@ -645,51 +575,150 @@ fn echo_loop(
             return Err(format!("read returned {n} bytes, {want} asked for"));
         }
         c.reads += 1;
-        // Write the same bytes back, all of them.
-        let mut off = 0;
-        while off < n {
-            // SAFETY: `off < n <= buf.len()`.
-            let q = unsafe { p.add(off) };
-            let left = n - off;
-            let m = match (model, &mut *waiter) {
-                (Model::PosixAio, _) => Some(posix_aio(fd, q, left, true, c)?),
-                // SAFETY: as for the read.
-                (_, Waiter::Aio(a)) => Some(unsafe { a.transfer(fd, true, q, left, c) }?),
-                // SAFETY: as for the read.
-                (_, Waiter::Uring(r)) => Some(unsafe { uring(r, fd, q, left, true, c) }?),
-                _ => try_io(fd, q, left, true)?,
-            };
-            match m {
-                Some(0) => return Err(format!("write returned 0 after {} bytes", c.bytes)),
-                Some(m) => {
-                    off += m;
-                    c.writes += 1;
+        write_back(fd, model, p, n, waiter, c)?;
+        c.bytes += n as u64;
+    }
+    Ok(())
+}
+
+/// Read at least one byte and at most `want` into `p`, the model's way
+/// (`backoff`: the non-blocking model's current back-off, kept between
+/// reads). The buffer must stay valid for good if this fails (see
+/// [`echo_fd`]).
+fn read_some(
+    fd: RawFd,
+    model: Model,
+    p: *mut u8,
+    want: usize,
+    waiter: &mut Waiter,
+    c: &mut Counts,
+    backoff: &mut Duration,
+) -> Result<usize, String> {
+    Ok(loop {
+        match model {
+            Model::Blocking => match try_io(fd, p, want, false)? {
+                Some(n) => break n,
+                None => return Err("EAGAIN from a blocking descriptor".into()),
+            },
+            Model::Nonblocking => match try_io(fd, p, want, false)? {
+                Some(n) => {
+                    *backoff = FIRST_BACKOFF;
+                    break n;
                 }
                 None => {
-                    c.write_waits += 1;
-                    match (model, &mut *waiter) {
-                        (Model::Blocking, _) => {
-                            return Err("EAGAIN from a blocking descriptor".into())
+                    c.empty += 1;
+                    c.waits += 1;
+                    nap(*backoff);
+                    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+                }
+            },
+            // Wait first, then one read per wakeup.
+            Model::Select | Model::Poll | Model::EpollLt => {
+                c.waits += 1;
+                match (model, &*waiter) {
+                    (Model::Select, _) => select_one(fd, false)?,
+                    (Model::EpollLt, Waiter::Epoll { rd, .. }) => {
+                        let ev = epoll_wait_one(rd.as_raw_fd())?;
+                        if ev & libc::EPOLLERR as u32 != 0 {
+                            return Err(format!("epoll reported EPOLLERR ({ev:#x})"));
                         }
-                        (Model::Nonblocking, _) => nap(FIRST_BACKOFF),
-                        (Model::Select, _) => select_one(fd, true)?,
-                        (_, Waiter::Epoll { wr, .. }) => {
-                            if wr.is_none() {
-                                *wr = Some(epoll_for(fd, libc::EPOLLOUT as u32)?);
+                    }
+                    _ => {
+                        let rev = poll_one(fd, libc::POLLIN, -1)?;
+                        if rev & libc::POLLERR != 0 {
+                            return Err(format!("poll reported POLLERR ({rev:#x})"));
+                        }
+                    }
+                }
+                match try_io(fd, p, want, false)? {
+                    Some(n) => break n,
+                    None => c.empty += 1,
+                }
+            }
+            // Drain until EAGAIN, then wait for the next edge/signal.
+            Model::EpollEt | Model::Sigio => match try_io(fd, p, want, false)? {
+                Some(n) => break n,
+                None => {
+                    c.waits += 1;
+                    match &*waiter {
+                        Waiter::Sig(s) => s.wait()?,
+                        Waiter::Epoll { rd, .. } => {
+                            let ev = epoll_wait_one(rd.as_raw_fd())?;
+                            if ev & libc::EPOLLERR as u32 != 0 {
+                                return Err(format!("epoll reported EPOLLERR ({ev:#x})"));
                             }
-                            if let Some(w) = wr {
-                                epoll_wait_one(w.as_raw_fd())?;
-                            }
                         }
-                        (_, Waiter::Sig(s)) => s.wait()?,
-                        _ => {
-                            poll_one(fd, libc::POLLOUT, -1)?;
+                        _ => unreachable!("edge models have their waiter"),
+                    }
+                }
+            },
+            Model::PosixAio => break posix_aio(fd, p, want, false, c)?,
+            Model::LinuxAio => match waiter {
+                // SAFETY: `buf` outlives the request; on an error the
+                // caller forgets it and the context.
+                Waiter::Aio(a) => break unsafe { a.transfer(fd, false, p, want, c) }?,
+                _ => unreachable!("linux-aio has its context"),
+            },
+            Model::IoUring => match waiter {
+                // SAFETY: as for linux-aio.
+                Waiter::Uring(r) => break unsafe { uring(r, fd, p, want, false, c) }?,
+                _ => unreachable!("io-uring has its ring"),
+            },
+        }
+    })
+}
+
+/// Write the `n` bytes at `p` back, all of them (waiting the model's way
+/// while the device is full). The buffer must stay valid for good if
+/// this fails.
+fn write_back(
+    fd: RawFd,
+    model: Model,
+    p: *mut u8,
+    n: usize,
+    waiter: &mut Waiter,
+    c: &mut Counts,
+) -> Result<(), String> {
+    let mut off = 0;
+    while off < n {
+        // SAFETY: `off < n <= buf.len()`.
+        let q = unsafe { p.add(off) };
+        let left = n - off;
+        let m = match (model, &mut *waiter) {
+            (Model::PosixAio, _) => Some(posix_aio(fd, q, left, true, c)?),
+            // SAFETY: as for the read.
+            (_, Waiter::Aio(a)) => Some(unsafe { a.transfer(fd, true, q, left, c) }?),
+            // SAFETY: as for the read.
+            (_, Waiter::Uring(r)) => Some(unsafe { uring(r, fd, q, left, true, c) }?),
+            _ => try_io(fd, q, left, true)?,
+        };
+        match m {
+            Some(0) => return Err(format!("write returned 0 after {} bytes", c.bytes)),
+            Some(m) => {
+                off += m;
+                c.writes += 1;
+            }
+            None => {
+                c.write_waits += 1;
+                match (model, &mut *waiter) {
+                    (Model::Blocking, _) => return Err("EAGAIN from a blocking descriptor".into()),
+                    (Model::Nonblocking, _) => nap(FIRST_BACKOFF),
+                    (Model::Select, _) => select_one(fd, true)?,
+                    (_, Waiter::Epoll { wr, .. }) => {
+                        if wr.is_none() {
+                            *wr = Some(epoll_for(fd, libc::EPOLLOUT as u32)?);
                         }
+                        if let Some(w) = wr {
+                            epoll_wait_one(w.as_raw_fd())?;
+                        }
+                    }
+                    (_, Waiter::Sig(s)) => s.wait()?,
+                    _ => {
+                        poll_one(fd, libc::POLLOUT, -1)?;
                     }
                 }
             }
         }
-        c.bytes += n as u64;
     }
     Ok(())
 }

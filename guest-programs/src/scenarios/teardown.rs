@@ -52,7 +52,7 @@
 //! `unload`, `reload`.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -60,12 +60,13 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::common::{nap, open_device, os_err, Access};
-use crate::models::linux_aio::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
-use crate::models::qwdev::{
-    errno_name, get_stats, last_errno, mask_name, poll_one, read_fd, wait_for_chardev, write_sysfs,
-    Checked, DRIVER, QW_STATE_REMOVED,
+use crate::common::{
+    errno_name, last_errno, mask_name, poll_one, read_fd, wait_for_chardev, write_sysfs,
 };
+use crate::common::{nap, open_device, os_err, Access};
+use crate::scenarios::Checked;
+use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
+use crate::uapi::qw::{get_stats, DRIVER, QW_STATE_REMOVED};
 use crate::{marker, pattern, ready, Opts};
 
 /// How the device goes away.
@@ -361,7 +362,7 @@ fn writer(fd: OwnedFd, seed: u64, tx: Sender<Msg>) -> Result<JoinHandle<()>, Str
 fn epoller(fd: OwnedFd, tx: Sender<Msg>) -> Result<JoinHandle<()>, String> {
     spawn(Waiter::Epoll, move || {
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32;
-        let ep = match crate::models::epoll::epoll_for(fd.as_raw_fd(), events) {
+        let ep = match crate::io_models::epoll::epoll_for(fd.as_raw_fd(), events) {
             Ok(ep) => ep,
             Err(e) => {
                 let _ = tx.send(Msg::Armed(Waiter::Epoll, Err(e)));
@@ -776,12 +777,65 @@ fn wait_ring_full(fd: i32, limit: Duration) -> Result<Duration, String> {
     }
 }
 
-/// Run `teardown-unbind` or `teardown-remove`.
+/// Run `teardown-unbind` or `teardown-remove`: find the device, put a
+/// waiter in every wait path, trigger, judge how each waiter came back
+/// and what an open file sees, bring the device back, and unload and
+/// load the module.
 pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
     let sysfs = Path::new(SYSFS);
     // Only ever on the qw driver's node.
     let ctl = open_device(&o.device, Access::ReadWrite, true)?;
-    get_stats(ctl.as_raw_fd()).map_err(|e| {
+    let target = find_target(sysfs, o, how, ctl.as_raw_fd())?;
+    let fds = open_waiter_files(o)?;
+
+    let mut c = Checked::new();
+    c.report
+        .text("device", &target.name)
+        .text("pci", &target.pci_text())
+        .text("how", how.name());
+    let mut waiters = start_waiters(&mut c, o, ctl.as_raw_fd(), fds)?;
+    settle(&mut c, o, ctl.as_raw_fd(), &mut waiters);
+
+    let t0 = trigger(&mut c, sysfs, how, &target);
+    // Every waiter back within WAKE_LIMIT, each with an error.
+    waiters.pump(t0 + WAKE_LIMIT, |b| b.done.iter().all(Option::is_some));
+    let stuck = report_waiters(&mut c, &waiters.board, t0);
+    check_removed(&mut c, o, ctl.as_raw_fd());
+
+    // Close everything (what a stuck waiter uses stays with it).
+    drop(ctl);
+    waiters.close(&stuck);
+
+    bring_back(&mut c, sysfs, o, how, &target.name);
+    unload_and_reload(&mut c, sysfs, o, target.virtio_id.as_deref(), &stuck);
+    Ok(c)
+}
+
+/// The device a teardown removes.
+#[derive(Debug)]
+struct Target {
+    /// The virtio device bound to the driver (`virtioN`).
+    name: String,
+    /// Its PCI function, or why it has none (only `remove` needs one).
+    pci: Result<PathBuf, String>,
+    /// The driver's `virtio_id` parameter, to load it again the same way.
+    virtio_id: Option<String>,
+}
+
+impl Target {
+    /// The `pci` field: the function's path, or why there is none.
+    fn pci_text(&self) -> String {
+        self.pci
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| e.clone())
+    }
+}
+
+/// What `how` tears down, if `ctl` is a qw device (it answers
+/// `QW_IOC_GET_STATS`; nothing is touched otherwise).
+fn find_target(sysfs: &Path, o: &Opts, how: How, ctl: RawFd) -> Result<Target, String> {
+    get_stats(ctl).map_err(|e| {
         format!(
             "{} is not a qw device ({e}): not tearing anything down",
             o.device
@@ -792,35 +846,78 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
     if how == How::Remove {
         pci.as_ref().map_err(Clone::clone)?;
     }
-    let virtio_id = module_virtio_id(sysfs);
+    Ok(Target {
+        name,
+        pci,
+        virtio_id: module_virtio_id(sysfs),
+    })
+}
+
+/// One file per waiter, in [`WAITERS`] order; the epoll waiter's is
+/// read-write and non-blocking.
+fn open_waiter_files(o: &Opts) -> Result<[OwnedFd; 6], String> {
     let open = |access| open_device(&o.device, access, false);
-    let fds = [
+    Ok([
         open(Access::Read)?,
         open(Access::Write)?,
         open_device(&o.device, Access::ReadWrite, true)?,
         open(Access::Read)?,
         open(Access::Read)?,
         open(Access::Read)?,
-    ];
+    ])
+}
 
-    let mut c = Checked::new();
-    c.report
-        .text("device", &name)
-        .text(
-            "pci",
-            &pci.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|e| e.clone()),
-        )
-        .text("how", how.name());
+/// The waiter threads and what they reported so far.
+struct Waiters {
+    rx: Receiver<Msg>,
+    board: Board,
+    handles: Vec<(Waiter, JoinHandle<()>)>,
+}
 
+impl Waiters {
+    /// Take messages until `enough` holds or `until` passes.
+    fn pump(&mut self, until: Instant, enough: impl Fn(&Board) -> bool) {
+        self.board.pump(&self.rx, until, enough);
+    }
+
+    /// Close what the finished waiters used and join their threads; a
+    /// stuck waiter keeps its file and its thread.
+    fn close(mut self, stuck: &[Waiter]) {
+        for d in self.board.done.iter_mut().filter_map(Option::take) {
+            drop(d.keep);
+        }
+        for (w, h) in self.handles {
+            if !stuck.contains(&w) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The waiters whose setup can fail or be observed: they send
+/// [`Msg::Armed`].
+const ARMABLE: [Waiter; 4] = [
+    Waiter::Epoll,
+    Waiter::LinuxAio,
+    Waiter::IoUring,
+    Waiter::PosixAio,
+];
+
+/// Start the six waiters on `fds`: the reader and the writer, then (once
+/// the writer sleeps on a full tx ring, seen through `ctl`) the others,
+/// and wait up to 10 s for each of those to set up its request.
+fn start_waiters(
+    c: &mut Checked,
+    o: &Opts,
+    ctl: RawFd,
+    fds: [OwnedFd; 6],
+) -> Result<Waiters, String> {
     let (tx, rx) = mpsc::channel();
-    let mut board = Board::default();
     let mut handles = Vec::new();
     let [f_read, f_write, f_epoll, f_aio, f_uring, f_posix] = fds;
     handles.push((Waiter::Read, reader(f_read, tx.clone())?));
     handles.push((Waiter::Write, writer(f_write, o.seed, tx.clone())?));
-    match wait_ring_full(ctl.as_raw_fd(), FILL_LIMIT) {
+    match wait_ring_full(ctl, FILL_LIMIT) {
         Ok(d) => {
             c.report.num("tx_ring_full_ms", d.as_millis() as u64);
         }
@@ -832,16 +929,23 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
     handles.push((Waiter::PosixAio, posix_aio(f_posix, tx.clone())?));
     drop(tx);
 
-    let armable = [
-        Waiter::Epoll,
-        Waiter::LinuxAio,
-        Waiter::IoUring,
-        Waiter::PosixAio,
-    ];
-    board.pump(&rx, Instant::now() + Duration::from_secs(10), |b| {
-        armable.iter().all(|w| b.settled(*w))
+    let mut waiters = Waiters {
+        rx,
+        board: Board::default(),
+        handles,
+    };
+    waiters.pump(Instant::now() + Duration::from_secs(10), |b| {
+        ARMABLE.iter().all(|w| b.settled(*w))
     });
-    for w in armable {
+    check_armed(c, &waiters.board);
+    Ok(waiters)
+}
+
+/// Each armable waiter must have its request in place, and none of them
+/// may have completed at once (no data was there); the epoll waiter's
+/// detail (the edges it drained) is the `epoll_drained` field.
+fn check_armed(c: &mut Checked, board: &Board) {
+    for w in ARMABLE {
         match &board.armed[w.index()] {
             Some(Ok(detail)) => {
                 if w == Waiter::Epoll {
@@ -854,14 +958,17 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
             None => c.fail(format!("{} waiter did not set up within 10 s", w.key())),
         }
     }
+}
 
-    // Set up: the host may act (it must not drain the capture, which
-    // would let the writer go on). Let every waiter reach its sleep; none
-    // may have finished.
+/// `VDEVLAB-READY`: set up, the host may act (it must not drain the
+/// capture, which would let the writer go on). Let every waiter reach its
+/// sleep; none may have finished. Notes where the threads sleep and the
+/// counters before the trigger.
+fn settle(c: &mut Checked, o: &Opts, ctl: RawFd, waiters: &mut Waiters) {
     ready(&o.scenario);
-    board.pump(&rx, Instant::now() + SETTLE, |_| false);
+    waiters.pump(Instant::now() + SETTLE, |_| false);
     for w in WAITERS {
-        if let Some(d) = &board.done[w.index()] {
+        if let Some(d) = &waiters.board.done[w.index()] {
             c.fail(format!(
                 "{} finished before the teardown: {}",
                 w.key(),
@@ -870,33 +977,44 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
         }
     }
     c.report.text("wchans", &thread_wchans());
-    match get_stats(ctl.as_raw_fd()) {
+    match get_stats(ctl) {
         Ok(st) => {
             c.report.raw("stats_before", &st.json());
         }
         Err(e) => c.fail(e),
     }
+}
 
-    // The trigger.
-    marker(&format!("{} {}", crate::protocol::TEARDOWN, how.name()));
-    let t0 = Instant::now();
-    let trig = match how {
-        How::Unbind => write_sysfs(
-            &sysfs.join("bus/virtio/drivers").join(DRIVER).join("unbind"),
-            &name,
-        ),
-        How::Remove => match &pci {
-            Ok(p) => write_sysfs(&p.join("remove"), "1"),
+/// The sysfs file and the value that remove the device: its name to the
+/// driver's `unbind`, or `1` to the PCI function's `remove`.
+fn trigger_write(sysfs: &Path, how: How, t: &Target) -> Result<(PathBuf, String), String> {
+    match how {
+        How::Unbind => Ok((
+            sysfs.join("bus/virtio/drivers").join(DRIVER).join("unbind"),
+            t.name.clone(),
+        )),
+        How::Remove => match &t.pci {
+            Ok(p) => Ok((p.join("remove"), "1".into())),
             Err(e) => Err(e.clone()),
         },
-    };
+    }
+}
+
+/// `VDEVLAB-TEARDOWN <how>`, then the trigger; returns when it started.
+fn trigger(c: &mut Checked, sysfs: &Path, how: How, t: &Target) -> Instant {
+    marker(&format!("{} {}", crate::protocol::TEARDOWN, how.name()));
+    let t0 = Instant::now();
+    let trig = trigger_write(sysfs, how, t).and_then(|(path, value)| write_sysfs(&path, &value));
     c.report.num("trigger_ms", t0.elapsed().as_millis() as u64);
     if let Err(e) = trig {
         c.fail(format!("trigger: {e}"));
     }
+    t0
+}
 
-    // Every waiter back within WAKE_LIMIT, each with an error.
-    board.pump(&rx, t0 + WAKE_LIMIT, |b| b.done.iter().all(Option::is_some));
+/// Each waiter's outcome and its time since the trigger `t0`; a waiter
+/// must be back, with what a removal gives. Returns those still waiting.
+fn report_waiters(c: &mut Checked, board: &Board, t0: Instant) -> Vec<Waiter> {
     let mut stuck = Vec::new();
     for w in WAITERS {
         match &board.done[w.index()] {
@@ -922,10 +1040,13 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
             }
         }
     }
+    stuck
+}
 
-    // A file that stayed open sees the removal.
-    let cfd = ctl.as_raw_fd();
-    match get_stats(cfd) {
+/// A file that stayed open (`ctl`) sees the removal: state REMOVED,
+/// `POLLHUP`, a read fails; and the node is gone.
+fn check_removed(c: &mut Checked, o: &Opts, ctl: RawFd) {
+    match get_stats(ctl) {
         Ok(st) => {
             c.report.raw("stats_after", &st.json());
             c.check(st.state & QW_STATE_REMOVED != 0, || {
@@ -937,7 +1058,7 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
         }
         Err(e) => c.fail(format!("after the teardown: {e}")),
     }
-    match poll_one(cfd, libc::POLLIN | libc::POLLOUT, 0) {
+    match poll_one(ctl, libc::POLLIN | libc::POLLOUT, 0) {
         Ok(rev) => {
             c.report.text("poll_after", &mask_name(rev as u32));
             c.check(rev & libc::POLLHUP != 0, || {
@@ -950,7 +1071,7 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
         Err(e) => c.fail(e),
     }
     let mut b = [0u8; 16];
-    let (ra, good) = judge_read(read_fd(cfd, &mut b));
+    let (ra, good) = judge_read(read_fd(ctl, &mut b));
     c.report.text("read_after", &ra);
     c.check(good, || {
         format!("read on an open file after the teardown: {ra}")
@@ -967,27 +1088,25 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
         Err(e) => e,
     };
     c.report.text("open_after", &open_after);
+}
 
-    // Close everything (what a stuck waiter uses stays with it).
-    drop(ctl);
-    for d in board.done.iter_mut().filter_map(Option::take) {
-        drop(d.keep);
-    }
-    for (w, h) in handles {
-        if !stuck.contains(&w) {
-            let _ = h.join();
-        }
-    }
-
-    // The device comes back.
-    let back = match how {
-        How::Unbind => write_sysfs(
-            &sysfs.join("bus/virtio/drivers").join(DRIVER).join("bind"),
-            &name,
+/// The sysfs file and the value that bring the device back: its name to
+/// the driver's `bind`, or `1` to `/sys/bus/pci/rescan`.
+fn back_write(sysfs: &Path, how: How, name: &str) -> (PathBuf, String) {
+    match how {
+        How::Unbind => (
+            sysfs.join("bus/virtio/drivers").join(DRIVER).join("bind"),
+            name.to_string(),
         ),
-        How::Remove => write_sysfs(&sysfs.join("bus/pci/rescan"), "1"),
-    };
-    if let Err(e) = back {
+        How::Remove => (sysfs.join("bus/pci/rescan"), "1".into()),
+    }
+}
+
+/// Bind again (or rescan): the node must come back within
+/// [`BACK_LIMIT`] and work.
+fn bring_back(c: &mut Checked, sysfs: &Path, o: &Opts, how: How, name: &str) {
+    let (path, value) = back_write(sysfs, how, name);
+    if let Err(e) = write_sysfs(&path, &value) {
         c.fail(format!("bringing the device back: {e}"));
     }
     match wait_for_chardev(&o.device, BACK_LIMIT) {
@@ -997,15 +1116,32 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
                 "device_back",
                 &bound_device(sysfs, &o.device).unwrap_or_else(|e| e),
             );
-            check_works(&mut c, o, "read_back");
+            check_works(c, o, "read_back");
         }
         Err(e) => c.fail(format!(
             "after {}: {e}",
             if how == How::Unbind { "bind" } else { "rescan" }
         )),
     }
+}
 
-    // Nothing may hold the module now.
+/// The module parameters to load the driver again with.
+fn reload_params(virtio_id: Option<&str>) -> String {
+    virtio_id
+        .map(|v| format!("virtio_id={v}"))
+        .unwrap_or_default()
+}
+
+/// Nothing may hold the module now: `delete_module` must succeed (unless
+/// waiters are `stuck`: then it is skipped), and the module is loaded
+/// again from [`MODULE_PATH`] (its node must come back).
+fn unload_and_reload(
+    c: &mut Checked,
+    sysfs: &Path,
+    o: &Opts,
+    virtio_id: Option<&str>,
+    stuck: &[Waiter],
+) {
     let refcnt = std::fs::read_to_string(sysfs.join("module").join(DRIVER).join("refcnt"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("? ({e})"));
@@ -1016,7 +1152,7 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
             stuck.iter().map(|w| w.key()).collect::<Vec<_>>().join(", ")
         ));
         c.report.text("unload", "skipped");
-        return Ok(c);
+        return;
     }
     match unload() {
         Ok(n) => {
@@ -1024,11 +1160,8 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
             c.check(!sysfs.join("module").join(DRIVER).exists(), || {
                 "the module is still in /sys/module after delete_module".into()
             });
-            let params = virtio_id
-                .map(|v| format!("virtio_id={v}"))
-                .unwrap_or_default();
-            let reload =
-                load(MODULE_PATH, &params).and_then(|()| wait_for_chardev(&o.device, BACK_LIMIT));
+            let reload = load(MODULE_PATH, &reload_params(virtio_id))
+                .and_then(|()| wait_for_chardev(&o.device, BACK_LIMIT));
             match reload {
                 Ok(d) => {
                     c.report.text(
@@ -1051,7 +1184,6 @@ pub fn run(o: &Opts, how: How) -> Result<Checked, String> {
             ));
         }
     }
-    Ok(c)
 }
 
 /// Open the device again: a non-blocking read must say `EAGAIN` (it works
@@ -1178,6 +1310,125 @@ mod tests {
         assert!(!is_pci_address("0000:00:04.a"));
         assert!(!is_pci_address("virtio-mmio.0"));
         assert!(!is_pci_address("0000:00:04.0:1"));
+    }
+
+    fn target(pci: Result<&str, &str>) -> Target {
+        Target {
+            name: "virtio1".into(),
+            pci: pci.map(PathBuf::from).map_err(String::from),
+            virtio_id: Some("42".into()),
+        }
+    }
+
+    #[test]
+    fn the_trigger_and_the_way_back_write_these_files() {
+        let sys = Path::new("/sys");
+        let t = target(Ok("/sys/devices/pci0000:00/0000:00:04.0"));
+        assert_eq!(
+            trigger_write(sys, How::Unbind, &t).unwrap(),
+            (
+                PathBuf::from("/sys/bus/virtio/drivers/vdevlab_qw/unbind"),
+                "virtio1".to_string()
+            )
+        );
+        assert_eq!(
+            trigger_write(sys, How::Remove, &t).unwrap(),
+            (
+                PathBuf::from("/sys/devices/pci0000:00/0000:00:04.0/remove"),
+                "1".to_string()
+            )
+        );
+        assert_eq!(t.pci_text(), "/sys/devices/pci0000:00/0000:00:04.0");
+        let mmio = target(Err("virtio1 is not on a PCI function"));
+        assert_eq!(
+            trigger_write(sys, How::Remove, &mmio).unwrap_err(),
+            "virtio1 is not on a PCI function"
+        );
+        assert_eq!(mmio.pci_text(), "virtio1 is not on a PCI function");
+        assert_eq!(
+            back_write(sys, How::Unbind, "virtio1"),
+            (
+                PathBuf::from("/sys/bus/virtio/drivers/vdevlab_qw/bind"),
+                "virtio1".to_string()
+            )
+        );
+        assert_eq!(
+            back_write(sys, How::Remove, "virtio1"),
+            (PathBuf::from("/sys/bus/pci/rescan"), "1".to_string())
+        );
+        assert_eq!(reload_params(Some("42")), "virtio_id=42");
+        assert_eq!(reload_params(None), "");
+    }
+
+    #[test]
+    fn armed_waiters_are_checked() {
+        let mut board = Board::default();
+        board.armed[Waiter::Epoll.index()] = Some(Ok("drained 1 [0x4 (OUT)]".into()));
+        board.armed[Waiter::LinuxAio.index()] = Some(Ok("queued".into()));
+        board.armed[Waiter::IoUring.index()] = Some(Ok("completed at once".into()));
+        board.armed[Waiter::PosixAio.index()] = Some(Err("aio_read: EINVAL".into()));
+        let mut c = Checked::new();
+        check_armed(&mut c, &board);
+        assert_eq!(
+            c.report.get("epoll_drained"),
+            Some("\"drained 1 [0x4 (OUT)]\"")
+        );
+        assert_eq!(
+            c.problems,
+            [
+                "io_uring: completed at once (no data was there)",
+                "posix_aio waiter: aio_read: EINVAL"
+            ]
+        );
+        let mut c = Checked::new();
+        check_armed(&mut c, &Board::default());
+        assert_eq!(c.problems.len(), 4);
+        assert!(c.problems[0].contains("epoll waiter did not set up within 10 s"));
+    }
+
+    #[test]
+    fn waiters_are_judged_in_order_and_the_stuck_ones_named() {
+        let t0 = Instant::now();
+        let mut board = Board::default();
+        for (w, outcome, good) in [
+            (Waiter::Read, "ENODEV", true),
+            (Waiter::Write, "complete 8388608", false),
+            (Waiter::Epoll, "0x19 (IN|ERR|HUP)", true),
+            (Waiter::LinuxAio, "res -ESHUTDOWN", true),
+            (Waiter::PosixAio, "EIO", true),
+        ] {
+            board.done[w.index()] = Some(Done {
+                waiter: w,
+                at: t0 + Duration::from_millis(12),
+                outcome: outcome.into(),
+                good,
+                keep: Box::new(()),
+            });
+        }
+        let mut c = Checked::new();
+        let stuck = report_waiters(&mut c, &board, t0);
+        assert_eq!(stuck, [Waiter::IoUring]);
+        assert_eq!(c.report.get("read"), Some("\"ENODEV\""));
+        assert_eq!(c.report.get("read_ms"), Some("12"));
+        assert_eq!(c.report.get("io_uring"), Some("\"still waiting\""));
+        assert_eq!(c.report.get("io_uring_ms"), None);
+        assert_eq!(
+            c.problems,
+            [
+                "write: complete 8388608 is not what a removal must give".to_string(),
+                format!("io_uring did not finish within {WAKE_LIMIT:?} of the teardown"),
+            ]
+        );
+        // The fields in the result line, in the waiters' order.
+        let line = crate::checked_result_line("t", &c.report, &[]);
+        assert!(
+            line.ends_with(
+                "\"read\":\"ENODEV\",\"read_ms\":12,\"write\":\"complete 8388608\",\"write_ms\":12,\
+                 \"epoll\":\"0x19 (IN|ERR|HUP)\",\"epoll_ms\":12,\"linux_aio\":\"res -ESHUTDOWN\",\
+                 \"linux_aio_ms\":12,\"io_uring\":\"still waiting\",\"posix_aio\":\"EIO\",\"posix_aio_ms\":12}"
+            ),
+            "{line}"
+        );
     }
 
     #[test]

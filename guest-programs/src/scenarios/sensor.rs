@@ -36,9 +36,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{nap, open_device, Access};
-use crate::models::qwdev::{errno_name, last_errno, mask_name, poll_one, read_fd, Checked};
+use crate::common::{
+    errno_name, mask_name, nap, open_device, poll_one, wait_for_chardev, write_sysfs, Access,
+};
 use crate::ready;
+use crate::scenarios::Checked;
+use crate::uapi::sensor::{
+    get_alarm, get_info, get_stats, read_samples, reset_device, set_rate, set_threshold,
+    SensorInfo, SensorSample, ALARM_FALLING, ALARM_RISING, SENSOR_DRIVER, STATE_BROKEN,
+    STATE_REMOVED, STATUS_NEEDS_RESET, STATUS_SAMPLING,
+};
 
 /// The sensor scenarios.
 pub const SENSOR_SCENARIOS: &[&str] = &[
@@ -47,171 +54,6 @@ pub const SENSOR_SCENARIOS: &[&str] = &[
     "sensor-reset",
     "sensor-hostile",
 ];
-
-/// The driver's name: module, virtio driver and device class.
-pub const SENSOR_DRIVER: &str = "vdevlab_sensor";
-
-const fn ioc(dir: u64, nr: u8, size: usize) -> libc::c_ulong {
-    ((dir << 30) | ((size as u64) << 16) | ((b'q' as u64) << 8) | nr as u64) as libc::c_ulong
-}
-const IOC_NONE: u64 = 0;
-const IOC_WRITE: u64 = 1;
-const IOC_READ: u64 = 2;
-
-/// `SENSOR_IOC_SET_RATE`: `_IOW('q', 0x50, __u32)`.
-pub const SENSOR_IOC_SET_RATE: libc::c_ulong = ioc(IOC_WRITE, 0x50, 4);
-/// `SENSOR_IOC_SET_THRESHOLD`: `_IOW('q', 0x51, struct sensor_threshold)`.
-pub const SENSOR_IOC_SET_THRESHOLD: libc::c_ulong = ioc(IOC_WRITE, 0x51, 8);
-/// `SENSOR_IOC_GET_ALARM`: `_IOR('q', 0x52, struct sensor_alarm)`.
-pub const SENSOR_IOC_GET_ALARM: libc::c_ulong =
-    ioc(IOC_READ, 0x52, std::mem::size_of::<SensorAlarm>());
-/// `SENSOR_IOC_GET_INFO`: `_IOR('q', 0x53, struct sensor_info)`.
-pub const SENSOR_IOC_GET_INFO: libc::c_ulong =
-    ioc(IOC_READ, 0x53, std::mem::size_of::<SensorInfo>());
-/// `SENSOR_IOC_GET_STATS`: `_IOR('q', 0x54, struct sensor_stats)`.
-pub const SENSOR_IOC_GET_STATS: libc::c_ulong =
-    ioc(IOC_READ, 0x54, std::mem::size_of::<SensorStats>());
-
-/// `SENSOR_IOC_RESET`: `_IO('q', 0x55)`.
-pub const SENSOR_IOC_RESET: libc::c_ulong = ioc(IOC_NONE, 0x55, 0);
-
-/// Alarm kinds and threshold mode bits.
-pub const ALARM_RISING: u32 = 1;
-/// See [`ALARM_RISING`].
-pub const ALARM_FALLING: u32 = 2;
-/// `sensor_info.status`: the device needs a reset.
-pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
-/// `sensor_info.status`: sampling (rate > 0).
-pub const STATUS_SAMPLING: u32 = 1 << 1;
-/// `sensor_stats.state`: removed.
-pub const STATE_REMOVED: u64 = 1;
-/// `sensor_stats.state`: a virtqueue broke.
-pub const STATE_BROKEN: u64 = 1 << 2;
-
-/// `struct sensor_sample`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SensorSample {
-    /// Device clock, ns.
-    pub timestamp_ns: u64,
-    /// Sequence number.
-    pub seq: u32,
-    /// Value.
-    pub value: i32,
-}
-
-/// `struct sensor_alarm`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SensorAlarm {
-    /// Timestamp of the sample that crossed.
-    pub timestamp_ns: u64,
-    /// Its sequence number.
-    pub seq: u32,
-    /// Its value.
-    pub value: i32,
-    /// The threshold in force.
-    pub threshold: i32,
-    /// [`ALARM_RISING`] or [`ALARM_FALLING`].
-    pub kind: u32,
-}
-
-/// `struct sensor_threshold`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SensorThreshold {
-    /// Level.
-    pub threshold: i32,
-    /// Mode bits.
-    pub mode: u32,
-}
-
-/// `struct sensor_info`: the device's config space.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SensorInfo {
-    /// Waveform seed.
-    pub seed: u64,
-    /// Layout version.
-    pub version: u32,
-    /// Highest rate.
-    pub max_rate_hz: u32,
-    /// Current rate.
-    pub rate_hz: u32,
-    /// Current threshold.
-    pub threshold: i32,
-    /// Current alarm mode.
-    pub alarm_mode: u32,
-    /// Waveform amplitude.
-    pub amplitude: u32,
-    /// Waveform period in samples.
-    pub wave_period: u32,
-    /// Noise amplitude.
-    pub noise: u32,
-    /// Status bits.
-    pub status: u32,
-    /// Samples the device dropped.
-    pub samples_dropped: u32,
-    /// Alarms the device dropped.
-    pub alarms_dropped: u32,
-    /// 0.
-    pub reserved: u32,
-}
-
-/// `struct sensor_stats`: the driver's counters.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SensorStats {
-    /// Samples received.
-    pub samples: u64,
-    /// Sample buffers returned.
-    pub sample_buffers: u64,
-    /// Alarms received.
-    pub alarms: u64,
-    /// Samples the driver dropped.
-    pub samples_dropped: u64,
-    /// Alarms the driver dropped.
-    pub alarms_dropped: u64,
-    /// Control requests sent.
-    pub ctrl_requests: u64,
-    /// Control requests refused.
-    pub ctrl_errors: u64,
-    /// Device bugs, failures to post.
-    pub errors: u64,
-    /// Samples not read yet.
-    pub pending: u64,
-    /// State bits.
-    pub state: u64,
-    /// Resets done through `SENSOR_IOC_RESET`.
-    pub resets: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<SensorSample>() == 16);
-const _: () = assert!(std::mem::size_of::<SensorAlarm>() == 24);
-const _: () = assert!(std::mem::size_of::<SensorInfo>() == 56);
-const _: () = assert!(std::mem::size_of::<SensorStats>() == 88);
-
-impl SensorStats {
-    /// As one JSON object.
-    pub fn json(&self) -> String {
-        format!(
-            "{{\"samples\":{},\"sample_buffers\":{},\"alarms\":{},\"samples_dropped\":{},\
-             \"alarms_dropped\":{},\"ctrl_requests\":{},\"ctrl_errors\":{},\"errors\":{},\
-             \"pending\":{},\"state\":{},\"resets\":{}}}",
-            self.samples,
-            self.sample_buffers,
-            self.alarms,
-            self.samples_dropped,
-            self.alarms_dropped,
-            self.ctrl_requests,
-            self.ctrl_errors,
-            self.errors,
-            self.pending,
-            self.state,
-            self.resets
-        )
-    }
-}
 
 /// The waveform parameters (from the config space).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +76,16 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 impl Wave {
+    /// The waveform a device's config space describes.
+    pub fn of(info: &SensorInfo) -> Self {
+        Wave {
+            seed: info.seed,
+            amplitude: info.amplitude,
+            period: info.wave_period,
+            noise: info.noise,
+        }
+    }
+
     /// The value of sample `seq` (docs/sensor-spec.md, "The waveform"). The
     /// device model has its own copy; both pin the same values in tests.
     pub fn value(&self, seq: u32) -> i32 {
@@ -339,67 +191,6 @@ pub fn parse(args: &[String]) -> Result<SensorOpts, String> {
     Ok(o)
 }
 
-fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> Result<(), i32> {
-    // SAFETY: every request here reads or writes exactly one T at `arg`
-    // (sizes encoded in the request numbers, checked against the header's
-    // layout above); `fd` is open.
-    if unsafe { libc::ioctl(fd, req, arg) } < 0 {
-        return Err(last_errno());
-    }
-    Ok(())
-}
-
-/// `SENSOR_IOC_SET_RATE`.
-pub fn set_rate(fd: RawFd, mut hz: u32) -> Result<(), i32> {
-    ioctl_ptr(fd, SENSOR_IOC_SET_RATE, &mut hz)
-}
-
-/// `SENSOR_IOC_SET_THRESHOLD`.
-pub fn set_threshold(fd: RawFd, threshold: i32, mode: u32) -> Result<(), i32> {
-    let mut t = SensorThreshold { threshold, mode };
-    ioctl_ptr(fd, SENSOR_IOC_SET_THRESHOLD, &mut t)
-}
-
-/// `SENSOR_IOC_GET_ALARM`: `Ok(None)` when none is pending.
-pub fn get_alarm(fd: RawFd) -> Result<Option<SensorAlarm>, i32> {
-    let mut a = SensorAlarm::default();
-    match ioctl_ptr(fd, SENSOR_IOC_GET_ALARM, &mut a) {
-        Ok(()) => Ok(Some(a)),
-        Err(libc::EAGAIN) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// `SENSOR_IOC_GET_INFO`.
-pub fn get_info(fd: RawFd) -> Result<SensorInfo, String> {
-    let mut i = SensorInfo::default();
-    ioctl_ptr(fd, SENSOR_IOC_GET_INFO, &mut i)
-        .map_err(|e| format!("SENSOR_IOC_GET_INFO: {}", errno_name(e)))?;
-    Ok(i)
-}
-
-/// `SENSOR_IOC_GET_STATS`.
-pub fn get_stats(fd: RawFd) -> Result<SensorStats, String> {
-    let mut s = SensorStats::default();
-    ioctl_ptr(fd, SENSOR_IOC_GET_STATS, &mut s)
-        .map_err(|e| format!("SENSOR_IOC_GET_STATS: {}", errno_name(e)))?;
-    Ok(s)
-}
-
-/// Read up to `max` samples (one read() call): the samples or the errno.
-pub fn read_samples(fd: RawFd, max: usize) -> Result<Vec<SensorSample>, i32> {
-    let mut buf = vec![0u8; max * 16];
-    let n = read_fd(fd, &mut buf)?;
-    Ok(buf[..n - n % 16]
-        .chunks_exact(16)
-        .map(|c| SensorSample {
-            timestamp_ns: u64::from_ne_bytes(c[0..8].try_into().unwrap_or_default()),
-            seq: u32::from_ne_bytes(c[8..12].try_into().unwrap_or_default()),
-            value: i32::from_ne_bytes(c[12..16].try_into().unwrap_or_default()),
-        })
-        .collect())
-}
-
 /// Checks a run of samples as they arrive.
 #[derive(Debug)]
 struct Stream {
@@ -411,6 +202,15 @@ struct Stream {
 }
 
 impl Stream {
+    /// Nothing read yet.
+    fn new(wave: Wave) -> Self {
+        Self {
+            wave,
+            got: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
+
     fn push(&mut self, s: SensorSample) {
         if let Some(prev) = self.got.last() {
             if s.seq != prev.seq.wrapping_add(1) && self.bad.len() < 5 {
@@ -472,18 +272,37 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
         info.rate_hz == 0 && info.status & STATUS_SAMPLING == 0,
         || format!("the sensor samples before it was asked to: {info:?}"),
     );
-    let wave = Wave {
-        seed: info.seed,
-        amplitude: info.amplitude,
-        period: info.wave_period,
-        noise: info.noise,
-    };
+    let wave = Wave::of(&info);
     let threshold = o
         .threshold
         .unwrap_or_else(|| i32::try_from(info.amplitude / 2).unwrap_or(0));
     ready(&o.scenario);
 
-    // Bad arguments are refused by the device, through the driver.
+    check_bad_arguments(&mut c, fd, &info, threshold);
+    let Some(t0) = start_sampling(&mut c, fd, o, threshold)? else {
+        return Ok(c);
+    };
+    let mut st = Stream::new(wave);
+    st.read_n(fd, o.samples as usize, o.chunk as usize)?;
+    let first = check_first_rate(&mut c, fd, o, &st, t0)?;
+    check_rate_change(&mut c, fd, o, &mut st)?;
+    stop_and_drain(&mut c, fd, &mut st)?;
+
+    let last = *st.got.last().unwrap_or(&first);
+    c.report
+        .num("samples", st.got.len() as u64)
+        .num("last_seq", u64::from(last.seq));
+    for b in &st.bad {
+        c.fail(b.clone());
+    }
+    check_alarms(&mut c, fd, &st, (first.seq, last.seq), threshold);
+    check_end(&mut c, fd)?;
+    Ok(c)
+}
+
+/// Bad arguments are refused by the device, through the driver: a rate
+/// above the maximum and an undefined threshold mode give `EINVAL`.
+fn check_bad_arguments(c: &mut Checked, fd: RawFd, info: &SensorInfo, threshold: i32) {
     let bad_rate = set_rate(fd, info.max_rate_hz.saturating_add(1));
     c.report.text("bad_rate", &outcome(&bad_rate));
     c.check(bad_rate == Err(libc::EINVAL), || {
@@ -494,16 +313,25 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     c.check(bad_mode == Err(libc::EINVAL), || {
         format!("mode 7 gave {}, expected EINVAL", outcome(&bad_mode))
     });
+}
 
+/// Set the threshold (both directions) and the first rate, and wait for
+/// the first alarm (`POLLPRI`: the waveform crosses the threshold within
+/// one period). Returns when sampling was asked for, or `None` when the
+/// rate was refused (the run ends there).
+fn start_sampling(
+    c: &mut Checked,
+    fd: RawFd,
+    o: &SensorOpts,
+    threshold: i32,
+) -> Result<Option<Instant>, String> {
     let r = set_threshold(fd, threshold, ALARM_RISING | ALARM_FALLING);
     c.check(r.is_ok(), || format!("SET_THRESHOLD: {}", outcome(&r)));
     let t0 = Instant::now();
     if let Err(e) = set_rate(fd, o.rate) {
         c.fail(format!("SET_RATE {}: {}", o.rate, errno_name(e)));
-        return Ok(c);
+        return Ok(None);
     }
-    // Wait for the first alarm: the waveform crosses the threshold within
-    // one period.
     let pri = poll_one(fd, libc::POLLPRI, 10_000)?;
     let alarm_wait_ms = t0.elapsed().as_millis() as u64;
     c.report
@@ -515,16 +343,27 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
             mask_name(pri as u32)
         )
     });
+    Ok(Some(t0))
+}
 
-    let mut st = Stream {
-        wave,
-        got: Vec::new(),
-        bad: Vec::new(),
-    };
-    st.read_n(fd, o.samples as usize, o.chunk as usize)?;
+/// The sample period at `rate_hz`, in ns.
+fn period_ns(rate_hz: u32) -> u64 {
+    1_000_000_000 / u64::from(rate_hz)
+}
+
+/// The samples read at the first rate (sampling asked for at `t0`): the
+/// first is sequence 0 at 0 ns, every step is one period, none came
+/// before its time, and the config says sampling at that rate. Returns
+/// the first sample.
+fn check_first_rate(
+    c: &mut Checked,
+    fd: RawFd,
+    o: &SensorOpts,
+    st: &Stream,
+    t0: Instant,
+) -> Result<SensorSample, String> {
     let elapsed = t0.elapsed();
-    let p1 = 1_000_000_000 / u64::from(o.rate);
-    let p2 = 1_000_000_000 / u64::from(o.rate2);
+    let p1 = period_ns(o.rate);
     let first = st.got[0];
     c.report
         .num("first_seq", u64::from(first.seq))
@@ -558,8 +397,30 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
         mid.rate_hz == o.rate && mid.status & STATUS_SAMPLING != 0,
         || format!("config while sampling: {mid:?}"),
     );
+    Ok(first)
+}
 
-    // Change the rate: the step switches once, from p1 to p2.
+/// How many of `steps` still have the old period `p1`, and whether the
+/// steps switch exactly once from `p1` to `p2` (the old ones first, then
+/// only new ones).
+fn switches_once(steps: &[u64], p1: u64, p2: u64) -> (usize, bool) {
+    let switch = steps.iter().position(|&d| d == p2);
+    let old = steps.iter().take_while(|&&d| d == p1).count();
+    (
+        old,
+        switch == Some(old) && steps[old..].iter().all(|&d| d == p2),
+    )
+}
+
+/// Change to the second rate and read `--samples2` more: the step must
+/// switch once, from the old period to the new.
+fn check_rate_change(
+    c: &mut Checked,
+    fd: RawFd,
+    o: &SensorOpts,
+    st: &mut Stream,
+) -> Result<(), String> {
+    let (p1, p2) = (period_ns(o.rate), period_ns(o.rate2));
     let change_at = st.got.len();
     let r = set_rate(fd, o.rate2);
     c.check(r.is_ok(), || {
@@ -567,21 +428,21 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     });
     st.read_n(fd, o.samples2 as usize, o.chunk as usize)?;
     let steps2 = st.steps(change_at);
-    let switch = steps2.iter().position(|&d| d == p2);
-    let old = steps2.iter().take_while(|&&d| d == p1).count();
+    let (old, once) = switches_once(&steps2, p1, p2);
     c.report.num("old_rate_steps_after_change", old as u64);
-    c.check(
-        switch == Some(old) && steps2[old..].iter().all(|&d| d == p2),
-        || {
-            format!(
-                "after the change to {} Hz the steps were not {p1} then only {p2}: {:?}",
-                o.rate2,
-                &steps2[..steps2.len().min(12)]
-            )
-        },
-    );
+    c.check(once, || {
+        format!(
+            "after the change to {} Hz the steps were not {p1} then only {p2}: {:?}",
+            o.rate2,
+            &steps2[..steps2.len().min(12)]
+        )
+    });
+    Ok(())
+}
 
-    // Stop: what was taken still arrives, then nothing.
+/// Stop: what was taken still arrives (read without blocking until
+/// `EAGAIN`), then nothing: `poll` stays quiet and a read gets `EAGAIN`.
+fn stop_and_drain(c: &mut Checked, fd: RawFd, st: &mut Stream) -> Result<(), String> {
     let r = set_rate(fd, 0);
     c.check(r.is_ok(), || format!("SET_RATE 0: {}", outcome(&r)));
     nap(Duration::from_millis(300));
@@ -610,16 +471,24 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
     c.check(again == Err(libc::EAGAIN), || {
         format!("O_NONBLOCK read of a stopped sensor: {}", outcome(&again))
     });
+    Ok(())
+}
 
-    let last = *st.got.last().unwrap_or(&first);
-    c.report
-        .num("samples", st.got.len() as u64)
-        .num("last_seq", u64::from(last.seq));
-    for b in &st.bad {
-        c.fail(b.clone());
-    }
+/// The alarms (sequence, kind) that the samples `seqs` (first, last) must
+/// raise under `threshold`, both directions armed.
+fn expected_alarms(wave: &Wave, (first, last): (u32, u32), threshold: i32) -> Vec<(u32, u32)> {
+    (first..=last)
+        .filter_map(|s| {
+            wave.crossing(s, threshold, ALARM_RISING | ALARM_FALLING)
+                .map(|k| (s, k))
+        })
+        .collect()
+}
 
-    // The alarms are exactly the crossings of the samples taken.
+/// The alarms are exactly the crossings of the samples taken (`seqs`:
+/// the first and the last), and each matches its sample.
+fn check_alarms(c: &mut Checked, fd: RawFd, st: &Stream, seqs: (u32, u32), threshold: i32) {
+    let wave = st.wave;
     let mut alarms = Vec::new();
     loop {
         match get_alarm(fd) {
@@ -631,12 +500,7 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
             }
         }
     }
-    let expected: Vec<(u32, u32)> = (first.seq..=last.seq)
-        .filter_map(|s| {
-            wave.crossing(s, threshold, ALARM_RISING | ALARM_FALLING)
-                .map(|k| (s, k))
-        })
-        .collect();
+    let expected = expected_alarms(&wave, seqs, threshold);
     let seen: Vec<(u32, u32)> = alarms.iter().map(|a| (a.seq, a.kind)).collect();
     c.report
         .num("alarms", alarms.len() as u64)
@@ -662,7 +526,11 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
             break;
         }
     }
+}
 
+/// At the end nothing was dropped (driver and device), no error, and the
+/// sensor is stopped.
+fn check_end(c: &mut Checked, fd: RawFd) -> Result<(), String> {
     let stats = get_stats(fd)?;
     let end = get_info(fd)?;
     c.report
@@ -679,7 +547,7 @@ pub fn stream(o: &SensorOpts) -> Result<Checked, String> {
         end.rate_hz == 0 && end.status & STATUS_SAMPLING == 0,
         || format!("config after stop: {end:?}"),
     );
-    Ok(c)
+    Ok(())
 }
 
 fn info_json(i: &SensorInfo) -> String {
@@ -752,7 +620,7 @@ pub fn unbind(o: &SensorOpts) -> Result<Checked, String> {
         .join(SENSOR_DRIVER)
         .join("unbind");
     let t = Instant::now();
-    if let Err(e) = crate::models::qwdev::write_sysfs(&unbind_path, &vdev) {
+    if let Err(e) = write_sysfs(&unbind_path, &vdev) {
         c.fail(e);
     }
     let mut woke = Vec::new();
@@ -801,11 +669,11 @@ pub fn unbind(o: &SensorOpts) -> Result<Checked, String> {
     let bind = Path::new("/sys/bus/virtio/drivers")
         .join(SENSOR_DRIVER)
         .join("bind");
-    if let Err(e) = crate::models::qwdev::write_sysfs(&bind, &vdev) {
+    if let Err(e) = write_sysfs(&bind, &vdev) {
         c.fail(e);
         return Ok(c);
     }
-    crate::models::qwdev::wait_for_chardev(&o.device, Duration::from_secs(10))?;
+    wait_for_chardev(&o.device, Duration::from_secs(10))?;
     let file = open_device(&o.device, Access::Read, false)?;
     let fd = file.as_raw_fd();
     let r = set_rate(fd, o.rate);
@@ -832,12 +700,7 @@ pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
     let info = get_info(fd)?;
-    let wave = Wave {
-        seed: info.seed,
-        amplitude: info.amplitude,
-        period: info.wave_period,
-        noise: info.noise,
-    };
+    let wave = Wave::of(&info);
     let r = set_rate(fd, o.rate);
     c.check(r.is_ok(), || {
         format!("SET_RATE {}: {}", o.rate, outcome(&r))
@@ -917,28 +780,13 @@ pub fn reset(o: &SensorOpts) -> Result<Checked, String> {
     Ok(c)
 }
 
-/// `SENSOR_IOC_RESET`: `Ok(())` or the errno.
-pub fn reset_device(fd: RawFd) -> Result<(), i32> {
-    // SAFETY: the request takes no argument (0 is passed); `fd` is open.
-    if unsafe { libc::ioctl(fd, SENSOR_IOC_RESET, 0 as libc::c_ulong) } < 0 {
-        Err(last_errno())
-    } else {
-        Ok(())
-    }
-}
-
 /// `sensor-hostile` (see the module's documentation).
 pub fn hostile(o: &SensorOpts) -> Result<Checked, String> {
     let file = open_device(&o.device, Access::Read, false)?;
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
     let info = get_info(fd)?;
-    let wave = Wave {
-        seed: info.seed,
-        amplitude: info.amplitude,
-        period: info.wave_period,
-        noise: info.noise,
-    };
+    let wave = Wave::of(&info);
     let errors_before = get_stats(fd)?.errors;
     let r = set_rate(fd, o.rate);
     c.check(r.is_ok(), || {
@@ -1059,16 +907,6 @@ pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ioctl_numbers_match_the_uapi_header() {
-        assert_eq!(SENSOR_IOC_SET_RATE, 0x4004_7150);
-        assert_eq!(SENSOR_IOC_SET_THRESHOLD, 0x4008_7151);
-        assert_eq!(SENSOR_IOC_GET_ALARM, 0x8018_7152);
-        assert_eq!(SENSOR_IOC_GET_INFO, 0x8038_7153);
-        assert_eq!(SENSOR_IOC_GET_STATS, 0x8058_7154);
-        assert_eq!(SENSOR_IOC_RESET, 0x7155);
-    }
-
     /// Pinned values: the device model's copy
     /// (`device-model/sensor/src/wave.rs`) pins the same ones.
     #[test]
@@ -1106,6 +944,55 @@ mod tests {
         assert_eq!(w.crossing(2, 0, ALARM_FALLING), None);
         assert_eq!(w.crossing(7, 0, 3), Some(ALARM_FALLING));
         assert_eq!(w.crossing(3, 0, 3), None);
+    }
+
+    #[test]
+    fn the_alarms_a_run_must_see() {
+        let w = Wave {
+            seed: 1,
+            amplitude: 100,
+            period: 8,
+            noise: 0,
+        };
+        let both = (ALARM_RISING, ALARM_FALLING);
+        assert_eq!(
+            expected_alarms(&w, (0, 16), 0),
+            [(2, both.0), (7, both.1), (10, both.0), (15, both.1)]
+        );
+        assert_eq!(expected_alarms(&w, (3, 9), 0), [(7, both.1)]);
+        assert!(expected_alarms(&w, (0, 16), 101).is_empty());
+    }
+
+    #[test]
+    fn the_rate_switches_once() {
+        let (p1, p2) = (period_ns(500), period_ns(250));
+        assert_eq!((p1, p2), (2_000_000, 4_000_000));
+        assert_eq!(switches_once(&[p1, p1, p2, p2], p1, p2), (2, true));
+        assert_eq!(switches_once(&[p2, p2], p1, p2), (0, true));
+        assert_eq!(switches_once(&[p1, p1], p1, p2), (2, false));
+        assert_eq!(switches_once(&[p1, p2, p1], p1, p2), (1, false));
+        assert_eq!(switches_once(&[p1, 3_000_000, p2], p1, p2), (1, false));
+        assert_eq!(switches_once(&[], p1, p2), (0, false));
+    }
+
+    #[test]
+    fn the_wave_comes_from_the_config_space() {
+        let info = SensorInfo {
+            seed: 9,
+            amplitude: 1000,
+            wave_period: 64,
+            noise: 5,
+            ..SensorInfo::default()
+        };
+        assert_eq!(
+            Wave::of(&info),
+            Wave {
+                seed: 9,
+                amplitude: 1000,
+                period: 64,
+                noise: 5
+            }
+        );
     }
 
     #[test]

@@ -32,13 +32,13 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::common::{errno_name, last_errno, mask_name, poll_one, read_counter};
 use crate::common::{nap, open_device, Access};
-use crate::models::ioctl_stats::AFTER_RESET_BYTES;
-use crate::models::multi_open::install_interrupter;
-use crate::models::qwdev::{
-    class_dir, errno_name, get_stats, ioctl_plain, last_errno, mask_name, poll_one, read_counter,
-    Checked, QwStats, QW_IOC_RESET, QW_STATE_NEEDS_RESET,
-};
+use crate::scenarios::ioctl_stats::AFTER_RESET_BYTES;
+use crate::scenarios::multi_open::install_interrupter;
+use crate::scenarios::Checked;
+use crate::uapi::ioctl_plain;
+use crate::uapi::qw::{class_dir, get_stats, QwStats, QW_IOC_RESET, QW_STATE_NEEDS_RESET};
 use crate::{ready, Opts};
 
 /// How soon after `VDEVLAB-READY` the blocked read must fail.
@@ -173,21 +173,78 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     let raw = fd.as_raw_fd();
     let mut c = Checked::new();
 
-    // Not the qw driver (a FIFO on the host): stop before touching more.
+    let start = check_start(&mut c, o, raw)?;
+    install_interrupter()?;
+    let reader = start_reader(&mut c, raw)?;
+
+    ready(&o.scenario);
+    let ready_at = Instant::now();
+    let got = reader.wait(ready_at)?;
+
+    let mut b = [0u8; 1];
+    let broken = Broken {
+        read: got.as_ref().map(|(r, _)| *r),
+        read_ms: got.map(|(_, d)| d.as_millis() as u64).unwrap_or(0),
+        revents: poll_one(raw, libc::POLLIN | libc::POLLOUT, 0).ok(),
+        read_again: io_once(raw, &mut b, false),
+        write: io_once(raw, &mut b, true),
+        sysfs: sysfs_needs_reset(&mut c, &o.device, "sysfs_broken"),
+        state: stats(&mut c, raw, "stats_broken").map(|st| st.state),
+    };
+    report_broken(&mut c, &broken);
+    c.problems.extend(broken_problems(&broken));
+
+    recover(&mut c, o, raw, &start);
+
+    // The device works again.
+    crate::scenarios::ioctl_stats::read_after_reset(&mut c, raw, &o.scenario);
+    if let Some(st) = stats(&mut c, raw, "stats_end") {
+        c.check(st.rx_pending == 0, || {
+            format!(
+                "rx_pending {} after reading the {AFTER_RESET_BYTES} bytes",
+                st.rx_pending
+            )
+        });
+        c.check(st.state == 0, || {
+            format!("state {:#x} at the end", st.state)
+        });
+    }
+    Ok(c)
+}
+
+/// The counters at the start (`stats_start`, state 0) and sysfs
+/// `needs_reset` 0. Not the qw driver (a FIFO on the host): the error
+/// stops the run before it touches more.
+fn check_start(c: &mut Checked, o: &Opts, raw: RawFd) -> Result<QwStats, String> {
     let start = get_stats(raw)?;
     c.report.raw("stats_start", &start.json());
     c.check(start.state == 0, || {
         format!("state {:#x} before VDEVLAB-READY", start.state)
     });
-    if let Some(v) = sysfs_needs_reset(&mut c, &o.device, "sysfs_start") {
+    if let Some(v) = sysfs_needs_reset(c, &o.device, "sysfs_start") {
         c.check(v == 0, || format!("sysfs needs_reset {v} at the start"));
     }
-    install_interrupter()?;
+    Ok(start)
+}
 
-    // The blocked reader: one read, its outcome and when it came back.
-    let (tx, rx) = mpsc::channel::<(Result<usize, i32>, Instant)>();
+/// The blocked read's outcome: bytes or errno, and a time (when it came
+/// back, or how long after the marker).
+type ReadOutcome<T> = (Result<usize, i32>, T);
+
+/// The blocked reader: a thread in one `read`, which sends its outcome
+/// and when it came back.
+struct Reader {
+    handle: std::thread::JoinHandle<()>,
+    done: mpsc::Receiver<ReadOutcome<Instant>>,
+}
+
+/// Start the blocked reader on `raw` and wait (5 s at most) until it
+/// sleeps in the driver, so that the host's request finds a waiting
+/// reader: `wchan`.
+fn start_reader(c: &mut Checked, raw: RawFd) -> Result<Reader, String> {
+    let (tx, done) = mpsc::channel::<ReadOutcome<Instant>>();
     let (tid_tx, tid_rx) = mpsc::channel::<libc::pid_t>();
-    let reader = std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("needs-reset-rd".into())
         .spawn(move || {
             // SAFETY: gettid has no preconditions.
@@ -200,8 +257,6 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     let tid = tid_rx
         .recv_timeout(Duration::from_secs(5))
         .map_err(|e| format!("the reader thread did not start: {e}"))?;
-    // Asleep in the driver before the marker, so the host's request finds
-    // a waiting reader.
     let t = Instant::now();
     let mut where_ = wchan(tid);
     while where_.is_empty() || where_ == "0" {
@@ -212,35 +267,35 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         where_ = wchan(tid);
     }
     c.report.text("wchan", &where_);
+    Ok(Reader { handle, done })
+}
 
-    ready(&o.scenario);
-    let ready_at = Instant::now();
-    let got = match rx.recv_timeout(GIVE_UP) {
-        Ok((r, at)) => Some((r, at.duration_since(ready_at))),
-        Err(_) => None,
-    };
-    // A reader still waiting is interrupted (repeatedly: a signal that
-    // lands just before the read starts is lost).
-    while !reader.is_finished() {
-        // SAFETY: not joined yet, so the pthread_t is valid; SIGUSR1 has a
-        // handler that does nothing.
-        unsafe { libc::pthread_kill(reader.as_pthread_t(), libc::SIGUSR1) };
-        nap(Duration::from_millis(10));
+impl Reader {
+    /// The read's outcome and how long after `ready_at` it came, or
+    /// `None` if it did not within [`GIVE_UP`]. A reader still waiting is
+    /// interrupted (repeatedly: a signal that lands just before the read
+    /// starts is lost); the thread is joined either way.
+    fn wait(self, ready_at: Instant) -> Result<Option<ReadOutcome<Duration>>, String> {
+        let got = match self.done.recv_timeout(GIVE_UP) {
+            Ok((r, at)) => Some((r, at.duration_since(ready_at))),
+            Err(_) => None,
+        };
+        while !self.handle.is_finished() {
+            // SAFETY: not joined yet, so the pthread_t is valid; SIGUSR1
+            // has a handler that does nothing.
+            unsafe { libc::pthread_kill(self.handle.as_pthread_t(), libc::SIGUSR1) };
+            nap(Duration::from_millis(10));
+        }
+        self.handle
+            .join()
+            .map_err(|_| "the reader panicked".to_string())?;
+        Ok(got)
     }
-    reader
-        .join()
-        .map_err(|_| "the reader panicked".to_string())?;
+}
 
-    let mut b = [0u8; 1];
-    let broken = Broken {
-        read: got.as_ref().map(|(r, _)| *r),
-        read_ms: got.map(|(_, d)| d.as_millis() as u64).unwrap_or(0),
-        revents: poll_one(raw, libc::POLLIN | libc::POLLOUT, 0).ok(),
-        read_again: io_once(raw, &mut b, false),
-        write: io_once(raw, &mut b, true),
-        sysfs: sysfs_needs_reset(&mut c, &o.device, "sysfs_broken"),
-        state: stats(&mut c, raw, "stats_broken").map(|st| st.state),
-    };
+/// The fields of what was seen while broken: `read`, `read_ms`,
+/// `poll_broken`, `read_broken`, `write_broken`.
+fn report_broken(c: &mut Checked, broken: &Broken) {
     c.report
         .text(
             "read",
@@ -258,9 +313,12 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         )
         .text("read_broken", &outcome(&broken.read_again))
         .text("write_broken", &outcome(&broken.write));
-    c.problems.extend(broken_problems(&broken));
+}
 
-    // The way out.
+/// The way out: `QW_IOC_RESET` succeeds, and then the state is 0,
+/// `resets` one more than at `start`, sysfs `needs_reset` 0 and `poll`
+/// without `POLLERR`/`POLLHUP`.
+fn recover(c: &mut Checked, o: &Opts, raw: RawFd, start: &QwStats) {
     let reset = ioctl_plain(raw, QW_IOC_RESET);
     c.report.text(
         "reset",
@@ -272,7 +330,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     c.check(reset.is_ok(), || {
         format!("QW_IOC_RESET: {}", errno_name(reset.err().unwrap_or(0)))
     });
-    if let Some(st) = stats(&mut c, raw, "stats_reset") {
+    if let Some(st) = stats(c, raw, "stats_reset") {
         c.check(st.state == 0, || {
             format!("state {:#x} after QW_IOC_RESET", st.state)
         });
@@ -283,7 +341,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
             )
         });
     }
-    if let Some(v) = sysfs_needs_reset(&mut c, &o.device, "sysfs_reset") {
+    if let Some(v) = sysfs_needs_reset(c, &o.device, "sysfs_reset") {
         c.check(v == 0, || {
             format!("sysfs needs_reset {v} after QW_IOC_RESET")
         });
@@ -297,21 +355,6 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         }
         Err(e) => c.fail(e),
     }
-
-    // The device works again.
-    crate::models::ioctl_stats::read_after_reset(&mut c, raw, &o.scenario);
-    if let Some(st) = stats(&mut c, raw, "stats_end") {
-        c.check(st.rx_pending == 0, || {
-            format!(
-                "rx_pending {} after reading the {AFTER_RESET_BYTES} bytes",
-                st.rx_pending
-            )
-        });
-        c.check(st.state == 0, || {
-            format!("state {:#x} at the end", st.state)
-        });
-    }
-    Ok(c)
 }
 
 #[cfg(test)]
@@ -328,6 +371,31 @@ mod tests {
             sysfs: Some(1),
             state: Some(QW_STATE_NEEDS_RESET),
         }
+    }
+
+    #[test]
+    fn what_was_seen_while_broken_is_reported() {
+        let mut c = Checked::new();
+        report_broken(&mut c, &good());
+        let line = crate::checked_result_line("needs-reset", &c.report, &[]);
+        assert!(
+            line.ends_with(
+                "\"read\":\"EIO\",\"read_ms\":700,\"poll_broken\":\"0xd (IN|OUT|ERR)\",\
+                 \"read_broken\":\"EIO\",\"write_broken\":\"EIO\"}"
+            ),
+            "{line}"
+        );
+        let mut c = Checked::new();
+        report_broken(
+            &mut c,
+            &Broken {
+                read: None,
+                revents: None,
+                ..good()
+            },
+        );
+        assert_eq!(c.report.get("read"), Some("\"still waiting\""));
+        assert_eq!(c.report.get("poll_broken"), Some("\"poll failed\""));
     }
 
     #[test]

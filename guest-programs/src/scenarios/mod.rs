@@ -1,0 +1,69 @@
+//! The programs that are not one I/O model moving one stream: the
+//! driver-robustness scenarios, the sensor device's scenarios and the
+//! benchmark's echo programs.
+//!
+//! | module | scenarios |
+//! | --- | --- |
+//! | [`teardown`] | `teardown-unbind`, `teardown-remove` |
+//! | [`ioctl_stats`] | `ioctl-stats` |
+//! | [`pm_freeze`] | `pm-freeze` |
+//! | [`multi_open`] | `multi-open` |
+//! | [`needs_reset`] | `needs-reset` |
+//! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
+//! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
+//!
+//! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
+//! String>` (the sensor ones take their own options): `Err` when they
+//! cannot even start, else every observation and the list of checks that
+//! failed ([`Checked`]). The drivers' interfaces are in [`crate::uapi`].
+
+pub mod echo;
+pub mod ioctl_stats;
+pub mod multi_open;
+pub mod needs_reset;
+pub mod pm_freeze;
+pub mod sensor;
+pub mod teardown;
+
+use crate::Report;
+
+/// The observations of a scenario and the checks that failed. A scenario
+/// goes on after a failed check where it can, so one run shows everything.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The result line's fields.
+    pub report: Report,
+    /// What did not hold, in order.
+    pub problems: Vec<String>,
+}
+
+impl Checked {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record a problem unless `ok`.
+    pub fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
+        if !ok {
+            self.problems.push(what());
+        }
+        ok
+    }
+
+    /// Record a problem.
+    pub fn fail(&mut self, what: impl Into<String>) {
+        self.problems.push(what.into());
+    }
+
+    /// Record the error of `r`, if any, and pass the value on.
+    pub fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problems.push(e);
+                None
+            }
+        }
+    }
+}
