@@ -285,7 +285,8 @@ impl<'l> Session<'l> {
                     // failure (its result says why); skipping a later one
                     // leaves host steps undone, which the verdict says.
                     if s.steps[..i].iter().any(|p| matches!(p, Step::Ready(_))) {
-                        d.problems.push(format!("{what}: the program ended before it"));
+                        d.problems
+                            .push(format!("{what}: the program ended before it"));
                     }
                     ended = Some(v);
                     break;

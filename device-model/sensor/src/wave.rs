@@ -1,7 +1,7 @@
 //! The seeded waveform (`docs/sensor-spec.md`, "The waveform"): the value
 //! of a sample depends only on its sequence number and the parameters, so
 //! the guest can check every sample, also after a gap. The guest programs
-//! have their own copy (`guest-programs/src/models/sensor.rs`); both pin the
+//! have their own copy (`guest-programs/src/scenarios/sensor.rs`); both pin the
 //! same values in their tests.
 
 use serde::{Deserialize, Serialize};
@@ -110,7 +110,7 @@ mod tests {
     use super::*;
 
     /// The guest programs' copy pins the same values
-    /// (`models::sensor::tests::waveform_pinned_values`).
+    /// (`scenarios::sensor::tests::waveform_pinned_values`).
     #[test]
     fn pinned_values() {
         let w = Wave {
