@@ -10,13 +10,13 @@
 //! cell (`qemu_kvm`), a test (`io_models_rx_and_tx`) or one of each
 //! (`bookworm::qemu_kvm::io_models_rx_and_tx`).
 
-use vdevlab_device::irq::IrqMode;
 use vdevlab_lab::cell::Cell;
 use vdevlab_lab::engine::{self, run_streams};
 use vdevlab_lab::env::Kernel;
 use vdevlab_lab::record::read_all;
 use vdevlab_lab::scenario::{self, pattern, StreamCase};
 use vdevlab_lab::Lab;
+use vdevlab_qw::irq::IrqMode;
 use vdevlab_tests::{assert_passed, lab};
 
 /// Crosses many 4 KiB receive buffers and ends mid-buffer.

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use vdevlab_device::config;
-use vdevlab_device::control::{ControlClient, Request, Response};
-use vdevlab_device::faults::{Fault, QueueSel};
-use vdevlab_device::irq::IrqMode;
-use vdevlab_device::sources::{PatternStream, SourceConfig};
+use vdevlab_qw::config;
+use vdevlab_qw::control::{ControlClient, Request, Response};
+use vdevlab_qw::faults::{Fault, QueueSel};
+use vdevlab_qw::irq::IrqMode;
+use vdevlab_qw::sources::{PatternStream, SourceConfig};
 
 /// `println!` that tolerates a closed stdout (`... | head`).
 macro_rules! say {
@@ -22,7 +22,7 @@ macro_rules! say {
 /// Talk to a running device's control socket.
 #[derive(Debug, Args)]
 pub struct DeviceArgs {
-    /// The device's control socket (`vdevlab-device --control`).
+    /// The device's control socket (`vdevlab-qw --control`).
     #[arg(long, short = 'c')]
     control: PathBuf,
     #[command(subcommand)]

@@ -15,7 +15,7 @@ use crate::env::{in_root_script, target_dir, workspace_root, BuildPlace, Kernel,
 /// What a boot needs.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
-    /// The `vdevlab-device` backend binary.
+    /// The `vdevlab-qw` backend binary.
     pub device_bin: PathBuf,
     /// The static `vdevlab-guest` binary.
     pub guest_bin: PathBuf,
@@ -94,20 +94,20 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 /// return the binary: what `vdevlab bench` measures, since a debug build's
 /// costs would be ours only, not a user's.
 pub fn release_device_bin() -> Result<PathBuf> {
-    step("building the backend with the release profile (vdevlab-device)");
+    step("building the backend with the release profile (vdevlab-qw)");
     run(
         cargo().current_dir(workspace_root()).args([
             "build",
             "--quiet",
             "--release",
             "-p",
-            "vdevlab-device",
+            "vdevlab-qw",
             "--bin",
-            "vdevlab-device",
+            "vdevlab-qw",
         ]),
-        "cargo build --release -p vdevlab-device",
+        "cargo build --release -p vdevlab-qw",
     )?;
-    Ok(target_dir().join("release").join("vdevlab-device"))
+    Ok(target_dir().join("release").join("vdevlab-qw"))
 }
 
 /// Build everything (incrementally) and return where it is. Parallel callers
@@ -118,20 +118,20 @@ pub fn prepare(env: &LabEnv) -> Result<Artifacts> {
     let lock = File::create(dir.join(".prepare.lock"))?;
     lock.lock().context("locking target/lab")?;
 
-    step("building the backend (vdevlab-device)");
+    step("building the backend (vdevlab-qw)");
     let profile_dir = target_dir().join("debug");
     run(
         cargo().current_dir(workspace_root()).args([
             "build",
             "--quiet",
             "-p",
-            "vdevlab-device",
+            "vdevlab-qw",
             "--bin",
-            "vdevlab-device",
+            "vdevlab-qw",
         ]),
-        "cargo build -p vdevlab-device",
+        "cargo build -p vdevlab-qw",
     )?;
-    let device_bin = profile_dir.join("vdevlab-device");
+    let device_bin = profile_dir.join("vdevlab-qw");
 
     step("building the static guest programs (vdevlab-guest)");
     let guest_target = target_dir().join("guest");

@@ -9,7 +9,7 @@
 //!    (`/dev/virtio-ports/vdevlab.bench`): the host sends one 16-byte
 //!    stamped message (sequence number, host timestamp) at a time and times
 //!    its return, host side. The host side is the same for both devices: a
-//!    Unix stream socket, qw's data port (`vdevlab-device --data`, served on
+//!    Unix stream socket, qw's data port (`vdevlab-qw --data`, served on
 //!    the backend's vring worker thread) and QEMU's chardev socket of the
 //!    port. The first messages are a warm-up and are not counted.
 //! 2. per transfer size: the blocking stream scenario on `/dev/zero` and
@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use vdevlab_device::control::{ControlClient, Request};
+use vdevlab_qw::control::{ControlClient, Request};
 
 use vdevlab_guest::protocol;
 
@@ -918,7 +918,7 @@ fn drive_stream(
     }
 }
 
-fn ok_or_err(r: vdevlab_device::control::Response) -> std::io::Result<()> {
+fn ok_or_err(r: vdevlab_qw::control::Response) -> std::io::Result<()> {
     if r.ok {
         Ok(())
     } else {

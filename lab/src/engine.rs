@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use vdevlab_device::device::Stats;
 use vdevlab_guest::protocol;
+use vdevlab_qw::device::Stats;
 
 use crate::artifacts::Artifacts;
 use crate::cell::Cell;

@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use vdevlab_device::control::ControlClient;
+use vdevlab_qw::control::ControlClient;
 use vdevlab_vmm_config::{Accel, VirtioSerialPort, VmConfig, LAB_CONFIG_TOML};
 
 use crate::artifacts::Artifacts;
@@ -91,7 +91,7 @@ pub struct BootSpec {
     /// the kernel unpacks them in order, a later file replacing an earlier
     /// one. A user's driver, programs and files come this way.
     pub overlays: Vec<PathBuf>,
-    /// The device backend; `None`: the reference device (`vdevlab-device`).
+    /// The device backend; `None`: the reference device (`vdevlab-qw`).
     pub backend: Option<BackendCommand>,
     /// An interactive boot (`vdevlab up`): the VMM's stdin is a pipe to the
     /// serial console ([`Guest::console_input`]), the raw console output is
@@ -133,7 +133,7 @@ impl BackendCommand {
 /// How a backend process is started (restarts use the same).
 #[derive(Debug, Clone)]
 enum Launch {
-    /// `vdevlab-device --socket .. --control .. --once`.
+    /// `vdevlab-qw --socket .. --control .. --once`.
     Reference(PathBuf),
     /// The user's own command.
     Command(BackendCommand, PathBuf),
@@ -150,7 +150,7 @@ impl BootSpec {
             accel: Accel::Tcg,
             reconnect_ms: None,
             instances: 1,
-            virtio_id: vdevlab_device::spec::DEFAULT_VIRTIO_ID,
+            virtio_id: vdevlab_qw::spec::DEFAULT_VIRTIO_ID,
             kernel: DEFAULT_KERNEL.to_string(),
             driver_params: Vec::new(),
             bench_port: None,
@@ -192,7 +192,7 @@ pub struct Guest {
     /// The control socket (host path).
     pub control_path: PathBuf,
     /// The device's data port (host path): the byte stream itself, like a
-    /// chardev socket (see `vdevlab_device::data`).
+    /// chardev socket (see `vdevlab_qw::data`).
     pub data_path: PathBuf,
     /// VMM start to the guest's init (`VDEVLAB-BOOT`), once seen.
     pub boot_ms: Option<u64>,
@@ -370,7 +370,7 @@ fn unique_run_dir(scenario: &str) -> Result<PathBuf> {
 
 /// The data port's socket of the backend on `vu_sock`: `vu.sock` ->
 /// `data.sock`, `vu1.sock` -> `data1.sock` (the reference backend's
-/// `--data`, see `vdevlab_device::data`).
+/// `--data`, see `vdevlab_qw::data`).
 pub fn data_socket_of(vu_sock: &Path) -> PathBuf {
     let name = vu_sock
         .file_name()
@@ -380,7 +380,7 @@ pub fn data_socket_of(vu_sock: &Path) -> PathBuf {
 }
 
 /// Start the backend on its sockets and wait until they exist: the
-/// reference `vdevlab-device` (with its data port,
+/// reference `vdevlab-qw` (with its data port,
 /// [`data_socket_of`]), or the user's command (waiting for the control
 /// socket only if it names one). Its output is appended to `log` (a
 /// restart adds to the same file).
@@ -1467,7 +1467,7 @@ mod tests {
             line.cmdline,
             format!(
                 "console=ttyS0 panic=-1 quiet vdevlab.virtio_id={}",
-                vdevlab_device::spec::DEFAULT_VIRTIO_ID
+                vdevlab_qw::spec::DEFAULT_VIRTIO_ID
             )
         );
         assert_eq!(line.runs_file, None);
@@ -1634,7 +1634,7 @@ mod tests {
         assert!(
             device.contains(&format!(
                 "virtio-id={}",
-                vdevlab_device::spec::DEFAULT_VIRTIO_ID
+                vdevlab_qw::spec::DEFAULT_VIRTIO_ID
             )),
             "{device}"
         );
@@ -1710,7 +1710,7 @@ mod tests {
         assert!(
             vu.contains(&format!(
                 "device_type={}",
-                vdevlab_device::spec::DEFAULT_VIRTIO_ID
+                vdevlab_qw::spec::DEFAULT_VIRTIO_ID
             )),
             "{vu}"
         );

@@ -104,7 +104,7 @@ pub struct DeviceSpec {
     /// must listen on, `{control}` a control socket (waited for, and used by
     /// `control`/`inject`/`capture`/`fault` steps if it speaks the qw
     /// control protocol), `{run}` the run folder. Default: the shipped qw
-    /// device (`vdevlab-device`).
+    /// device (`vdevlab-qw`).
     #[serde(default)]
     pub backend: Vec<String>,
     /// Queue sizes of your backend's device, one per queue (default: two

@@ -13,9 +13,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use vdevlab_device::control::Request;
-use vdevlab_device::device::Stats;
-use vdevlab_device::irq::IrqMode;
+use vdevlab_qw::control::Request;
+use vdevlab_qw::device::Stats;
+use vdevlab_qw::irq::IrqMode;
 
 use crate::cell::Cell;
 use crate::env::Kernel;

@@ -18,9 +18,9 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-use vdevlab_device::core::{Engine, Pass, QueueError};
-use vdevlab_device::device::{QwDevice, QwEngine, Stats};
-use vdevlab_device::spec::MAX_CHAIN_BYTES;
+use vdevlab_qw::core::{Engine, Pass, QueueError};
+use vdevlab_qw::device::{QwDevice, QwEngine, Stats};
+use vdevlab_qw::spec::MAX_CHAIN_BYTES;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

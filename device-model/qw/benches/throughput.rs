@@ -1,5 +1,5 @@
 //! Throughput of the qw backend: descriptors per second and MB/s through the
-//! real `vdevlab-device` binary (built with the bench profile, i.e. release),
+//! real `vdevlab-qw` binary (built with the bench profile, i.e. release),
 //! driven over vhost-user by the in-process frontend of the protocol tests
 //! (`tests/support/mod.rs`), which plays the VMM and the guest driver.
 //!
@@ -40,9 +40,9 @@ use support::{
     avail_ring_addr, used_ring_addr, Ctl, Desc, Device, Options, Vmm, AVAIL_F_NO_INTERRUPT,
     DATA_BASE, QUEUE_SIZE, RX, TX,
 };
-use vdevlab_device::control::Response;
-use vdevlab_device::core::CoreCounters;
-use vdevlab_device::device::Stats;
+use vdevlab_qw::control::Response;
+use vdevlab_qw::core::CoreCounters;
+use vdevlab_qw::device::Stats;
 use vhost::VhostBackend;
 use virtio_bindings::bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use vm_memory::{Bytes, GuestAddress};

@@ -1,4 +1,4 @@
-//! The data port: an optional Unix stream socket (`vdevlab-device --data
+//! The data port: an optional Unix stream socket (`vdevlab-qw --data
 //! PATH`, mode 0600) that carries the device's byte stream, the way QEMU's
 //! chardev socket carries a virtio-serial port's.
 //!

@@ -1,11 +1,11 @@
-//! `vdevlab-device`: serve the qw device as a vhost-user backend.
+//! `vdevlab-qw`: serve the qw device as a vhost-user backend.
 
 use anyhow::Context;
 use clap::Parser;
-use vdevlab_device::data::DataPort;
-use vdevlab_device::device::QwDevice;
-use vdevlab_device::qw::{DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
 use vdevlab_device_core::daemon::{init_logging, run, DaemonArgs};
+use vdevlab_qw::data::DataPort;
+use vdevlab_qw::device::QwDevice;
+use vdevlab_qw::qw::{DEFAULT_RX_FIFO_BYTES, DEFAULT_TX_CAPTURE_BYTES};
 
 /// The vdevlab reference device (qw) as a vhost-user backend.
 #[derive(Debug, Parser)]

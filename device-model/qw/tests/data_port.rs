@@ -1,4 +1,4 @@
-//! The data port (`vdevlab-device --data PATH`): the real binary, driven
+//! The data port (`vdevlab-qw --data PATH`): the real binary, driven
 //! over vhost-user by the in-process frontend of the protocol tests, with a
 //! host client on the data socket. Bytes written to the socket reach the
 //! driver's receive buffers in order; bytes the driver transmits come out of

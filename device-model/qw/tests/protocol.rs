@@ -1,4 +1,4 @@
-//! Protocol tests: the real `vdevlab-device` binary driven over vhost-user by
+//! Protocol tests: the real `vdevlab-qw` binary driven over vhost-user by
 //! an in-process frontend (see `support`), checked against
 //! `docs/device-spec.md`. Each test starts its own device in its own
 //! temporary folder.
@@ -6,7 +6,7 @@
 mod support;
 
 use support::*;
-use vdevlab_device::spec::MAX_CHAIN_BYTES;
+use vdevlab_qw::spec::MAX_CHAIN_BYTES;
 
 /// Bytes injected ahead of a malformed receive chain.
 const PAYLOAD: &[u8] = b"payload!";

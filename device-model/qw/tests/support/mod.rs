@@ -1,4 +1,4 @@
-//! Test support for qw's protocol tests: the `vdevlab-device` binary in a
+//! Test support for qw's protocol tests: the `vdevlab-qw` binary in a
 //! private temporary folder ([`Device`]), its typed control plane ([`Ctl`]),
 //! and the in-process vhost-user frontend of `vdevlab-device-testkit`
 //! ([`Vmm`]) with qw's two queues and receive/transmit helpers.
@@ -12,9 +12,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vdevlab_device::control::{ControlClient, Response};
-use vdevlab_device::device::Stats;
 use vdevlab_device_testkit as kit;
+use vdevlab_qw::control::{ControlClient, Response};
+use vdevlab_qw::device::Stats;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -59,7 +59,7 @@ pub fn used_ring_addr(q: usize) -> u64 {
     LAYOUT.used_ring_addr(q)
 }
 
-/// A `vdevlab-device` process (the testkit's [`kit::Device`]).
+/// A `vdevlab-qw` process (the testkit's [`kit::Device`]).
 #[derive(Debug)]
 pub struct Device(kit::Device);
 kit::deref_to_kit!(Device => kit::Device);
@@ -68,10 +68,7 @@ impl Device {
     /// Start the binary with `--socket`, `--control` and `extra` arguments,
     /// and wait until both sockets are there.
     pub fn spawn(extra: &[&str]) -> Self {
-        Self(kit::Device::spawn(
-            env!("CARGO_BIN_EXE_vdevlab-device"),
-            extra,
-        ))
+        Self(kit::Device::spawn(env!("CARGO_BIN_EXE_vdevlab-qw"), extra))
     }
 
     /// A new control-plane client.
