@@ -1240,6 +1240,16 @@ fn measure_in_guest(
     })
 }
 
+/// The link a run on `device` uses: the qw device's data socket, or the
+/// virtio-serial port.
+fn pick<'a>(qw: &'a mut Link, port: &'a mut Link, device: Device) -> &'a mut Link {
+    if device == Device::Qw {
+        qw
+    } else {
+        port
+    }
+}
+
 /// The bench boot's links: the guest, its qw device's data socket, the
 /// virtio-serial port, the control socket, and the processes to account.
 struct Bencher<'g> {
@@ -1275,14 +1285,6 @@ impl<'g> Bencher<'g> {
         })
     }
 
-    fn link(&mut self, device: Device) -> &mut Link {
-        if device == Device::Qw {
-            &mut self.qw
-        } else {
-            &mut self.port
-        }
-    }
-
     /// One latency run: `msgs` echoes once the guest program is ready.
     fn echo(
         &mut self,
@@ -1313,7 +1315,7 @@ impl<'g> Bencher<'g> {
             res.guest = Some(v);
         } else {
             let (vmm_pid, backend_pid, epoch) = (self.vmm_pid, self.backend_pid, self.epoch);
-            let link = self.link(device);
+            let link = pick(&mut self.qw, &mut self.port, device);
             link.stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
             let (vmm0, be0) = (cpu_ns(vmm_pid), cpu_ns(backend_pid));
             let r = echo_stream(&mut link.stream, msgs, epoch);
@@ -1388,11 +1390,7 @@ impl<'g> Bencher<'g> {
                 cpu_ns(self.vmm_pid),
                 cpu_ns(self.backend_pid),
             );
-            let link = if device == Device::Qw {
-                &mut self.qw
-            } else {
-                &mut self.port
-            };
+            let link = pick(&mut self.qw, &mut self.port, device);
             match drive_stream(self.guest, link, &scenario, device, dir, &data) {
                 Ok((t, v)) => {
                     let wall = t0.elapsed().as_nanos().max(1) as f64;

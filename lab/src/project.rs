@@ -33,7 +33,7 @@ use crate::cell::Cell;
 use crate::env::{runs_dir, target_dir, Kernel};
 use crate::guest::{BackendCommand, BootSpec, GuestDriver};
 use crate::report;
-use crate::scenario::{Expect, Scenario, Step};
+use crate::scenario::{fault_request, Expect, Scenario, Step};
 use crate::Lab;
 
 /// The manifest's file name.
@@ -240,12 +240,7 @@ impl StepSpec {
             Action::Inject(t) => Step::inject(t.as_bytes().to_vec()),
             Action::InjectHex(h) => Step::inject(hex::decode(h).context("inject_hex")?),
             Action::Capture(t) => Step::capture(t.as_bytes().to_vec()),
-            Action::Fault(f) => {
-                let Step::Control { request, .. } = Step::fault(serde_json::to_value(f)?)? else {
-                    unreachable!("a fault is a control request")
-                };
-                reply(request)?
-            }
+            Action::Fault(f) => reply(fault_request(serde_json::to_value(f)?)?)?,
             Action::Control(c) => {
                 let v: Value =
                     serde_json::from_str(c).with_context(|| format!("control = {c}: not JSON"))?;

@@ -177,9 +177,7 @@ impl Step {
     /// A `fault` control request (`docs/device-spec.md`, "Injected
     /// faults"), checked against the qw device's vocabulary.
     pub fn fault(fault: Value) -> Result<Self> {
-        let request = serde_json::json!({ "op": "fault", "fault": fault });
-        control_request(&request.to_string())?;
-        Ok(Step::control(request))
+        fault_request(fault).map(Step::control)
     }
 
     /// A short description for messages: the step as JSON-ish text.
@@ -322,6 +320,14 @@ impl Outcome {
 /// Parse a control request of the qw device's vocabulary.
 pub fn control_request(json: &str) -> Result<Request> {
     serde_json::from_str(json).with_context(|| format!("bad control request {json}"))
+}
+
+/// The `fault` control request of `fault` (an object of the qw device's
+/// fault vocabulary, checked).
+pub fn fault_request(fault: Value) -> Result<Value> {
+    let request = serde_json::json!({ "op": "fault", "fault": fault });
+    control_request(&request.to_string())?;
+    Ok(request)
 }
 
 /// The version line of the VMM a run used, for its record.
