@@ -32,6 +32,14 @@
 #   vdevlab.vport=<name>                wait for the virtio-serial port named
 #                                       <name> and link it (and every other
 #                                       named port) as /dev/virtio-ports/<name>
+#   vdevlab.irq_cpu=<n>                 an SMP guest: route every virtio
+#                                       interrupt to CPU <n> once the driver is
+#                                       bound, and report each one's per-CPU
+#                                       counts then (VDEVLAB-IRQ start) and at
+#                                       the end (VDEVLAB-IRQ end)
+#   vdevlab.pin_cpu=<n>                 run the guest programs on CPU <n> only
+#                                       (taskset), so their wake-ups come from
+#                                       another CPU's interrupt
 # A run list too long for the command line comes as /vdevlab.run (same
 # format), in a second initramfs archive.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
@@ -42,6 +50,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "VDEVLAB-BOOT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
 
 run=""; vid=""; shell=""; qwp=""; vport=""; drv=vdevlab_qw; dev=/dev/qw0
+irq_cpu=""; pin_cpu=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vdevlab.run=*) run=${arg#vdevlab.run=} ;;
@@ -51,6 +60,8 @@ for arg in $(cat /proc/cmdline); do
         vdevlab.vport=*) vport=${arg#vdevlab.vport=} ;;
         vdevlab.driver=*) drv=${arg#vdevlab.driver=} ;;
         vdevlab.dev=*) dev=${arg#vdevlab.dev=} ;;
+        vdevlab.irq_cpu=*) irq_cpu=${arg#vdevlab.irq_cpu=} ;;
+        vdevlab.pin_cpu=*) pin_cpu=${arg#vdevlab.pin_cpu=} ;;
     esac
 done
 
@@ -65,6 +76,7 @@ fail() {
     finish 1
 }
 finish() {
+    [ -n "$irq_cpu" ] && virtio_irqs end
     echo "VDEVLAB-EXIT $1"
     echo "VDEVLAB-DMESG-BEGIN"
     dmesg
@@ -86,6 +98,28 @@ EOF
     echo "VDEVLAB-SHELL"
     ENV=/tmp/vdevlab-shrc setsid cttyhack sh
     echo "VDEVLAB-SHELL-END"
+}
+
+# Every virtio interrupt's /proc/interrupts line, after "VDEVLAB-IRQ $1"
+# (the harness sums the per-CPU columns between start and end).
+virtio_irqs() {
+    grep -E 'virtio[0-9]' /proc/interrupts | while read -r line; do
+        echo "VDEVLAB-IRQ $1 $line"
+    done
+}
+# Route every virtio interrupt to CPU $irq_cpu: writable because virtio-pci
+# does not give its vectors managed affinity unless a driver asks for it.
+route_irqs() {
+    [ "$irq_cpu" -lt "$(nproc)" ] || fail "vdevlab.irq_cpu=$irq_cpu, but the guest has $(nproc) CPUs"
+    n=0
+    for irq in $(grep -E 'virtio[0-9]' /proc/interrupts | cut -d: -f1); do
+        echo "$irq_cpu" > "/proc/irq/$irq/smp_affinity_list" ||
+            fail "could not route IRQ $irq to CPU $irq_cpu (/proc/irq/$irq/smp_affinity_list)"
+        n=$((n + 1))
+    done
+    [ $n -gt 0 ] || fail "no virtio interrupt in /proc/interrupts to route to CPU $irq_cpu"
+    echo "VDEVLAB-SMP cpus=$(nproc) irq_cpu=$irq_cpu pin_cpu=${pin_cpu:-none} irqs=$n"
+    virtio_irqs start
 }
 
 # The kernel's own modules the driver needs first (virtio and virtio_pci
@@ -131,6 +165,7 @@ if [ -n "$vport" ]; then
     done
     echo "VDEVLAB-VPORT $vport $(readlink "/dev/virtio-ports/$vport")"
 fi
+[ -n "$irq_cpu" ] && route_irqs
 [ -z "$run" ] && [ -f /vdevlab.run ] && run=$(cat /vdevlab.run)
 
 if [ -z "$run" ]; then
@@ -150,6 +185,7 @@ for one in $run; do
         /*) prog="" ;;
         *) prog=/bin/vdevlab-guest ;;
     esac
+    [ -n "$pin_cpu" ] && prog="taskset -c $pin_cpu $prog"
     # shellcheck disable=SC2046
     $prog $(echo "$one" | tr ',' ' ') || failures=$((failures + 1))
     IFS=';'

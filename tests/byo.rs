@@ -78,7 +78,11 @@ fn user_project_passes_its_scenarios(cell: Cell) {
         assert!(r.scenario.starts_with("qwmini/"), "{r:?}");
         assert_eq!(r.result, Verdict::Pass);
         assert_eq!(r.driver.as_deref(), Some("qwmini"));
-        assert_eq!(Cell::of_record(&r.vmm, &r.accel), Some(cell), "{r:?}");
+        assert_eq!(
+            Cell::of_record(&r.vmm, &r.accel, r.vcpus),
+            Some(cell),
+            "{r:?}"
+        );
     }
     let junit =
         std::fs::read_to_string(runs_dir().join(format!("user/qwmini/junit-trixie-{cell}.xml")))

@@ -106,6 +106,49 @@ pub fn in_cell(
     }
 }
 
+/// On an SMP guest that routed the device's interrupts (the SMP cells'
+/// default), check the record says so and that they were taken on the
+/// CPU they were sent to: some there and, when `only_there` (no re-probe
+/// in the boot made new, unrouted interrupt lines), none elsewhere but the
+/// one each IO-APIC line takes on its old CPU as it moves
+/// (`vdevlab_lab::smp::irq_deltas`). On one vCPU, check the record says
+/// one.
+pub fn assert_cpus(out: &Outcome, cell: vdevlab_lab::cell::Cell, only_there: bool) {
+    let rec = &out.record;
+    let vcpus = cell.vcpus().expect("the cell's vCPU count");
+    assert_eq!(rec.vcpus, Some(vcpus), "{}: vcpus on record", rec.scenario);
+    if !cell.smp {
+        return;
+    }
+    let cpu = rec.irq_cpu.expect("an SMP record names its interrupt CPU");
+    let per_cpu = rec.irqs_per_cpu.as_ref().unwrap_or_else(|| {
+        panic!(
+            "{}: no interrupt counts from the guest (VDEVLAB-IRQ start/end)",
+            rec.scenario
+        )
+    });
+    assert!(
+        per_cpu[usize::from(cpu)] > 0,
+        "{}: no device interrupt on CPU {cpu}, where they were routed: {per_cpu:?}",
+        rec.scenario
+    );
+    if only_there {
+        let elsewhere: u64 = per_cpu
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != usize::from(cpu))
+            .map(|(_, n)| n)
+            .sum();
+        let lines = u64::from(rec.irq_lines.unwrap_or(0));
+        assert!(
+            elsewhere <= lines,
+            "{}: {elsewhere} device interrupts on other CPUs than {cpu} \
+             (at most {lines}, one per line as it moves): {per_cpu:?}",
+            rec.scenario
+        );
+    }
+}
+
 /// One test per cell of the matrix, in a module named after the cell
 /// (`qemu_tcg::`, `qemu_kvm::`, `cloud_hypervisor_kvm::`), each calling the
 /// crate-level function of the same name through [`in_cell`]:
@@ -113,11 +156,23 @@ pub fn in_cell(
 /// - `cell_tests!(kernel "trixie"; io_models_rx_and_tx, ...)` calls
 ///   `crate::io_models_rx_and_tx("trixie", cell)`;
 /// - `cell_tests!(fast_fault_campaign, ...)` calls
-///   `crate::fast_fault_campaign(cell)` (default kernel).
+///   `crate::fast_fault_campaign(cell)` (default kernel);
+/// - `cell_tests!(smp kernel "lab"; ...)` and `cell_tests!(smp ...)` do the
+///   same in the SMP cells (`qemu_tcg_smp::`, ...).
 #[macro_export]
 // `crate::` on purpose: the functions are the calling test file's.
 #[allow(clippy::crate_in_macro_def)]
 macro_rules! cell_tests {
+    (smp kernel $kernel:expr; $($test:ident),* $(,)?) => {
+        $crate::cell_tests!(@kernel qemu_tcg_smp QEMU_TCG_SMP $kernel; $($test),*);
+        $crate::cell_tests!(@kernel qemu_kvm_smp QEMU_KVM_SMP $kernel; $($test),*);
+        $crate::cell_tests!(@kernel cloud_hypervisor_kvm_smp CLOUD_HYPERVISOR_KVM_SMP $kernel; $($test),*);
+    };
+    (smp $($test:ident),* $(,)?) => {
+        $crate::cell_tests!(@default qemu_tcg_smp QEMU_TCG_SMP; $($test),*);
+        $crate::cell_tests!(@default qemu_kvm_smp QEMU_KVM_SMP; $($test),*);
+        $crate::cell_tests!(@default cloud_hypervisor_kvm_smp CLOUD_HYPERVISOR_KVM_SMP; $($test),*);
+    };
     (kernel $kernel:expr; $($test:ident),* $(,)?) => {
         $crate::cell_tests!(@kernel qemu_tcg QEMU_TCG $kernel; $($test),*);
         $crate::cell_tests!(@kernel qemu_kvm QEMU_KVM $kernel; $($test),*);

@@ -8,7 +8,9 @@
 //! `cloud_hypervisor_kvm::`; `VDEVLAB_CELLS` picks, see
 //! `vdevlab_lab::cell`), so a nextest filter picks a kernel (`bookworm`), a
 //! cell (`qemu_kvm`), a test (`io_models_rx_and_tx`) or one of each
-//! (`bookworm::qemu_kvm::io_models_rx_and_tx`).
+//! (`bookworm::qemu_kvm::io_models_rx_and_tx`). The I/O models and the
+//! teardown also run on several vCPUs (`qemu_tcg_smp::`, ...), with the
+//! device's interrupts on one CPU and the programs on another.
 
 use vdevlab_lab::cell::Cell;
 use vdevlab_lab::engine::{self, run_streams};
@@ -17,7 +19,7 @@ use vdevlab_lab::record::read_all;
 use vdevlab_lab::scenario::{self, pattern, StreamCase};
 use vdevlab_lab::Lab;
 use vdevlab_qw::irq::IrqMode;
-use vdevlab_tests::{assert_passed, lab};
+use vdevlab_tests::{assert_cpus, assert_passed, lab};
 
 /// Crosses many 4 KiB receive buffers and ends mid-buffer.
 const PAYLOAD: usize = 256 * 1024 + 123;
@@ -64,7 +66,7 @@ fn blocking_rx(kernel: &str, cell: Cell) {
     let rec = &out.record;
     assert_eq!(rec.scenario, "blocking-rx");
     assert_eq!(rec.kernel, kernel.release);
-    assert_eq!(Cell::of_record(&rec.vmm, &rec.accel), Some(cell));
+    assert_eq!(Cell::of_record(&rec.vmm, &rec.accel, rec.vcpus), Some(cell));
     assert!(rec.boot_ms.is_some_and(|ms| ms > 0));
     let on_file = read_all().expect("runs.jsonl is readable");
     assert!(
@@ -147,6 +149,9 @@ fn driver_ioctls_pm_and_teardown(kernel: &str, cell: Cell) {
     let outs = engine::run(&lab, &kernel, cell, &cases, |_| {}).expect("the scenarios could run");
     for out in &outs {
         assert_passed(out);
+        // The unbind and the removal re-probe: new interrupt lines, not
+        // routed, may take interrupts anywhere.
+        assert_cpus(out, cell, false);
     }
 }
 
@@ -440,6 +445,7 @@ fn io_models_rx_and_tx(kernel: &str, cell: Cell) {
         };
         assert_eq!(seen, out.host_sha256, "{}", out.record.scenario);
         assert_eq!(out.record.kernel, kernel.release);
+        assert_cpus(out, cell, true);
     }
 }
 
@@ -459,6 +465,12 @@ macro_rules! kernel_tests {
                 io_models_rx_and_tx,
                 driver_ioctls_pm_and_teardown,
                 device_needs_reset_is_noticed,
+            );
+            // On several vCPUs, the device's interrupts on one CPU and the
+            // programs on another (`vdevlab_lab::smp`).
+            vdevlab_tests::cell_tests!(smp kernel stringify!($kernel);
+                io_models_rx_and_tx,
+                driver_ioctls_pm_and_teardown,
             );
         }
     };

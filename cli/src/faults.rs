@@ -17,8 +17,9 @@ pub struct FaultsArgs {
     /// Guest kernel(s): trixie, bookworm, or all.
     #[arg(long, default_value = "trixie")]
     kernel: String,
-    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm, or
-    /// auto (QEMU on KVM where KVM works, else QEMU/TCG).
+    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm (each
+    /// with -smp for several vCPUs), or auto (QEMU on KVM where KVM works,
+    /// else QEMU/TCG).
     #[arg(long, default_value = "auto")]
     cell: String,
     /// Your own driver for the qw device instead of the reference one: a

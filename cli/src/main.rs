@@ -52,8 +52,9 @@ enum Cmd {
         /// Seed of the payload.
         #[arg(long, default_value_t = 0x5eed)]
         seed: u64,
-        /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm,
-        /// or auto (QEMU on KVM where KVM works, else QEMU/TCG).
+        /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm
+        /// (each with -smp for several vCPUs), or auto (QEMU on KVM where
+        /// KVM works, else QEMU/TCG).
         #[arg(long, default_value = "auto")]
         cell: String,
     },

@@ -18,8 +18,9 @@ pub struct UpArgs {
     /// files instead of the reference driver.
     #[arg(long, value_name = "DIR")]
     project: Option<PathBuf>,
-    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm, or
-    /// auto (QEMU on KVM where KVM works, else QEMU/TCG).
+    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm (each
+    /// with -smp for several vCPUs), or auto (QEMU on KVM where KVM works,
+    /// else QEMU/TCG).
     #[arg(long, default_value = "auto")]
     cell: String,
 }

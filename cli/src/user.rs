@@ -20,8 +20,8 @@ pub struct UserTestArgs {
     #[arg(long)]
     kernel: Option<String>,
     /// Cells (VMM and accelerator) to run in, comma-separated or repeated:
-    /// qemu-tcg, qemu-kvm, cloud-hypervisor-kvm, all, or auto (QEMU on KVM
-    /// where KVM works, else QEMU/TCG).
+    /// qemu-tcg, qemu-kvm, cloud-hypervisor-kvm (each with -smp for several
+    /// vCPUs), all, or auto (QEMU on KVM where KVM works, else QEMU/TCG).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     cell: Vec<String>,
 }

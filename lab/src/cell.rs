@@ -1,6 +1,16 @@
-//! The matrix's VMM dimension: a cell is a VMM and an accelerator
-//! (`qemu-tcg`, `qemu-kvm`, `cloud-hypervisor-kvm`). Every scenario of the
-//! suite runs in each cell the host can run, beside the kernel dimension.
+//! The matrix's VMM dimension: a cell is a VMM, an accelerator and a CPU
+//! count (`qemu-tcg`, `qemu-kvm`, `cloud-hypervisor-kvm`, each with one
+//! vCPU, and their SMP twins `qemu-tcg-smp`, `qemu-kvm-smp`,
+//! `cloud-hypervisor-kvm-smp`). Every scenario of the suite runs in each
+//! cell the host can run, beside the kernel dimension; the SMP cells run
+//! the scenarios whose bugs need two CPUs at once (the I/O models, the
+//! teardown, the stress).
+//!
+//! An SMP cell's guest has [`SMP_VCPUS_VAR`] vCPUs (default 2; QEMU's TCG
+//! runs one host thread per vCPU, so they really run at once). By default
+//! the guest routes the device's interrupts to its last CPU and pins the
+//! guest programs to CPU 0, so every wake-up crosses CPUs
+//! ([`crate::guest::Placement`]).
 //!
 //! `VDEVLAB_CELLS` picks them:
 //!
@@ -23,58 +33,129 @@ use crate::env::{cloud_hypervisor, kvm_usable};
 use crate::guest::{accel_name, Vmm};
 use crate::record::Verdict;
 
-/// A VMM and an accelerator.
+/// A VMM, an accelerator, and one vCPU or several.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cell {
     /// The VMM.
     pub vmm: Vmm,
     /// The accelerator.
     pub accel: Accel,
+    /// Several vCPUs ([`Cell::vcpus`]) instead of one.
+    pub smp: bool,
 }
 
 /// The variable that selects cells.
 pub const CELLS_VAR: &str = "VDEVLAB_CELLS";
+
+/// The variable that sets the SMP cells' vCPU count (2 to 8; default 2).
+pub const SMP_VCPUS_VAR: &str = "VDEVLAB_SMP_VCPUS";
+
+/// The SMP cells' vCPUs when [`SMP_VCPUS_VAR`] is unset.
+pub const DEFAULT_SMP_VCPUS: u8 = 2;
+
+/// The most vCPUs an SMP cell may ask for: the lab kernel's `NR_CPUS`
+/// (images/lab-kernel.config).
+pub const MAX_SMP_VCPUS: u8 = 8;
+
+/// The SMP cells' vCPU count from `value` (the variable's value, if set).
+pub fn smp_vcpus_from(value: Option<&str>) -> Result<u8> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(DEFAULT_SMP_VCPUS);
+    };
+    match v.parse::<u8>() {
+        Ok(n) if (2..=MAX_SMP_VCPUS).contains(&n) => Ok(n),
+        _ => bail!(
+            "{SMP_VCPUS_VAR}={v}: an SMP cell needs 2 to {MAX_SMP_VCPUS} vCPUs \
+             (the lab kernel's NR_CPUS); unset it for {DEFAULT_SMP_VCPUS}"
+        ),
+    }
+}
 
 impl Cell {
     /// QEMU with its software emulation: runs on any host.
     pub const QEMU_TCG: Cell = Cell {
         vmm: Vmm::Qemu,
         accel: Accel::Tcg,
+        smp: false,
     };
     /// QEMU on KVM.
     pub const QEMU_KVM: Cell = Cell {
         vmm: Vmm::Qemu,
         accel: Accel::Kvm,
+        smp: false,
     };
     /// Cloud Hypervisor (KVM only).
     pub const CLOUD_HYPERVISOR_KVM: Cell = Cell {
         vmm: Vmm::CloudHypervisor,
         accel: Accel::Kvm,
+        smp: false,
     };
-    /// Every cell, TCG first.
-    pub const ALL: [Cell; 3] = [Cell::QEMU_TCG, Cell::QEMU_KVM, Cell::CLOUD_HYPERVISOR_KVM];
+    /// QEMU's multi-threaded TCG with several vCPUs.
+    pub const QEMU_TCG_SMP: Cell = Cell::QEMU_TCG.with_smp();
+    /// QEMU on KVM with several vCPUs.
+    pub const QEMU_KVM_SMP: Cell = Cell::QEMU_KVM.with_smp();
+    /// Cloud Hypervisor with several vCPUs.
+    pub const CLOUD_HYPERVISOR_KVM_SMP: Cell = Cell::CLOUD_HYPERVISOR_KVM.with_smp();
+    /// Every cell: one vCPU first (TCG first), then the SMP ones.
+    pub const ALL: [Cell; 6] = [
+        Cell::QEMU_TCG,
+        Cell::QEMU_KVM,
+        Cell::CLOUD_HYPERVISOR_KVM,
+        Cell::QEMU_TCG_SMP,
+        Cell::QEMU_KVM_SMP,
+        Cell::CLOUD_HYPERVISOR_KVM_SMP,
+    ];
 
-    /// `qemu-tcg`, `qemu-kvm`, `cloud-hypervisor-kvm`.
+    /// The same VMM and accelerator with several vCPUs.
+    pub const fn with_smp(self) -> Cell {
+        Cell { smp: true, ..self }
+    }
+
+    /// `qemu-tcg`, `qemu-kvm`, `cloud-hypervisor-kvm`, and the same with
+    /// `-smp` for the SMP cells.
     pub fn name(self) -> &'static str {
-        match (self.vmm, self.accel) {
-            (Vmm::Qemu, Accel::Tcg) => "qemu-tcg",
-            (Vmm::Qemu, Accel::Kvm) => "qemu-kvm",
-            (Vmm::CloudHypervisor, Accel::Kvm) => "cloud-hypervisor-kvm",
-            (Vmm::CloudHypervisor, Accel::Tcg) => "cloud-hypervisor-tcg",
+        match (self.vmm, self.accel, self.smp) {
+            (Vmm::Qemu, Accel::Tcg, false) => "qemu-tcg",
+            (Vmm::Qemu, Accel::Kvm, false) => "qemu-kvm",
+            (Vmm::CloudHypervisor, Accel::Kvm, false) => "cloud-hypervisor-kvm",
+            (Vmm::CloudHypervisor, Accel::Tcg, false) => "cloud-hypervisor-tcg",
+            (Vmm::Qemu, Accel::Tcg, true) => "qemu-tcg-smp",
+            (Vmm::Qemu, Accel::Kvm, true) => "qemu-kvm-smp",
+            (Vmm::CloudHypervisor, Accel::Kvm, true) => "cloud-hypervisor-kvm-smp",
+            (Vmm::CloudHypervisor, Accel::Tcg, true) => "cloud-hypervisor-tcg-smp",
         }
     }
 
-    /// The cell of a run record's `vmm` and `accel`.
-    pub fn of_record(vmm: &str, accel: &str) -> Option<Cell> {
+    /// The guest's vCPUs: 1, or for an SMP cell [`SMP_VCPUS_VAR`]'s
+    /// count (default [`DEFAULT_SMP_VCPUS`]); a bad value is an error that
+    /// says the range.
+    pub fn vcpus(self) -> Result<u8> {
+        if self.smp {
+            smp_vcpus_from(std::env::var(SMP_VCPUS_VAR).ok().as_deref())
+        } else {
+            Ok(1)
+        }
+    }
+
+    /// The cell of a run record's `vmm`, `accel` and `vcpus` (a record
+    /// without `vcpus` is from one vCPU).
+    pub fn of_record(vmm: &str, accel: &str, vcpus: Option<u8>) -> Option<Cell> {
+        let smp = vcpus.unwrap_or(1) > 1;
         Cell::ALL
             .into_iter()
-            .find(|c| c.vmm.name() == vmm && accel_name(c.accel) == accel)
+            .find(|c| c.vmm.name() == vmm && accel_name(c.accel) == accel && c.smp == smp)
     }
 
     /// A cell by name: `qemu-tcg`, `qemu/kvm`, `cloud-hypervisor-kvm`,
     /// `ch-kvm`, `cloud-hypervisor` (KVM is its only accelerator).
+    /// Any of them with `-smp` is the SMP cell (`qemu-tcg-smp`, `ch-smp`).
     pub fn parse(text: &str) -> Result<Cell> {
         let t = text.trim().to_ascii_lowercase().replace(['/', '_'], "-");
+        if let Some(base) = t.strip_suffix("-smp") {
+            return Cell::parse(base)
+                .map(Cell::with_smp)
+                .map_err(|e| anyhow::anyhow!("{e} (with -smp for several vCPUs)"));
+        }
         let t = t.strip_prefix("ch").map_or(t.clone(), |rest| {
             if rest.is_empty() || rest.starts_with('-') {
                 format!("cloud-hypervisor{rest}")
@@ -89,7 +170,7 @@ impl Cell {
         };
         match Cell::ALL.into_iter().find(|c| c.name() == t) {
             Some(c) => Ok(c),
-            None if t == "cloud-hypervisor-tcg" => {
+            None if t == "cloud-hypervisor-tcg" || t == "cloud-hypervisor-tcg-smp" => {
                 bail!("Cloud Hypervisor runs on KVM only: use cloud-hypervisor-kvm, or qemu-tcg")
             }
             None => bail!(
@@ -110,6 +191,9 @@ impl Cell {
             Vmm::Qemu => None,
             Vmm::CloudHypervisor => cloud_hypervisor().err(),
         };
+        if let Err(e) = self.vcpus() {
+            return Some(format!("{e:#}"));
+        }
         match (kvm, vmm) {
             (None, None) => None,
             (Some(k), None) => Some(format!("{} needs KVM: {k}", self.name())),
@@ -370,12 +454,12 @@ pub fn summarize(tests: &[CellTest]) -> Vec<CellSummary> {
 /// failure and each skip reason.
 pub fn summary_table(sums: &[CellSummary]) -> String {
     let mut out = format!(
-        "{:<22} {:<8} {:>6} {:>6} {:>7}\n",
+        "{:<26} {:<8} {:>6} {:>6} {:>7}\n",
         "cell", "verdict", "passed", "failed", "skipped"
     );
     for s in sums {
         out.push_str(&format!(
-            "{:<22} {:<8} {:>6} {:>6} {:>7}\n",
+            "{:<26} {:<8} {:>6} {:>6} {:>7}\n",
             s.cell,
             s.verdict(),
             s.passed,
@@ -429,13 +513,29 @@ mod tests {
         ] {
             assert_eq!(Cell::parse(text).unwrap(), cell, "{text}");
         }
+        for (text, cell) in [
+            ("qemu-tcg-smp", Cell::QEMU_TCG_SMP),
+            ("QEMU/TCG/SMP", Cell::QEMU_TCG_SMP),
+            ("qemu_kvm_smp", Cell::QEMU_KVM_SMP),
+            ("ch-smp", Cell::CLOUD_HYPERVISOR_KVM_SMP),
+            ("cloud-hypervisor-smp", Cell::CLOUD_HYPERVISOR_KVM_SMP),
+        ] {
+            assert_eq!(Cell::parse(text).unwrap(), cell, "{text}");
+        }
         for cell in Cell::ALL {
             assert_eq!(Cell::parse(cell.name()).unwrap(), cell);
+            let vcpus = if cell.smp { 2 } else { 1 };
             assert_eq!(
-                Cell::of_record(cell.vmm.name(), accel_name(cell.accel)),
+                Cell::of_record(cell.vmm.name(), accel_name(cell.accel), Some(vcpus)),
                 Some(cell)
             );
         }
+        // Records from before SMP cells have no vcpus: one.
+        assert_eq!(Cell::of_record("qemu", "tcg", None), Some(Cell::QEMU_TCG));
+        let e = Cell::parse("ch-tcg-smp").unwrap_err().to_string();
+        assert!(e.contains("KVM only"), "{e}");
+        let e = Cell::parse("xen-smp").unwrap_err().to_string();
+        assert!(e.contains("with -smp"), "{e}");
         let e = Cell::parse("cloud-hypervisor-tcg").unwrap_err().to_string();
         assert!(e.contains("KVM only"), "{e}");
         let e = Cell::parse("qemu-hvf").unwrap_err().to_string();
@@ -444,6 +544,21 @@ mod tests {
             "{e}"
         );
         assert!(Cell::parse("chqemu").is_err());
+    }
+
+    #[test]
+    fn smp_cells_take_their_vcpus_from_the_variable() {
+        assert_eq!(smp_vcpus_from(None).unwrap(), 2);
+        assert_eq!(smp_vcpus_from(Some("")).unwrap(), 2);
+        assert_eq!(smp_vcpus_from(Some("4")).unwrap(), 4);
+        assert_eq!(smp_vcpus_from(Some("8")).unwrap(), 8);
+        for bad in ["1", "9", "two", "-2"] {
+            let e = smp_vcpus_from(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("2 to 8") && e.contains(SMP_VCPUS_VAR), "{e}");
+        }
+        assert_eq!(Cell::QEMU_TCG.vcpus().unwrap(), 1);
+        const { assert!(!Cell::QEMU_TCG.smp && Cell::QEMU_TCG_SMP.smp) };
+        assert_eq!(Cell::QEMU_TCG_SMP.name(), "qemu-tcg-smp");
     }
 
     #[test]
@@ -509,7 +624,7 @@ mod tests {
         let sums = summarize(&tests);
         assert_eq!(
             sums.iter().map(|s| s.verdict()).collect::<Vec<_>>(),
-            ["passed", "skipped", "FAILED"]
+            ["passed", "skipped", "FAILED", "not run", "not run", "not run"]
         );
         assert_eq!(sums[0].passed, 2);
         assert_eq!(sums[1].skip_reasons, [pvm]);

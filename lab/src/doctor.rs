@@ -247,7 +247,14 @@ mod tests {
                 .iter()
                 .map(|c| c.cell.name())
                 .collect::<Vec<_>>(),
-            ["qemu-tcg", "qemu-kvm", "cloud-hypervisor-kvm"]
+            [
+                "qemu-tcg",
+                "qemu-kvm",
+                "cloud-hypervisor-kvm",
+                "qemu-tcg-smp",
+                "qemu-kvm-smp",
+                "cloud-hypervisor-kvm-smp"
+            ]
         );
         // Cloud Hypervisor needs KVM: it cannot run where QEMU/KVM cannot.
         if report.cells[1].blocked_by.is_some() {

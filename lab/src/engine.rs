@@ -243,6 +243,8 @@ pub struct Session<'l> {
     kernel: Kernel,
     cell: Cell,
     driver: Option<String>,
+    vcpus: u8,
+    placement: crate::smp::Placement,
     t0: Instant,
     /// The guest.
     pub guest: Guest,
@@ -259,6 +261,11 @@ impl<'l> Session<'l> {
     ) -> Result<Self> {
         spec.vmm = cell.vmm;
         spec.accel = cell.accel;
+        let vcpus = match spec.vcpus {
+            Some(n) => n,
+            None => cell.vcpus()?,
+        };
+        spec.vcpus = Some(vcpus);
         let t0 = Instant::now();
         let guest = Guest::boot(&lab.env, art, &spec)?;
         Ok(Self {
@@ -266,6 +273,8 @@ impl<'l> Session<'l> {
             kernel: kernel.clone(),
             cell,
             driver: spec.driver.as_ref().map(|d| d.module.clone()),
+            vcpus,
+            placement: spec.placement,
             t0,
             guest,
         })
@@ -548,6 +557,7 @@ impl<'l> Session<'l> {
         ended.problems = splat_problems(&splats);
         ended.problems.extend(failed);
         ended.splats = splats;
+        ended.cpus(self.vcpus, self.placement, &text);
         ended.console = text;
         ended
     }
@@ -562,6 +572,7 @@ impl<'l> Session<'l> {
         ended.driver(self.driver);
         ended.problems = splat_problems(&f.splats);
         ended.splats = f.splats;
+        ended.cpus(self.vcpus, self.placement, &f.console);
         ended.console = f.console;
         ended
     }
@@ -667,6 +678,19 @@ impl Ended {
     /// The driver module under test, for the records.
     pub fn driver(&mut self, module: Option<String>) {
         self.base.driver = module;
+    }
+
+    /// The guest's CPUs, for the records: how many, and on an SMP guest
+    /// where its device interrupts were sent and where they landed.
+    pub fn cpus(&mut self, vcpus: u8, placement: crate::smp::Placement, console: &str) {
+        self.base.vcpus = Some(vcpus);
+        self.base.irq_cpu = placement.irq_cpu(vcpus);
+        if self.base.irq_cpu.is_some() {
+            if let Some(d) = crate::smp::irq_deltas(console, vcpus) {
+                self.base.irqs_per_cpu = Some(d.per_cpu);
+                self.base.irq_lines = Some(d.lines);
+            }
+        }
     }
 
     /// Append the record of `name`: it passed if neither it nor the boot

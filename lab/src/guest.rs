@@ -15,6 +15,7 @@ use vdevlab_vmm_config::{Accel, VirtioSerialPort, VmConfig, LAB_CONFIG_TOML};
 
 use crate::artifacts::Artifacts;
 use crate::env::{in_root_script, runs_dir, Kernel, LabEnv, QemuRuntime, DEFAULT_KERNEL};
+pub use crate::smp::Placement;
 use crate::sockets::SocketDir;
 use crate::splat::{find_splats, Splat};
 use vdevlab_guest::protocol;
@@ -93,6 +94,12 @@ pub struct BootSpec {
     pub overlays: Vec<PathBuf>,
     /// The device backend; `None`: the reference device (`vdevlab-qw`).
     pub backend: Option<BackendCommand>,
+    /// The guest's vCPUs; `None`: the cell's ([`crate::cell::Cell::vcpus`];
+    /// [`crate::engine::Session::boot`] fills it in), or one.
+    pub vcpus: Option<u8>,
+    /// Where an SMP guest takes the device's interrupts and runs its
+    /// programs (default: interrupts on the last CPU, programs on CPU 0).
+    pub placement: Placement,
     /// An interactive boot (`vdevlab up`): the VMM's stdin is a pipe to the
     /// serial console ([`Guest::console_input`]), the raw console output is
     /// available as it arrives ([`Guest::raw_console`]), and init opens a
@@ -158,6 +165,8 @@ impl BootSpec {
             driver: None,
             overlays: Vec::new(),
             backend: None,
+            vcpus: None,
+            placement: Placement::default(),
             interactive: false,
         }
     }
@@ -575,6 +584,7 @@ fn kernel_cmdline(base: &str, spec: &BootSpec) -> Result<KernelCmdline> {
     if spec.interactive {
         cmdline.push_str(" vdevlab.shell=1");
     }
+    cmdline.push_str(&spec.placement.cmdline_words(spec.vcpus.unwrap_or(1)));
     if !spec.driver_params.is_empty() {
         // init.sh splits them at ',' and passes them to insmod.
         let bad =
@@ -676,6 +686,9 @@ fn vm_config(
     cfg.initramfs = Some(paths.initramfs.clone());
     cfg.cmdline = cmdline;
     cfg.accel = spec.accel;
+    if let Some(n) = spec.vcpus {
+        cfg.vcpus = n;
+    }
     let dev = cfg
         .vhost_user
         .first_mut()
@@ -1507,6 +1520,24 @@ mod tests {
             line.contains(" vdevlab.driver=mydrv vdevlab.dev=/dev/my0 "),
             "{line}"
         );
+    }
+
+    #[test]
+    fn an_smp_boot_tells_init_where_interrupts_and_programs_go() {
+        let mut spec = BootSpec::new("x", vec![]);
+        assert!(!kernel_cmdline("c", &spec)
+            .unwrap()
+            .cmdline
+            .contains("_cpu="));
+        spec.vcpus = Some(2);
+        let line = kernel_cmdline("c", &spec).unwrap().cmdline;
+        assert!(
+            line.ends_with(" vdevlab.irq_cpu=1 vdevlab.pin_cpu=0"),
+            "{line}"
+        );
+        spec.placement = Placement::Free;
+        let line = kernel_cmdline("c", &spec).unwrap().cmdline;
+        assert!(!line.contains("_cpu="), "{line}");
     }
 
     #[test]

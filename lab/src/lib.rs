@@ -4,12 +4,15 @@
 //! - [`mod@env`]: provisions the lab (toolchain, guest kernels, QEMU) and
 //!   knows where things live;
 //! - [`doctor`]: says what this machine can run, and what to do about it;
-//! - [`cell`]: the matrix's cells (VMM and accelerator) and which can run;
+//! - [`cell`]: the matrix's cells (VMM, accelerator, one vCPU or SMP) and
+//!   which can run;
 //! - [`artifacts`]: builds what a boot needs (backend, guest programs,
 //!   driver, initramfs);
 //! - [`sockets`]: a run's short private socket folder;
 //! - [`guest`]: boots a guest under a real VMM with the real backend, and
 //!   reads its console;
+//! - [`smp`]: where an SMP guest takes interrupts and runs programs, and
+//!   the proof of it from the console;
 //! - [`scenario`]: what a scenario is (data: a guest command, the host's
 //!   steps, the expectations);
 //! - [`engine`]: the one engine that runs scenarios and records them;
@@ -36,6 +39,7 @@ pub mod record;
 pub mod report;
 pub mod scenario;
 pub mod sensor;
+pub mod smp;
 pub mod sockets;
 pub mod splat;
 pub mod up;

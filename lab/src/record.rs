@@ -34,6 +34,20 @@ pub struct RunRecord {
     pub vmm_version: Option<String>,
     /// `tcg` or `kvm`.
     pub accel: String,
+    /// The guest's vCPUs (absent in records from before SMP cells: one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u8>,
+    /// An SMP guest's device interrupts per CPU, from routing them
+    /// (`irq_cpu`) to the end of the boot ([`crate::smp::irq_deltas`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irqs_per_cpu: Option<Vec<u64>>,
+    /// How many interrupt lines `irqs_per_cpu` sums (each may show one
+    /// interrupt on the CPU it moved from: [`crate::smp::irq_deltas`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq_lines: Option<u32>,
+    /// The CPU an SMP guest routed the device's interrupts to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq_cpu: Option<u8>,
     /// Guest kernel release.
     pub kernel: String,
     /// The guest kernel's series in the matrix (`trixie`, `bookworm`).
@@ -73,6 +87,10 @@ impl RunRecord {
             vmm: vmm.into(),
             vmm_version: None,
             accel: accel.into(),
+            vcpus: None,
+            irqs_per_cpu: None,
+            irq_lines: None,
+            irq_cpu: None,
             kernel: kernel.into(),
             kernel_name: None,
             boot_ms: None,

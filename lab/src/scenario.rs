@@ -369,6 +369,8 @@ pub fn record_unrun(
         verdict,
     );
     rec.kernel_name = Some(kernel.name.clone());
+    // A bad SMP_VCPUS value is itself the reason this run did not happen.
+    rec.vcpus = cell.vcpus().ok();
     rec.reason = Some(reason.to_string());
     record::append(&rec)?;
     Ok(rec)

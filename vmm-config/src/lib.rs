@@ -30,7 +30,8 @@
 //! Targets QEMU >= 10.2 and its generic `vhost-user-test-device-pci`:
 //!
 //! ```text
-//! -accel tcg                     (or: -accel kvm -cpu host)
+//! -accel tcg                     (tcg,thread=multi with several vCPUs;
+//!                                or: -accel kvm -cpu host)
 //! -m <mem>M -smp <vcpus>
 //! -object memory-backend-memfd,id=mem,size=<mem>M,share=on -numa node,memdev=mem
 //! -nodefaults -no-user-config -display none -serial stdio -no-reboot
