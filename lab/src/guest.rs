@@ -1479,7 +1479,7 @@ mod tests {
         assert_eq!(
             line.cmdline,
             format!(
-                "console=ttyS0 panic=-1 quiet vdevlab.virtio_id={}",
+                "console=ttyS0 panic=-1 no_timer_check quiet vdevlab.virtio_id={}",
                 vdevlab_qw::spec::DEFAULT_VIRTIO_ID
             )
         );
