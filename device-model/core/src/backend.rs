@@ -132,6 +132,19 @@ impl<D: VirtioDevice> CoreBackend<D> {
         self.device_event.try_clone()
     }
 
+    /// The [`VhostUserBackend::handle_event`] id of the host-side device
+    /// event (the [`kicker`](Self::kicker)'s), for tests that play the
+    /// worker.
+    pub fn device_event_id(&self) -> u16 {
+        self.ids.device()
+    }
+
+    /// The [`VhostUserBackend::handle_event`] id of `queue`'s
+    /// interrupt-storm timer, for tests that play the worker.
+    pub fn storm_timer_event_id(&self, queue: u16) -> u16 {
+        self.ids.storm_timer() + queue
+    }
+
     fn device(&self) -> MutexGuard<'_, Engine<D>> {
         // A poisoned lock means a panic elsewhere; the data is still usable.
         self.device.lock().unwrap_or_else(|e| e.into_inner())
@@ -342,12 +355,19 @@ impl<D: VirtioDevice> CoreBackend<D> {
     /// misbehaving device does not ask).
     fn spurious(&self, vrings: &[VringRwLock]) {
         for (queue, timer) in self.storm_timers.iter().enumerate() {
-            if let Some(period) = self
+            // Release the engine before taking the timer's lock: the storm
+            // tick (in `handle_event`) holds the timer while it asks the
+            // engine. With one worker thread (today: every queue on one)
+            // the opposite orders never meet; with a worker per queue
+            // (`queues_per_thread`) they deadlock both workers, and the
+            // control plane behind them. In an `if let` scrutinee (edition
+            // 2021) the engine's guard would live through the body.
+            let start = self
                 .device()
                 .core
                 .faults_mut()
-                .take_storm_start(queue as u16)
-            {
+                .take_storm_start(queue as u16);
+            if let Some(period) = start {
                 let _ = timer
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -232,3 +232,87 @@ fn device_reset_comes_once_when_every_queue_is_stopped() {
     rig.backend.stop_vring(u32::from(RX)).unwrap();
     assert_eq!(resets(), 2);
 }
+
+/// Two workers on one backend at once, as vhost-user-backend runs them
+/// when a backend spreads its queues over several threads
+/// (`queues_per_thread`; today every queue is on one worker, so this was a
+/// latent lock-order inversion, not yet a live deadlock). One worker starts
+/// an injected interrupt storm (a device event: `spurious` arms the storm
+/// timer), the other serves that storm timer's tick. They used to take the
+/// engine lock and the storm timer's lock in opposite orders (`spurious`
+/// held the engine, from an `if let` scrutinee, while it armed the timer;
+/// the tick holds the timer while it asks the engine whether the storm is
+/// on): both workers stuck, and the control plane, which waits for the
+/// engine, with them. Before the fix this test deadlocked in 2 runs of 2.
+#[test]
+fn two_workers_starting_and_serving_a_storm_do_not_deadlock() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    use vdevlab_device_core::faults::{Fault, QueueSel};
+
+    const ROUNDS: usize = 20_000;
+    let rig = Arc::new(Rig::new(true));
+    let storm = Fault::InterruptStorm {
+        queue: QueueSel::named("rx"),
+        rate_hz: 1000,
+        duration_ms: 60_000,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, finished) = mpsc::channel::<&'static str>();
+    let starter = {
+        let (rig, stop, done, storm) = (rig.clone(), stop.clone(), done.clone(), storm.clone());
+        std::thread::spawn(move || {
+            for _ in 0..ROUNDS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                rig.engine
+                    .lock()
+                    .unwrap()
+                    .core
+                    .faults_mut()
+                    .apply(&storm, &[RX], Instant::now())
+                    .unwrap();
+                rig.backend
+                    .handle_event(rig.backend.device_event_id(), EventSet::IN, &rig.vrings, 0)
+                    .unwrap();
+            }
+            let _ = done.send("starter");
+        })
+    };
+    let ticker = {
+        let (rig, stop, done) = (rig.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            for _ in 0..ROUNDS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                rig.backend
+                    .handle_event(
+                        rig.backend.storm_timer_event_id(RX),
+                        EventSet::IN,
+                        &rig.vrings,
+                        1,
+                    )
+                    .unwrap();
+            }
+            let _ = done.send("ticker");
+        })
+    };
+    drop(done);
+    // Every wait is bounded: a deadlock fails the test instead of hanging
+    // it (the two stuck threads are left behind; the process ends).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if finished.recv_timeout(left).is_err() {
+            stop.store(true, Ordering::Relaxed);
+            panic!("the two workers deadlocked on the engine and the storm timer");
+        }
+    }
+    starter.join().unwrap();
+    ticker.join().unwrap();
+    // The engine is still usable (not held, not poisoned).
+    assert!(rig.engine.try_lock().is_ok());
+}
