@@ -33,7 +33,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::QueueError;
 use crate::device::VirtioDevice;
-use crate::engine::{Engine, Pass, MAX_PASS_ROUNDS};
+use crate::engine::{contain_panic, Engine, Pass, MAX_PASS_ROUNDS};
 use crate::irq::IrqAction;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -196,7 +196,13 @@ impl<D: VirtioDevice> CoreBackend<D> {
                 state.disable_notification()?;
             }
             let used_before = state.get_queue().next_used();
-            let result = self.device().process(queue, state.get_queue_mut(), &mem);
+            // Contained inside the vring guard's scope: a panic in the
+            // device must not poison the vring's lock.
+            let Some(result) = contain_panic(&self.device, "a queue pass", || {
+                self.device().process(queue, state.get_queue_mut(), &mem)
+            }) else {
+                return Ok(()); // the device is now NEEDS_RESET
+            };
             let pass: Pass = match result {
                 Ok(pass) => pass,
                 Err(e) => {
@@ -253,11 +259,14 @@ impl<D: VirtioDevice> CoreBackend<D> {
     fn requested_passes(&self, vrings: &[VringRwLock]) {
         for _ in 0..MAX_PASS_ROUNDS {
             let queues = {
-                let mut eng = self.device();
-                if !eng.core.pass_requested() {
-                    return;
+                let taken = contain_panic(&self.device, "taking requested passes", || {
+                    let mut eng = self.device();
+                    eng.core.pass_requested().then(|| eng.take_pass_requests())
+                });
+                match taken {
+                    Some(Some(queues)) => queues,
+                    _ => return,
                 }
-                eng.take_pass_requests()
             };
             for q in queues {
                 self.pass(q, vrings);
@@ -272,9 +281,12 @@ impl<D: VirtioDevice> CoreBackend<D> {
     }
 
     fn after_pass(&self, queue: u16) -> bool {
-        let mut eng = self.device();
-        let eng = &mut *eng;
-        eng.device.after_pass(queue, &mut eng.core)
+        contain_panic(&self.device, "after a pass", || {
+            let mut eng = self.device();
+            let eng = &mut *eng;
+            eng.device.after_pass(queue, &mut eng.core)
+        })
+        .unwrap_or(false)
     }
 
     fn is_broken(&self, queue: u16) -> bool {
@@ -457,15 +469,19 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.device().read_config(offset, size)
+        contain_panic(&self.device, "a config read", || {
+            self.device().read_config(offset, size)
+        })
+        .unwrap_or_default()
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let result = {
+        let result = contain_panic(&self.device, "a config write", || {
             let mut eng = self.device();
             let Engine { device, core } = &mut *eng;
             device.write_config(offset, buf, core)
-        };
+        })
+        .unwrap_or_else(|| Err("the device panicked".into()));
         match result {
             Ok(()) => {
                 // The write may have given the device work (a new rate, a
@@ -586,11 +602,12 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
                 self.irq_timer(e - ids.irq_timer(), vrings)
             }
             e if e == ids.io() => {
-                let again = {
+                let again = contain_panic(&self.device, "the device's I/O", || {
                     let mut eng = self.device();
                     let eng = &mut *eng;
                     eng.device.io_ready(&mut eng.core)
-                };
+                })
+                .unwrap_or(false);
                 if again {
                     for q in 0..n {
                         self.pass(q, vrings);
