@@ -277,14 +277,21 @@ fn drain(run: &mut Run, fifo: &Fifo, len: usize, deadline: Instant) -> Vec<u8> {
             n < 0 && e.raw_os_error() == Some(libc::EAGAIN),
             "draining: {n} {e}"
         );
-        // The program may write its last bytes and exit between the read
-        // above and this check (seen in CI with a 17-byte transfer): what
-        // it wrote is still in the FIFO, so read again before calling an
-        // exit early.
-        if run.exited() && fifo.pending() > 0 {
-            continue;
+        // The program may write its last bytes and exit at any moment
+        // after the read above. So look at whether it has exited first,
+        // and only then at the FIFO: once it is seen gone, whatever it
+        // wrote is already in the FIFO, so an empty FIFO after that means
+        // it really stopped short. (The other order, "exited and bytes
+        // pending, else check_alive", lost the race when the program wrote
+        // and exited between the two checks: "exited early (exit status:
+        // 0)" with its result line still unread.)
+        if run.exited() {
+            if fifo.pending() > 0 {
+                continue;
+            }
+            run.check_alive();
+            unreachable!("check_alive panics once the program has exited");
         }
-        run.check_alive();
         assert!(
             Instant::now() < deadline,
             "timed out draining after {} bytes",

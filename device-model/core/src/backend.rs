@@ -33,7 +33,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::QueueError;
 use crate::device::VirtioDevice;
-use crate::engine::{Engine, Pass, MAX_PASS_ROUNDS};
+use crate::engine::{contain_panic, Engine, Pass, MAX_PASS_ROUNDS};
 use crate::irq::IrqAction;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -132,6 +132,19 @@ impl<D: VirtioDevice> CoreBackend<D> {
         self.device_event.try_clone()
     }
 
+    /// The [`VhostUserBackend::handle_event`] id of the host-side device
+    /// event (the [`kicker`](Self::kicker)'s), for tests that play the
+    /// worker.
+    pub fn device_event_id(&self) -> u16 {
+        self.ids.device()
+    }
+
+    /// The [`VhostUserBackend::handle_event`] id of `queue`'s
+    /// interrupt-storm timer, for tests that play the worker.
+    pub fn storm_timer_event_id(&self, queue: u16) -> u16 {
+        self.ids.storm_timer() + queue
+    }
+
     fn device(&self) -> MutexGuard<'_, Engine<D>> {
         // A poisoned lock means a panic elsewhere; the data is still usable.
         self.device.lock().unwrap_or_else(|e| e.into_inner())
@@ -183,7 +196,13 @@ impl<D: VirtioDevice> CoreBackend<D> {
                 state.disable_notification()?;
             }
             let used_before = state.get_queue().next_used();
-            let result = self.device().process(queue, state.get_queue_mut(), &mem);
+            // Contained inside the vring guard's scope: a panic in the
+            // device must not poison the vring's lock.
+            let Some(result) = contain_panic(&self.device, "a queue pass", || {
+                self.device().process(queue, state.get_queue_mut(), &mem)
+            }) else {
+                return Ok(()); // the device is now NEEDS_RESET
+            };
             let pass: Pass = match result {
                 Ok(pass) => pass,
                 Err(e) => {
@@ -240,11 +259,14 @@ impl<D: VirtioDevice> CoreBackend<D> {
     fn requested_passes(&self, vrings: &[VringRwLock]) {
         for _ in 0..MAX_PASS_ROUNDS {
             let queues = {
-                let mut eng = self.device();
-                if !eng.core.pass_requested() {
-                    return;
+                let taken = contain_panic(&self.device, "taking requested passes", || {
+                    let mut eng = self.device();
+                    eng.core.pass_requested().then(|| eng.take_pass_requests())
+                });
+                match taken {
+                    Some(Some(queues)) => queues,
+                    _ => return,
                 }
-                eng.take_pass_requests()
             };
             for q in queues {
                 self.pass(q, vrings);
@@ -259,9 +281,12 @@ impl<D: VirtioDevice> CoreBackend<D> {
     }
 
     fn after_pass(&self, queue: u16) -> bool {
-        let mut eng = self.device();
-        let eng = &mut *eng;
-        eng.device.after_pass(queue, &mut eng.core)
+        contain_panic(&self.device, "after a pass", || {
+            let mut eng = self.device();
+            let eng = &mut *eng;
+            eng.device.after_pass(queue, &mut eng.core)
+        })
+        .unwrap_or(false)
     }
 
     fn is_broken(&self, queue: u16) -> bool {
@@ -342,12 +367,19 @@ impl<D: VirtioDevice> CoreBackend<D> {
     /// misbehaving device does not ask).
     fn spurious(&self, vrings: &[VringRwLock]) {
         for (queue, timer) in self.storm_timers.iter().enumerate() {
-            if let Some(period) = self
+            // Release the engine before taking the timer's lock: the storm
+            // tick (in `handle_event`) holds the timer while it asks the
+            // engine. With one worker thread (today: every queue on one)
+            // the opposite orders never meet; with a worker per queue
+            // (`queues_per_thread`) they deadlock both workers, and the
+            // control plane behind them. In an `if let` scrutinee (edition
+            // 2021) the engine's guard would live through the body.
+            let start = self
                 .device()
                 .core
                 .faults_mut()
-                .take_storm_start(queue as u16)
-            {
+                .take_storm_start(queue as u16);
+            if let Some(period) = start {
                 let _ = timer
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -437,15 +469,19 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.device().read_config(offset, size)
+        contain_panic(&self.device, "a config read", || {
+            self.device().read_config(offset, size)
+        })
+        .unwrap_or_default()
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let result = {
+        let result = contain_panic(&self.device, "a config write", || {
             let mut eng = self.device();
             let Engine { device, core } = &mut *eng;
             device.write_config(offset, buf, core)
-        };
+        })
+        .unwrap_or_else(|| Err("the device panicked".into()));
         match result {
             Ok(()) => {
                 // The write may have given the device work (a new rate, a
@@ -566,11 +602,12 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
                 self.irq_timer(e - ids.irq_timer(), vrings)
             }
             e if e == ids.io() => {
-                let again = {
+                let again = contain_panic(&self.device, "the device's I/O", || {
                     let mut eng = self.device();
                     let eng = &mut *eng;
                     eng.device.io_ready(&mut eng.core)
-                };
+                })
+                .unwrap_or(false);
                 if again {
                     for q in 0..n {
                         self.pass(q, vrings);

@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{Fields, VirtioDevice};
-use crate::engine::Engine;
+use crate::engine::{contain_panic, Engine};
 use crate::faults::Fault;
 use crate::irq::IrqMode;
 
@@ -157,11 +157,12 @@ impl<D: VirtioDevice> Plane<D> {
         if ticks == 0 {
             return;
         }
-        let got = {
+        let got = contain_panic(&self.engine, "the device's timer", || {
             let mut eng = self.engine.lock().unwrap_or_else(|e| e.into_inner());
             let Engine { device, core } = &mut *eng;
             device.tick(ticks, core)
-        };
+        })
+        .unwrap_or(false);
         if got {
             let _ = self.kick.write(1);
         }
@@ -182,25 +183,34 @@ impl<D: VirtioDevice> Plane<D> {
                 "bad request: no \"op\" field (a JSON object with \"op\" is expected)",
             );
         };
-        let mut eng = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reply = if CORE_OPS.contains(&op) {
-            match CoreRequest::deserialize(request) {
-                Ok(req) => core_request(&mut eng, req),
-                Err(e) => Reply::error(format!("bad request: {e}")),
-            }
-        } else {
-            let Engine { device, core } = &mut *eng;
-            match device.control(op, request, core) {
-                Some(Ok(fields)) => Reply::ok(fields),
-                Some(Err(e)) => Reply::error(format!("{op}: {e}")),
-                None => Reply::error(format!(
-                    "bad request: unknown op {op:?} (the core knows {}; see the device's documentation for its own)",
-                    CORE_OPS.join(", ")
-                )),
-            }
-        };
-        reply.fields.extend(eng.device.reply_fields());
-        drop(eng);
+        // A panic in the device's code fails this request and declares the
+        // device broken, but the control plane (this thread) lives on.
+        let reply = contain_panic(&self.engine, "a control request", || {
+            let mut eng = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let mut reply = if CORE_OPS.contains(&op) {
+                match CoreRequest::deserialize(request) {
+                    Ok(req) => core_request(&mut eng, req),
+                    Err(e) => Reply::error(format!("bad request: {e}")),
+                }
+            } else {
+                let Engine { device, core } = &mut *eng;
+                match device.control(op, request, core) {
+                    Some(Ok(fields)) => Reply::ok(fields),
+                    Some(Err(e)) => Reply::error(format!("{op}: {e}")),
+                    None => Reply::error(format!(
+                        "bad request: unknown op {op:?} (the core knows {}; see the device's documentation for its own)",
+                        CORE_OPS.join(", ")
+                    )),
+                }
+            };
+            reply.fields.extend(eng.device.reply_fields());
+            reply
+        })
+        .unwrap_or_else(|| {
+            Reply::error(format!(
+                "{op}: the device panicked; it is declared broken (NEEDS_RESET) until the driver resets it"
+            ))
+        });
         if reply.ok {
             if let Err(e) = self.kick.write(1) {
                 warn!(error = %e, "could not kick the device worker");

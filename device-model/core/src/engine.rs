@@ -25,6 +25,46 @@ pub struct Pass {
     pub bytes: u64,
 }
 
+/// Run `f`, device code that locks `engine` itself, and contain a panic in
+/// it: a bug in a device model must not take the worker thread (and with
+/// it every queue, silently), the control plane or the VMM connection down.
+/// The device is then declared broken (DEVICE_NEEDS_RESET; `queue_errors`
+/// += 1; logged): its state may be half-updated, so it serves nothing until
+/// the driver resets it, which resets the device. `None` if `f` panicked.
+///
+/// Callers must not hold a vring's lock across `f` in a way that unwinding
+/// would release (that would poison it, and vhost-user-backend unwraps
+/// those locks): they call this inside the guard's scope.
+pub fn contain_panic<D, R>(
+    engine: &std::sync::Mutex<Engine<D>>,
+    what: &'static str,
+    f: impl FnOnce() -> R,
+) -> Option<R> {
+    // AssertUnwindSafe: what `f` leaves half-done is never used again
+    // before a reset (NEEDS_RESET stops every queue pass and the driver's
+    // reset calls `device_reset`).
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => Some(r),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            engine.clear_poison();
+            let mut eng = engine.lock().unwrap_or_else(|e| e.into_inner());
+            eng.core.set_needs_reset(true);
+            eng.core.queue_error();
+            tracing::error!(
+                during = what,
+                panic = %msg,
+                "the device panicked: declared broken (NEEDS_RESET) until the driver resets it"
+            );
+            None
+        }
+    }
+}
+
 /// How many rounds of requested passes ([`Core::request_pass`]) the
 /// transport runs at the end of one event before leaving the remaining
 /// requests for the next event.

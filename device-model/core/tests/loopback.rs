@@ -53,6 +53,10 @@ impl VirtioDevice for Loopback {
             if let Err(e) = chain.read_to_end(&mut data) {
                 return Outcome::Refuse(e);
             }
+            // A device-model bug on demand (the panic tests below).
+            if data == b"panic!" {
+                panic!("loopback: told to panic by the driver");
+            }
             self.pending.push_back(data);
             if self.request {
                 core.request_pass(RX);
@@ -76,6 +80,14 @@ impl VirtioDevice for Loopback {
     }
     fn counters(&self) -> Fields {
         Fields::new()
+    }
+    fn control(
+        &mut self,
+        op: &str,
+        _request: &serde_json::Value,
+        _core: &mut Core,
+    ) -> Option<Result<Fields, String>> {
+        (op == "panic").then(|| panic!("loopback: told to panic by the host"))
     }
 }
 
@@ -163,6 +175,21 @@ impl Rig {
         (n, u32::from_le(len))
     }
 
+    /// What a driver reset leaves: both queues stopped (GET_VRING_BASE)
+    /// and set up again from index 0 with clear rings.
+    fn driver_reset(&self) {
+        for q in [RX, TX] {
+            self.backend.stop_vring(u32::from(q)).unwrap();
+        }
+        for (v, &base) in self.vrings.iter().zip(&RING) {
+            self.mem
+                .write_slice(&[0u8; 0x3000], GuestAddress(base))
+                .unwrap();
+            v.set_queue_next_avail(0);
+            v.set_queue_next_used(0);
+        }
+    }
+
     fn kick(&self, q: u16) {
         self.backend
             .handle_event(q, EventSet::IN, &self.vrings, 0)
@@ -231,4 +258,162 @@ fn device_reset_comes_once_when_every_queue_is_stopped() {
     assert_eq!(resets(), 1);
     rig.backend.stop_vring(u32::from(RX)).unwrap();
     assert_eq!(resets(), 2);
+}
+
+/// Two workers on one backend at once, as vhost-user-backend runs them
+/// when a backend spreads its queues over several threads
+/// (`queues_per_thread`; today every queue is on one worker, so this was a
+/// latent lock-order inversion, not yet a live deadlock). One worker starts
+/// an injected interrupt storm (a device event: `spurious` arms the storm
+/// timer), the other serves that storm timer's tick. They used to take the
+/// engine lock and the storm timer's lock in opposite orders (`spurious`
+/// held the engine, from an `if let` scrutinee, while it armed the timer;
+/// the tick holds the timer while it asks the engine whether the storm is
+/// on): both workers stuck, and the control plane, which waits for the
+/// engine, with them. Before the fix this test deadlocked in 2 runs of 2.
+#[test]
+fn two_workers_starting_and_serving_a_storm_do_not_deadlock() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    use vdevlab_device_core::faults::{Fault, QueueSel};
+
+    const ROUNDS: usize = 20_000;
+    let rig = Arc::new(Rig::new(true));
+    let storm = Fault::InterruptStorm {
+        queue: QueueSel::named("rx"),
+        rate_hz: 1000,
+        duration_ms: 60_000,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, finished) = mpsc::channel::<&'static str>();
+    let starter = {
+        let (rig, stop, done, storm) = (rig.clone(), stop.clone(), done.clone(), storm.clone());
+        std::thread::spawn(move || {
+            for _ in 0..ROUNDS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                rig.engine
+                    .lock()
+                    .unwrap()
+                    .core
+                    .faults_mut()
+                    .apply(&storm, &[RX], Instant::now())
+                    .unwrap();
+                rig.backend
+                    .handle_event(rig.backend.device_event_id(), EventSet::IN, &rig.vrings, 0)
+                    .unwrap();
+            }
+            let _ = done.send("starter");
+        })
+    };
+    let ticker = {
+        let (rig, stop, done) = (rig.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            for _ in 0..ROUNDS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                rig.backend
+                    .handle_event(
+                        rig.backend.storm_timer_event_id(RX),
+                        EventSet::IN,
+                        &rig.vrings,
+                        1,
+                    )
+                    .unwrap();
+            }
+            let _ = done.send("ticker");
+        })
+    };
+    drop(done);
+    // Every wait is bounded: a deadlock fails the test instead of hanging
+    // it (the two stuck threads are left behind; the process ends).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if finished.recv_timeout(left).is_err() {
+            stop.store(true, Ordering::Relaxed);
+            panic!("the two workers deadlocked on the engine and the storm timer");
+        }
+    }
+    starter.join().unwrap();
+    ticker.join().unwrap();
+    // The engine is still usable (not held, not poisoned).
+    assert!(rig.engine.try_lock().is_ok());
+}
+
+/// A bug in the device model (here: a panic on a magic transmit payload)
+/// must not end the worker thread, which would silently stop every queue:
+/// vhost-user-backend's worker loop does not catch panics, and unwinding
+/// out of a pass would also poison the vring's lock, which
+/// vhost-user-backend unwraps on every later use. The panic is contained,
+/// the device declares itself broken (NEEDS_RESET, `queue_errors` += 1)
+/// and serves nothing until the driver resets it; then it works again.
+#[test]
+fn a_panicking_device_is_declared_broken_and_recovers_on_a_driver_reset() {
+    let rig = Rig::new(true);
+    rig.mem
+        .write_slice(b"panic!", GuestAddress(0x30000))
+        .unwrap();
+    rig.post(TX, 0x30000, 6, false);
+    rig.kick(TX); // handle_event returns Ok: no panic leaves it
+    {
+        let eng = rig
+            .engine
+            .lock()
+            .expect("the engine lock is not left poisoned");
+        assert!(eng.core.needs_reset(), "the device declared itself broken");
+        assert_eq!(eng.core.counters().queue_errors, 1);
+    }
+    // Neither vring's lock is poisoned (these would panic).
+    for v in &rig.vrings {
+        drop(v.get_mut());
+    }
+    // Broken: nothing is served, not even a harmless chain.
+    rig.mem
+        .write_slice(b"hello", GuestAddress(0x30100))
+        .unwrap();
+    rig.post(TX, 0x30100, 5, false);
+    rig.kick(TX);
+    assert_eq!(rig.used(TX).0, 0, "a broken device serves nothing");
+    // The driver resets the device: it is healthy again and echoes.
+    rig.driver_reset();
+    assert!(!rig.engine.lock().unwrap().core.needs_reset());
+    assert_eq!(rig.engine.lock().unwrap().device.resets, 1);
+    rig.post(RX, 0x20000, 64, true);
+    rig.post(TX, 0x30100, 5, false);
+    rig.kick(TX);
+    assert_eq!(rig.used(TX).0, 1);
+    assert_eq!(rig.used(RX), (1, 5));
+    let mut got = [0u8; 5];
+    rig.mem.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+    assert_eq!(&got, b"hello");
+}
+
+/// The same on the control plane's thread: a device's request handler
+/// that panics fails that request with an error and declares the device
+/// broken; the plane (and the engine lock) go on serving.
+#[test]
+fn a_panicking_control_request_fails_alone_and_the_plane_lives_on() {
+    use vdevlab_device_core::control::Plane;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let rig = Rig::new(true);
+    let plane = Plane::new(rig.engine.clone(), EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+    let reply = plane.handle(&serde_json::json!({"op": "panic"}));
+    assert!(!reply.ok);
+    assert!(
+        reply
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("the device panicked"),
+        "{reply:?}"
+    );
+    assert!(plane.handle(&serde_json::json!({"op": "ping"})).ok);
+    let stats = plane.handle(&serde_json::json!({"op": "stats"}));
+    assert!(stats.ok, "{stats:?}");
+    assert!(rig.engine.lock().unwrap().core.needs_reset());
 }

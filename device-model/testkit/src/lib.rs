@@ -5,7 +5,8 @@
 //! ([`Vmm`]): guest memory in a memfd shared with the backend, split
 //! virtqueues laid out in it ([`Layout`]), real kick/call/error eventfds,
 //! and helpers to post chains (well-formed or not, [`Desc`], [`Link`]) and
-//! read the used rings.
+//! read the used rings. [`Vmm::queue_driver`] hands one queue to a thread of
+//! its own ([`QueueDriver`]), so a test can drive several queues at once.
 //!
 //! A device's `tests/support/mod.rs` wraps these with its own queue names,
 //! layout and typed helpers. Everything here panics (with the backend's log
@@ -848,6 +849,145 @@ impl Vmm {
         let ring = &mut self.rings[q];
         ring.errs += drain_eventfd(&ring.err);
         ring.errs
+    }
+}
+
+/// One queue of a [`Vmm`], driven from a thread of its own
+/// ([`Vmm::queue_driver`]): a view of the shared guest memory, the queue's
+/// kick and call eventfds, and the driver's indices for that queue. Tests
+/// that drive two queues at once (or a queue and the control plane) give
+/// each thread one of these. Guest memory is shared, so each thread must
+/// keep to its own buffers.
+#[derive(Debug)]
+pub struct QueueDriver {
+    /// The queue's index.
+    pub q: usize,
+    mem: GuestMemoryMmap,
+    layout: Layout,
+    kick: EventFd,
+    call: EventFd,
+    next_desc: u16,
+    avail_idx: u16,
+    calls: u64,
+}
+
+impl QueueDriver {
+    fn store_u16(&self, addr: u64, val: u16) {
+        self.mem
+            .store(u16::to_le(val), GuestAddress(addr), Ordering::Release)
+            .expect("storing to guest memory");
+    }
+
+    fn load_u16(&self, addr: u64) -> u16 {
+        u16::from_le(
+            self.mem
+                .load(GuestAddress(addr), Ordering::Acquire)
+                .expect("loading from guest memory"),
+        )
+    }
+
+    /// Write `data` to guest memory at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .expect("writing guest memory");
+    }
+
+    /// Read `len` bytes of guest memory at `addr`.
+    pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(addr))
+            .expect("reading guest memory");
+        buf
+    }
+
+    /// Write `descs` as one chain in consecutive slots (wrapping to slot 0
+    /// when they do not fit before the end of the table) and make it
+    /// available (no kick); returns its head. The caller keeps fewer
+    /// descriptors in flight than the queue has, so no slot in use is
+    /// reused.
+    pub fn post_chain(&mut self, descs: &[Desc]) -> u16 {
+        let size = self.layout.queue_size;
+        assert!(
+            descs.len() <= size as usize,
+            "a chain of {} descriptors",
+            descs.len()
+        );
+        if self.next_desc as usize + descs.len() > size as usize {
+            self.next_desc = 0;
+        }
+        let base = self.next_desc;
+        self.next_desc += descs.len() as u16;
+        self.write(
+            self.layout.desc_table_addr(self.q) + 16 * u64::from(base),
+            &encode(descs, base),
+        );
+        let slot = self.avail_idx % size;
+        let avail = self.layout.avail_ring_addr(self.q);
+        self.store_u16(avail + 4 + 2 * u64::from(slot), base);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.store_u16(avail + 2, self.avail_idx);
+        base
+    }
+
+    /// The driver's available index.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Notify the device that the queue has new buffers.
+    pub fn kick(&self) {
+        self.kick.write(1).expect("kicking");
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self) -> u16 {
+        self.load_u16(self.layout.used_ring_addr(self.q) + 2)
+    }
+
+    /// Used element `i`: (descriptor head id, length).
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let slot = u64::from(i % self.layout.queue_size);
+        let b = self.read(self.layout.used_ring_addr(self.q) + 4 + 8 * slot, 8);
+        (
+            u32::from_le_bytes(b[0..4].try_into().unwrap()),
+            u32::from_le_bytes(b[4..8].try_into().unwrap()),
+        )
+    }
+
+    /// Used-buffer interrupts (call eventfd signals) seen since the driver
+    /// was made (those seen by the [`Vmm`] before are not counted).
+    pub fn calls(&mut self) -> u64 {
+        self.calls += drain_eventfd(&self.call);
+        self.calls
+    }
+
+    /// Wait up to `timeout` for a used-buffer interrupt; whether one came.
+    pub fn wait_call(&mut self, timeout: Duration) -> bool {
+        let before = self.calls;
+        wait_until(timeout, || self.calls() > before)
+    }
+}
+
+impl Vmm {
+    /// Queue `q` as a [`QueueDriver`] for another thread, starting from
+    /// this frontend's indices for it. From then on only the driver may
+    /// post on `q` (this frontend's indices for `q` no longer follow), and
+    /// the interrupts of `q` go to whichever of the two reads them first.
+    pub fn queue_driver(&mut self, q: usize) -> QueueDriver {
+        let ring = &mut self.rings[q];
+        ring.calls += drain_eventfd(&ring.call);
+        QueueDriver {
+            q,
+            mem: self.mem.clone(),
+            layout: self.layout,
+            kick: ring.kick.try_clone().expect("cloning the kick eventfd"),
+            call: ring.call.try_clone().expect("cloning the call eventfd"),
+            next_desc: ring.next_desc,
+            avail_idx: ring.avail_idx,
+            calls: 0,
+        }
     }
 }
 
