@@ -105,9 +105,13 @@ write_env() { # write_env <release>
     mv "$LK/lab.env.tmp" "$LK/lab.env"
 }
 # Add the variant to $CACHE/lab.env (VDEVLAB_KERNELS and its keys), under
-# provision.sh's lock, which rewrites lab.env on every run.
+# provision.sh's lock, which rewrites lab.env on every run. This kernel's
+# lock is released first: provision.sh takes its own lock and then this
+# script's (running it for the default kernels), so holding both here
+# would deadlock with a provisioning started meanwhile.
 register() {
     local env=$CACHE/lab.env
+    exec 6>&-
     [ -n "$REGISTER" ] || return 0
     [ -f "$env" ] || { say "no $env yet: run images/provision.sh to list this kernel"; return 0; }
     exec 8>"$CACHE/.provision.lock"
