@@ -19,8 +19,8 @@
 # host: the host needs Linux x86_64 with user namespaces, mmdebstrap,
 # util-linux (unshare, flock) and, as an ordinary user, newuidmap (uidmap).
 #
-# Guest kernels (the matrix; VDEVLAB_KERNELS picks a subset, default all
-# three):
+# Guest kernels (the matrix; VDEVLAB_KERNELS picks a subset, default
+# trixie,bookworm,lab,lockdep; kcsan only when listed):
 #
 #   trixie    trixie-backports' current kernel; virtio built in; the driver
 #             is built inside the trixie root (gcc-14, like the kernel)
@@ -33,6 +33,13 @@
 #             linux-source-6.12 by images/lab-kernel.sh (a few minutes,
 #             once, in the trixie root); fast boots; the driver is built
 #             against its tree there, with sparse
+#   lockdep   the lab kernel with the lock and object checkers
+#             (PROVE_LOCKING, DEBUG_SPINLOCK, DEBUG_ATOMIC_SLEEP,
+#             DEBUG_OBJECTS, DEBUG_LIST): images/lab-kernel.sh --variant
+#             lockdep, in a tree of its own (a few minutes more, once)
+#   kcsan     the lab kernel with KCSAN, the data-race detector
+#             (images/lab-kernel.sh --variant kcsan): opt-in, built only
+#             when VDEVLAB_KERNELS names it, and kept listed once built
 #
 # Idempotent: every step leaves a stamp, and a second run with everything
 # cached only checks the stamps.  Runs as root or as any user (see below).
@@ -46,7 +53,7 @@ STAMP_VERSION=1
 export PROGRESS_TAG=provision
 # shellcheck source-path=SCRIPTDIR source=lib/progress.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/progress.sh"
-step() { step_begin "($1/9) $2"; }
+step() { step_begin "($1/11) $2"; }
 
 # As root: mmdebstrap and chroot as usual, and missing host packages are
 # installed. As any other user: the same through user namespaces
@@ -55,10 +62,10 @@ step() { step_begin "($1/9) $2"; }
 ROOTLESS=""; [ "$(id -u)" -eq 0 ] || ROOTLESS=1
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported (found $(uname -m))"
-KERNELS=${VDEVLAB_KERNELS:-trixie,bookworm,lab}
+KERNELS=${VDEVLAB_KERNELS:-trixie,bookworm,lab,lockdep}
 case ",$KERNELS," in *,trixie,*) ;; *) die "VDEVLAB_KERNELS=$KERNELS: trixie (the default kernel) must be in the list" ;; esac
 for k in ${KERNELS//,/ }; do
-    case "$k" in trixie|bookworm|lab) ;; *) die "VDEVLAB_KERNELS=$KERNELS: unknown kernel '$k' (known: trixie, bookworm, lab)" ;; esac
+    case "$k" in trixie|bookworm|lab|lockdep|kcsan) ;; *) die "VDEVLAB_KERNELS=$KERNELS: unknown kernel '$k' (known: trixie, bookworm, lab, lockdep, kcsan)" ;; esac
 done
 want_kernel() { case ",$KERNELS," in *,"$1",*) return 0 ;; esac; return 1; }
 mkdir -p "$CACHE"
@@ -397,27 +404,57 @@ if [ "$(cat "$CP_DIR/source" 2>/dev/null)" != "$LAB_SOURCE $src_ver" ] || [ ! -f
 fi
 step_end "cached ($(cat "$CP_DIR/source"))"
 
-lab_kernel_progress() { # for the counter: files compiled so far
-    local log=$CACHE/lab-kernel/build.log
+lab_kernel_progress() { # <variant>: for the counter, files compiled so far
+    local log=$CACHE/$1-kernel/build.log
     # shellcheck disable=SC2154 # set by step_begin
     [ -f "$log" ] && [ "$(stat -c %Y "$log")" -ge "$_progress_t0" ] || return 0
     echo "$(grep -c '^  CC ' "$log" || true) files compiled"
 }
-if want_kernel lab; then
-    step 8 "the lab kernel (trimmed 6.12, images/lab-kernel.sh)"
-    rm -f "$CACHE/lab-kernel/.last-result"
-    PROGRESS_DETAIL='lab_kernel_progress' run_logged "images/lab-kernel.sh" \
-        bash "$(dirname "${BASH_SOURCE[0]}")/lab-kernel.sh" \
-        || die "images/lab-kernel.sh failed (see above); set VDEVLAB_KERNELS=trixie,bookworm to provision without the lab kernel"
+# lab_kernel <step> <variant> <label> <without>: images/lab-kernel.sh for
+# one variant (this script writes lab.env, so it does not register);
+# <without> is the VDEVLAB_KERNELS that leaves it out, for the error.
+lab_kernel() {
+    local n=$1 variant=$2 label=$3 without=$4 result
+    step "$n" "$label"
+    rm -f "$CACHE/$variant-kernel/.last-result"
+    PROGRESS_DETAIL="lab_kernel_progress $variant" run_logged "images/lab-kernel.sh --variant $variant" \
+        bash "$HERE/lab-kernel.sh" --variant "$variant" --no-register \
+        || die "images/lab-kernel.sh --variant $variant failed (see above); set VDEVLAB_KERNELS=$without to provision without the $variant kernel"
     # lab-kernel.sh leaves "cached (...)" there when it had nothing to do.
-    lk_result=$(cat "$CACHE/lab-kernel/.last-result" 2>/dev/null || true)
-    case $lk_result in cached*) step_end_as "$lk_result" ;; *) step_end ;; esac
+    result=$(cat "$CACHE/$variant-kernel/.last-result" 2>/dev/null || true)
+    case $result in cached*) step_end_as "$result" ;; *) step_end ;; esac
+}
+without() { # the kernels without $1
+    echo ",$KERNELS," | sed "s/,$1,/,/; s/^,//; s/,\$//"
+}
+if want_kernel lab; then
+    lab_kernel 8 lab "the lab kernel (trimmed 6.12, images/lab-kernel.sh)" "$(without lab)"
 else
     step 8 "the lab kernel"
     step_end "not wanted (VDEVLAB_KERNELS=$KERNELS)"
 fi
+if want_kernel lockdep; then
+    lab_kernel 9 lockdep "the lockdep kernel (the lab kernel + lockdep, DEBUG_OBJECTS; images/lab-kernel.sh --variant lockdep)" "$(without lockdep)"
+else
+    step 9 "the lockdep kernel"
+    step_end "not wanted (VDEVLAB_KERNELS=$KERNELS)"
+fi
+# The KCSAN kernel is opt-in: built when asked for, listed once built.
+KCSAN_BUILT=""
+[ -f "$CACHE/kcsan-kernel/.vdevlab-lab-kernel" ] && [ -f "$CACHE/kcsan-kernel/lab.env" ] && KCSAN_BUILT=1
+if want_kernel kcsan; then
+    lab_kernel 10 kcsan "the kcsan kernel (the lab kernel + KCSAN; images/lab-kernel.sh --variant kcsan)" "$(without kcsan)"
+    KCSAN_BUILT=1
+else
+    step 10 "the kcsan kernel (opt-in)"
+    if [ -n "$KCSAN_BUILT" ]; then
+        step_end "built before, kept listed"
+    else
+        step_end "not wanted (add kcsan to VDEVLAB_KERNELS, or run images/lab-kernel.sh --variant kcsan)"
+    fi
+fi
 
-step 9 "checking QEMU and writing $CACHE/lab.env"
+step 11 "checking QEMU and writing $CACHE/lab.env"
 QVER=$(in_root /usr/bin/qemu-system-x86_64 --version | head -n 1)
 in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-test-device-pci"' \
     || die "QEMU in $ROOT ($QVER) has no vhost-user-test-device-pci: QEMU 10.2+ needed"
@@ -434,7 +471,9 @@ in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-u
     echo "VDEVLAB_QEMU=/usr/bin/qemu-system-x86_64"
     echo "VDEVLAB_QEMU_VERSION=$QVER"
     echo "VDEVLAB_BUSYBOX=$ROOT/usr/bin/busybox"
-    echo "VDEVLAB_KERNELS=$KERNELS"
+    kernels=$KERNELS
+    [ -z "$KCSAN_BUILT" ] || want_kernel kcsan || kernels=$kernels,kcsan
+    echo "VDEVLAB_KERNELS=$kernels"
     echo "VDEVLAB_KERNEL_TRIXIE_RELEASE=$KREL"
     echo "VDEVLAB_KERNEL_TRIXIE_IMAGE=$KDIR/vmlinuz"
     echo "VDEVLAB_KERNEL_TRIXIE_HEADERS=/usr/src/$HEADERS"
@@ -451,6 +490,12 @@ in_root /usr/bin/qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-u
     if want_kernel lab; then
         cat "$CACHE/lab-kernel/lab.env"
     fi
+    if want_kernel lockdep; then
+        cat "$CACHE/lockdep-kernel/lab.env"
+    fi
+    if [ -n "$KCSAN_BUILT" ]; then
+        cat "$CACHE/kcsan-kernel/lab.env"
+    fi
     echo "VDEVLAB_KERNEL_RELEASE=$KREL"
     echo "VDEVLAB_KERNEL=$KDIR/vmlinuz"
     echo "VDEVLAB_KERNEL_HEADERS=/usr/src/$HEADERS"
@@ -464,4 +509,6 @@ fi
 mv "$CACHE/lab.env.tmp" "$CACHE/lab.env"
 step_end "done"
 LAB_REL=$(sed -n 's/^VDEVLAB_KERNEL_LAB_RELEASE=//p' "$CACHE/lab.env")
-say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}${LAB_REL:+, lab $LAB_REL}"
+LOCKDEP_REL=$(sed -n 's/^VDEVLAB_KERNEL_LOCKDEP_RELEASE=//p' "$CACHE/lab.env")
+KCSAN_REL=$(sed -n 's/^VDEVLAB_KERNEL_KCSAN_RELEASE=//p' "$CACHE/lab.env")
+say "ready: $QVER; guest kernels: trixie $KREL${BW_REL:+, bookworm $BW_REL}${LAB_REL:+, lab $LAB_REL}${LOCKDEP_REL:+, lockdep $LOCKDEP_REL}${KCSAN_REL:+, kcsan $KCSAN_REL}"

@@ -14,7 +14,7 @@ pub struct FaultsArgs {
     /// Only the fast subset (what CI runs on every change).
     #[arg(long)]
     fast: bool,
-    /// Guest kernel(s): trixie, bookworm, or all.
+    /// Guest kernel(s): trixie, bookworm, lab, lockdep, ... (VDEVLAB_KERNELS in lab.env), or all.
     #[arg(long, default_value = "trixie")]
     kernel: String,
     /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm (each

@@ -75,8 +75,9 @@ pub enum BuildPlace {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kernel {
     /// The series' short name: `trixie`, `bookworm`, `lab` (the trimmed
-    /// kernel of `images/lab-kernel.sh`) or `debug`. Test names and the
-    /// artifacts use it.
+    /// kernel of `images/lab-kernel.sh`), its race-detector variants
+    /// `lockdep` and `kcsan` (`images/lab-kernel.sh --variant ...`) or
+    /// `debug`. Test names and the artifacts use it.
     pub name: String,
     /// `uname -r` in the guest, e.g. `6.1.0-56-amd64`.
     pub release: String,
