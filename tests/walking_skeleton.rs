@@ -3,7 +3,8 @@
 //! on every guest kernel of the matrix.
 //!
 //! Every test exists once per kernel, in a module named after it
-//! (`trixie::…`, `bookworm::…`, `lab::…`), and those that boot once per
+//! (`trixie::…`, `bookworm::…`, `lab::…`; the lockdep kernel, `lockdep::…`,
+//! runs a subset), and those that boot once per
 //! cell of the VMM dimension inside it (`qemu_tcg::`, `qemu_kvm::`,
 //! `cloud_hypervisor_kvm::`; `VDEVLAB_CELLS` picks, see
 //! `vdevlab_lab::cell`), so a nextest filter picks a kernel (`bookworm`), a
@@ -480,6 +481,29 @@ kernel_tests!(trixie);
 kernel_tests!(bookworm);
 // The trimmed lab kernel (images/lab-kernel.sh): 6.12, a third series.
 kernel_tests!(lab);
+
+/// The lab kernel's lockdep variant (`images/lab-kernel.sh --variant
+/// lockdep`: PROVE_LOCKING, DEBUG_SPINLOCK, DEBUG_ATOMIC_SLEEP,
+/// DEBUG_OBJECTS, DEBUG_LIST), which provisioning builds by default: the
+/// race detectors watch the driver on several vCPUs, where its interrupt
+/// handlers and its readers and writers really run at once, and through
+/// its control, suspend and teardown paths. Any report they print is a
+/// splat, which fails the run.
+mod lockdep {
+    #[test]
+    fn driver_builds_warning_free_with_w1() {
+        super::driver_builds_warning_free_with_w1("lockdep");
+    }
+
+    vdevlab_tests::cell_tests!(kernel "lockdep";
+        blocking_rx,
+        driver_ioctls_pm_and_teardown,
+    );
+    vdevlab_tests::cell_tests!(smp kernel "lockdep";
+        io_models_rx_and_tx,
+        driver_ioctls_pm_and_teardown,
+    );
+}
 
 /// The device model crashes mid-stream while QEMU keeps running: the
 /// guest read what was delivered, then its reader waits quietly; no error,
