@@ -539,6 +539,7 @@ struct qw_cfg_words {
 	u32 version;		/* @header only */
 	u32 capabilities;	/* @header only */
 	u32 status;
+	u32 irq_modes;		/* @header only */
 };
 
 /*
@@ -562,6 +563,8 @@ static int qw_cfg_read(struct virtio_device *vdev, struct qw_cfg_words *w,
 					&w->version);
 			virtio_cread_le(vdev, struct qw_config, capabilities,
 					&w->capabilities);
+			virtio_cread_le(vdev, struct qw_config, irq_modes,
+					&w->irq_modes);
 		}
 		virtio_cread_le(vdev, struct qw_config, status, &w->status);
 		if (qw_cfg_generation(vdev) == gen)
@@ -2144,6 +2147,40 @@ static ssize_t needs_reset_show(struct device *dev,
 }
 static DEVICE_ATTR_RO(needs_reset);
 
+/*
+ * config: the config space words the driver reads, as one snapshot
+ * (qw_cfg_read()), under state_mutex and only while the device is live:
+ * -ENODEV once removed, -EAGAIN while stopped (a reset in progress),
+ * -EOPNOTSUPP without a live status word.  Tests race these reads against
+ * the host's config changes.
+ */
+static ssize_t config_show(struct device *dev, struct device_attribute *attr,
+			   char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+	struct qw_cfg_words w;
+	int err;
+
+	if (mutex_lock_interruptible(&qw->state_mutex))
+		return -ERESTARTSYS;
+	if (qw->gone)
+		err = -ENODEV;
+	else if (!qw->cfg_status)
+		err = -EOPNOTSUPP;
+	else if (!qw->live)
+		err = -EAGAIN;
+	else
+		err = qw_cfg_read(qw->vdev, &w, true);
+	mutex_unlock(&qw->state_mutex);
+	if (err)
+		return err;
+	return sysfs_emit(buf,
+			  "magic=%#x\nversion=%u\ncapabilities=%#x\nstatus=%#x\nirq_modes=%#x\n",
+			  w.magic, w.version, w.capabilities, w.status,
+			  w.irq_modes);
+}
+static DEVICE_ATTR_RO(config);
+
 static struct attribute *qw_attrs[] = {
 	&dev_attr_rx_bytes.attr,
 	&dev_attr_tx_bytes.attr,
@@ -2157,6 +2194,7 @@ static struct attribute *qw_attrs[] = {
 	&dev_attr_config_changes.attr,
 	&dev_attr_resets.attr,
 	&dev_attr_needs_reset.attr,
+	&dev_attr_config.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(qw);
