@@ -24,7 +24,7 @@ use vdevlab_guest::io_models::{
 };
 use vdevlab_guest::scenarios::teardown::How;
 use vdevlab_guest::scenarios::{
-    echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, teardown, Checked,
+    echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, stress, teardown, Checked,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
@@ -83,8 +83,8 @@ fn main() -> ExitCode {
         marker(&names);
         return ExitCode::SUCCESS;
     }
-    // The sensor device's scenarios have options of their own.
-    if let Some(outcome) = sensor::dispatch(&args) {
+    // The sensor device's scenarios and the stress have options of their own.
+    if let Some(outcome) = sensor::dispatch(&args).or_else(|| stress::dispatch(&args)) {
         let name = args.first().map(String::as_str).unwrap_or("");
         let (line, ok) = match outcome {
             Ok(c) => (

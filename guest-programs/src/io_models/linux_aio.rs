@@ -18,9 +18,10 @@ use crate::io_models::epoll::{epoll_for, epoll_wait_one};
 use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD, IOCB_CMD_PWRITE, IOCB_FLAG_RESFD};
 use crate::{ready, Dir, Opts, Report};
 
-/// The eventfd, its epoll watcher and the context.
+/// The eventfd, its epoll watcher and the context (the `stress` scenario
+/// runs its AIO workers on it too).
 #[derive(Debug)]
-struct Aio {
+pub(crate) struct Aio {
     efd: OwnedFd,
     ep: OwnedFd,
     ctx: Ctx,
@@ -31,7 +32,7 @@ struct Aio {
 }
 
 impl Aio {
-    fn new() -> Result<Self, String> {
+    pub(crate) fn new() -> Result<Self, String> {
         // SAFETY: plain syscall wrapper.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -55,6 +56,23 @@ impl Aio {
     /// for its completion; returns the byte count. The buffer must stay
     /// valid until the context is destroyed if this fails.
     fn transfer(&mut self, fd: RawFd, dir: Dir, buf: u64, len: usize) -> Result<usize, String> {
+        let res = self.transfer_res(fd, dir, buf, len)?;
+        if res < 0 {
+            return Err(errno_err("AIO request", (-res) as i32));
+        }
+        Ok(res as usize)
+    }
+
+    /// [`Self::transfer`], with the completion's result as it came (a
+    /// byte count, or a negated errno); `Err` only when the request could
+    /// not be submitted or reaped.
+    pub(crate) fn transfer_res(
+        &mut self,
+        fd: RawFd,
+        dir: Dir,
+        buf: u64,
+        len: usize,
+    ) -> Result<i64, String> {
         self.seq += 1;
         let mut iocb = Iocb {
             aio_data: self.seq,
@@ -107,10 +125,7 @@ impl Aio {
                 ev.data, ev.obj, self.seq, list[0] as u64
             ));
         }
-        if ev.res < 0 {
-            return Err(errno_err("AIO request", (-ev.res) as i32));
-        }
-        Ok(ev.res as usize)
+        Ok(ev.res)
     }
 
     /// Wait on the eventfd through epoll, then reap without waiting.

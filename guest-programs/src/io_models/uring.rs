@@ -45,7 +45,11 @@ impl Counts {
 /// Every buffer `entry` refers to must stay valid until the completion
 /// arrives, or for good if this returns an error (the request may still be
 /// in flight then).
-unsafe fn run_one(ring: &mut IoUring, entry: &squeue::Entry, tag: u64) -> Result<i32, String> {
+pub(crate) unsafe fn run_one(
+    ring: &mut IoUring,
+    entry: &squeue::Entry,
+    tag: u64,
+) -> Result<i32, String> {
     // SAFETY: the caller keeps the entry's buffers valid (this fn's contract).
     unsafe { ring.submission().push(entry) }.map_err(|_| "submission queue full".to_string())?;
     let cqe: cqueue::Entry = loop {

@@ -9,6 +9,7 @@
 //! | [`pm_freeze`] | `pm-freeze` |
 //! | [`multi_open`] | `multi-open` |
 //! | [`needs_reset`] | `needs-reset` |
+//! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
 //!
@@ -23,6 +24,7 @@ pub mod multi_open;
 pub mod needs_reset;
 pub mod pm_freeze;
 pub mod sensor;
+pub mod stress;
 pub mod teardown;
 
 use crate::Report;
