@@ -211,6 +211,8 @@ pub struct Driven {
     pub stats: Option<Stats>,
     /// Why the boot cannot go on after this scenario, if so.
     pub ends_boot: Option<String>,
+    /// What its [`Step::Pump`]s captured.
+    pub captured: Vec<u8>,
 }
 
 impl Driven {
@@ -246,6 +248,8 @@ pub struct Session<'l> {
     vcpus: u8,
     placement: crate::smp::Placement,
     t0: Instant,
+    /// What the current scenario's pumps captured.
+    captured: Vec<u8>,
     /// The guest.
     pub guest: Guest,
 }
@@ -276,6 +280,7 @@ impl<'l> Session<'l> {
             vcpus,
             placement: spec.placement,
             t0,
+            captured: Vec::new(),
             guest,
         })
     }
@@ -283,6 +288,7 @@ impl<'l> Session<'l> {
     /// Run one scenario: its steps, its result, its checks.
     pub fn drive(&mut self, s: &Scenario) -> Driven {
         let mut d = Driven::default();
+        self.captured.clear();
         let mut deadline: Option<Instant> = None;
         let mut ended = None;
         for (i, step) in s.steps.iter().enumerate() {
@@ -339,6 +345,11 @@ impl<'l> Session<'l> {
         }
         if s.counters || !s.expect.counters_at_least.is_empty() {
             self.check_counters(s, &mut d);
+        }
+        d.captured = std::mem::take(&mut self.captured);
+        if let (Some(check), Some(v)) = (s.expect.check, &result) {
+            d.problems
+                .extend((check.0)(v, &d.captured, d.stats.as_ref()));
         }
         d.result = result;
         d
@@ -398,7 +409,127 @@ impl<'l> Session<'l> {
                     return Err(check(anyhow::anyhow!("the VMM exited")));
                 }
             }
+            Step::Pump {
+                seed,
+                controls,
+                pauses,
+                until,
+            } => return self.pump(s, *seed, controls, pauses, until, left(deadline)),
         }
+        Ok(Next::Go)
+    }
+
+    /// [`Step::Pump`], through the device's data port (raw bytes both
+    /// ways, no hex), with the control plane for the requests and for
+    /// what is left in the capture at the end.
+    fn pump(
+        &mut self,
+        s: &Scenario,
+        seed: u64,
+        controls: &[(Duration, Value)],
+        pauses: &[(Duration, Duration)],
+        until: &str,
+        budget: Duration,
+    ) -> Result<Next, StepError> {
+        use std::io::{ErrorKind, Read, Write};
+        use vdevlab_guest::scenarios::stress::records::rx_records;
+        const BATCH: u64 = 4096;
+        let check = StepError::Check;
+        if s.instance != 0 {
+            return Err(check(anyhow::anyhow!(
+                "a pump uses instance 0's data port, not instance {}",
+                s.instance
+            )));
+        }
+        let mut ctl = self.guest.control_of(s.instance).map_err(check)?;
+        let mut port = std::os::unix::net::UnixStream::connect(&self.guest.data_path)
+            .with_context(|| format!("connecting to {}", self.guest.data_path.display()))
+            .map_err(check)?;
+        port.set_nonblocking(true).map_err(|e| check(e.into()))?;
+        let result = protocol::result_prefix(&s.marker);
+        let start = Instant::now();
+        let (mut next, mut pending, mut off, mut sent) = (0u64, Vec::new(), 0usize, 0usize);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut drain = |port: &mut std::os::unix::net::UnixStream, captured: &mut Vec<u8>| {
+            let mut moved = 0;
+            loop {
+                match port.read(&mut buf) {
+                    Ok(0) => return Err(anyhow::anyhow!("the data port closed")),
+                    Ok(n) => {
+                        captured.extend_from_slice(&buf[..n]);
+                        moved += n;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(moved),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(anyhow::Error::from(e).context("reading the data port")),
+                }
+            }
+        };
+        loop {
+            match self
+                .guest
+                .wait_for(protocol::PREFIX, Duration::from_millis(1))
+            {
+                Ok(line) if protocol::is_ready(&line, until) => break,
+                Ok(line) if line.starts_with(&result) => {
+                    return result_value(&line)
+                        .map(Next::Ended)
+                        .map_err(StepError::Fatal)
+                }
+                Ok(_) => continue,
+                Err(e) if format!("{e}").contains("within") => {}
+                Err(e) => return Err(StepError::Fatal(e)),
+            }
+            let t = start.elapsed();
+            if t > budget {
+                return Err(check(anyhow::anyhow!(
+                    "no ready {until} within {budget:?} of pumping"
+                )));
+            }
+            while sent < controls.len() && controls[sent].0 <= t {
+                self.control(s.instance, &controls[sent].1, &[])
+                    .map_err(check)?;
+                sent += 1;
+            }
+            if pauses.iter().any(|&(at, len)| t >= at && t < at + len) {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            if off == pending.len() {
+                pending = rx_records(seed, next, BATCH);
+                next += BATCH;
+                off = 0;
+            }
+            let wrote = match port.write(&pending[off..]) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
+                Err(e) => {
+                    return Err(check(
+                        anyhow::Error::from(e).context("writing the data port"),
+                    ))
+                }
+            };
+            off += wrote;
+            let got = drain(&mut port, &mut self.captured).map_err(check)?;
+            if wrote == 0 && got == 0 {
+                std::thread::sleep(POLL);
+            }
+        }
+        // What the port still sends, then what waits in the capture.
+        let quiet = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < quiet {
+            if drain(&mut port, &mut self.captured).map_err(check)? == 0 {
+                std::thread::sleep(POLL);
+            }
+        }
+        loop {
+            let got = ctl.capture(None).context("capturing").map_err(check)?;
+            if got.is_empty() {
+                break;
+            }
+            self.captured.extend_from_slice(&got);
+        }
+        drain(&mut port, &mut self.captured).map_err(check)?;
         Ok(Next::Go)
     }
 
@@ -732,6 +863,7 @@ impl Ended {
             result: d.result,
             host_sha256: s.host_sha256.clone(),
             stats: d.stats,
+            captured: d.captured,
             output,
         })
     }

@@ -142,6 +142,27 @@ pub enum Step {
     /// The program must not report for this long, and the VMM must keep
     /// running (a reader stays blocked on a device gone quiet).
     Quiet(Duration),
+    /// Keep data moving both ways until the program announces `until`:
+    /// inject the sequence-numbered receive records of `seed`
+    /// (`vdevlab_guest::scenarios::stress::records`: 0, 1, 2, ...) as
+    /// fast as the FIFO takes them, through the device's data port
+    /// (instance 0's; raw bytes, back-pressure instead of refusal), take
+    /// everything the driver sends
+    /// (into [`Outcome::captured`], for [`Expect::check`]), and send each
+    /// of `controls` once its time since the step began has come. In the
+    /// `pauses` (start since the step began, length) the host neither
+    /// injects nor captures, so readers and writers run dry and block.
+    /// After `until`, what is left in the capture is taken too.
+    Pump {
+        /// Seed of the receive records.
+        seed: u64,
+        /// Control requests (their replies must be `ok`), by time.
+        controls: Vec<(Duration, Value)>,
+        /// Windows without injection or capture.
+        pauses: Vec<(Duration, Duration)>,
+        /// The READY marker that ends the step.
+        until: String,
+    },
 }
 
 impl Step {
@@ -208,6 +229,12 @@ impl Step {
             Step::Counter { name, at_least } => format!("counter {name} >= {at_least}"),
             Step::KillBackend => "kill the backend".into(),
             Step::Quiet(d) => format!("quiet for {d:?}"),
+            Step::Pump {
+                controls, until, ..
+            } => format!(
+                "pump records with {} control requests until ready {until}",
+                controls.len()
+            ),
         }
     }
 }
@@ -235,6 +262,20 @@ pub struct Expect {
     /// The result must come within this long after the last step (no task
     /// blocked longer).
     pub within: Option<Duration>,
+    /// A check of the result line against what the host captured and the
+    /// device's counters at the end (the stress scenario's accounts).
+    pub check: Option<Checker>,
+}
+
+/// A check of a result line, the captured bytes and the device's counters
+/// at the end: the problems it found.
+#[derive(Debug, Clone, Copy)]
+pub struct Checker(pub fn(&Value, &[u8], Option<&Stats>) -> Vec<String>);
+
+impl PartialEq for Checker {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::fn_addr_eq(self.0, other.0)
+    }
 }
 
 impl Default for Expect {
@@ -248,6 +289,7 @@ impl Default for Expect {
             output: Vec::new(),
             counters_at_least: Vec::new(),
             within: None,
+            check: None,
         }
     }
 }
@@ -305,6 +347,8 @@ pub struct Outcome {
     pub host_sha256: Option<String>,
     /// The device's counters at the end (or when last read).
     pub stats: Option<Stats>,
+    /// What the host captured in [`Step::Pump`]s.
+    pub captured: Vec<u8>,
     /// What the command printed: the console lines between its READY and
     /// its RESULT, kernel messages included.
     pub output: String,
