@@ -11,6 +11,8 @@
 //! - `vdevlab user-test DIR`: a user's own driver and scenarios;
 //! - `vdevlab up`: a shell in a booted guest with the device and driver;
 //! - `vdevlab new device NAME`: scaffold a device, its driver and tests;
+//! - `vdevlab stress`: the concurrency stress campaign (many readers and
+//!   writers at once, then an unbind) on one kernel or all;
 //! - `vdevlab doctor`: which cells this host can run, and the fix for each
 //!   one it cannot.
 
@@ -23,6 +25,7 @@ mod bench;
 mod device;
 mod faults;
 mod new;
+mod stress;
 mod up;
 mod user;
 use vdevlab_lab::engine::blocking_rx;
@@ -81,6 +84,11 @@ enum Cmd {
     /// Run a fault-injection campaign (faults/*.toml) and report how the
     /// driver held up.
     Faults(faults::FaultsArgs),
+    /// The concurrency stress campaign: readers and writers in every I/O
+    /// model at once, churn, flush/reset ioctls, signals, lock holders and
+    /// interrupt-mode changes, then an unbind while all of it runs; the
+    /// records settle every byte. One boot per seed.
+    Stress(stress::StressArgs),
     /// Measure round-trip latency and throughput per I/O model, against
     /// QEMU's virtio-serial and a host pipe in the same run (tables, JSON
     /// and SVG under target/lab-runs/bench/).
@@ -277,6 +285,7 @@ fn main() -> ExitCode {
         Cmd::Device(args) => device::run(args),
         Cmd::Faults(args) => faults::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Stress(args) => stress::run(args),
         Cmd::UserTest(args) => user::run(args),
         Cmd::Up(args) => up::run(args),
         Cmd::Doctor => doctor(),

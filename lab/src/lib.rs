@@ -22,6 +22,8 @@
 //! - [`sensor`]: the second example device in the lab;
 //! - [`mod@bench`]: latency and throughput against virtio-serial and a pipe;
 //! - [`up`]: the interactive lab, a shell on the guest's console;
+//! - [`stress`]: the concurrency stress (many readers and writers, then an
+//!   unbind), as data for the engine;
 //! - [`splat`]: spots kernel splats on a console;
 //! - [`record`]: one run record per scenario, `runs.jsonl`;
 //! - [`report`]: JSON and JUnit reports and verdict tables.
@@ -42,6 +44,7 @@ pub mod sensor;
 pub mod smp;
 pub mod sockets;
 pub mod splat;
+pub mod stress;
 pub mod up;
 
 use std::sync::OnceLock;

@@ -1,0 +1,145 @@
+//! `vdevlab stress`: the concurrency stress campaign (`vdevlab_lab::stress`)
+//! on one kernel or all: readers and writers in every I/O model at once,
+//! churn, ioctls, signals, lock holders and config changes, then an
+//! unbind while all of it runs; one boot per seed, each on record in
+//! `runs.jsonl` (scenario `stress`), with a JSON report per run.
+
+use anyhow::Result;
+use clap::Args;
+use vdevlab_lab::stress::{self, Stress, CONTENDED};
+use vdevlab_lab::Lab;
+
+/// Run the stress scenario.
+#[derive(Debug, Args)]
+pub struct StressArgs {
+    /// Guest kernel(s): a kernel's name (trixie, bookworm, lab, or a
+    /// debug kernel such as lockdep or kcsan once provisioned), or all.
+    #[arg(long, default_value = "trixie")]
+    kernel: String,
+    /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm, or
+    /// auto (QEMU on KVM where KVM works, else QEMU/TCG).
+    #[arg(long, default_value = "auto")]
+    cell: String,
+    /// Seconds of stress before the unbind, per run.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Seed of the first run (the runs use seed, seed+1, ...).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Runs (boots) per kernel.
+    #[arg(long, default_value_t = 1)]
+    runs: u64,
+    /// Reader threads (they cycle through the reader models).
+    #[arg(long, default_value_t = 7)]
+    readers: usize,
+    /// Writer threads (they cycle through the writer models).
+    #[arg(long, default_value_t = 5)]
+    writers: usize,
+    /// The guest's vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+}
+
+/// The result fields the report shows, in order.
+const SHOWN: &[&str] = &[
+    "rx_records",
+    "rx_read",
+    "rx_flushed",
+    "rx_lost_at_unbind",
+    "tx_queued_bytes",
+    "opens",
+    "signals",
+    "config_reads",
+    "unbind_ms",
+];
+
+/// Run the campaign; true when every run passed.
+pub fn run(args: StressArgs) -> Result<bool> {
+    if args.vcpus != 1 {
+        anyhow::bail!(
+            "--vcpus {}: this build's guests have one vCPU (SMP cells are not in the lab yet)",
+            args.vcpus
+        );
+    }
+    eprintln!("[vdevlab] provisioning the lab and building the guest image");
+    let cell = vdevlab_lab::cell::pick(Some(&args.cell))?;
+    let lab = Lab::get()?;
+    let kernels: Vec<_> = if args.kernel == "all" {
+        lab.env.kernels.clone()
+    } else {
+        vec![lab.env.kernel(&args.kernel)?.clone()]
+    };
+    let dir = vdevlab_lab::env::runs_dir().join("stress");
+    std::fs::create_dir_all(&dir)?;
+    let mut all_pass = true;
+    for kernel in &kernels {
+        for seed in args.seed..args.seed + args.runs {
+            let st = Stress {
+                seed,
+                seconds: args.seconds,
+                readers: args.readers,
+                writers: args.writers,
+            };
+            eprintln!(
+                "[vdevlab] stress on {} ({}) in {cell}, {} vCPU(s): seed {seed}, {} s, {} readers, {} writers",
+                kernel.name, kernel.release, args.vcpus, st.seconds, st.readers, st.writers
+            );
+            let out = stress::run(&lab, kernel, cell, &st, |_| {})?;
+            let v = out.result.clone().unwrap_or_default();
+            let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            println!(
+                "{} ({}), {cell}, seed {seed}: {} in {:.1} s",
+                kernel.name,
+                kernel.release,
+                if out.passed() { "PASS" } else { "FAIL" },
+                out.record.duration_ms.unwrap_or(0) as f64 / 1000.0
+            );
+            let shown: Vec<String> = SHOWN.iter().map(|k| format!("{k} {}", num(k))).collect();
+            println!("  {}", shown.join(", "));
+            let reached: Vec<String> = CONTENDED
+                .iter()
+                .map(|k| format!("{k} {}", num(k)))
+                .collect();
+            println!("  contended paths: {}", reached.join(", "));
+            let unreached: Vec<&str> = CONTENDED.iter().copied().filter(|k| num(k) == 0).collect();
+            if !unreached.is_empty() {
+                println!("  not reached: {}", unreached.join(", "));
+            }
+            if let Some(s) = &out.stats {
+                println!(
+                    "  device: injected {} bytes, delivered {} in {} buffers, took {} in {} buffers, {} interrupts raised",
+                    s.injected_bytes, s.rx_bytes, s.rx_buffers, s.tx_bytes, s.tx_buffers, s.interrupts_raised
+                );
+            }
+            println!("  captured {} bytes", out.captured.len());
+            if let Some(why) = &out.record.reason {
+                println!("  FAIL: {why}");
+            }
+            if let Some(c) = &out.record.console {
+                println!("  console: {}", c.display());
+            }
+            let report = dir.join(format!("report-{}-{seed}.json", kernel.name));
+            let body = serde_json::json!({
+                "kernel": kernel.name,
+                "release": kernel.release,
+                "cell": cell.to_string(),
+                "vcpus": args.vcpus,
+                "seed": seed,
+                "seconds": st.seconds,
+                "pass": out.passed(),
+                "reason": out.record.reason,
+                "duration_ms": out.record.duration_ms,
+                "captured_bytes": out.captured.len(),
+                "result": v,
+            });
+            std::fs::write(&report, serde_json::to_vec_pretty(&body)?)?;
+            all_pass &= out.passed() && unreached.is_empty();
+        }
+    }
+    println!(
+        "reports: {}/report-<kernel>-<seed>.json; records: stress in {}",
+        dir.display(),
+        vdevlab_lab::record::runs_file().display()
+    );
+    Ok(all_pass)
+}
