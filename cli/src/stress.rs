@@ -35,9 +35,10 @@ pub struct StressArgs {
     /// Writer threads (they cycle through the writer models).
     #[arg(long, default_value_t = 5)]
     writers: usize,
-    /// The guest's vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
+    /// The guest's vCPUs (2 to 8: an SMP cell, the device's interrupts
+    /// on the last CPU, the threads on every CPU; 1: a one-vCPU cell).
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
 }
 
 /// The result fields the report shows, in order.
@@ -55,14 +56,21 @@ const SHOWN: &[&str] = &[
 
 /// Run the campaign; true when every run passed.
 pub fn run(args: StressArgs) -> Result<bool> {
-    if args.vcpus != 1 {
+    if !(1..=vdevlab_lab::cell::MAX_SMP_VCPUS).contains(&args.vcpus) {
         anyhow::bail!(
-            "--vcpus {}: this build's guests have one vCPU (SMP cells are not in the lab yet)",
-            args.vcpus
+            "--vcpus {}: 1 to {} (the lab kernel's NR_CPUS)",
+            args.vcpus,
+            vdevlab_lab::cell::MAX_SMP_VCPUS
         );
     }
     eprintln!("[vdevlab] provisioning the lab and building the guest image");
-    let cell = vdevlab_lab::cell::pick(Some(&args.cell))?;
+    let mut cell = vdevlab_lab::cell::pick(Some(&args.cell))?;
+    if args.vcpus > 1 {
+        cell = cell.with_smp();
+    }
+    if let Some(why) = cell.blocked_by() {
+        anyhow::bail!("{cell} cannot run here: {why}");
+    }
     let lab = Lab::get()?;
     let kernels: Vec<_> = if args.kernel == "all" {
         lab.env.kernels.clone()
@@ -84,7 +92,8 @@ pub fn run(args: StressArgs) -> Result<bool> {
                 "[vdevlab] stress on {} ({}) in {cell}, {} vCPU(s): seed {seed}, {} s, {} readers, {} writers",
                 kernel.name, kernel.release, args.vcpus, st.seconds, st.readers, st.writers
             );
-            let out = stress::run(&lab, kernel, cell, &st, |_| {})?;
+            let vcpus = args.vcpus;
+            let out = stress::run(&lab, kernel, cell, &st, |spec| spec.vcpus = Some(vcpus))?;
             let v = out.result.clone().unwrap_or_default();
             let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
             println!(
@@ -115,6 +124,12 @@ pub fn run(args: StressArgs) -> Result<bool> {
             if let Some(why) = &out.record.reason {
                 println!("  FAIL: {why}");
             }
+            if let Some(per_cpu) = &out.record.irqs_per_cpu {
+                println!(
+                    "  device interrupts per CPU: {per_cpu:?} (routed to CPU {})",
+                    out.record.irq_cpu.unwrap_or(0)
+                );
+            }
             if let Some(c) = &out.record.console {
                 println!("  console: {}", c.display());
             }
@@ -123,7 +138,8 @@ pub fn run(args: StressArgs) -> Result<bool> {
                 "kernel": kernel.name,
                 "release": kernel.release,
                 "cell": cell.to_string(),
-                "vcpus": args.vcpus,
+                "vcpus": out.record.vcpus,
+                "irqs_per_cpu": out.record.irqs_per_cpu,
                 "seed": seed,
                 "seconds": st.seconds,
                 "pass": out.passed(),

@@ -25,7 +25,7 @@ use vdevlab_qw::irq::IrqMode;
 use crate::cell::Cell;
 use crate::engine;
 use crate::env::Kernel;
-use crate::guest::BootSpec;
+use crate::guest::{BootSpec, Placement};
 use crate::scenario::{Checker, Expect, Outcome, Scenario, Step};
 use crate::Lab;
 
@@ -246,7 +246,9 @@ pub fn check(v: &Value, captured: &[u8], stats: Option<&Stats>) -> Vec<String> {
     problems
 }
 
-/// Boot `kernel` in `cell` (adjusted by `tune`) and run the stress.
+/// Boot `kernel` in `cell` and run the stress. On an SMP cell the
+/// device's interrupts go to the last CPU and the threads run on every
+/// CPU ([`Placement::IrqOnly`]); `tune` adjusts the boot after that.
 pub fn run(
     lab: &Lab,
     kernel: &Kernel,
@@ -254,7 +256,10 @@ pub fn run(
     st: &Stress,
     tune: impl FnOnce(&mut BootSpec),
 ) -> Result<Outcome> {
-    let mut outs = engine::run(lab, kernel, cell, &[scenario(st)], tune)?;
+    let mut outs = engine::run(lab, kernel, cell, &[scenario(st)], |spec| {
+        spec.placement = Placement::IrqOnly;
+        tune(spec);
+    })?;
     outs.pop().context("the run gave no outcome")
 }
 
