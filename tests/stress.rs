@@ -12,7 +12,7 @@
 //! result are above 0.
 
 use vdevlab_lab::cell::Cell;
-use vdevlab_lab::stress::{self, Stress, CONTENDED};
+use vdevlab_lab::stress::{self, Stress, CONTENDED, SENSOR_CONTENDED};
 use vdevlab_tests::{assert_passed, lab};
 
 /// Seconds of stress in the CI subset.
@@ -25,7 +25,7 @@ fn field(out: &vdevlab_lab::scenario::Outcome, name: &str) -> u64 {
 
 // In the SMP cells (`qemu_tcg_smp::`, ...): the threads on every CPU, the
 // device's interrupts on the last one.
-vdevlab_tests::cell_tests!(smp stress_qw_short);
+vdevlab_tests::cell_tests!(smp stress_qw_short, stress_sensor_short);
 
 /// The stress on the default kernel: the verdict, and every contended
 /// path reached.
@@ -57,4 +57,32 @@ fn stress_qw_short(cell: Cell) {
         out.captured.len()
     );
     assert!(field(&out, "opens") > 100, "{v}");
+}
+
+/// The sensor's smaller stress: its three queues at once (readers, the
+/// alarm taker, two controllers racing for the control queue, config
+/// reads), signals and churn, then an unbind; every sample the driver
+/// received read once (or counted dropped), every path reached.
+fn stress_sensor_short(cell: Cell) {
+    let lab = lab();
+    let kernel = lab.env.default_kernel().clone();
+    let art = vdevlab_lab::sensor::prepare(&lab).expect("the sensor builds");
+    let st = Stress {
+        readers: 3,
+        ..Stress::new(0x5e, 8)
+    };
+    let out =
+        stress::run_sensor(&lab, &art, &kernel, cell, &st, |_| {}).expect("the stress could run");
+    assert_passed(&out);
+    let v = out.result.as_ref().expect("a result line");
+    let unreached: Vec<&str> = SENSOR_CONTENDED
+        .iter()
+        .copied()
+        .filter(|k| field(&out, k) == 0)
+        .collect();
+    assert!(
+        unreached.is_empty(),
+        "contended paths not reached: {unreached:?}\nresult: {v}"
+    );
+    assert_eq!(field(&out, "lost_at_unbind"), 0, "{v}");
 }

@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use vdevlab_lab::stress::{self, Stress, CONTENDED};
+use vdevlab_lab::stress::{self, Stress, CONTENDED, SENSOR_CONTENDED};
 use vdevlab_lab::Lab;
 
 /// Run the stress scenario.
@@ -35,6 +35,10 @@ pub struct StressArgs {
     /// Writer threads (they cycle through the writer models).
     #[arg(long, default_value_t = 5)]
     writers: usize,
+    /// Which device: qw (the reference device, /dev/qw0), sensor (the
+    /// sampling sensor's smaller stress), or all (both, one boot each).
+    #[arg(long, default_value = "qw")]
+    device: String,
     /// The guest's vCPUs (2 to 8: an SMP cell, the device's interrupts
     /// on the last CPU, the threads on every CPU; 1: a one-vCPU cell).
     #[arg(long, default_value_t = 2)]
@@ -43,6 +47,9 @@ pub struct StressArgs {
 
 /// The result fields the report shows, in order.
 const SHOWN: &[&str] = &[
+    "samples_received",
+    "samples_read",
+    "samples_dropped",
     "rx_records",
     "rx_read",
     "rx_flushed",
@@ -77,6 +84,17 @@ pub fn run(args: StressArgs) -> Result<bool> {
     } else {
         vec![lab.env.kernel(&args.kernel)?.clone()]
     };
+    let (qw, sensor) = match args.device.as_str() {
+        "qw" => (true, false),
+        "sensor" => (false, true),
+        "all" => (true, true),
+        other => anyhow::bail!("--device {other}: qw, sensor or all"),
+    };
+    let sensor_art = if sensor {
+        Some(vdevlab_lab::sensor::prepare(&lab)?)
+    } else {
+        None
+    };
     let dir = vdevlab_lab::env::runs_dir().join("stress");
     std::fs::create_dir_all(&dir)?;
     let mut all_pass = true;
@@ -88,74 +106,111 @@ pub fn run(args: StressArgs) -> Result<bool> {
                 readers: args.readers,
                 writers: args.writers,
             };
-            eprintln!(
-                "[vdevlab] stress on {} ({}) in {cell}, {} vCPU(s): seed {seed}, {} s, {} readers, {} writers",
-                kernel.name, kernel.release, args.vcpus, st.seconds, st.readers, st.writers
-            );
             let vcpus = args.vcpus;
-            let out = stress::run(&lab, kernel, cell, &st, |spec| spec.vcpus = Some(vcpus))?;
-            let v = out.result.clone().unwrap_or_default();
-            let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-            println!(
-                "{} ({}), {cell}, seed {seed}: {} in {:.1} s",
-                kernel.name,
-                kernel.release,
-                if out.passed() { "PASS" } else { "FAIL" },
-                out.record.duration_ms.unwrap_or(0) as f64 / 1000.0
-            );
-            let shown: Vec<String> = SHOWN.iter().map(|k| format!("{k} {}", num(k))).collect();
-            println!("  {}", shown.join(", "));
-            let reached: Vec<String> = CONTENDED
-                .iter()
-                .map(|k| format!("{k} {}", num(k)))
-                .collect();
-            println!("  contended paths: {}", reached.join(", "));
-            let unreached: Vec<&str> = CONTENDED.iter().copied().filter(|k| num(k) == 0).collect();
-            if !unreached.is_empty() {
-                println!("  not reached: {}", unreached.join(", "));
-            }
-            if let Some(s) = &out.stats {
-                println!(
-                    "  device: injected {} bytes, delivered {} in {} buffers, took {} in {} buffers, {} interrupts raised",
-                    s.injected_bytes, s.rx_bytes, s.rx_buffers, s.tx_bytes, s.tx_buffers, s.interrupts_raised
+            let mut runs = Vec::new();
+            if qw {
+                eprintln!(
+                    "[vdevlab] stress on {} ({}) in {cell}, {vcpus} vCPU(s): seed {seed}, {} s, {} readers, {} writers",
+                    kernel.name, kernel.release, st.seconds, st.readers, st.writers
                 );
+                let out = stress::run(&lab, kernel, cell, &st, |spec| spec.vcpus = Some(vcpus))?;
+                runs.push(("qw", out, CONTENDED));
             }
-            println!("  captured {} bytes", out.captured.len());
-            if let Some(why) = &out.record.reason {
-                println!("  FAIL: {why}");
-            }
-            if let Some(per_cpu) = &out.record.irqs_per_cpu {
-                println!(
-                    "  device interrupts per CPU: {per_cpu:?} (routed to CPU {})",
-                    out.record.irq_cpu.unwrap_or(0)
+            if let Some(art) = &sensor_art {
+                eprintln!(
+                    "[vdevlab] sensor stress on {} ({}) in {cell}, {vcpus} vCPU(s): seed {seed}, {} s, {} readers",
+                    kernel.name, kernel.release, st.seconds, st.readers
                 );
+                let out = stress::run_sensor(&lab, art, kernel, cell, &st, |spec| {
+                    spec.vcpus = Some(vcpus)
+                })?;
+                runs.push(("sensor", out, SENSOR_CONTENDED));
             }
-            if let Some(c) = &out.record.console {
-                println!("  console: {}", c.display());
+            for (device, out, contended) in runs {
+                all_pass &= report(&dir, device, kernel, cell, seed, &st, &out, contended)?;
             }
-            let report = dir.join(format!("report-{}-{seed}.json", kernel.name));
-            let body = serde_json::json!({
-                "kernel": kernel.name,
-                "release": kernel.release,
-                "cell": cell.to_string(),
-                "vcpus": out.record.vcpus,
-                "irqs_per_cpu": out.record.irqs_per_cpu,
-                "seed": seed,
-                "seconds": st.seconds,
-                "pass": out.passed(),
-                "reason": out.record.reason,
-                "duration_ms": out.record.duration_ms,
-                "captured_bytes": out.captured.len(),
-                "result": v,
-            });
-            std::fs::write(&report, serde_json::to_vec_pretty(&body)?)?;
-            all_pass &= out.passed() && unreached.is_empty();
         }
     }
     println!(
-        "reports: {}/report-<kernel>-<seed>.json; records: stress in {}",
+        "reports: {}/report-<device>-<kernel>-<seed>.json; records: stress, sensor-stress in {}",
         dir.display(),
         vdevlab_lab::record::runs_file().display()
     );
     Ok(all_pass)
+}
+
+/// Print one run's report and write its JSON; true when it passed and
+/// reached every contended path.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    dir: &std::path::Path,
+    device: &str,
+    kernel: &vdevlab_lab::env::Kernel,
+    cell: vdevlab_lab::cell::Cell,
+    seed: u64,
+    st: &Stress,
+    out: &vdevlab_lab::scenario::Outcome,
+    contended: &[&str],
+) -> Result<bool> {
+    let v = out.result.clone().unwrap_or_default();
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    println!(
+        "{device} on {} ({}), {cell}, seed {seed}: {} in {:.1} s",
+        kernel.name,
+        kernel.release,
+        if out.passed() { "PASS" } else { "FAIL" },
+        out.record.duration_ms.unwrap_or(0) as f64 / 1000.0
+    );
+    let shown: Vec<String> = SHOWN
+        .iter()
+        .filter(|k| v.get(**k).is_some())
+        .map(|k| format!("{k} {}", num(k)))
+        .collect();
+    println!("  {}", shown.join(", "));
+    let reached: Vec<String> = contended
+        .iter()
+        .map(|k| format!("{k} {}", num(k)))
+        .collect();
+    println!("  contended paths: {}", reached.join(", "));
+    let unreached: Vec<&str> = contended.iter().copied().filter(|k| num(k) == 0).collect();
+    if !unreached.is_empty() {
+        println!("  not reached: {}", unreached.join(", "));
+    }
+    if let Some(s) = &out.stats {
+        println!(
+            "  device: injected {} bytes, delivered {} in {} buffers, took {} in {} buffers, {} interrupts raised",
+            s.injected_bytes, s.rx_bytes, s.rx_buffers, s.tx_bytes, s.tx_buffers, s.interrupts_raised
+        );
+    }
+    println!("  captured {} bytes", out.captured.len());
+    if let Some(why) = &out.record.reason {
+        println!("  FAIL: {why}");
+    }
+    if let Some(per_cpu) = &out.record.irqs_per_cpu {
+        println!(
+            "  device interrupts per CPU: {per_cpu:?} (routed to CPU {})",
+            out.record.irq_cpu.unwrap_or(0)
+        );
+    }
+    if let Some(c) = &out.record.console {
+        println!("  console: {}", c.display());
+    }
+    let report = dir.join(format!("report-{device}-{}-{seed}.json", kernel.name));
+    let body = serde_json::json!({
+        "device": device,
+        "kernel": kernel.name,
+        "release": kernel.release,
+        "cell": cell.to_string(),
+        "vcpus": out.record.vcpus,
+        "irqs_per_cpu": out.record.irqs_per_cpu,
+        "seed": seed,
+        "seconds": st.seconds,
+        "pass": out.passed(),
+        "reason": out.record.reason,
+        "duration_ms": out.record.duration_ms,
+        "captured_bytes": out.captured.len(),
+        "result": v,
+    });
+    std::fs::write(&report, serde_json::to_vec_pretty(&body)?)?;
+    Ok(out.passed() && unreached.is_empty())
 }

@@ -263,6 +263,76 @@ pub fn run(
     outs.pop().context("the run gave no outcome")
 }
 
+/// The sensor's stress (`sensor-stress`): its readers, alarm taker,
+/// controllers and config reader at once, then an unbind; the host
+/// changes the samples and events queues' interrupt modes meanwhile.
+pub fn sensor_scenario(st: &Stress) -> Scenario {
+    let args: Vec<String> = vec![
+        "--seconds".into(),
+        st.seconds.to_string(),
+        "--seed".into(),
+        st.seed.to_string(),
+        "--readers".into(),
+        st.readers.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut steps = vec![Step::Ready("sensor-stress".into())];
+    let mut at = Duration::ZERO;
+    for (t, r) in controls(st) {
+        if let Request::InterruptMode { queue, irq } = r {
+            let queue = match queue.as_str() {
+                "rx" => "samples",
+                "tx" => "events",
+                _ => "all",
+            };
+            steps.push(Step::Sleep(t.saturating_sub(at)));
+            steps.push(Step::control(serde_json::json!({
+                "op": "interrupt_mode",
+                "queue": queue,
+                "irq": irq,
+            })));
+            at = t;
+        }
+    }
+    Scenario {
+        budget: Duration::from_secs(st.seconds + 120),
+        // The sensor's counters are not the qw device's.
+        counters: false,
+        ..Scenario::program("sensor-stress", &args).with_steps(steps)
+    }
+}
+
+/// Boot `kernel` with the sensor in `cell` and run its stress (the
+/// threads on every CPU of an SMP cell, as for qw).
+pub fn run_sensor(
+    lab: &Lab,
+    art: &crate::sensor::SensorArtifacts,
+    kernel: &Kernel,
+    cell: Cell,
+    st: &Stress,
+    tune: impl FnOnce(&mut BootSpec),
+) -> Result<Outcome> {
+    let boot = crate::sensor::SensorBoot::new(art, kernel, &[])?;
+    let mut outs = engine::run(lab, kernel, cell, &[sensor_scenario(st)], |spec| {
+        boot.apply(spec);
+        spec.placement = Placement::IrqOnly;
+        tune(spec);
+    })?;
+    outs.pop().context("the run gave no outcome")
+}
+
+/// The sensor stress's result fields that prove its contended paths were
+/// reached.
+pub const SENSOR_CONTENDED: &[&str] = &[
+    "samples_read",
+    "alarms",
+    "ctrl_requests",
+    "config_changes_seen",
+    "eagain",
+    "eintr",
+    "signals_to_driver_sleepers",
+];
+
 /// The result fields that prove the contended paths were reached (each
 /// must be above 0 in a run that reaches them).
 pub const CONTENDED: &[&str] = &[

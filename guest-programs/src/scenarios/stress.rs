@@ -54,6 +54,7 @@
 //! order), `uffd`, `ends` (how each thread ended).
 
 pub mod records;
+pub mod sensor;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -138,10 +139,11 @@ pub fn parse(args: &[String]) -> Result<StressOpts, String> {
 
 /// Run `stress` if `args` name it.
 pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
-    if args.first().map(String::as_str) != Some(NAME) {
-        return None;
+    match args.first().map(String::as_str) {
+        Some(NAME) => Some(parse(&args[1..]).and_then(|o| run(&o))),
+        Some(sensor::NAME) => Some(parse(&args[1..]).and_then(|o| sensor::run(&o))),
+        _ => None,
     }
-    Some(parse(&args[1..]).and_then(|o| run(&o)))
 }
 
 // ---- signals ----
@@ -235,7 +237,8 @@ fn sleep_of(tid: libc::pid_t) -> Sleep {
     let stack = std::fs::read_to_string(format!("{dir}/stack"))
         .or_else(|_| std::fs::read_to_string(format!("{dir}/wchan")))
         .unwrap_or_default();
-    if stack.contains("[vdevlab_qw]") || stack.starts_with("qw_") {
+    // Either lab driver (qw or the sensor).
+    if stack.contains("[vdevlab_") || stack.starts_with("qw_") || stack.starts_with("sensor_") {
         Sleep::Driver
     } else {
         Sleep::Elsewhere
