@@ -337,18 +337,36 @@ pub const SENSOR_CONTENDED: &[&str] = &[
 /// must be above 0 in a run that reaches them).
 pub const CONTENDED: &[&str] = &[
     "eagain",
-    "eagain_busy_read_lock",
-    "eagain_busy_write_lock",
     "eintr",
-    "eintr_on_lock",
-    "restarts_on_lock",
-    "signals_to_lock_sleepers",
     "signals_to_driver_sleepers",
     "config_changes_seen",
     "flushes",
     "resets",
     "rx_flushed",
 ];
+
+/// The contended paths the locker reaches: it needs userfaultfd in the
+/// guest kernel (the result's `uffd`; Debian's kernels have it, the
+/// trimmed lab kernel has not).
+pub const LOCKER_CONTENDED: &[&str] = &[
+    "eagain_busy_read_lock",
+    "eagain_busy_write_lock",
+    "eintr_on_lock",
+    "restarts_on_lock",
+    "signals_to_lock_sleepers",
+    "signals_to_wq_sleepers",
+];
+
+/// The contended paths a qw stress result should show reached: all of
+/// [`CONTENDED`], and [`LOCKER_CONTENDED`] where the kernel has
+/// userfaultfd.
+pub fn expected_paths(result: &Value) -> Vec<&'static str> {
+    let mut paths = CONTENDED.to_vec();
+    if result.get("uffd") == Some(&Value::Bool(true)) {
+        paths.extend_from_slice(LOCKER_CONTENDED);
+    }
+    paths
+}
 
 #[cfg(test)]
 mod tests {

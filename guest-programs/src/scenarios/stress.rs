@@ -16,8 +16,11 @@
 //!      `QW_IOC_RESET`, at seeded intervals;
 //!    - a signaller: `SIGUSR1` (no `SA_RESTART`: `EINTR`) and `SIGUSR2`
 //!      (`SA_RESTART`: the call restarts) at the readers and writers,
-//!      counting those asleep in the driver (`/proc/self/task/TID/stack`;
-//!      on a mutex or a wait queue: the kernel's stack cannot tell);
+//!      counting those asleep in the driver (`/proc/self/task/TID/stack`)
+//!      and, of those, the ones asleep elsewhere than where the locker's
+//!      sleepers wait for a held mutex (the kernel's stacks leave the
+//!      mutex code out, but the call site's offset differs): on a wait
+//!      queue, or rarely the mutex again after waiting;
 //!    - a locker (if the kernel has userfaultfd): a reader (or writer)
 //!      whose buffer is a userfaultfd page, so it sleeps in the driver's
 //!      copy holding `read_mutex` (`write_mutex`) for as long as we like;
@@ -49,7 +52,7 @@
 //! `tx_queued_bytes`, `opens`, `flushes`, `resets`, `eagain`,
 //! `eagain_busy_read_lock`, `eagain_busy_write_lock`, `eintr`,
 //! `eintr_on_lock`, `restarts_on_lock`, `signals_to_lock_sleepers`,
-//! `signals_to_driver_sleepers`, `config_reads`,
+//! `signals_to_driver_sleepers`, `signals_to_wq_sleepers`, `config_reads`,
 //! `config_changes_seen`, `config_modes` (the irq_modes values seen, in
 //! order), `uffd`, `ends` (how each thread ended).
 
@@ -245,6 +248,17 @@ fn sleep_of(tid: libc::pid_t) -> Sleep {
     }
 }
 
+/// The innermost driver frame of `tid`'s kernel stack
+/// (`qw_read_sync+0x91/0x220`), if the kernel shows stacks.
+fn driver_frame(tid: libc::pid_t) -> Option<String> {
+    let stack = std::fs::read_to_string(format!("/proc/self/task/{tid}/stack")).ok()?;
+    stack
+        .lines()
+        .find(|l| l.contains("[vdevlab_"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(String::from)
+}
+
 // ---- what every thread shares and reports ----
 
 #[derive(Debug, Default)]
@@ -259,6 +273,9 @@ struct Shared {
     targets: Mutex<Vec<libc::pid_t>>,
     /// The tx record counters per writer id.
     written: Mutex<BTreeMap<u16, u64>>,
+    /// Where the locker's sleepers sleep (their innermost driver frame):
+    /// the call sites of `mutex_lock_interruptible()` they wait in.
+    lock_sites: Mutex<std::collections::HashSet<String>>,
     counts: Counts,
 }
 
@@ -275,6 +292,7 @@ struct Counts {
     restarts_on_lock: AtomicU64,
     to_lock: AtomicU64,
     to_driver: AtomicU64,
+    to_wq: AtomicU64,
     signals: AtomicU64,
 }
 
@@ -838,6 +856,14 @@ fn signaller(sh: Arc<Shared>) -> Out {
         };
         if sleep_of(tid) == Sleep::Driver {
             add(&sh.counts.to_driver);
+            // Not where a task waits for a held mutex: on a wait queue
+            // (or, rarely, on the mutex again after the wait).
+            let sites = sh.lock_sites.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = driver_frame(tid) {
+                if !sites.is_empty() && !sites.contains(&f) {
+                    add(&sh.counts.to_wq);
+                }
+            }
         }
         let sig = if rng.range(0, 9) < 6 {
             libc::SIGUSR1
@@ -1174,6 +1200,12 @@ fn locker(sh: Arc<Shared>, writer_ids: (u16, u16)) -> Out {
             // the mutex (it cannot have got past it).
             if wait_asleep(tid) == Sleep::Driver {
                 add(&sh.counts.to_lock);
+                if let Some(f) = driver_frame(tid) {
+                    sh.lock_sites
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(f);
+                }
                 tgkill(tid, libc::SIGUSR2);
                 nap(Duration::from_millis(20));
                 if !h.is_finished() && wait_asleep(tid) != Sleep::Elsewhere {
@@ -1435,6 +1467,7 @@ pub fn run(o: &StressOpts) -> Result<Checked, String> {
         .num("signals", get(&k.signals))
         .num("signals_to_lock_sleepers", get(&k.to_lock))
         .num("signals_to_driver_sleepers", get(&k.to_driver))
+        .num("signals_to_wq_sleepers", get(&k.to_wq))
         .raw("config", if has_config { "true" } else { "false" })
         .num("config_reads", config_reads)
         .num("config_changes_seen", modes.len().saturating_sub(1) as u64)
