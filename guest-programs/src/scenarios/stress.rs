@@ -1174,6 +1174,8 @@ fn locker(sh: Arc<Shared>, writer_ids: (u16, u16)) -> Out {
                         out.accept(sh.seed, &probe[..n]);
                     }
                 }
+                // The unbind may come mid-round.
+                Got::Errno(e) if removal_errno(e) && sh.unbinding.load(Ordering::SeqCst) => {}
                 Got::Errno(e) => out.problems.push(format!(
                     "a non-blocking {} next to a lock holder: {}",
                     if write { "write" } else { "read" },
@@ -1184,16 +1186,20 @@ fn locker(sh: Arc<Shared>, writer_ids: (u16, u16)) -> Out {
             // must restart it, SIGUSR1 must end it with EINTR.
             let braw = pfd_b.as_raw_fd();
             let prec2 = prec.clone();
+            // What it read, if it read (not expected), for the accounts.
+            let took = Arc::new(Mutex::new(Vec::new()));
+            let took2 = Arc::clone(&took);
             let (h, tid) = sleeper(move || {
                 if write {
                     raw_write(braw, &prec2)
                 } else {
                     let mut b = vec![0u8; RX_RECORD * 4];
-                    match raw_read(braw, &mut b) {
-                        // Not expected; reported below.
-                        Got::Data(n) => Got::Data(n),
-                        e => e,
+                    let got = raw_read(braw, &mut b);
+                    if let Got::Data(n) = got {
+                        b.truncate(n);
+                        *took2.lock().unwrap_or_else(|e| e.into_inner()) = b;
                     }
+                    got
                 }
             });
             // Asleep in the driver while the holder has the mutex: on
@@ -1240,6 +1246,9 @@ fn locker(sh: Arc<Shared>, writer_ids: (u16, u16)) -> Out {
                     if write && n > 0 {
                         probe_seq += 1;
                         note_written(&sh, probe_id, probe_seq);
+                    } else if n > 0 {
+                        let data = took.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        out.accept(sh.seed, &data);
                     }
                 }
                 Err(_) => out.problems.push("a sleeper panicked".into()),
