@@ -52,7 +52,11 @@
  *
  * Removal sets gone under lock, wakes every sleeper (readers, pollers, a
  * control request waiting for its answer) and only then resets the device
- * and deletes the virtqueues.
+ * and deletes the virtqueues.  Readers still get what was buffered, then
+ * ENODEV.  What the device completes after gone is set no longer enters
+ * the FIFOs: it is counted dropped, since a reader that found them empty
+ * may already have left.  And "empty and gone" is decided under lock, so
+ * a record put just before gone was set is still read.
  *
  * A hostile or buggy device
  * -------------------------
@@ -331,8 +335,12 @@ static void sensor_samples_done(struct virtqueue *vq)
 			smp.timestamp_ns = le64_to_cpu(w[i].timestamp_ns);
 			smp.seq = le32_to_cpu(w[i].seq);
 			smp.value = (s32)le32_to_cpu(w[i].value);
-			/* Nobody reads fast enough: count what is lost. */
-			if (!kfifo_put(&s->samples, smp))
+			/*
+			 * Nobody reads fast enough, or removal started (a
+			 * reader that found the FIFO empty has left with
+			 * ENODEV): count what is lost.
+			 */
+			if (s->gone || !kfifo_put(&s->samples, smp))
 				s->stats.samples_dropped++;
 		}
 		s->stats.samples += n;
@@ -370,7 +378,8 @@ static void sensor_events_done(struct virtqueue *vq)
 			a.value = (s32)le32_to_cpu(w->value);
 			a.threshold = (s32)le32_to_cpu(w->threshold);
 			a.kind = le32_to_cpu(w->kind);
-			if (kfifo_put(&s->alarms, a))
+			/* As for samples: nothing enters once gone. */
+			if (!s->gone && kfifo_put(&s->alarms, a))
 				got = true;
 			else
 				s->stats.alarms_dropped++;
@@ -698,6 +707,25 @@ static int sensor_release_file(struct inode *inode, struct file *filp)
 	return 0;
 }
 
+/*
+ * Removal started and nothing is left in @fifo?  Under lock, where gone is
+ * set and the callbacks fill the FIFOs: once gone, nothing enters them any
+ * more, so an empty FIFO stays empty.  A lockless look at gone can come
+ * after a record that a lockless emptiness check missed; this one cannot.
+ * Callers hold the FIFO's mutex, so nobody else takes from it meanwhile.
+ */
+static bool sensor_gone_and_empty(struct sensor_dev *s, bool samples)
+{
+	unsigned long flags;
+	bool done;
+
+	spin_lock_irqsave(&s->lock, flags);
+	done = s->gone && (samples ? kfifo_is_empty(&s->samples) :
+				     kfifo_is_empty(&s->alarms));
+	spin_unlock_irqrestore(&s->lock, flags);
+	return done;
+}
+
 static bool sensor_readable(struct sensor_dev *s)
 {
 	return READ_ONCE(s->gone) || READ_ONCE(s->broken) ||
@@ -724,6 +752,9 @@ static ssize_t sensor_read(struct file *filp, char __user *buf, size_t count,
 	}
 	while (kfifo_is_empty(&s->samples)) {
 		if (READ_ONCE(s->gone)) {
+			/* A sample may have come just before gone was set. */
+			if (!sensor_gone_and_empty(s, true))
+				continue;
 			err = -ENODEV;
 			goto out;
 		}
@@ -778,7 +809,10 @@ static long sensor_get_alarm(struct sensor_dev *s, void __user *argp)
 
 	if (mutex_lock_interruptible(&s->alarm_mutex))
 		return -ERESTARTSYS;
-	if (!kfifo_peek(&s->alarms, &a)) {
+	/* Once gone, an alarm may have come just before gone was set. */
+	if (!kfifo_peek(&s->alarms, &a) &&
+	    (!READ_ONCE(s->gone) || sensor_gone_and_empty(s, false) ||
+	     !kfifo_peek(&s->alarms, &a))) {
 		ret = READ_ONCE(s->gone) ? -ENODEV : -EAGAIN;
 	} else if (copy_to_user(argp, &a, sizeof(a))) {
 		ret = -EFAULT;	/* the alarm stays for the next try */

@@ -323,6 +323,7 @@ fn config_reader(sh: Arc<Shared>) -> Out {
                         "a config read shows rate {} Hz and threshold {}, which no controller set",
                         i.rate_hz, i.threshold
                     ));
+                    break;
                 }
                 if last.is_some_and(|l| l != (i.rate_hz, i.threshold)) {
                     out.config_changes += 1;
