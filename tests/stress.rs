@@ -24,14 +24,23 @@ fn field(out: &vdevlab_lab::scenario::Outcome, name: &str) -> u64 {
 }
 
 // In the SMP cells (`qemu_tcg_smp::`, ...): the threads on every CPU, the
-// device's interrupts on the last one.
-vdevlab_tests::cell_tests!(smp stress_qw_short, stress_sensor_short);
+// device's interrupts on the last one. On the default kernel, and on the
+// lab kernel's lockdep variant, where the race detectors watch.
+mod trixie {
+    vdevlab_tests::cell_tests!(smp kernel "trixie"; stress_qw_short, stress_sensor_short);
+}
+mod lockdep {
+    vdevlab_tests::cell_tests!(smp kernel "lockdep"; stress_qw_short, stress_sensor_short);
+}
 
-/// The stress on the default kernel: the verdict, and every contended
-/// path reached.
-fn stress_qw_short(cell: Cell) {
+/// The stress on `kernel`: the verdict, and every contended path reached.
+fn stress_qw_short(kernel: &str, cell: Cell) {
     let lab = lab();
-    let kernel = lab.env.default_kernel().clone();
+    let kernel = lab
+        .env
+        .kernel(kernel)
+        .expect("the kernel is provisioned")
+        .clone();
     let st = Stress::new(0x5eed, SECONDS);
     let out = stress::run(&lab, &kernel, cell, &st, |_| {}).expect("the stress could run");
     assert_passed(&out);
@@ -39,7 +48,7 @@ fn stress_qw_short(cell: Cell) {
     // count, so there are no per-CPU counts to check; the vCPUs are.
     assert_eq!(out.record.vcpus, cell.vcpus().ok(), "vcpus on record");
     let v = out.result.as_ref().expect("a result line");
-    // The default kernel has userfaultfd: the locker's paths too.
+    // Both kernels have userfaultfd: the locker's paths too.
     assert_eq!(v["uffd"], true, "{v}");
     let unreached: Vec<&str> = stress::expected_paths(v)
         .into_iter()
@@ -64,9 +73,13 @@ fn stress_qw_short(cell: Cell) {
 /// alarm taker, two controllers racing for the control queue, config
 /// reads), signals and churn, then an unbind; every sample the driver
 /// received read once (or counted dropped), every path reached.
-fn stress_sensor_short(cell: Cell) {
+fn stress_sensor_short(kernel: &str, cell: Cell) {
     let lab = lab();
-    let kernel = lab.env.default_kernel().clone();
+    let kernel = lab
+        .env
+        .kernel(kernel)
+        .expect("the kernel is provisioned")
+        .clone();
     let art = vdevlab_lab::sensor::prepare(&lab).expect("the sensor builds");
     let st = Stress {
         readers: 3,
