@@ -67,9 +67,19 @@ pub fn run(args: RacesArgs) -> Result<bool> {
         let kernel = lab.env.kernel(&p.kernel)?.clone();
         if !args.no_reference {
             let scenarios = all_batches()?;
-            eprintln!("[vdevlab] {}: the reference driver", p.label);
-            let (c, redone) = attempt(|| seeded::run(&lab, &kernel, p.cell, None, &scenarios));
-            tallies.push(tally("reference", p, Some(false), vec![c], redone));
+            let (mut catches, mut inconclusive) = (Vec::new(), 0);
+            for i in 0..args.repeat {
+                eprintln!(
+                    "[vdevlab] {}: the reference driver (run {} of {})",
+                    p.label,
+                    i + 1,
+                    args.repeat
+                );
+                let (c, redone) = attempt(|| seeded::run(&lab, &kernel, p.cell, None, &scenarios));
+                inconclusive += redone;
+                catches.push(c);
+            }
+            tallies.push(tally("reference", p, Some(false), catches, inconclusive));
         }
         for seed in &seeds {
             let scenarios = seed.scenarios()?;
