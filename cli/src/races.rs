@@ -82,7 +82,6 @@ pub fn run(args: RacesArgs) -> Result<bool> {
             tallies.push(tally("reference", p, Some(false), catches, inconclusive));
         }
         for seed in &seeds {
-            let scenarios = seed.scenarios()?;
             let mut catches = Vec::new();
             let mut inconclusive = 0;
             for i in 0..args.repeat {
@@ -93,9 +92,23 @@ pub fn run(args: RacesArgs) -> Result<bool> {
                     i + 1,
                     args.repeat
                 );
-                let (c, redone) =
-                    attempt(|| seeded::run(&lab, &kernel, p.cell, Some(seed), &scenarios));
-                inconclusive += redone;
+                // One boot per batch (the stress places its threads
+                // differently); caught if any of them caught it.
+                let mut c = None;
+                for b in &seed.scenarios {
+                    let scenarios = b.scenarios()?;
+                    let (one, redone) =
+                        attempt(|| seeded::run(&lab, &kernel, p.cell, Some(seed), &scenarios));
+                    inconclusive += redone;
+                    let stop = one.caught;
+                    if c.as_ref().is_none_or(|k: &Catch| !k.caught) {
+                        c = Some(one);
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+                let c = c.expect("a seed has a batch");
                 eprintln!(
                     "[vdevlab]   {}",
                     if c.caught || c.inconclusive {

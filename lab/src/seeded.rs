@@ -93,6 +93,10 @@ pub enum Batch {
     IoModels,
     /// Unbind and PCI removal while readers and writers of every model wait.
     Teardown,
+    /// The concurrency stress ([`crate::stress`]), 10 s, seed 0x5eed: every
+    /// model's readers and writers at once, churn, resets, signals, lock
+    /// holders, interrupt-mode changes, then an unbind.
+    Stress,
 }
 
 impl Batch {
@@ -101,6 +105,9 @@ impl Batch {
         match self {
             Batch::IoModels => io_models(),
             Batch::Teardown => Ok(teardown()),
+            Batch::Stress => Ok(vec![crate::stress::scenario(&crate::stress::Stress::new(
+                0x5eed, 10,
+            ))]),
         }
     }
 
@@ -109,6 +116,7 @@ impl Batch {
         match self {
             Batch::IoModels => "io-models",
             Batch::Teardown => "teardown",
+            Batch::Stress => "stress",
         }
     }
 }
@@ -364,12 +372,20 @@ pub fn run(
     seed: Option<&Seed>,
     scenarios: &[Scenario],
 ) -> Result<Vec<Outcome>> {
+    // The stress's threads run on every CPU, as crate::stress::run has it.
+    let stress = scenarios.iter().any(|s| s.name == "stress");
+    let place = |spec: &mut crate::guest::BootSpec| {
+        if stress {
+            spec.placement = crate::smp::Placement::IrqOnly;
+        }
+    };
     let Some(seed) = seed else {
-        return crate::engine::run(lab, kernel, cell, scenarios, |_| {});
+        return crate::engine::run(lab, kernel, cell, scenarios, place);
     };
     let built = build(kernel, seed)?;
     let label = seed.driver_label();
     crate::engine::run_labelled(lab, kernel, cell, scenarios, Some(&label), |spec| {
+        place(spec);
         spec.overlays.push(built.overlay.clone())
     })
 }
