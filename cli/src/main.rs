@@ -8,6 +8,8 @@
 //! - `vdevlab ctl`: talk to a running device's control plane;
 //! - `vdevlab bench`: latency and throughput per I/O model against the
 //!   virtio-serial baseline and a host-pipe floor, in one run;
+//! - `vdevlab races`: seeded race bugs in the driver, and which layer
+//!   (one vCPU, SMP, lockdep, KCSAN) catches each;
 //! - `vdevlab user-test DIR`: a user's own driver and scenarios;
 //! - `vdevlab up`: a shell in a booted guest with the device and driver;
 //! - `vdevlab new device NAME`: scaffold a device, its driver and tests;
@@ -25,6 +27,7 @@ mod bench;
 mod device;
 mod faults;
 mod new;
+mod races;
 mod stress;
 mod up;
 mod user;
@@ -89,6 +92,10 @@ enum Cmd {
     /// interrupt-mode changes, then an unbind while all of it runs; the
     /// records settle every byte. One boot per seed.
     Stress(stress::StressArgs),
+    /// Seed race bugs into scratch copies of the driver
+    /// (faults/races/seeded.toml) and show which layer catches each: one
+    /// vCPU, two vCPUs, the lockdep and KCSAN kernels.
+    Races(races::RacesArgs),
     /// Measure round-trip latency and throughput per I/O model, against
     /// QEMU's virtio-serial and a host pipe in the same run (tables, JSON
     /// and SVG under target/lab-runs/bench/).
@@ -284,6 +291,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Device(args) => device::run(args),
         Cmd::Faults(args) => faults::run(args),
+        Cmd::Races(args) => races::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Stress(args) => stress::run(args),
         Cmd::UserTest(args) => user::run(args),

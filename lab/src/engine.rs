@@ -46,6 +46,20 @@ pub fn run(
     scenarios: &[Scenario],
     tune: impl FnOnce(&mut BootSpec),
 ) -> Result<Vec<Outcome>> {
+    run_labelled(lab, kernel, cell, scenarios, None, tune)
+}
+
+/// [`run`], with the records naming `driver` as the driver under test
+/// (e.g. `vdevlab_qw+<seed>` for a seeded copy of the reference driver,
+/// [`crate::seeded`], which loads under the reference module's name).
+pub fn run_labelled(
+    lab: &Lab,
+    kernel: &Kernel,
+    cell: Cell,
+    scenarios: &[Scenario],
+    driver: Option<&str>,
+    tune: impl FnOnce(&mut BootSpec),
+) -> Result<Vec<Outcome>> {
     let name = match scenarios {
         [one] => one.name.replace('/', "-"),
         _ => "batch".to_string(),
@@ -55,6 +69,9 @@ pub fn run(
     spec.instances = scenarios.iter().map(|s| s.instance + 1).max().unwrap_or(1);
     tune(&mut spec);
     let mut session = Session::boot(lab, &lab.artifacts, kernel, cell, spec)?;
+    if let Some(d) = driver {
+        session.driver = Some(d.to_string());
+    }
     let mut driven = Vec::new();
     let mut ends_boot: Option<String> = None;
     for s in scenarios {

@@ -17,6 +17,8 @@
 //!   steps, the expectations);
 //! - [`engine`]: the one engine that runs scenarios and records them;
 //! - [`campaign`]: fault-injection campaigns (`faults/*.toml`);
+//! - [`seeded`]: race bugs seeded into a scratch copy of the driver
+//!   (`faults/races/seeded.toml`), and which layer catches each;
 //! - [`project`]: a user's own driver, device and scenarios
 //!   (`vdevlab.toml`);
 //! - [`sensor`]: the second example device in the lab;
@@ -40,6 +42,7 @@ pub mod project;
 pub mod record;
 pub mod report;
 pub mod scenario;
+pub mod seeded;
 pub mod sensor;
 pub mod smp;
 pub mod sockets;
