@@ -9,7 +9,7 @@
 //! - `lab::qemu_tcg_smp::…`: two vCPUs, the device's interrupts on CPU 1,
 //!   the programs on CPU 0;
 //! - `lab::qemu_tcg::…`: the same seed on one vCPU, where it cannot bite;
-//! - `lockdep::…`: the lockdep kernel (skipped, saying so, where it is not
+//! - `lockdep::…`: the lockdep kernel (failing, with the fix, where it is not
 //!   provisioned).
 
 use vdevlab_lab::cell::Cell;
@@ -113,13 +113,13 @@ mod lab {
 }
 
 /// Run `body` on the lockdep kernel in QEMU/TCG (one vCPU: lockdep's
-/// verdicts need no second CPU), or say why not: the kernel is not in this
-/// lab (images/lab-kernel.sh --variant lockdep), or the cell cannot run.
+/// verdicts need no second CPU). Provisioning builds that kernel by
+/// default; a lab without it fails here like every `lockdep::` test, with
+/// the fix (images/lab-kernel.sh --variant lockdep).
 fn on_lockdep(test: &str, body: impl FnOnce(Cell)) {
     let lab = lab();
     if let Err(e) = lab.env.kernel("lockdep") {
-        eprintln!("SKIP {test}: {e:#}");
-        return;
+        panic!("{test} needs the lockdep kernel: {e:#}");
     }
     vdevlab_tests::in_cell(Some("lockdep"), Cell::QEMU_TCG, test, body);
 }
