@@ -5,7 +5,7 @@
 //! the seed and the text: a driver change that makes a seed stale fails
 //! loudly). [`build`] copies `guest-driver/` into a scratch folder
 //! (`target/lab/seeded/`, never the checkout), edits the copy and builds it
-//! for a kernel ([`artifacts::build_module`], a label of its own per seed,
+//! for a kernel ([`crate::artifacts::build_module`], a label of its own per seed,
 //! so builds are cached and do not clash); [`run`] boots it in place of the
 //! reference driver (an initramfs overlay whose `lib/modules/vdevlab_qw.ko`
 //! replaces the shipped one) through the one engine, and the records name

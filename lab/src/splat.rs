@@ -151,7 +151,7 @@ pub fn find_splats(console: &str) -> Vec<Splat> {
 }
 
 /// The console lines that say a race detector stopped checking (lockdep
-/// turned off), each once. Not splats (see [`DETECTOR_OFF`]): a test that
+/// turned off), each once. Not splats (see `DETECTOR_OFF`): a test that
 /// relies on lockdep can ask for none.
 pub fn detectors_off(console: &str) -> Vec<String> {
     let mut found: Vec<String> = Vec::new();
