@@ -39,6 +39,32 @@ impl Vmm {
     }
 }
 
+/// Where a timestamped kernel message (`[   10.559919] text`, the kernel
+/// booted with `printk.time=1`, as the lab VMs are) starts inside a console
+/// line, after other text: the serial console prints a kernel message the
+/// moment it is logged, between two characters of a program's line if
+/// need be, which several CPUs make common.
+pub fn kernel_message_inside(line: &str) -> Option<usize> {
+    let b = line.as_bytes();
+    (1..b.len()).find(|&i| {
+        if b[i] != b'[' || line[..i].trim().is_empty() {
+            return false;
+        }
+        let rest = &line[i + 1..];
+        let Some((stamp, after)) = rest.split_once("] ") else {
+            return false;
+        };
+        let Some((secs, usecs)) = stamp.trim_start().split_once('.') else {
+            return false;
+        };
+        !after.is_empty()
+            && !secs.is_empty()
+            && secs.bytes().all(|c| c.is_ascii_digit())
+            && usecs.len() == 6
+            && usecs.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
 /// Name used in run records for an accelerator.
 pub fn accel_name(accel: Accel) -> &'static str {
     match accel {
@@ -229,6 +255,9 @@ pub struct Guest {
     raw_console: Option<Receiver<Vec<u8>>>,
     lines: Receiver<ConsoleLine>,
     seen: Vec<ConsoleLine>,
+    /// The start of a program's line that a kernel message cut in two
+    /// ([`kernel_message_inside`]): the rest comes on the next line.
+    cut: Option<String>,
     /// Lines before this index were matched already by `wait_for`.
     cursor: usize,
     /// When the line `wait_for` last matched arrived (since VMM start).
@@ -941,6 +970,7 @@ impl Guest {
             raw_console,
             lines,
             seen: Vec::new(),
+            cut: None,
             cursor: 0,
             matched_at: None,
             started,
@@ -952,6 +982,18 @@ impl Guest {
     }
 
     fn note(&mut self, line: &ConsoleLine) {
+        // A kernel message printed by another CPU while a program's line
+        // went out lands inside that line; the line's rest follows the
+        // message. Put the line back together, and the message apart.
+        let mut text = match self.cut.take() {
+            Some(start) => start + &line.text,
+            None => line.text.clone(),
+        };
+        if let Some(i) = kernel_message_inside(&text) {
+            self.cut = Some(text[..i].to_string());
+            text = text[i..].to_string();
+        }
+        let line = &ConsoleLine { at: line.at, text };
         if line.text.contains(protocol::BOOT) && self.boot_ms.is_none() {
             self.boot_ms = Some(line.at.as_millis() as u64);
         }
@@ -1479,7 +1521,7 @@ mod tests {
         assert_eq!(
             line.cmdline,
             format!(
-                "console=ttyS0 panic=-1 no_timer_check quiet vdevlab.virtio_id={}",
+                "console=ttyS0 panic=-1 no_timer_check printk.time=1 quiet vdevlab.virtio_id={}",
                 vdevlab_qw::spec::DEFAULT_VIRTIO_ID
             )
         );
@@ -1520,6 +1562,22 @@ mod tests {
             line.contains(" vdevlab.driver=mydrv vdevlab.dev=/dev/my0 "),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_kernel_message_inside_a_line_is_found() {
+        let cut = "VDEVLAB-RESULT {[   10.559919] vdevlab_qw: bound to virtio device id 21";
+        assert_eq!(kernel_message_inside(cut), Some(16));
+        for whole in [
+            "[   10.559919] vdevlab_qw: bound",
+            "  [   10.559919] indented",
+            "VDEVLAB-RESULT {\"a\":\"[1.5] no\"}",
+            "x[ 1.12345] five digits",
+            "x[ 1.123456]no space",
+            "plain line",
+        ] {
+            assert_eq!(kernel_message_inside(whole), None, "{whole}");
+        }
     }
 
     #[test]

@@ -606,7 +606,7 @@ mod tests {
     fn lab_toml_parses_to_expected_struct() {
         let expected = VmConfig::new("/lab/vmlinuz")
             .with_initramfs("/lab/initramfs.cpio")
-            .with_cmdline("console=ttyS0 panic=-1 no_timer_check")
+            .with_cmdline("console=ttyS0 panic=-1 no_timer_check printk.time=1")
             .with_memory_mib(256)
             .with_vcpus(1)
             .with_accel(Accel::Tcg)

@@ -166,7 +166,7 @@ mod tests {
                 "-initrd",
                 "/lab/initramfs.cpio",
                 "-append",
-                "console=ttyS0 panic=-1 no_timer_check",
+                "console=ttyS0 panic=-1 no_timer_check printk.time=1",
                 "-chardev",
                 "socket,id=vu0,path=/lab/vu.sock",
                 "-device",
