@@ -1497,16 +1497,18 @@ pub fn run(o: &StressOpts) -> Result<Checked, String> {
         )
         .raw(
             "ends",
-            &format!(
-                "{{{}}}",
-                outs.iter()
-                    .map(|o| format!("{}:{}", crate::json_str(&o.name), crate::json_str(&o.end)))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
+            &ends_json(outs.iter().map(|o| (o.name.as_ref(), o.end.as_ref()))),
         )
         .raw("driver_stats", &s1.json());
     Ok(c)
+}
+
+/// How each thread ended, as a JSON object `{"<name>":"<how>",...}`.
+fn ends_json<'a>(ends: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let fields: Vec<String> = ends
+        .map(|(name, end)| format!("{}:{}", crate::json_str(name), crate::json_str(end)))
+        .collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 #[cfg(test)]

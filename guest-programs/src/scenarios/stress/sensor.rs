@@ -575,13 +575,7 @@ pub fn run(o: &StressOpts) -> Result<Checked, String> {
         .num("opens", get(&sh.opens))
         .raw(
             "ends",
-            &format!(
-                "{{{}}}",
-                outs.iter()
-                    .map(|o| format!("{}:{}", crate::json_str(&o.name), crate::json_str(&o.end)))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
+            &super::ends_json(outs.iter().map(|o| (o.name.as_ref(), o.end.as_ref()))),
         )
         .raw("driver_stats", &s1.json());
     Ok(c)
