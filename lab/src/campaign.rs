@@ -179,6 +179,11 @@ pub struct FaultScenario {
     pub step: Vec<StepSpec>,
     /// What must hold.
     pub expect: ExpectSpec,
+    /// More words for the guest kernel's command line (qw device), e.g.
+    /// `["kmemleak=on"]` for a detector the kernel has built in but off;
+    /// scenarios with different ones boot apart.
+    #[serde(default)]
+    pub kernel_args: Vec<String>,
     /// Where it was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -278,6 +283,16 @@ impl FaultScenario {
         }
         if let Some(0) = self.chunk {
             bail!("chunk = 0: at least 1 byte per call");
+        }
+        if let Some(a) = self
+            .kernel_args
+            .iter()
+            .find(|a| a.is_empty() || a.contains(char::is_whitespace) || a.contains('"'))
+        {
+            bail!("kernel_args: {a:?} is not one command-line word");
+        }
+        if self.device == DeviceKind::Sensor && !self.kernel_args.is_empty() {
+            bail!("kernel_args: only qw boots take kernel arguments for now");
         }
         Ok(())
     }
@@ -522,6 +537,8 @@ struct BootKey {
     backend_args: Vec<String>,
     /// The index of an `own_boot` scenario.
     alone: Option<usize>,
+    /// Kernel command-line words.
+    kernel_args: Vec<String>,
 }
 
 /// The boots for `scenarios` on campaign kernel `campaign`, each with the
@@ -534,6 +551,7 @@ fn plan(scenarios: &[FaultScenario], campaign: &str) -> Vec<(BootKey, Vec<usize>
         kernel: s.kernel_name(campaign).to_string(),
         backend_args: s.backend_args.clone(),
         alone: s.own_boot.then_some(i),
+        kernel_args: s.kernel_args.clone(),
     };
     for (i, s) in scenarios.iter().enumerate().filter(|(_, s)| !s.own_boot) {
         let k = key(i, s);
@@ -587,6 +605,7 @@ impl Runner<'_> {
                     if let (Some(p), Some(b)) = (driver, built) {
                         p.tune(spec, b);
                     }
+                    spec.kernel_args.extend(key.kernel_args.iter().cloned());
                 })
             }
             DeviceKind::Sensor => {
@@ -972,5 +991,20 @@ mod tests {
         let t = table(&[v]);
         assert!(t.contains("qw/lockdep*"), "{t}");
         assert!(t.contains("the scenario's own kernel"), "{t}");
+    }
+
+    #[test]
+    fn kernel_arguments_boot_apart() {
+        let other =
+            "name = \"o\"\nsummary = \"s\"\nguest = \"alloc-faults\"\nkernel = \"lockdep\"\n";
+        let with = format!("{other}kernel_args = [\"kmemleak=on\"]\n[expect]\ndata = \"pass\"\n");
+        let a = parsed(&with).unwrap();
+        assert_eq!(a.kernel_args, ["kmemleak=on"]);
+        let b = parsed(&format!("{other}[expect]\ndata = \"pass\"\n")).unwrap();
+        let boots = plan(&[a, b], "trixie");
+        assert_eq!(boots.len(), 2, "{boots:?}");
+        assert_eq!(boots[0].0.kernel_args, ["kmemleak=on"]);
+        let bad = format!("{other}kernel_args = [\"a b\"]\n[expect]\ndata = \"pass\"\n");
+        assert!(err(&bad).contains("not one command-line word"));
     }
 }
