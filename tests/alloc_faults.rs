@@ -56,7 +56,7 @@ fn driver_allocation_failures_end_cleanly_without_leaks() {
         // open allocates nothing of its own; a walk of one call.
         assert_walk(r, "open", 0, &[]);
         assert_walk(r, "write", 1, &["qw_tx_push_one"]);
-        assert_walk(r, "aio_write", 1, &["qw_tx_push_one<qw_aio_write"]);
+        assert_walk(r, "aio_write", 1, &["qw_tx_push_one<qw_write_iter"]);
         assert_walk(
             r,
             "probe",

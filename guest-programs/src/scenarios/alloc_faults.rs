@@ -78,19 +78,12 @@ const KMEMLEAK: &str = "/sys/kernel/debug/kmemleak";
 const KMEMLEAK_VERBOSE: &str = "/sys/module/kmemleak/parameters/verbose";
 /// The fault-injection capabilities whose allocations N counts.
 const CAPABILITIES: [&str; 2] = ["failslab", "fail_page_alloc"];
-/// Kernel functions of mm/kmemleak.c (one object file, so its text is
-/// contiguous): the reject range spans them.
-const KMEMLEAK_FNS: &[&str] = &[
-    "kmemleak_alloc",
-    "kmemleak_alloc_percpu",
-    "kmemleak_vmalloc",
-    "kmemleak_free",
-    "create_object",
-    "__create_object",
-    "__alloc_object",
-    "__link_object",
-    "mem_pool_alloc",
-];
+/// Static functions of mm/kmemleak.c that every one of its bookkeeping
+/// allocations runs under (its metadata in `__alloc_object`, the stack
+/// depot's pages in `__create_object`): they sit together in its text
+/// (its exported entry points are placed elsewhere), and the reject
+/// range spans them.
+const KMEMLEAK_FNS: &[&str] = &["__alloc_object", "__create_object", "__link_object"];
 /// `IOCB_CMD_PREADV` of `<linux/aio_abi.h>`.
 const IOCB_CMD_PREADV: u16 = 7;
 /// No path may take more than this many allocations (a bound, not a goal).
@@ -113,13 +106,20 @@ pub struct Range {
     pub end: u64,
 }
 
+/// The most kmemleak's text can span: more means a name matched
+/// elsewhere, and the reject range would swallow the kernel.
+const KMEMLEAK_SPAN_MAX: u64 = 0x20000;
+
 /// The text of `module` and the span of the kernel functions `fns` in a
 /// `/proc/kallsyms` listing: each from its lowest text symbol to the
-/// first symbol of any kind after its highest one.
+/// first symbol of any kind after its highest one. A name of `fns` listed
+/// more than once (a static function of the same name elsewhere) is not
+/// used, and a span over [`KMEMLEAK_SPAN_MAX`] is none.
 pub fn kallsyms_ranges(text: &str, module: &str, fns: &[&str]) -> (Option<Range>, Option<Range>) {
     let tag = format!("[{module}]");
     let mut all = Vec::new();
-    let (mut m, mut k): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+    let mut m: Vec<u64> = Vec::new();
+    let mut k: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for line in text.lines() {
         let mut w = line.split_whitespace();
         let (Some(addr), Some(kind), Some(name)) = (w.next(), w.next(), w.next()) else {
@@ -132,10 +132,11 @@ pub fn kallsyms_ranges(text: &str, module: &str, fns: &[&str]) -> (Option<Range>
         let is_text = matches!(kind, "t" | "T");
         match w.next() {
             Some(owner) if owner == tag && is_text => m.push(addr),
-            None if is_text && fns.contains(&name) => k.push(addr),
+            None if is_text && fns.contains(&name) => k.entry(name).or_default().push(addr),
             _ => {}
         }
     }
+    let k: Vec<u64> = k.values().filter(|v| v.len() == 1).map(|v| v[0]).collect();
     let span = |v: &[u64]| -> Option<Range> {
         let (lo, hi) = (*v.iter().min()?, *v.iter().max()?);
         let end = all.iter().copied().filter(|&a| a > hi).min();
@@ -144,7 +145,8 @@ pub fn kallsyms_ranges(text: &str, module: &str, fns: &[&str]) -> (Option<Range>
             end: end.unwrap_or(hi + 0x10000),
         })
     };
-    (span(&m), span(&k))
+    let k = span(&k).filter(|r| r.end - r.start <= KMEMLEAK_SPAN_MAX);
+    (span(&m), k)
 }
 
 /// The frames of a stack dump (`func+0x1a/0x40 [module]`), innermost first:
@@ -153,7 +155,12 @@ fn frames(lines: &[String]) -> Vec<(String, Option<String>)> {
     lines
         .iter()
         .filter_map(|l| {
-            let l = l.trim().trim_start_matches("? ");
+            let l = l.trim();
+            // "? f+0x1/0x2": a stale address the unwinder found on the
+            // stack, not a caller.
+            if l.starts_with('?') {
+                return None;
+            }
             let (sym, rest) = l.split_once(' ').map_or((l, ""), |(s, r)| (s, r.trim()));
             let (func, off) = sym.split_once('+')?;
             if !off.starts_with("0x") || func.is_empty() {
@@ -205,9 +212,8 @@ pub fn site_of(messages: &[String], module: &str) -> String {
     format!("{cap}: {} -> {callee}", chain.join("<"))
 }
 
-/// The fault-injection set-up: `fail-nth` and the kernel log.
+/// The fault-injection set-up: the kernel log, for each failure's report.
 struct Injector {
-    fail_nth: std::fs::File,
     kmsg: OwnedFd,
 }
 
@@ -233,6 +239,8 @@ impl Injector {
             .ok_or_else(|| format!("no {DRIVER} text symbols in /proc/kallsyms (is it loaded?)"))?;
         c.report
             .text("module_text", &format!("{:#x}-{:#x}", text.start, text.end));
+        let k = kmemleak.map_or("none".into(), |k| format!("{:#x}-{:#x}", k.start, k.end));
+        c.report.text("kmemleak_text", &k);
         for cap in CAPABILITIES {
             let d = cap_dir(cap);
             if !d.join("require-start").exists() {
@@ -262,13 +270,23 @@ impl Injector {
                 write_sysfs(&d.join(file), &value)?;
             }
         }
-        let fail_nth = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(FAIL_NTH)
-            .map_err(|e| format!("{FAIL_NTH}: {e}"))?;
+        // As the kernel took it, for the record.
+        let back: Vec<String> = [
+            "ignore-gfp-wait",
+            "require-start",
+            "require-end",
+            "reject-start",
+            "reject-end",
+        ]
+        .iter()
+        .map(|f| {
+            let v = std::fs::read_to_string(cap_dir("failslab").join(f)).unwrap_or_default();
+            format!("{f}={}", v.trim())
+        })
+        .collect();
+        c.report.text("failslab", &back.join(" "));
         let kmsg = open_kmsg()?;
-        Ok(Self { fail_nth, kmsg })
+        Ok(Self { kmsg })
     }
 
     /// Make this thread's `n`-th counted allocation fail.
@@ -277,23 +295,17 @@ impl Injector {
         self.set(n)
     }
 
+    /// The file has no seek and keeps its position: each access opens it
+    /// afresh (none of that is counted: no driver frame).
     fn set(&mut self, n: u32) -> Result<(), String> {
-        use std::io::{Seek, Write};
-        let _ = self.fail_nth.seek(std::io::SeekFrom::Start(0));
-        self.fail_nth
-            .write_all(n.to_string().as_bytes())
-            .map_err(|e| format!("writing {n} to {FAIL_NTH}: {e}"))
+        write_sysfs(Path::new(FAIL_NTH), &n.to_string())
     }
 
     /// Whether the armed failure happened (`fail-nth` counted down to 0);
     /// disarms it either way.
     fn disarm(&mut self) -> Result<bool, String> {
-        use std::io::{Read, Seek};
-        let mut s = String::new();
-        let _ = self.fail_nth.seek(std::io::SeekFrom::Start(0));
-        self.fail_nth
-            .read_to_string(&mut s)
-            .map_err(|e| format!("reading {FAIL_NTH}: {e}"))?;
+        let s =
+            std::fs::read_to_string(FAIL_NTH).map_err(|e| format!("reading {FAIL_NTH}: {e}"))?;
         let left: u64 = s
             .trim()
             .parse()
@@ -749,28 +761,40 @@ fn probe_walk(inj: &mut Injector, c: &mut Checked, b: &Binding) -> Walk {
     w
 }
 
+/// The receive buffers' allocation in probe (`qw_rx_buf_alloc()` is
+/// inlined into `qw_rx_fill()`).
+const RX_FILL_IN_PROBE: &str = "qw_rx_fill<qw_probe";
+
 /// Bind the device again with its last receive buffer's allocation failed
-/// (the probe walk's last `qw_rx_buf_alloc` site), so that it starts one
-/// buffer short and a read has to top the ring up.
+/// (near the probe walk's last [`RX_FILL_IN_PROBE`] site: a probe's count
+/// can differ by one or two from the walk's, e.g. when the minor's IDA
+/// already has its bitmap), so that it starts one buffer short and a read
+/// has to top the ring up.
 fn bind_short(inj: &mut Injector, b: &Binding, probe: &Walk) -> Result<(), String> {
-    let (n, _) = probe
+    let (last, _) = probe
         .sites()
-        .filter(|(_, s)| s.contains("qw_rx_buf_alloc"))
+        .filter(|(_, s)| s.contains(RX_FILL_IN_PROBE))
         .last()
-        .ok_or("the probe walk reached no qw_rx_buf_alloc site")?;
-    b.unbind()?;
-    inj.arm(n)?;
-    let r = b.bind();
-    let injected = inj.disarm()?;
-    let site = site_of(&inj.drain(), DRIVER);
-    if !injected || r.is_err() || !site.contains("qw_rx_buf_alloc") {
-        let _ = b.bind();
-        return Err(format!(
-            "binding with allocation {n} failed gave {} at {site:?}, not a probe one rx buffer short",
-            outcome_text(&r)
-        ));
+        .ok_or("the probe walk reached no receive-buffer allocation (qw_rx_fill<qw_probe)")?;
+    let mut seen = Vec::new();
+    for n in [0i64, -1, -2, 1, -3, 2, -4].map(|d| (last as i64 + d).max(1) as u32) {
+        b.unbind()?;
+        inj.arm(n)?;
+        let r = b.bind();
+        let injected = inj.disarm()?;
+        let site = site_of(&inj.drain(), DRIVER);
+        if injected && r.is_ok() && site.contains(RX_FILL_IN_PROBE) {
+            return wait_for_chardev(&b.dev, NODE_LIMIT).map(|_| ());
+        }
+        seen.push(format!("N={n}: {} at {site}", outcome_text(&r)));
+        if !b.bound() {
+            let _ = b.bind();
+        }
     }
-    wait_for_chardev(&b.dev, NODE_LIMIT).map(|_| ())
+    Err(format!(
+        "no bind near allocation {last} left the probe one rx buffer short: {}",
+        seen.join("; ")
+    ))
 }
 
 // ---- kmemleak ----
@@ -962,10 +986,12 @@ mod tests {
     fn ranges_from_kallsyms() {
         let syms = "\
 ffffffff81100000 T _stext
-ffffffff81200000 t mem_pool_alloc
-ffffffff81200400 T kmemleak_alloc
+ffffffff81200000 t __alloc_object
+ffffffff81200400 t __create_object
 ffffffff81200800 t kmemleak_scan
 ffffffff81200900 T next_thing
+ffffffff81300000 t __link_object
+ffffffff81400000 t __link_object
 ffffffffc0000000 t qw_release\t[vdevlab_qw]
 ffffffffc0000100 t qw_probe\t[vdevlab_qw]
 ffffffffc0003000 d qw_driver\t[vdevlab_qw]
@@ -1004,6 +1030,7 @@ ffffffffc0001000 t other\t[othermod]
             " should_fail_ex+0x1a0/0x1f0",
             " should_failslab+0x4b/0x70",
             " __kmalloc_cache_noprof+0x55/0x2f0",
+            " ? qw_probe+0x10/0x4c0 [vdevlab_qw]",
             " qw_rx_buf_alloc+0x1e/0x80 [vdevlab_qw]",
             " qw_rx_fill+0x6b/0x1a0 [vdevlab_qw]",
             " qw_probe+0x2a1/0x4c0 [vdevlab_qw]",
