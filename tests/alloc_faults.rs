@@ -55,18 +55,30 @@ fn driver_allocation_failures_end_cleanly_without_leaks() {
         assert_eq!(r["leaks"], Value::Array(Vec::new()));
         // open allocates nothing of its own; a walk of one call.
         assert_walk(r, "open", 0, &[]);
-        assert_walk(r, "write", 1, &["qw_tx_push_one"]);
+        assert_walk(r, "write", 1, &["qw_tx_push_one<qw_write_sync"]);
         assert_walk(r, "aio_write", 1, &["qw_tx_push_one<qw_write_iter"]);
         assert_walk(
             r,
             "probe",
             10,
             &[
-                "qw_probe -> cdev_alloc",
-                "qw_rx_buf_alloc<qw_rx_fill<qw_probe",
+                "qw_probe -> __kmalloc_cache_noprof",
+                "qw_init_vqs<qw_probe",
+                "qw_rx_fill<qw_probe",
+                "-> cdev_alloc",
+                "-> cdev_add",
+                "-> device_create_with_groups",
             ],
         );
         assert_walk(r, "read", 1, &["qw_rx_fill<qw_rx_check"]);
-        assert_walk(r, "aio_read", 2, &["qw_aio_queue"]);
+        assert_walk(
+            r,
+            "aio_read",
+            2,
+            &[
+                "qw_aio_queue -> __kmalloc_cache_noprof",
+                "qw_aio_queue -> dup_iter",
+            ],
+        );
     });
 }
