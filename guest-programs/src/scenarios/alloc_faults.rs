@@ -108,7 +108,7 @@ pub struct Range {
 
 /// The most kmemleak's text can span: more means a name matched
 /// elsewhere, and the reject range would swallow the kernel.
-const KMEMLEAK_SPAN_MAX: u64 = 0x20000;
+pub const KMEMLEAK_SPAN_MAX: u64 = 0x20000;
 
 /// The text of `module` and the span of the kernel functions `fns` in a
 /// `/proc/kallsyms` listing: each from its lowest text symbol to the
