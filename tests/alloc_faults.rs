@@ -80,5 +80,6 @@ fn driver_allocation_failures_end_cleanly_without_leaks() {
                 "qw_aio_queue -> dup_iter",
             ],
         );
+        assert_walk(r, "reset", 2, &["qw_rx_fill<", "qw_init_vqs<"]);
     });
 }

@@ -43,6 +43,9 @@
 //!    (so the driver queues it and copies the iovecs): its completion
 //!    `-ENOMEM` when failed; queued otherwise, then `io_cancel`led
 //!    (completion `-ECANCELED`).
+//! 7. `reset`: `QW_IOC_RESET`, whose restart sets up new virtqueues and
+//!    receive buffers: `ENOMEM` and a broken device (a read `EIO`) until
+//!    the next reset when failed, else a working device.
 //!
 //! Then kmemleak scans (after its 5 s minimum object age) and every
 //! unreferenced object is a problem: its size, task and driver frames are
@@ -52,7 +55,8 @@
 //! splat scan sees it.
 //!
 //! Fields: `module_text` (the filter's range), `kmemleak`, one object per
-//! path (`open`, `write`, `aio_write`, `probe`, `read`, `aio_read`) with
+//! path (`open`, `write`, `aio_write`, `probe`, `read`, `aio_read`,
+//! `reset`) with
 //! `calls` (N tried), `injected` (failures injected), `errors` (each
 //! outcome with its count), `sites` (each distinct site with its count and
 //! outcomes) and `complete` (a call ran clean), then `leaks_before`,
@@ -69,7 +73,8 @@ use crate::common::{write_sysfs, Access};
 use crate::scenarios::teardown::bound_device;
 use crate::scenarios::Checked;
 use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PWRITE};
-use crate::uapi::qw::DRIVER;
+use crate::uapi::ioctl_plain;
+use crate::uapi::qw::{DRIVER, QW_IOC_RESET};
 use crate::{json_str, ready, Opts};
 
 const DEBUGFS: &str = "/sys/kernel/debug";
@@ -938,6 +943,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
         Ok(()) => read_walks(&mut inj, &mut c, &o.device),
         Err(e) => c.fail(format!("read: {e}")),
     }
+    reset_walk(&mut inj, &mut c, &o.device);
     if kmemleak {
         kmemleak_end(&mut c);
     }
@@ -976,6 +982,30 @@ fn read_walks(inj: &mut Injector, c: &mut Checked, dev: &str) {
         |a| expect_enomem(a, &queued),
     );
     c.report.raw("aio_read", &w.json());
+}
+
+/// The `reset` walk: `QW_IOC_RESET` (its restart sets up new virtqueues
+/// and receive buffers). A failed restart must give `ENOMEM` and leave the
+/// device broken (a read `EIO`) until the next reset; a restart that
+/// survived a failure must leave a working device.
+fn reset_walk(inj: &mut Injector, c: &mut Checked, dev: &str) {
+    let fd = match open_rdwr(dev, true) {
+        Ok(fd) => fd,
+        Err(e) => return c.fail(format!("reset: open {dev}: {}", errno_name(e))),
+    };
+    let reset = || ioctl_plain(fd.as_raw_fd(), QW_IOC_RESET).map(|()| "reset".to_string());
+    let w = walk(inj, c, "reset", reset, |a| match a.outcome {
+        Ok(_) => check_works(dev),
+        Err(libc::ENOMEM) if a.injected => match read_some(fd.as_raw_fd()) {
+            Err(libc::EIO) => Vec::new(),
+            r => vec![format!(
+                "the reset failed, but a read gave {}, not EIO (broken)",
+                outcome_text(&r)
+            )],
+        },
+        Err(e) => vec![format!("the reset gave {}", errno_name(e))],
+    });
+    c.report.raw("reset", &w.json());
 }
 
 #[cfg(test)]
