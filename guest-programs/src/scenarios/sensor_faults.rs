@@ -62,7 +62,8 @@ struct Sent {
 }
 
 /// Sends probing `SET_THRESHOLD` requests, each with a new threshold,
-/// and knows the last one that succeeded.
+/// and knows the threshold that must be in force: the device's when it
+/// started, then the last one that succeeded.
 struct Prober {
     fd: RawFd,
     next: i32,
@@ -70,12 +71,13 @@ struct Prober {
 }
 
 impl Prober {
-    fn new(fd: RawFd) -> Self {
-        Self {
+    fn new(fd: RawFd) -> Result<Self, String> {
+        let now = get_info(fd)?.threshold;
+        Ok(Self {
             fd,
-            next: 100,
-            last_ok: None,
-        }
+            next: now.wrapping_add(100),
+            last_ok: Some(now),
+        })
     }
 
     /// One request.
@@ -149,7 +151,7 @@ pub fn status(scenario: &str, device: &str) -> Result<Checked, String> {
     let file = open_device(device, Access::Read, false)?;
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
-    let mut p = Prober::new(fd);
+    let mut p = Prober::new(fd)?;
     let errors_before = get_stats(fd)?.ctrl_errors;
     let phases: [(&str, &str, i32, usize); 4] = [
         ("", "status_invalid", libc::EINVAL, 1),
@@ -208,7 +210,7 @@ pub fn late(scenario: &str, device: &str) -> Result<Checked, String> {
     let file = open_device(device, Access::Read, false)?;
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
-    let mut p = Prober::new(fd);
+    let mut p = Prober::new(fd)?;
     let old = set_timeout(3000)?;
 
     // A late answer within the timeout: success, after the delay.
@@ -310,7 +312,7 @@ pub fn lost(scenario: &str, device: &str) -> Result<Checked, String> {
     let file = open_device(device, Access::Read, false)?;
     let fd = file.as_raw_fd();
     let mut c = Checked::new();
-    let mut p = Prober::new(fd);
+    let mut p = Prober::new(fd)?;
     let old = set_timeout(500)?;
 
     // Never answered, then released by the host.
@@ -408,7 +410,7 @@ fn rebind(c: &mut Checked, device: &str, vdev: &str) -> Result<(), String> {
     }
     wait_for_chardev(device, Duration::from_secs(10))?;
     let file = open_device(device, Access::Read, false)?;
-    let mut p = Prober::new(file.as_raw_fd());
+    let mut p = Prober::new(file.as_raw_fd())?;
     let s = p.send();
     c.report.text("after_rebind", &outcome(&s.result));
     c.check(s.result.is_ok(), || {
