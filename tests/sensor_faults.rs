@@ -149,3 +149,5 @@ fn sensor_ctrl_faults(cell: Cell) {
 }
 
 vdevlab_tests::cell_tests!(sensor_ctrl_faults);
+// Two vCPUs: the ctrl callback and the waiter really run at once.
+vdevlab_tests::cell_tests!(smp sensor_ctrl_faults);
