@@ -14,7 +14,8 @@
 //!   2): INVALID gives `EINVAL`, UNSUPPORTED `EOPNOTSUPP`, MALFORMED and an
 //!   undefined status `EPROTO`; a refused request changes nothing, the
 //!   next one succeeds, and the device is not marked broken.
-//! - `sensor-ctrl-late`: with `ctrl_timeout_ms` 3000, phase
+//! - `sensor-ctrl-late`: `ctrl_timeout_ms` refuses 9, 60001 and `x`; with
+//!   it at 3000, phase
 //!   `sensor-ctrl-late` (host: late 600 ms): the answer comes after at
 //!   least the delay and the request succeeds. With 500, phase `-2` (host:
 //!   late 2000 ms): the request fails with `ETIMEDOUT` after the timeout,
@@ -212,6 +213,7 @@ pub fn late(scenario: &str, device: &str) -> Result<Checked, String> {
     let mut c = Checked::new();
     let mut p = Prober::new(fd)?;
     let old = set_timeout(3000)?;
+    check_timeout_range(&mut c);
 
     // A late answer within the timeout: success, after the delay.
     ready(scenario);
@@ -261,6 +263,23 @@ pub fn late(scenario: &str, device: &str) -> Result<Checked, String> {
     });
     write_sysfs(&timeout_param(), &old)?;
     Ok(c)
+}
+
+/// `ctrl_timeout_ms` refuses values outside 10..60000 and keeps its own.
+fn check_timeout_range(c: &mut Checked) {
+    let p = timeout_param();
+    let refused: Vec<bool> = ["9", "60001", "x"]
+        .iter()
+        .map(|v| write_sysfs(&p, v).is_err())
+        .collect();
+    let now = std::fs::read_to_string(&p).unwrap_or_default();
+    c.report.text("timeout_param_after_bad", now.trim());
+    c.check(refused.iter().all(|&r| r) && now.trim() == "3000", || {
+        format!(
+            "ctrl_timeout_ms 9, 60001, x refused: {refused:?}; the value is then {:?}, expected 3000",
+            now.trim()
+        )
+    });
 }
 
 /// After READY of a phase whose request the device holds past the
