@@ -197,13 +197,18 @@ impl CtrlFaults {
     /// The device took the request with head `head` at `now`: what to do.
     pub fn on_request(&mut self, head: u16, now: Instant) -> Decision {
         if let Some(h) = self.held {
-            // Only the held chain can come first on the ring; anything
-            // else (a driver that rewrote the ring) waits its turn.
-            if h.head != head || !self.ready(now) {
-                return Decision::Hold;
+            if h.head == head {
+                if !self.ready(now) {
+                    return Decision::Hold;
+                }
+                self.held = None;
+                return Decision::Answer;
             }
+            // Another chain where the held one was: the driver rewrote
+            // its available ring. Forget the held request (waiting for a
+            // head that is gone would keep the timer spinning) and take
+            // this one as new.
             self.held = None;
-            return Decision::Answer;
         }
         if self.status > 0 {
             self.status -= 1;
@@ -317,9 +322,17 @@ mod tests {
         assert_eq!(f.counters().ctrl_held, 1);
         let due = t0 + Duration::from_millis(100);
         assert!(f.ready(due));
-        assert_eq!(f.on_request(5, due), Decision::Hold, "another head waits");
         assert_eq!(f.on_request(4, due), Decision::Answer);
         assert_eq!(f.on_request(6, due), Decision::Answer);
+
+        // A rewritten ring: another head where the held one was.
+        f.apply(&CtrlFault::Late {
+            count: 1,
+            delay_ms: 100,
+        });
+        assert_eq!(f.on_request(20, t0), Decision::Hold);
+        assert_eq!(f.on_request(21, due), Decision::Answer, "taken as new");
+        assert!(f.ready(t0) && f.deadline().is_none());
 
         f.apply(&CtrlFault::Never { count: 1 });
         assert_eq!(f.on_request(7, t0), Decision::Hold);
@@ -343,7 +356,7 @@ mod tests {
                 c.ctrl_fault_reset,
                 c.ctrl_held
             ),
-            (2, 1, 2, 1, 1, 0)
+            (2, 2, 2, 1, 1, 0)
         );
     }
 }
