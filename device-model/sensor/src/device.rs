@@ -279,10 +279,13 @@ impl VirtioDevice for SensorDevice {
         f
     }
 
-    fn tick(&mut self, _ticks: u64, _core: &mut Core) -> bool {
+    fn tick(&mut self, _ticks: u64, core: &mut Core) -> bool {
         // The clock, not the tick count, says which samples are due.
         let now = Instant::now();
-        let late_due = self.ctrl_faults.deadline().is_some_and(|d| d <= now);
+        // A due late answer needs a pass; not while the device serves no
+        // queue (NEEDS_RESET: only a reset ends that, and it forgets the
+        // held request), or the timer would kick the worker every tick.
+        let late_due = !core.needs_reset() && self.ctrl_faults.deadline().is_some_and(|d| d <= now);
         self.sensor.pump(now) | late_due
     }
 }
