@@ -18,7 +18,7 @@
 //!   it at 3000, phase
 //!   `sensor-ctrl-late` (host: late 600 ms): the answer comes after at
 //!   least the delay and the request succeeds. With 500, phase `-2` (host:
-//!   late 2000 ms): the request fails with `ETIMEDOUT` after the timeout,
+//!   late 2000 ms): the request fails with `ETIMEDOUT` after the timeout (80% of it at least, on the guest's clock),
 //!   the next at once with `EBUSY` (the device still owns the buffers),
 //!   and once the late answer came requests work again; the timed-out
 //!   request was carried out (`GET_INFO` shows it).
@@ -296,9 +296,10 @@ fn timed_out(c: &mut Checked, p: &mut Prober, timeout_ms: u64, key: &str) -> Opt
     c.report
         .text(&format!("{key}_result"), &outcome(&s.result))
         .num(&format!("{key}_ms"), ms(s.took));
-    // The guest's clock may be a few percent off; far too late means the
-    // parameter was not used.
-    let (lo, hi) = (timeout_ms * 9 / 10, timeout_ms + 2500);
+    // The guest's clock may be off the kernel's timer under TCG (6.1 on
+    // one vCPU: 461 ms for 500 once); far off means the parameter was not
+    // used.
+    let (lo, hi) = (timeout_ms * 8 / 10, timeout_ms + 2500);
     c.check(
         s.result == Err(libc::ETIMEDOUT) && (lo..hi).contains(&ms(s.took)),
         || {
