@@ -19,10 +19,10 @@
 //!    `uring_write` (io_uring, parked on the driver's poll) and
 //!    `posix_read` / `posix_write` (glibc's POSIX AIO, whose helper
 //!    threads sleep in `read()`/`write()`).
-//! 3. `VDEVLAB-READY trouble-<kind>`; the crew settles for 500 ms, and
-//!    nobody may have ended. Then the trouble ([`Trouble`]): the program
-//!    unbinds the driver (`removal`) or resets the device with
-//!    `QW_IOC_RESET` (`reset`) itself; for `needs-reset` the host sends
+//! 3. The crew settles for 500 ms, and nobody may have ended; then
+//!    `VDEVLAB-READY trouble-<kind>` and the trouble ([`Trouble`]): the
+//!    program unbinds the driver (`removal`) or resets the device with
+//!    `QW_IOC_RESET` (`reset`) itself, at once; for `needs-reset` the host sends
 //!    `{"op":"needs_reset"}` and for `broken` arms `hostile_bogus_id` on
 //!    rx and injects a few bytes, right after the marker (their times
 //!    count from the marker, so they include the host's reaction).
@@ -893,9 +893,8 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     });
     check_armed(&mut c, &board);
 
-    ready(&o.scenario);
-    let ready_at = Instant::now();
-    board.pump(ready_at + SETTLE, |_| false);
+    // Settled before the marker: the host's troubles come right after it.
+    board.pump(Instant::now() + SETTLE, |_| false);
     for k in CREW {
         if let Some((end, _)) = &board.done[k.index()] {
             c.fail(format!(
@@ -905,6 +904,8 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
             ));
         }
     }
+    let ready_at = Instant::now();
+    ready(&o.scenario);
     let t0 = trigger(&mut c, t, ctl_fd, &virtio, ready_at);
     let early = |b: &Board| CREW.iter().filter(|k| !late(t, **k)).all(|k| b.ended(*k));
     board.pump(t0 + BOUND, early);
