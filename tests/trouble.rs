@@ -28,10 +28,14 @@ fn trouble(name: &str, steps: Vec<Step>, cell: Cell) {
     let out = &outs[0];
     if let Some(g) = out.guest.as_ref() {
         for k in CREW {
-            let end = g.extra.get(k.key()).cloned().unwrap_or_default();
-            let ms = g.extra.get(&format!("{}_ms", k.key())).cloned();
+            let end = g.extra.get(k.key()).and_then(|v| v.as_str()).unwrap_or("-");
+            let ms = g
+                .extra
+                .get(&format!("{}_ms", k.key()))
+                .and_then(|v| v.as_u64());
+            let ms = ms.map_or("-".to_string(), |ms| ms.to_string());
             eprintln!(
-                "{program} on {}: {:<12} {end} after {ms:?} ms",
+                "{program} on {}: {:<12} {end:<34} {ms} ms",
                 kernel.name,
                 k.key()
             );
@@ -85,6 +89,14 @@ fn trouble_reset(cell: Cell) {
 }
 
 vdevlab_tests::cell_tests!(
+    trouble_removal,
+    trouble_needs_reset,
+    trouble_broken,
+    trouble_reset,
+);
+// On two vCPUs, the device's interrupts on one and the crew on the other
+// (`vdevlab_lab::smp`): the wakers and the waiters really run at once.
+vdevlab_tests::cell_tests!(smp
     trouble_removal,
     trouble_needs_reset,
     trouble_broken,
