@@ -17,9 +17,13 @@ use vdevlab_tests::{assert_passed, lab};
 
 /// Boot, run `trouble-<name>` with the host's `steps` after its first
 /// marker, and print every waiter's end and time (the measured bounds).
-fn trouble(name: &str, steps: Vec<Step>, cell: Cell) {
+fn trouble(kernel: &str, name: &str, steps: Vec<Step>, cell: Cell) {
     let lab = lab();
-    let kernel = lab.env.default_kernel().clone();
+    let kernel = lab
+        .env
+        .kernel(kernel)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .clone();
     let program = format!("trouble-{name}");
     let mut all = vec![Step::Ready(program.clone())];
     all.extend(steps);
@@ -54,51 +58,65 @@ fn trouble(name: &str, steps: Vec<Step>, cell: Cell) {
 
 /// The driver is unbound while everyone waits: ENODEV (native AIO
 /// ESHUTDOWN), POLLHUP, SIGIO with POLL_HUP; then it binds again.
-fn trouble_removal(cell: Cell) {
-    trouble("removal", vec![], cell);
+fn trouble_removal(kernel: &str, cell: Cell) {
+    trouble(kernel, "removal", vec![], cell);
 }
 
 /// The device sets NEEDS_RESET: the driver's status poll finds it, and
 /// everyone gets EIO, POLLERR, SIGIO with POLL_ERR; QW_IOC_RESET recovers.
-fn trouble_needs_reset(cell: Cell) {
+fn trouble_needs_reset(kernel: &str, cell: Cell) {
     let steps = vec![Step::control(serde_json::json!({"op": "needs_reset"}))];
-    trouble("needs-reset", steps, cell);
+    trouble(kernel, "needs-reset", steps, cell);
 }
 
 /// A used entry naming a descriptor that was never posted breaks the rx
 /// virtqueue (BAD_RING): everyone, the transmit side too, gets EIO,
 /// POLLERR, SIGIO with POLL_ERR; QW_IOC_RESET recovers.
-fn trouble_broken(cell: Cell) {
+fn trouble_broken(kernel: &str, cell: Cell) {
     let fault = serde_json::json!({"kind": "hostile_bogus_id", "queue": "rx", "count": 1});
     let steps = vec![
         Step::fault(fault).expect("a valid fault"),
         Step::inject(pattern(95, 100)),
     ];
-    trouble("broken", steps, cell);
+    trouble(kernel, "broken", steps, cell);
 }
 
 /// QW_IOC_RESET while everyone waits: no error; the transmit side goes on
 /// at once (the reset emptied the ring), SIGIO says POLL_OUT; the receive
 /// side keeps waiting until data comes after the reset.
-fn trouble_reset(cell: Cell) {
+fn trouble_reset(kernel: &str, cell: Cell) {
     let steps = vec![
         Step::Ready("trouble-reset-2".into()),
         Step::inject(pattern(96, 64 << 10)),
     ];
-    trouble("reset", steps, cell);
+    trouble(kernel, "reset", steps, cell);
 }
 
-vdevlab_tests::cell_tests!(
-    trouble_removal,
-    trouble_needs_reset,
-    trouble_broken,
-    trouble_reset,
-);
-// On two vCPUs, the device's interrupts on one and the crew on the other
-// (`vdevlab_lab::smp`): the wakers and the waiters really run at once.
-vdevlab_tests::cell_tests!(smp
-    trouble_removal,
-    trouble_needs_reset,
-    trouble_broken,
-    trouble_reset,
-);
+/// The four troubles on one guest kernel, in a module named after it, on
+/// one vCPU and on two (the device's interrupts on one vCPU and the crew
+/// on the other, `vdevlab_lab::smp`: wakers and waiters really run at
+/// once): `trixie::qemu_tcg_smp::trouble_reset`, ...
+macro_rules! kernel_tests {
+    ($kernel:ident) => {
+        mod $kernel {
+            vdevlab_tests::cell_tests!(kernel stringify!($kernel);
+                trouble_removal,
+                trouble_needs_reset,
+                trouble_broken,
+                trouble_reset,
+            );
+            vdevlab_tests::cell_tests!(smp kernel stringify!($kernel);
+                trouble_removal,
+                trouble_needs_reset,
+                trouble_broken,
+                trouble_reset,
+            );
+        }
+    };
+}
+
+kernel_tests!(trixie);
+kernel_tests!(bookworm);
+// The lab kernel with lockdep and the object checkers: a splat in any
+// wake or teardown path fails the run.
+kernel_tests!(lockdep);
