@@ -27,7 +27,11 @@ fn trouble(kernel: &str, name: &str, steps: Vec<Step>, cell: Cell) {
     let program = format!("trouble-{name}");
     let mut all = vec![Step::Ready(program.clone())];
     all.extend(steps);
-    let case = Scenario::program(&program, &[]).with_steps(all);
+    let mut case = Scenario::program(&program, &[]).with_steps(all);
+    // A hostile fault must really have fired.
+    if name.starts_with("broken") {
+        case.expect.counters_at_least = vec![("hostile_bogus_ids".into(), 1)];
+    }
     let outs = engine::run(&lab, &kernel, cell, &[case], |_| {}).expect("the scenario could run");
     let out = &outs[0];
     if let Some(g) = out.guest.as_ref() {
@@ -92,7 +96,25 @@ fn trouble_reset(kernel: &str, cell: Cell) {
     trouble(kernel, "reset", steps, cell);
 }
 
-/// The four troubles on one guest kernel, in a module named after it, on
+/// The PCI function is removed (a hot-unplug) while everyone waits: as
+/// for removal; then a rescan finds it again.
+fn trouble_unplug(kernel: &str, cell: Cell) {
+    trouble(kernel, "unplug", vec![], cell);
+}
+
+/// The tx ring breaks instead: the device completes a transmit buffer (the
+/// host takes some of the capture) with an id never posted; as for a
+/// broken rx queue.
+fn trouble_broken_tx(kernel: &str, cell: Cell) {
+    let fault = serde_json::json!({"kind": "hostile_bogus_id", "queue": "tx", "count": 1});
+    let steps = vec![
+        Step::fault(fault).expect("a valid fault"),
+        Step::control(serde_json::json!({"op": "capture", "max": 65536})),
+    ];
+    trouble(kernel, "broken-tx", steps, cell);
+}
+
+/// The troubles on one guest kernel, in a module named after it, on
 /// one vCPU and on two (the device's interrupts on one vCPU and the crew
 /// on the other, `vdevlab_lab::smp`: wakers and waiters really run at
 /// once): `trixie::qemu_tcg_smp::trouble_reset`, ...
@@ -104,12 +126,16 @@ macro_rules! kernel_tests {
                 trouble_needs_reset,
                 trouble_broken,
                 trouble_reset,
+                trouble_unplug,
+                trouble_broken_tx,
             );
             vdevlab_tests::cell_tests!(smp kernel stringify!($kernel);
                 trouble_removal,
                 trouble_needs_reset,
                 trouble_broken,
                 trouble_reset,
+                trouble_unplug,
+                trouble_broken_tx,
             );
         }
     };

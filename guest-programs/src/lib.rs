@@ -86,6 +86,8 @@ pub const ROBUSTNESS: &[&str] = &[
     "trouble-needs-reset",
     "trouble-broken",
     "trouble-reset",
+    "trouble-unplug",
+    "trouble-broken-tx",
 ];
 
 /// The echo scenarios of `vdevlab bench` ([`scenarios::echo`]): `echo-<model>`

@@ -41,9 +41,12 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
         "pm-freeze" => pm_freeze::run(o),
         "multi-open" => multi_open::run(o),
         "needs-reset" => needs_reset::run(o),
-        "trouble-removal" | "trouble-needs-reset" | "trouble-broken" | "trouble-reset" => {
-            waiters::run(o)
-        }
+        "trouble-removal"
+        | "trouble-needs-reset"
+        | "trouble-broken"
+        | "trouble-reset"
+        | "trouble-unplug"
+        | "trouble-broken-tx" => waiters::run(o),
         _ => return None,
     })
 }

@@ -1,5 +1,5 @@
-//! `trouble-removal`, `trouble-needs-reset`, `trouble-broken` and
-//! `trouble-reset`: a crew of waiters, one of every kind the qw driver has,
+//! `trouble-removal`, `trouble-needs-reset`, `trouble-broken`,
+//! `trouble-reset`, `trouble-unplug` and `trouble-broken-tx`: a crew of waiters, one of every kind the qw driver has,
 //! sits in the driver when the device gets into trouble, and each must end
 //! the way `docs/device-spec.md` ("What each waiter sees when the device
 //! fails") says, within [`BOUND`] of the trouble.
@@ -26,13 +26,17 @@
 //!    `{"op":"needs_reset"}` and for `broken` arms `hostile_bogus_id` on
 //!    rx and injects a few bytes, right after the marker (their times
 //!    count from the marker, so they include the host's reaction).
+//!    `unplug` is a removal by the PCI function's `remove` (the program
+//!    writes it), `broken-tx` breaks the tx ring instead: the host arms
+//!    `hostile_bogus_id` on tx and takes some of the capture, so the
+//!    device completes a transmit buffer with an id never posted.
 //! 4. Each waiter must end within [`BOUND`] with its documented result
 //!    ([`want`]). On `reset` only the transmit side ends (the ring was
 //!    emptied); the receive side keeps waiting until
 //!    `VDEVLAB-READY trouble-reset-2`, after which the host injects data,
 //!    and must then end with data (its times count from that marker).
-//! 5. The way back: `removal` binds the driver again, `needs-reset` and
-//!    `broken` reset the device (`QW_IOC_RESET`), `reset` flushes what the
+//! 5. The way back: `removal` binds the driver again, `unplug` rescans
+//!    the PCI bus, `needs-reset` and `broken(-tx)` reset the device (`QW_IOC_RESET`), `reset` flushes what the
 //!    host injected; the device must then be in state 0.
 //!
 //! Fields: `trouble`, `bound_ms`, `tx_fill_ms`, per waiter its end
@@ -49,7 +53,7 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::common::{errno_name, last_errno, mask_name, nap, poll_one, read_fd, set_fl};
 use crate::common::{open_device, os_err, wait_for_chardev, write_sysfs, Access};
-use crate::scenarios::teardown::bound_device;
+use crate::scenarios::teardown::{bound_device, pci_parent};
 use crate::scenarios::Checked;
 use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD, IOCB_CMD_PWRITE};
 use crate::uapi::ioctl_plain;
@@ -94,14 +98,23 @@ pub enum Trouble {
     Broken,
     /// `QW_IOC_RESET` while everyone waits (the program does it).
     Reset,
+    /// The PCI function is removed, a hot-unplug (the program does it,
+    /// and rescans the bus afterwards).
+    Unplug,
+    /// A hostile used ring breaks the tx virtqueue (the host arms
+    /// `hostile_bogus_id` on tx and drains some of the capture, so the
+    /// device completes a transmit buffer).
+    BrokenTx,
 }
 
 /// The scenario names, in [`Trouble`] order.
-pub const TROUBLES: [&str; 4] = [
+pub const TROUBLES: [&str; 6] = [
     "trouble-removal",
     "trouble-needs-reset",
     "trouble-broken",
     "trouble-reset",
+    "trouble-unplug",
+    "trouble-broken-tx",
 ];
 
 impl Trouble {
@@ -112,6 +125,8 @@ impl Trouble {
             Trouble::NeedsReset,
             Trouble::Broken,
             Trouble::Reset,
+            Trouble::Unplug,
+            Trouble::BrokenTx,
         ];
         TROUBLES.iter().position(|t| *t == name).map(|i| all[i])
     }
@@ -122,6 +137,8 @@ impl Trouble {
             Trouble::NeedsReset => "needs-reset",
             Trouble::Broken => "broken",
             Trouble::Reset => "reset",
+            Trouble::Unplug => "unplug",
+            Trouble::BrokenTx => "broken-tx",
         }
     }
 }
@@ -261,6 +278,12 @@ pub enum Want {
 /// The documented end of waiter `k` on trouble `t` (the table in
 /// `docs/device-spec.md`).
 pub fn want(t: Trouble, k: Kind) -> Want {
+    // Unplugged is removed; a broken tx queue is a broken queue.
+    let t = match t {
+        Trouble::Unplug => Trouble::Removal,
+        Trouble::BrokenTx => Trouble::Broken,
+        t => t,
+    };
     let hup = libc::POLLHUP as u32;
     let err = libc::POLLERR as u32;
     match (t, k) {
@@ -283,6 +306,7 @@ pub fn want(t: Trouble, k: Kind) -> Want {
         (Trouble::Reset, Kind::Sigio) => Want::Signal(POLL_OUT, libc::POLLOUT as i64),
         (Trouble::Reset, k) if k.receives() => Want::Data,
         (Trouble::Reset, _) => Want::Bytes(PAGE as u64),
+        (Trouble::Unplug | Trouble::BrokenTx, _) => unreachable!("mapped above"),
     }
 }
 
@@ -871,6 +895,9 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     let ctl_fd = ctl.as_raw_fd();
     get_stats(ctl_fd).map_err(|e| format!("{} is not a qw device: {e}", o.device))?;
     let virtio = bound_device(Path::new(SYSFS), &o.device)?;
+    if t == Trouble::Unplug {
+        pci_parent(Path::new(SYSFS), &virtio)?;
+    }
     block_sigio()?;
 
     let mut c = Checked::new();
@@ -951,19 +978,21 @@ fn check_armed(c: &mut Checked, board: &Board) {
 /// marker); returns the time the waiters' times count from.
 fn trigger(c: &mut Checked, t: Trouble, ctl: RawFd, virtio: &str, ready_at: Instant) -> Instant {
     let t0 = Instant::now();
-    let r = match t {
-        Trouble::Removal => {
-            let unbind = Path::new(SYSFS)
-                .join("bus/virtio/drivers")
-                .join(DRIVER)
-                .join("unbind");
-            write_sysfs(&unbind, virtio)
-        }
-        Trouble::Reset => {
-            ioctl_plain(ctl, QW_IOC_RESET).map_err(|e| format!("QW_IOC_RESET: {}", errno_name(e)))
-        }
-        Trouble::NeedsReset | Trouble::Broken => return ready_at,
-    };
+    let r =
+        match t {
+            Trouble::Removal => {
+                let unbind = Path::new(SYSFS)
+                    .join("bus/virtio/drivers")
+                    .join(DRIVER)
+                    .join("unbind");
+                write_sysfs(&unbind, virtio)
+            }
+            Trouble::Reset => ioctl_plain(ctl, QW_IOC_RESET)
+                .map_err(|e| format!("QW_IOC_RESET: {}", errno_name(e))),
+            Trouble::Unplug => pci_parent(Path::new(SYSFS), virtio)
+                .and_then(|p| write_sysfs(&p.join("remove"), "1")),
+            Trouble::NeedsReset | Trouble::Broken | Trouble::BrokenTx => return ready_at,
+        };
     c.report.num("trigger_ms", t0.elapsed().as_millis() as u64);
     if let Err(e) = r {
         c.fail(format!("the trouble: {e}"));
@@ -1005,9 +1034,15 @@ fn recover(c: &mut Checked, t: Trouble, o: &Opts, ctl: OwnedFd, virtio: &str) {
             drop(ctl);
             rebind(&o.device, virtio)
         }
-        Trouble::NeedsReset | Trouble::Broken => ioctl_plain(ctl.as_raw_fd(), QW_IOC_RESET)
-            .map_err(|e| format!("QW_IOC_RESET: {}", errno_name(e)))
-            .and_then(|()| state_zero(ctl.as_raw_fd())),
+        Trouble::Unplug => {
+            drop(ctl);
+            rescan(&o.device)
+        }
+        Trouble::NeedsReset | Trouble::Broken | Trouble::BrokenTx => {
+            ioctl_plain(ctl.as_raw_fd(), QW_IOC_RESET)
+                .map_err(|e| format!("QW_IOC_RESET: {}", errno_name(e)))
+                .and_then(|()| state_zero(ctl.as_raw_fd()))
+        }
         Trouble::Reset => ioctl_plain(ctl.as_raw_fd(), QW_IOC_FLUSH)
             .map_err(|e| format!("QW_IOC_FLUSH: {}", errno_name(e)))
             .and_then(|()| state_zero(ctl.as_raw_fd())),
@@ -1039,6 +1074,17 @@ fn rebind(device: &str, virtio: &str) -> Result<(), String> {
         .join(DRIVER)
         .join("bind");
     write_sysfs(&bind, virtio)?;
+    back(device)
+}
+
+/// Find the unplugged function again (QEMU still has it).
+fn rescan(device: &str) -> Result<(), String> {
+    write_sysfs(&Path::new(SYSFS).join("bus/pci/rescan"), "1")?;
+    back(device)
+}
+
+/// The node must come back, open and be in state 0.
+fn back(device: &str) -> Result<(), String> {
     wait_for_chardev(device, BOUND)?;
     // udev-less /dev: the node may appear a moment before it opens.
     let start = Instant::now();
