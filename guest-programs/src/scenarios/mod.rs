@@ -12,7 +12,7 @@
 //! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
-//! | [`waiters`] | `trouble-removal`, `trouble-needs-reset`, `trouble-broken`, `trouble-reset`: every kind of waiter learns of trouble |
+//! | [`waiters`] | `trouble-removal`, `trouble-needs-reset`, `trouble-broken`, `trouble-reset`, `trouble-unplug`, `trouble-broken-tx`: every kind of waiter learns of trouble |
 //!
 //! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
 //! String>` (the sensor ones take their own options): `Err` when they
