@@ -71,7 +71,8 @@ pub const MIXED: &str = "mixed";
 
 /// The driver-robustness scenarios (see [`scenarios::teardown`],
 /// [`scenarios::ioctl_stats`], [`scenarios::pm_freeze`],
-/// [`scenarios::multi_open`], [`scenarios::needs_reset`]). Each reports
+/// [`scenarios::multi_open`], [`scenarios::needs_reset`],
+/// [`scenarios::waiters`]). Each reports
 /// every observation, also on failure, and on failure its `error`
 /// lists every check that did not hold.
 pub const ROBUSTNESS: &[&str] = &[
@@ -82,6 +83,12 @@ pub const ROBUSTNESS: &[&str] = &[
     "multi-open",
     "needs-reset",
     "alloc-faults",
+    "trouble-removal",
+    "trouble-needs-reset",
+    "trouble-broken",
+    "trouble-reset",
+    "trouble-unplug",
+    "trouble-broken-tx",
 ];
 
 /// The echo scenarios of `vdevlab bench` ([`scenarios::echo`]): `echo-<model>`

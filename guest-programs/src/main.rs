@@ -25,7 +25,7 @@ use vdevlab_guest::io_models::{
 use vdevlab_guest::scenarios::teardown::How;
 use vdevlab_guest::scenarios::{
     alloc_faults, echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, sensor_faults,
-    stress, teardown, Checked,
+    stress, teardown, waiters, Checked,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
@@ -42,6 +42,12 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
         "multi-open" => multi_open::run(o),
         "needs-reset" => needs_reset::run(o),
         "alloc-faults" => alloc_faults::run(o),
+        "trouble-removal"
+        | "trouble-needs-reset"
+        | "trouble-broken"
+        | "trouble-reset"
+        | "trouble-unplug"
+        | "trouble-broken-tx" => waiters::run(o),
         _ => return None,
     })
 }

@@ -14,6 +14,7 @@
 //! | [`sensor_faults`] | `sensor-ctrl-status`, `sensor-ctrl-late`, `sensor-ctrl-lost` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
 //! | [`alloc_faults`] | `alloc-faults`: the driver's allocations failed one at a time (fault injection, kmemleak) |
+//! | [`waiters`] | `trouble-removal`, `trouble-needs-reset`, `trouble-broken`, `trouble-reset`, `trouble-unplug`, `trouble-broken-tx`: every kind of waiter learns of trouble |
 //!
 //! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
 //! String>` (the sensor ones take their own options): `Err` when they
@@ -30,6 +31,7 @@ pub mod sensor;
 pub mod sensor_faults;
 pub mod stress;
 pub mod teardown;
+pub mod waiters;
 
 use crate::Report;
 
