@@ -11,6 +11,7 @@
 //! | [`needs_reset`] | `needs-reset` |
 //! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
+//! | [`sensor_faults`] | `sensor-ctrl-status`, `sensor-ctrl-late`, `sensor-ctrl-lost` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
 //!
 //! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
@@ -24,6 +25,7 @@ pub mod multi_open;
 pub mod needs_reset;
 pub mod pm_freeze;
 pub mod sensor;
+pub mod sensor_faults;
 pub mod stress;
 pub mod teardown;
 
