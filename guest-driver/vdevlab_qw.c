@@ -90,8 +90,8 @@
  * -------
  * Data becomes readable in exactly two places: the rx callback (new data)
  * and a reader putting a partly read buffer back.  Room appears in exactly
- * one: the tx callback.  Process context never reclaims tx buffers, so no
- * room appears that the tx callback did not announce.  State changes
+ * two: the tx callback and the tx watchdog (a full ring whose interrupt
+ * was lost); both announce it the same way (qw_tx_announce()).  State changes
  * (reset done, needs-reset, removal) wake every waiter.  Each of these
  * wakes the wait queue with the matching EPOLL* key, sends SIGIO and kicks
  * the AIO worker, so edge-triggered epoll, SIGIO and AIO miss nothing.
@@ -242,6 +242,7 @@ static int qw_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 #define QW_RX_BUF_SIZE		PAGE_SIZE
 #define QW_TX_BUF_SIZE		PAGE_SIZE
 #define QW_STATUS_POLL_MS	500	/* status word poll period */
+#define QW_TX_WATCHDOG_MS	100	/* full tx ring: look for lost completions */
 #define QW_CFG_TRIES		8	/* reads until the generation settles */
 
 enum { QW_VQ_RX, QW_VQ_TX, QW_NR_VQS };
@@ -349,6 +350,7 @@ struct qw_dev {
 	bool ready;			/* probe finished (->scan ran) */
 	bool cfg_status;		/* config space has a live status word */
 	struct delayed_work status_work; /* polls it, see the top */
+	struct delayed_work tx_watchdog; /* full tx ring, see qw_tx_watchdog() */
 
 	spinlock_t rx_lock;		/* rx vq and the fields below */
 	struct list_head rx_filled;	/* buffers with unread bytes, in order */
@@ -385,6 +387,8 @@ struct qw_dev {
 	atomic64_t flushed_bytes;
 	atomic64_t config_changes;
 	atomic64_t resets;
+	atomic64_t tx_bad_used_len;	/* tx completions with used len != 0 */
+	atomic64_t tx_watchdog_reclaimed; /* tx buffers the watchdog found */
 
 	unsigned int minor;
 	dev_t devt;
@@ -1061,17 +1065,33 @@ static unsigned int qw_tx_reclaim_locked(struct qw_dev *qw,
 	lockdep_assert_held(&qw->tx_lock);
 
 	/*
-	 * The used length of a tx buffer means nothing (the device writes
-	 * nothing into it), so a hostile one cannot hurt: it is only logged.
+	 * A tx buffer is device-readable only, so the device writes nothing
+	 * into it and its used length must be 0 (virtio 1.2, 2.7.8).  Any
+	 * other value is a device bug: never trusted (nothing is read from
+	 * the buffer, which is freed as it is), but counted and logged, so a
+	 * device that lies about what it wrote does not go unnoticed.
 	 */
 	while ((data = virtqueue_get_buf(vq, &len))) {
 		pr_debug("%s: tx: buffer %p returned (used len %u)\n",
 			 qw->name, data, len);
+		if (unlikely(len)) {
+			atomic64_inc(&qw->tx_bad_used_len);
+			pr_warn_ratelimited("%s: tx: device reported used length %u for a transmit buffer (must be 0); ignored\n",
+					    qw->name, len);
+		}
 		kfree(data);
 		n++;
 	}
 	qw->tx_inflight -= n;
 	return n;
+}
+
+/* Room appeared: wake writers and pollers, tell SIGIO owners, kick AIO. */
+static void qw_tx_announce(struct qw_dev *qw)
+{
+	wake_up_interruptible_poll(&qw->tx_wq, EPOLLOUT | EPOLLWRNORM);
+	kill_fasync(&qw->fasync, SIGIO, POLL_OUT);
+	qw_aio_kick(qw, false);
 }
 
 /*
@@ -1095,11 +1115,60 @@ static void qw_tx_done(struct virtqueue *vq)
 
 	if (bad)
 		qw_mark_broken(qw);
-	if (n) {
-		wake_up_interruptible_poll(&qw->tx_wq, EPOLLOUT | EPOLLWRNORM);
-		kill_fasync(&qw->fasync, SIGIO, POLL_OUT);
-		qw_aio_kick(qw, false);
+	if (n)
+		qw_tx_announce(qw);
+}
+
+/*
+ * Look for completed tx buffers every QW_TX_WATCHDOG_MS while the ring is
+ * full.  With EVENT_IDX the device interrupts again only once the driver
+ * has moved used_event, which only a harvest does: after one lost tx
+ * interrupt no further one ever comes, and with a full ring no writer can
+ * post a buffer that would kick the device either, so every writer, poller,
+ * SIGIO owner and AIO request would wait forever.  The watchdog harvests
+ * instead (which also re-arms used_event) and announces the room like the
+ * callback.  Armed only while live, under tx_lock (qw_tx_room()); a stop
+ * clears live under tx_lock, so a pending run then touches nothing, and
+ * freeze() and remove() cancel it synchronously after clearing live.
+ */
+static void qw_tx_watchdog(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(to_delayed_work(work), struct qw_dev,
+					 tx_watchdog);
+	unsigned long flags;
+	unsigned int n = 0;
+
+	spin_lock_irqsave(&qw->tx_lock, flags);
+	if (qw->live && !qw->broken) {
+		n = qw_tx_reclaim_locked(qw, qw->tx_vq);
+		if (!qw->tx_vq->num_free)
+			queue_delayed_work(qw_wq, &qw->tx_watchdog,
+					   msecs_to_jiffies(QW_TX_WATCHDOG_MS));
 	}
+	spin_unlock_irqrestore(&qw->tx_lock, flags);
+
+	if (n) {
+		/* Its interrupt was lost, or is late: either way, room now. */
+		atomic64_add(n, &qw->tx_watchdog_reclaimed);
+		pr_warn_ratelimited("%s: tx: %u completed buffers found without their interrupt (lost or late); reclaimed\n",
+				    qw->name, n);
+		qw_tx_announce(qw);
+	}
+}
+
+/*
+ * Arm the tx watchdog, only while live: under tx_lock, against the stop
+ * and removal that clear live under it before they cancel the watchdog.
+ */
+static void qw_tx_watchdog_arm(struct qw_dev *qw)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&qw->tx_lock, flags);
+	if (qw->live)
+		queue_delayed_work(qw_wq, &qw->tx_watchdog,
+				   msecs_to_jiffies(QW_TX_WATCHDOG_MS));
+	spin_unlock_irqrestore(&qw->tx_lock, flags);
 }
 
 /*
@@ -1123,6 +1192,9 @@ static int qw_tx_room(struct qw_dev *qw)
 	else
 		err = 0;
 	spin_unlock_irqrestore(&qw->tx_lock, flags);
+	/* Whoever waits for room now also waits for a lost interrupt. */
+	if (err == -ENOSPC)
+		qw_tx_watchdog_arm(qw);
 	return err;
 }
 
@@ -2137,6 +2209,17 @@ QW_STAT_ATTR(flushed_bytes);
 QW_STAT_ATTR(config_changes);
 QW_STAT_ATTR(resets);
 
+/* Not in struct qw_stats (a uAPI struct): sysfs only. */
+static ssize_t tx_bad_used_len_show(struct device *dev,
+				    struct device_attribute *attr, char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%lld\n",
+			  (long long)atomic64_read(&qw->tx_bad_used_len));
+}
+static DEVICE_ATTR_RO(tx_bad_used_len);
+
 static ssize_t needs_reset_show(struct device *dev,
 				struct device_attribute *attr, char *buf)
 {
@@ -2195,6 +2278,7 @@ static struct attribute *qw_attrs[] = {
 	&dev_attr_resets.attr,
 	&dev_attr_needs_reset.attr,
 	&dev_attr_config.attr,
+	&dev_attr_tx_bad_used_len.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(qw);
@@ -2280,6 +2364,7 @@ static void qw_teardown(struct qw_dev *qw)
 
 	/* Gone is set: nothing re-arms the poll; wait for a running one. */
 	cancel_delayed_work_sync(&qw->status_work);
+	cancel_delayed_work_sync(&qw->tx_watchdog);
 
 	if (!IS_ERR_OR_NULL(qw->dev))
 		device_destroy(qw_class, qw->devt);
@@ -2319,6 +2404,7 @@ static int qw_probe(struct virtio_device *vdev)
 	INIT_WORK(&qw->cancel_work, qw_aio_cancel_work);
 	INIT_WORK(&qw->config_work, qw_config_work);
 	INIT_DELAYED_WORK(&qw->status_work, qw_status_work);
+	INIT_DELAYED_WORK(&qw->tx_watchdog, qw_tx_watchdog);
 	atomic64_set(&qw->rx_bytes, 0);
 	atomic64_set(&qw->tx_bytes, 0);
 	atomic64_set(&qw->rx_interrupts, 0);
@@ -2451,6 +2537,7 @@ static int qw_freeze(struct virtio_device *vdev)
 	mutex_unlock(&qw->state_mutex);
 	/* Not live: nothing re-arms the poll; wait for a running one. */
 	cancel_delayed_work_sync(&qw->status_work);
+	cancel_delayed_work_sync(&qw->tx_watchdog);
 	return 0;
 }
 

@@ -167,11 +167,15 @@ pub struct Opts {
     pub chunk: usize,
     /// Seed of the transmitted pattern.
     pub seed: u64,
+    /// Milliseconds to wait after `VDEVLAB-READY` before the first I/O
+    /// ([`start`]): room for the host to arm a fault (a stalled queue)
+    /// before the program's first request.
+    pub pause_ms: u64,
 }
 
 /// One line of usage, for errors.
 pub const USAGE: &str =
-    "usage: vdevlab-guest SCENARIO [--device PATH] [--bytes N] [--chunk N] [--seed S] | vdevlab-guest list";
+    "usage: vdevlab-guest SCENARIO [--device PATH] [--bytes N] [--chunk N] [--seed S] [--pause-ms MS] | vdevlab-guest list";
 
 fn number(flag: &str, value: &str) -> Result<u64, String> {
     let parsed = match value
@@ -206,6 +210,7 @@ where
         bytes: 4096,
         chunk: 4096,
         seed: 1,
+        pause_ms: 0,
     };
     while let Some(arg) = args.next() {
         let (flag, value) = match arg.split_once('=') {
@@ -231,6 +236,12 @@ where
                     .ok_or_else(|| format!("--chunk must be 1..={MAX_CHUNK}, not {value}"))?;
             }
             "--seed" => opts.seed = number(&flag, &value)?,
+            "--pause-ms" => {
+                opts.pause_ms = number(&flag, &value)?;
+                if opts.pause_ms > 60_000 {
+                    return Err(format!("--pause-ms must be at most 60000, not {value}"));
+                }
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -325,6 +336,14 @@ pub fn marker(line: &str) {
 /// to wait for it; the host may start injecting (or draining the capture).
 pub fn ready(scenario: &str) {
     marker(&protocol::ready_line(scenario));
+}
+
+/// [`ready`], then wait `--pause-ms` (the host arms its fault meanwhile).
+pub fn start(o: &Opts) {
+    ready(&o.scenario);
+    if o.pause_ms > 0 {
+        common::nap(std::time::Duration::from_millis(o.pause_ms));
+    }
 }
 
 /// The `VDEVLAB-RESULT {json}` line for an outcome.
@@ -426,6 +445,7 @@ mod tests {
                 bytes: 4096,
                 chunk: 4096,
                 seed: 1,
+                pause_ms: 0,
             }
         );
     }

@@ -131,6 +131,10 @@ pub struct ExpectSpec {
     /// dotted name looks inside objects), e.g. `blocked_ms = 1000`.
     #[serde(default)]
     pub fields_at_least: BTreeMap<String, f64>,
+    /// Texts that must each appear in the console between the program's
+    /// READY and its result, kernel messages included (a driver's warning).
+    #[serde(default)]
+    pub output: Vec<String>,
 }
 
 /// A scenario file.
@@ -441,6 +445,7 @@ impl FaultScenario {
                     .iter()
                     .map(|(k, v)| (k.clone(), *v))
                     .collect(),
+                output: self.expect.output.clone(),
                 ..Expect::default()
             },
             ..Scenario::program(&self.guest, &args).with_steps(steps)
@@ -872,7 +877,8 @@ mod tests {
              [[step]]\nready = \"waiters-removal-2\"\n[[step]]\nwait_for = \"armed\"\n\
              [[step]]\ncounter = { name = \"tx_bytes\", at_least = 5 }\n\
              [expect]\ndata = \"pass\"\nfields = { read = \"ENODEV\" }\n\
-             fields_at_least = { blocked_ms = 1000, \"evidence.polls\" = 2 }\n",
+             fields_at_least = { blocked_ms = 1000, \"evidence.polls\" = 2 }\n\
+             output = [\"woken\"]\n",
         )
         .unwrap();
         let sc = s.scenario(Some("/dev/mine0")).unwrap();
@@ -892,6 +898,7 @@ mod tests {
                 ("evidence.polls".to_string(), 2.0)
             ]
         );
+        assert_eq!(sc.expect.output, ["woken"]);
         assert_eq!(sc.steps[1], Step::Ready("waiters-removal-2".into()));
         assert_eq!(sc.steps[2], Step::WaitFor("armed".into()));
         assert_eq!(

@@ -88,10 +88,19 @@ pub fn run_labelled(
         Some(_) => session.abort(),
         None => session.finish(FINISH_TIMEOUT),
     };
+    // A program that runs more than once in a boot: each run's output is
+    // the part after the earlier runs' results.
     scenarios
         .iter()
+        .enumerate()
         .zip(driven)
-        .map(|(s, d)| ended.outcome(s, d))
+        .map(|((i, s), d)| {
+            let earlier = scenarios[..i]
+                .iter()
+                .filter(|p| p.marker == s.marker)
+                .count();
+            ended.outcome(s, d, earlier)
+        })
         .collect()
 }
 
@@ -867,8 +876,8 @@ impl Ended {
         Ok(rec)
     }
 
-    fn outcome(&self, s: &Scenario, mut d: Driven) -> Result<Outcome> {
-        let output = scenario_output(&self.console, &s.marker);
+    fn outcome(&self, s: &Scenario, mut d: Driven, earlier: usize) -> Result<Outcome> {
+        let output = scenario_output_after(&self.console, &s.marker, earlier);
         if d.result.is_some() {
             for want in &s.expect.output {
                 if !output.contains(want.as_str()) {
@@ -899,6 +908,24 @@ impl Ended {
 
 /// The console lines between `marker`'s READY and its result.
 pub fn scenario_output(console: &str, marker: &str) -> String {
+    scenario_output_after(console, marker, 0)
+}
+
+/// [`scenario_output`] of the run of `marker` after `earlier` runs of it
+/// (their result lines) in the same console.
+pub fn scenario_output_after(console: &str, marker: &str, earlier: usize) -> String {
+    let end = protocol::result_prefix(marker);
+    let mut rest = console;
+    for _ in 0..earlier {
+        let Some(at) = rest.find(&end) else {
+            return String::new();
+        };
+        rest = &rest[at + end.len()..];
+    }
+    scenario_output_one(rest, marker)
+}
+
+fn scenario_output_one(console: &str, marker: &str) -> String {
     let end = protocol::result_prefix(marker);
     let mut out = Vec::new();
     let mut inside = false;
@@ -930,6 +957,12 @@ mod tests {
         assert_eq!(scenario_output(console, "b"), "bye");
         let staged = "VDEVLAB-READY a-2\nno\nVDEVLAB-READY a\nyes\n";
         assert_eq!(scenario_output(staged, "a"), "yes");
+        let twice = format!(
+            "{console}VDEVLAB-READY a\nagain\nVDEVLAB-RESULT {{\"scenario\":\"a\",\"ok\":true}}\n"
+        );
+        assert_eq!(scenario_output_after(&twice, "a", 0), "hello\n[ 1.0] kmsg");
+        assert_eq!(scenario_output_after(&twice, "a", 1), "again");
+        assert_eq!(scenario_output_after(&twice, "a", 2), "");
     }
 
     fn judged(expect: Expect, result: &str) -> Vec<String> {

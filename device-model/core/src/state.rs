@@ -60,6 +60,12 @@ pub struct CoreCounters {
     /// Hostile mode: heads completed a second time.
     #[serde(default)]
     pub hostile_double_completions: u64,
+    /// Fault injection: passes cut short or put off by a throttle.
+    #[serde(default)]
+    pub throttled_passes: u64,
+    /// Fault injection: completions reported with a wrong used length.
+    #[serde(default)]
+    pub wrong_used_lens: u64,
 }
 
 /// The error of [`Core::notify_config_change`].

@@ -190,7 +190,7 @@ pub(crate) mod tests {
     /// The counters of a `stats` reply, by name, as clients have read them
     /// (the CLI, the lab's reports, users' scripts): the wire form of
     /// [`Stats`], which must not change.
-    pub(crate) const STATS_FIELDS: [&str; 20] = [
+    pub(crate) const STATS_FIELDS: [&str; 22] = [
         "injected_bytes",
         "inject_rejected_bytes",
         "rx_bytes",
@@ -211,6 +211,8 @@ pub(crate) mod tests {
         "hostile_overlong",
         "hostile_index_jumps",
         "hostile_double_completions",
+        "throttled_passes",
+        "wrong_used_lens",
     ];
 
     #[test]
