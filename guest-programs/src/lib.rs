@@ -81,6 +81,7 @@ pub const ROBUSTNESS: &[&str] = &[
     "pm-freeze",
     "multi-open",
     "needs-reset",
+    "carrier-change",
 ];
 
 /// The echo scenarios of `vdevlab bench` ([`scenarios::echo`]): `echo-<model>`

@@ -24,7 +24,8 @@ use vdevlab_guest::io_models::{
 };
 use vdevlab_guest::scenarios::teardown::How;
 use vdevlab_guest::scenarios::{
-    echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, stress, teardown, Checked,
+    carrier_change, echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, stress,
+    teardown, Checked,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
@@ -40,6 +41,7 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
         "pm-freeze" => pm_freeze::run(o),
         "multi-open" => multi_open::run(o),
         "needs-reset" => needs_reset::run(o),
+        "carrier-change" => carrier_change::run(o),
         _ => return None,
     })
 }

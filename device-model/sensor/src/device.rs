@@ -22,6 +22,9 @@ use crate::wave::Wave;
 #[derive(Debug)]
 pub struct SensorDevice {
     sensor: Sensor,
+    /// The status word's alarm count the driver was last told of (by a
+    /// config-change interrupt).
+    alarms_signalled: u32,
     /// Reused for every request and every sample buffer: no allocation per
     /// chain.
     scratch: Vec<u8>,
@@ -33,6 +36,7 @@ impl SensorDevice {
         wave.validate()?;
         Ok(Self {
             sensor: Sensor::new(wave),
+            alarms_signalled: 0,
             scratch: Vec::new(),
         })
     }
@@ -47,6 +51,21 @@ impl SensorDevice {
         let period = self.sensor.tick_ns().map(Duration::from_nanos);
         if let Err(e) = core.set_tick(period) {
             tracing::warn!(error = %e, "could not set the sampling timer");
+        }
+    }
+
+    /// New alarms since the last signal: raise a config-change interrupt
+    /// (the status word's alarm count moved). At most one per timer tick
+    /// or request, so a burst of alarms costs one interrupt; the driver
+    /// re-reads the count, which also covers interrupts that merged.
+    fn signal_alarms(&mut self, core: &mut Core) {
+        let now = self.sensor.alarms_since_reset();
+        if now == self.alarms_signalled {
+            return;
+        }
+        self.alarms_signalled = now;
+        if let Err(e) = core.notify_config_change() {
+            tracing::debug!(error = %e, "alarms raised, but no config-change interrupt was sent");
         }
     }
 
@@ -121,6 +140,7 @@ impl SensorDevice {
         }
         let (status, value) = self.sensor.control(&self.scratch, Instant::now());
         self.retime(core);
+        self.signal_alarms(core);
         // SET_RATE takes the first sample at once: deliver it now, not at
         // the next tick.
         core.request_all_passes();
@@ -186,6 +206,8 @@ impl VirtioDevice for SensorDevice {
 
     fn reset(&mut self, core: &mut Core) {
         self.sensor.reset();
+        // The count is back at 0: nothing to signal (the driver reset too).
+        self.alarms_signalled = 0;
         self.retime(core);
     }
 
@@ -245,8 +267,10 @@ impl VirtioDevice for SensorDevice {
         f
     }
 
-    fn tick(&mut self, _ticks: u64, _core: &mut Core) -> bool {
+    fn tick(&mut self, _ticks: u64, core: &mut Core) -> bool {
         // The clock, not the tick count, says which samples are due.
-        self.sensor.pump(Instant::now())
+        let queued = self.sensor.pump(Instant::now());
+        self.signal_alarms(core);
+        queued
     }
 }

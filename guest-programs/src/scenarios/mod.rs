@@ -12,12 +12,14 @@
 //! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
+//! | [`carrier_change`] | `carrier-change`: the host flips the carrier, the driver must hear each config-change interrupt |
 //!
 //! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
 //! String>` (the sensor ones take their own options): `Err` when they
 //! cannot even start, else every observation and the list of checks that
 //! failed ([`Checked`]). The drivers' interfaces are in [`crate::uapi`].
 
+pub mod carrier_change;
 pub mod echo;
 pub mod ioctl_stats;
 pub mod multi_open;
