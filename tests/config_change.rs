@@ -9,6 +9,12 @@
 //!   is off (`status_poll_ms=0`), so only the interrupt path can pass; a
 //!   seeded copy of the driver whose `config_changed` does nothing must
 //!   fail the same check, so the test can fail.
+//! - sensor: alarms come as records on the events queue and as a count in
+//!   the config status word announced by a config-change interrupt
+//!   (`docs/sensor-spec.md`, "Alarms, two ways"): `sensor-alarms`, once
+//!   with the records (`alarm_events=1`) and once without
+//!   (`alarm_events=0`), where only the config-change path can tell the
+//!   driver; both times the driver's count must equal the device's.
 
 use serde_json::json;
 use vdevlab_guest::scenarios::carrier_change::{marker, FLIPS};
@@ -126,7 +132,58 @@ fn a_driver_deaf_to_config_changes_fails(cell: Cell) {
     assert!(!why.contains("kernel "), "a splat, not a miss: {why}");
 }
 
+/// `sensor-alarms` in one boot with the driver's `alarm_events=<events>`:
+/// the guest's result.
+fn sensor_alarms(cell: Cell, events: bool) -> serde_json::Value {
+    use vdevlab_lab::sensor;
+    let lab = lab();
+    let art = sensor::prepare(&lab).expect("the sensor builds");
+    let kernel = lab.env.default_kernel().clone();
+    let boot = sensor::SensorBoot::new(&art, &kernel, &[]).expect("the sensor boot");
+    let mut case = sensor::case(
+        "sensor-alarms",
+        &["--rate", "400", "--samples", "800"],
+        vec![],
+    );
+    case.budget = std::time::Duration::from_secs(90);
+    case.expect.counters_at_least = vec![("alarms_raised".into(), 1)];
+    let param = format!("alarm_events={}", u8::from(events));
+    let outs = engine::run(&lab, &kernel, cell, &[case], |spec| {
+        boot.apply(spec);
+        spec.driver_params.push(param.clone());
+    })
+    .expect("the sensor boot ran");
+    let out = outs.into_iter().next().expect("one outcome");
+    assert_passed(&out);
+    out.result.expect("a result line")
+}
+
+/// Alarms reach the sensor driver through the events queue and through
+/// config changes: with the records on, the driver gets every alarm both
+/// ways; with them off, only the config-change count tells it, and it is
+/// still exact: the threshold crossings of every sample the device took.
+fn sensor_alarms_two_ways(cell: Cell) {
+    for events in [true, false] {
+        let g = sensor_alarms(cell, events);
+        eprintln!(
+            "sensor-alarms alarm_events={events}: expected {}, signalled {}, received {}, \
+             config changes {}",
+            g["alarms_expected"], g["alarms_signalled"], g["alarms_received"], g["config_changes"]
+        );
+        let expected = g["alarms_expected"].as_u64().expect("alarms_expected");
+        assert!(expected > 0);
+        assert_eq!(
+            g["alarms_signalled"].as_u64(),
+            Some(expected),
+            "by config change"
+        );
+        let records = if events { expected } else { 0 };
+        assert_eq!(g["alarms_received"].as_u64(), Some(records), "as records");
+    }
+}
+
 vdevlab_tests::cell_tests!(
     carrier_changes_reach_the_driver_by_interrupt,
     a_driver_deaf_to_config_changes_fails,
+    sensor_alarms_two_ways,
 );

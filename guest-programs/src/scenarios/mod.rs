@@ -12,6 +12,7 @@
 //! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
+//! | [`sensor_alarms`] | `sensor-alarms`: alarms as event records and as a count signalled by config change |
 //! | [`carrier_change`] | `carrier-change`: the host flips the carrier, the driver must hear each config-change interrupt |
 //!
 //! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
@@ -26,6 +27,7 @@ pub mod multi_open;
 pub mod needs_reset;
 pub mod pm_freeze;
 pub mod sensor;
+pub mod sensor_alarms;
 pub mod stress;
 pub mod teardown;
 
