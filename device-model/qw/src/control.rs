@@ -190,7 +190,7 @@ pub(crate) mod tests {
     /// The counters of a `stats` reply, by name, as clients have read them
     /// (the CLI, the lab's reports, users' scripts): the wire form of
     /// [`Stats`], which must not change.
-    pub(crate) const STATS_FIELDS: [&str; 20] = [
+    pub(crate) const STATS_FIELDS: [&str; 26] = [
         "injected_bytes",
         "inject_rejected_bytes",
         "rx_bytes",
@@ -211,6 +211,12 @@ pub(crate) mod tests {
         "hostile_overlong",
         "hostile_index_jumps",
         "hostile_double_completions",
+        "config_changes_raised",
+        "config_changes_sent",
+        "config_changes_acked",
+        "config_changes_failed",
+        "hostile_config_changes",
+        "hostile_config_flips",
     ];
 
     #[test]
