@@ -198,7 +198,7 @@ pub(crate) mod tests {
     /// The counters of a `stats` reply, by name, as clients have read them
     /// (the CLI, the lab's reports, users' scripts): the wire form of
     /// [`Stats`], which must not change.
-    pub(crate) const STATS_FIELDS: [&str; 21] = [
+    pub(crate) const STATS_FIELDS: [&str; 27] = [
         "injected_bytes",
         "inject_rejected_bytes",
         "rx_bytes",
@@ -219,6 +219,12 @@ pub(crate) mod tests {
         "hostile_overlong",
         "hostile_index_jumps",
         "hostile_double_completions",
+        "config_changes_raised",
+        "config_changes_sent",
+        "config_changes_acked",
+        "config_changes_failed",
+        "hostile_config_changes",
+        "hostile_config_flips",
         "carrier_changes",
     ];
 
