@@ -569,6 +569,39 @@ mod control_plane_tests {
     }
 
     #[test]
+    fn carrier_sets_no_carrier_and_asks_for_a_config_change() {
+        use crate::config::STATUS_NO_CARRIER;
+        let plane = plane(QwDevice::default());
+        let status = |plane: &Plane<QwDevice>| {
+            let c = hex::decode(handle_request(plane, Request::Config {}).data.unwrap()).unwrap();
+            u32::from_le_bytes(c[0x14..0x18].try_into().unwrap())
+        };
+        assert_eq!(status(&plane) & STATUS_NO_CARRIER, 0, "up at power-on");
+        let reply = plane.handle_line(br#"{"op":"carrier","up":false}"#);
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.fields["changed"], true);
+        // No VMM here: the interrupt cannot go out, and the reply says why.
+        assert_eq!(reply.fields["notified"], false);
+        let why = reply.fields["notify_error"].as_str().unwrap();
+        assert!(why.contains("no VMM"), "{why}");
+        assert_ne!(status(&plane) & STATUS_NO_CARRIER, 0);
+        let again = plane.handle_line(br#"{"op":"carrier","up":false}"#);
+        assert_eq!(
+            (&again.fields["changed"], &again.fields["notified"]),
+            (&false.into(), &false.into()),
+            "no change, no interrupt"
+        );
+        assert!(!plane.handle_line(br#"{"op":"carrier","up":1}"#).ok);
+        let stats = handle_request(&plane, Request::Stats {}).stats.unwrap();
+        assert_eq!(stats.carrier_changes, 1);
+        assert_eq!(
+            (stats.config_changes_raised, stats.config_changes_failed),
+            (1, 1),
+            "one asked for, refused"
+        );
+    }
+
+    #[test]
     fn inject_and_stats_through_handle_request() {
         let plane = plane(QwDevice::new(4, 4));
         let resp = handle_request(
