@@ -69,29 +69,28 @@ fn wait_carrier(fd: RawFd, device: &str, want: u64, from: Instant) -> Option<Dur
 }
 
 /// In the state `up`: poll and `QW_IOC_GET_STATS` agree with it.
-fn check_state(c: &mut Checked, fd: RawFd, up: bool, k: usize) {
+fn check_state(c: &mut Checked, fd: RawFd, up: bool, when: &str) {
     match poll_one(fd, libc::POLLPRI | libc::POLLIN, 0) {
         Ok(rev) => {
             let pri = rev & libc::POLLPRI != 0;
             c.check(pri != up, || {
                 format!(
-                    "flip {}: poll {} with the carrier {}",
-                    k + 1,
+                    "{when}: poll {} with the carrier {}",
                     mask_name(rev as u16 as u32),
                     if up { "up" } else { "down" }
                 )
             });
         }
-        Err(e) => c.fail(format!("flip {}: poll: {e}", k + 1)),
+        Err(e) => c.fail(format!("{when}: poll: {e}")),
     }
     match get_stats(fd) {
         Ok(st) => {
             let down = st.state & QW_STATE_NO_CARRIER != 0;
             c.check(down != up, || {
-                format!("flip {}: QW_IOC_GET_STATS state {:#x}", k + 1, st.state)
+                format!("{when}: QW_IOC_GET_STATS state {:#x}", st.state)
             });
         }
-        Err(e) => c.fail(format!("flip {}: {e}", k + 1)),
+        Err(e) => c.fail(format!("{when}: {e}")),
     }
 }
 
@@ -129,7 +128,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
     c.check(sysfs(&o.device, "carrier")? == 1, || {
         "the carrier is down at the start".into()
     });
-    check_state(&mut c, raw, true, usize::MAX);
+    check_state(&mut c, raw, true, "at the start");
 
     let mut lat = Vec::new();
     for k in 0..FLIPS {
@@ -147,7 +146,7 @@ pub fn run(o: &Opts) -> Result<Checked, String> {
                 break;
             }
         }
-        check_state(&mut c, raw, up, k);
+        check_state(&mut c, raw, up, &format!("flip {}", k + 1));
         if k == 0 {
             io_while_down(&mut c, raw, &o.device);
         }
