@@ -309,3 +309,60 @@ fn reconnect_sets_up_a_new_channel() {
     assert_eq!(r["delivery"], "acked", "{r:?}");
     assert_eq!(channel(&vmm).config_changes(), 1);
 }
+
+/// What each real VMM does with config changes, replayed
+/// ([`kit::vmm::Replay`]): Cloud Hypervisor hands over the backend channel
+/// only when the driver activates the device, QEMU at start; both ask for
+/// (and give) an acknowledgement.
+#[test]
+fn config_changes_follow_each_vmm_replay() {
+    use kit::vmm::{Replay, Script, Target};
+    let target = Target {
+        layout: LAYOUT,
+        config_size: 12,
+    };
+    for script in Script::ALL {
+        let name = script.name();
+        let dev = device();
+        let mut ctl = dev.ctl();
+        let mut r = Replay::start(script, &dev, target);
+        let before = r.guest_read_config(0, 12).expect("config");
+        assert_eq!(&before[0..4], b"DGFC", "{name}");
+        if script == Script::CloudHypervisor {
+            let e = ctl.err(json!({"op":"config_change"}));
+            assert!(e.contains("SET_BACKEND_REQ_FD"), "{name}: {e}");
+        }
+        r.activate(0);
+        let t = ctl.ok(json!({"op":"set_value","value":5}));
+        assert_eq!(t["value"], 5);
+        assert_eq!(r.answer_config_change(0), Ok(true), "{name}: NEED_REPLY");
+        assert_eq!(
+            wait_counter(&mut ctl, "config_changes_acked", 1),
+            1,
+            "{name}"
+        );
+        // The guest's next read is a fresh GET_CONFIG: it sees the change.
+        let after = r.guest_read_config(0, 12).expect("config");
+        assert_eq!(
+            u32::from_le_bytes(after[4..8].try_into().unwrap()),
+            5,
+            "{name}"
+        );
+        // A refusal is counted as a failure; the connection stays.
+        let failed = ctl.counter("config_changes_failed");
+        ctl.ok(json!({"op":"config_change","wait":false}));
+        assert_eq!(r.answer_config_change(u64::MAX), Ok(true));
+        assert_eq!(
+            wait_counter(&mut ctl, "config_changes_failed", failed + 1),
+            failed + 1,
+            "{name}"
+        );
+        assert!(r
+            .sent()
+            .iter()
+            .any(|m| m == "<- CONFIG_CHANGE_MSG +NEED_REPLY"));
+        let _ = r
+            .guest_read_config(0, 12)
+            .expect("the connection serves on");
+    }
+}
