@@ -9,6 +9,9 @@
 //!   is off (`status_poll_ms=0`), so only the interrupt path can pass; a
 //!   seeded copy of the driver whose `config_changed` does nothing must
 //!   fail the same check, so the test can fail.
+//!
+//! Each runs on the default kernel (`trixie::`), and the interrupt paths
+//! on the lockdep kernel too (`lockdep::`).
 //! - sensor: alarms come as records on the events queue and as a count in
 //!   the config status word announced by a config-change interrupt
 //!   (`docs/sensor-spec.md`, "Alarms, two ways"): `sensor-alarms`, once
@@ -68,11 +71,15 @@ fn deaf_seed() -> Seed {
     }
 }
 
-/// Run `carrier-change` on the default kernel in `cell`, with `seed`'s
-/// driver (`None`: the reference driver), the status poll off.
-fn run_carrier(cell: Cell, seed: Option<&Seed>) -> Outcome {
+/// Run `carrier-change` on `kernel` in `cell`, with `seed`'s driver
+/// (`None`: the reference driver), the status poll off.
+fn run_carrier(kernel: &str, cell: Cell, seed: Option<&Seed>) -> Outcome {
     let lab = lab();
-    let kernel = lab.env.default_kernel().clone();
+    let kernel = lab
+        .env
+        .kernel(kernel)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .clone();
     let scenarios = [carrier_scenario()];
     let outs = match seed {
         None => engine::run(&lab, &kernel, cell, &scenarios, |spec| {
@@ -102,8 +109,8 @@ fn run_carrier(cell: Cell, seed: Option<&Seed>) -> Outcome {
 /// guest's marker; the device counts the flips, the driver counts as many
 /// config-change interrupts. The latencies (marker to the driver showing
 /// the flip, the host's reaction included) are printed.
-fn carrier_changes_reach_the_driver_by_interrupt(cell: Cell) {
-    let out = run_carrier(cell, None);
+fn carrier_changes_reach_the_driver_by_interrupt(kernel: &str, cell: Cell) {
+    let out = run_carrier(kernel, cell, None);
     assert_passed(&out);
     let g = out.guest.as_ref().expect("the guest reported");
     eprintln!(
@@ -121,8 +128,8 @@ fn carrier_changes_reach_the_driver_by_interrupt(cell: Cell) {
 /// The same check against a driver deaf to config changes must fail: the
 /// first flip is never seen (only the interrupt could tell), and the
 /// program says so.
-fn a_driver_deaf_to_config_changes_fails(cell: Cell) {
-    let out = run_carrier(cell, Some(&deaf_seed()));
+fn a_driver_deaf_to_config_changes_fails(kernel: &str, cell: Cell) {
+    let out = run_carrier(kernel, cell, Some(&deaf_seed()));
     assert!(!out.passed(), "a deaf driver passed carrier-change");
     let why = out.record.reason.clone().unwrap_or_default();
     assert!(
@@ -134,11 +141,15 @@ fn a_driver_deaf_to_config_changes_fails(cell: Cell) {
 
 /// `sensor-alarms` in one boot with the driver's `alarm_events=<events>`:
 /// the guest's result.
-fn sensor_alarms(cell: Cell, events: bool) -> serde_json::Value {
+fn sensor_alarms(kernel: &str, cell: Cell, events: bool) -> serde_json::Value {
     use vdevlab_lab::sensor;
     let lab = lab();
     let art = sensor::prepare(&lab).expect("the sensor builds");
-    let kernel = lab.env.default_kernel().clone();
+    let kernel = lab
+        .env
+        .kernel(kernel)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .clone();
     let boot = sensor::SensorBoot::new(&art, &kernel, &[]).expect("the sensor boot");
     let mut case = sensor::case(
         "sensor-alarms",
@@ -162,9 +173,9 @@ fn sensor_alarms(cell: Cell, events: bool) -> serde_json::Value {
 /// config changes: with the records on, the driver gets every alarm both
 /// ways; with them off, only the config-change count tells it, and it is
 /// still exact: the threshold crossings of every sample the device took.
-fn sensor_alarms_two_ways(cell: Cell) {
+fn sensor_alarms_two_ways(kernel: &str, cell: Cell) {
     for events in [true, false] {
-        let g = sensor_alarms(cell, events);
+        let g = sensor_alarms(kernel, cell, events);
         eprintln!(
             "sensor-alarms alarm_events={events}: expected {}, signalled {}, received {}, \
              config changes {}",
@@ -182,8 +193,21 @@ fn sensor_alarms_two_ways(cell: Cell) {
     }
 }
 
-vdevlab_tests::cell_tests!(
-    carrier_changes_reach_the_driver_by_interrupt,
-    a_driver_deaf_to_config_changes_fails,
-    sensor_alarms_two_ways,
-);
+/// On the default kernel (7.3), in every cell.
+mod trixie {
+    vdevlab_tests::cell_tests!(kernel "trixie";
+        carrier_changes_reach_the_driver_by_interrupt,
+        a_driver_deaf_to_config_changes_fails,
+        sensor_alarms_two_ways,
+    );
+}
+
+/// On the lockdep kernel (PROVE_LOCKING, DEBUG_ATOMIC_SLEEP, ...): the
+/// config-change paths (hard-irq callback, work item, state and control
+/// mutexes) are held to its rules; any report is a splat and fails.
+mod lockdep {
+    vdevlab_tests::cell_tests!(kernel "lockdep";
+        carrier_changes_reach_the_driver_by_interrupt,
+        sensor_alarms_two_ways,
+    );
+}
