@@ -631,9 +631,14 @@ static bool qw_cfg_probe(struct virtio_device *vdev, struct qw_cfg_words *w)
 			 w->magic, w->version, w->capabilities);
 		return false;
 	}
-	dev_info(&vdev->dev,
-		 "config space version %u, capabilities %#x, status %#x: polled every %u ms (0: only on config-change interrupts)\n",
-		 w->version, w->capabilities, w->status, status_poll_ms);
+	if (status_poll_ms)
+		dev_info(&vdev->dev,
+			 "config space version %u, capabilities %#x, status %#x: read on config changes and every %u ms\n",
+			 w->version, w->capabilities, w->status, status_poll_ms);
+	else
+		dev_info(&vdev->dev,
+			 "config space version %u, capabilities %#x, status %#x: read on config changes only (status_poll_ms=0)\n",
+			 w->version, w->capabilities, w->status);
 	return true;
 }
 

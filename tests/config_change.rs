@@ -200,6 +200,11 @@ mod trixie {
         a_driver_deaf_to_config_changes_fails,
         sensor_alarms_two_ways,
     );
+    // Two vCPUs: the config-change work on one CPU while the program
+    // polls on the other.
+    vdevlab_tests::cell_tests!(smp kernel "trixie";
+        carrier_changes_reach_the_driver_by_interrupt,
+    );
 }
 
 /// On the lockdep kernel (PROVE_LOCKING, DEBUG_ATOMIC_SLEEP, ...): the
