@@ -20,7 +20,8 @@
  * - poll() reports EPOLLIN when samples are buffered and EPOLLPRI when an
  *   alarm is pending; SENSOR_IOC_GET_ALARM takes one.
  * - SENSOR_IOC_SET_RATE and SENSOR_IOC_SET_THRESHOLD go to the ctrl queue
- *   and return the device's answer (EINVAL for an argument it refuses).
+ *   and return the device's answer (EINVAL for an argument it refuses,
+ *   ETIMEDOUT when it does not answer in ctrl_timeout_ms).
  *
  * Alarms, two ways (docs/sensor-spec.md): each comes as a record on the
  * events queue, and the device also counts them in its config status word
@@ -42,7 +43,12 @@
  * no lock with one producer and one consumer) and may fault and sleep.
  * alarm_mutex does the same for the alarms kfifo.
  * ctrl_mutex serializes control requests: one in flight at a time, since
- * the request and status buffers are per device.  It also serializes
+ * the request and status buffers are per device.  Whether one is in flight
+ * (ctrl_inflight), those buffers and ctrl_done change only under lock, as
+ * the ctrl callback's answer does.  A request waits ctrl_timeout_ms for
+ * its answer; after a timeout the device still owns the buffers, so
+ * requests fail with EBUSY until it answers or the device is reset or
+ * removed (which hands every buffer back).  It also serializes
  * everything that creates or deletes the virtqueues (SENSOR_IOC_RESET,
  * removal) and every config space read.
  * Order: ctrl_mutex -> read_mutex -> alarm_mutex -> lock.
@@ -199,11 +205,35 @@ struct sensor_wire_status {
 #define SENSOR_EVENT_BUFS	8
 #define SENSOR_FIFO_SAMPLES	1024	/* power of two (kfifo) */
 #define SENSOR_FIFO_ALARMS	64	/* power of two (kfifo) */
-#define SENSOR_CTRL_TIMEOUT	(5 * HZ)	/* under the 10 s hung-task limit */
+#define SENSOR_CTRL_TIMEOUT_MIN	10	/* ms */
+#define SENSOR_CTRL_TIMEOUT_MAX	60000	/* ms */
 
 static unsigned int virtio_id = SENSOR_DEFAULT_VIRTIO_ID;
 module_param(virtio_id, uint, 0444);
 MODULE_PARM_DESC(virtio_id, "virtio device id to bind (1..63, default 10)");
+
+/*
+ * How long a control request waits for the device's answer.  Writable at
+ * run time (a test shortens it); each request reads it once.  The wait is
+ * killable, which the hung-task detector leaves alone.
+ */
+static unsigned int ctrl_timeout_ms = 5000;
+
+static int sensor_set_ctrl_timeout(const char *val,
+				   const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, SENSOR_CTRL_TIMEOUT_MIN,
+				     SENSOR_CTRL_TIMEOUT_MAX);
+}
+
+static const struct kernel_param_ops sensor_ctrl_timeout_ops = {
+	.set = sensor_set_ctrl_timeout,
+	.get = param_get_uint,
+};
+module_param_cb(ctrl_timeout_ms, &sensor_ctrl_timeout_ops, &ctrl_timeout_ms,
+		0644);
+MODULE_PARM_DESC(ctrl_timeout_ms,
+		 "ms a control request waits for its answer (10..60000, default 5000)");
 
 /*
  * Post event buffers, so alarm records arrive on the events queue?  N: the
@@ -449,28 +479,61 @@ static void sensor_ctrl_done(struct virtqueue *vq)
 /* ---- Control requests ---- */
 
 /*
- * Send one request and wait for the device's answer.  Returns the device's
- * value on success (>= 0) or a negative errno: EINVAL for INVALID,
- * EOPNOTSUPP for UNSUPPORTED, EPROTO for MALFORMED or a short answer,
- * ETIMEDOUT if the device kept the request, ENODEV after removal.
+ * The device's answer to the request in flight, once it gave the buffers
+ * back; lock held.  Only a status record of exactly the contract's size is
+ * trusted: a shorter one is incomplete, a longer one a device bug.
  */
-static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
+static long sensor_ctrl_answer(struct sensor_dev *s)
 {
-	struct scatterlist out, in, *sgs[2] = { &out, &in };
-	unsigned long flags;
-	long left, ret;
 	u32 status;
 
-	if (mutex_lock_killable(&s->ctrl_mutex))
-		return -EINTR;
+	if (s->ctrl_len != sizeof(*s->ctrl_status)) {
+		dev_warn_ratelimited(&s->vdev->dev,
+				     "control answer with used length %u\n",
+				     s->ctrl_len);
+		return -EPROTO;
+	}
+	status = le32_to_cpu(s->ctrl_status->status);
+	switch (status) {
+	case SENSOR_ST_OK:
+		return le32_to_cpu(s->ctrl_status->value);
+	case SENSOR_ST_INVALID:
+		return -EINVAL;
+	case SENSOR_ST_UNSUPPORTED:
+		return -EOPNOTSUPP;
+	case SENSOR_ST_MALFORMED:
+		return -EPROTO;	/* we never send a malformed request */
+	default:
+		dev_warn_ratelimited(&s->vdev->dev,
+				     "control answer with unknown status %u\n",
+				     status);
+		return -EPROTO;
+	}
+}
+
+/*
+ * Post one request; lock held.  The in-flight check, the buffers and the
+ * completion are all under the lock the callback takes: a late answer to
+ * an earlier request that timed out can neither complete this one nor
+ * find its buffers half rewritten.
+ */
+static int sensor_ctrl_post(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
+{
+	struct scatterlist out, in, *sgs[2] = { &out, &in };
+	int err;
+
+	lockdep_assert_held(&s->lock);
+	if (s->gone)
+		return -ENODEV;
+	if (s->broken)
+		return -EIO;
 	/*
 	 * An earlier request that timed out still belongs to the device: its
-	 * buffers cannot be reused until the device gives them back.
+	 * buffers cannot be reused until the device gives them back (its
+	 * answer, or a reset).
 	 */
-	if (READ_ONCE(s->ctrl_inflight)) {
-		ret = -EBUSY;
-		goto out;
-	}
+	if (s->ctrl_inflight)
+		return -EBUSY;
 	s->ctrl_req->cmd = cpu_to_le32(cmd);
 	s->ctrl_req->arg0 = cpu_to_le32(arg0);
 	s->ctrl_req->arg1 = cpu_to_le32(arg1);
@@ -479,66 +542,63 @@ static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
 	sg_init_one(&out, s->ctrl_req, sizeof(*s->ctrl_req));
 	sg_init_one(&in, s->ctrl_status, sizeof(*s->ctrl_status));
 	reinit_completion(&s->ctrl_done);
-
-	if (READ_ONCE(s->gone)) {
-		ret = -ENODEV;
-		goto out;
+	err = virtqueue_add_sgs(s->vqs[SENSOR_VQ_CTRL], sgs, 1, 1, s,
+				GFP_ATOMIC);
+	if (err) {
+		s->stats.errors++;
+		return err;
 	}
+	s->ctrl_inflight = true;
+	s->stats.ctrl_requests++;
+	virtqueue_kick(s->vqs[SENSOR_VQ_CTRL]);
+	return 0;
+}
+
+/*
+ * Send one request and wait for the device's answer, at most
+ * ctrl_timeout_ms.  Returns the device's value on success (>= 0) or a
+ * negative errno: EINVAL for INVALID, EOPNOTSUPP for UNSUPPORTED, EPROTO
+ * for MALFORMED, a status the contract does not define or a bad used
+ * length; ETIMEDOUT if the device kept the request, then EBUSY until it
+ * answers or is reset; EIO on a broken device; ENODEV after removal (also
+ * for a request the device never answered).
+ */
+static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
+{
+	unsigned int timeout_ms = READ_ONCE(ctrl_timeout_ms);
+	unsigned long flags;
+	long left, ret;
+
+	if (mutex_lock_killable(&s->ctrl_mutex))
+		return -EINTR;
 	if (!s->have_vqs) {
-		ret = -EIO;	/* a reset failed: only another one can help */
+		/* gone, or a reset failed: only another one can help */
+		ret = READ_ONCE(s->gone) ? -ENODEV : -EIO;
 		goto out;
 	}
 	spin_lock_irqsave(&s->lock, flags);
-	if (s->gone || s->broken) {
-		spin_unlock_irqrestore(&s->lock, flags);
-		ret = s->gone ? -ENODEV : -EIO;
-		goto out;
-	}
-	ret = virtqueue_add_sgs(s->vqs[SENSOR_VQ_CTRL], sgs, 1, 1, s,
-				GFP_ATOMIC);
-	if (!ret) {
-		s->ctrl_inflight = true;
-		s->stats.ctrl_requests++;
-		virtqueue_kick(s->vqs[SENSOR_VQ_CTRL]);
-	} else {
-		s->stats.errors++;
-	}
+	ret = sensor_ctrl_post(s, cmd, arg0, arg1);
 	spin_unlock_irqrestore(&s->lock, flags);
 	if (ret)
 		goto out;
 
 	left = wait_for_completion_killable_timeout(&s->ctrl_done,
-						    SENSOR_CTRL_TIMEOUT);
+						    msecs_to_jiffies(timeout_ms));
 	spin_lock_irqsave(&s->lock, flags);
 	if (s->gone) {
 		ret = -ENODEV;
-	} else if (s->broken && s->ctrl_inflight) {
+	} else if (!s->ctrl_inflight) {
+		/* Answered, possibly just after the timeout or a signal. */
+		ret = sensor_ctrl_answer(s);
+	} else if (s->broken) {
 		ret = -EIO;	/* woken by a broken queue, not by an answer */
 	} else if (left < 0) {
-		ret = left;	/* killed; the answer still comes, unread */
-	} else if (left == 0) {
-		dev_warn_ratelimited(&s->vdev->dev,
-				     "control request %u not answered in %d s\n",
-				     cmd, SENSOR_CTRL_TIMEOUT / HZ);
-		ret = -ETIMEDOUT;
-	} else if (s->ctrl_len < sizeof(*s->ctrl_status)) {
-		ret = -EPROTO;
+		ret = left;	/* killed; the answer may still come, unread */
 	} else {
-		status = le32_to_cpu(s->ctrl_status->status);
-		switch (status) {
-		case SENSOR_ST_OK:
-			ret = le32_to_cpu(s->ctrl_status->value);
-			break;
-		case SENSOR_ST_INVALID:
-			ret = -EINVAL;
-			break;
-		case SENSOR_ST_UNSUPPORTED:
-			ret = -EOPNOTSUPP;
-			break;
-		default:
-			ret = -EPROTO;
-			break;
-		}
+		dev_warn_ratelimited(&s->vdev->dev,
+				     "control request %u not answered in %u ms; busy until the device answers or is reset\n",
+				     cmd, timeout_ms);
+		ret = -ETIMEDOUT;
 	}
 	if (ret < 0)
 		s->stats.ctrl_errors++;

@@ -114,6 +114,8 @@ pub fn errno_name(e: i32) -> String {
         libc::ECANCELED => "ECANCELED",
         libc::EINPROGRESS => "EINPROGRESS",
         libc::ENOTCONN => "ENOTCONN",
+        libc::EPROTO => "EPROTO",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
         _ => return format!("errno {e}"),
     };
     name.to_string()

@@ -758,6 +758,17 @@ fn judge(s: &Scenario, v: &Value) -> Vec<String> {
             problems.push(format!("{field} is {got}, expected {want}"));
         }
     }
+    for (field, min) in &s.expect.fields_at_least {
+        let got = field.split('.').try_fold(v, |o, part| o.get(part));
+        match got.and_then(Value::as_f64) {
+            Some(g) if g >= *min => {}
+            Some(g) => problems.push(format!("{field} is {g}, expected at least {min}")),
+            None => problems.push(format!(
+                "{field} is {}, expected a number of at least {min}",
+                got.map_or("absent".into(), |g| g.to_string())
+            )),
+        }
+    }
     for (field, bad) in &s.expect.fields_not {
         if v.get(field) == Some(bad) {
             problems.push(format!("{field} is {bad}, which it must not be"));
@@ -961,6 +972,24 @@ mod tests {
                 "bytes is 2, expected 3",
                 "sha256 is \"aa\", which it must not be",
                 "exit status 143 (killed by the 9 s timeout), expected 0"
+            ]
+        );
+        let evidence = Expect {
+            fields_at_least: vec![
+                ("blocked_ms".into(), 1000.0),
+                ("aio.late_ms".into(), 5.0),
+                ("polls".into(), 1.0),
+            ],
+            ..Expect::default()
+        };
+        assert_eq!(
+            judged(
+                evidence,
+                r#"{"ok":true,"blocked_ms":999,"aio":{"late_ms":7.5},"polls":"x"}"#
+            ),
+            [
+                "blocked_ms is 999, expected at least 1000",
+                "polls is \"x\", expected a number of at least 1"
             ]
         );
     }

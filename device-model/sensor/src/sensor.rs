@@ -280,6 +280,15 @@ impl Sensor {
         }
     }
 
+    /// A request answered with an injected error `status` (the host's
+    /// `ctrl_fault`): counted like a refused one, nothing carried out.
+    /// Returns `status`.
+    pub fn injected_error(&mut self, status: u32) -> u32 {
+        self.counters.ctrl_requests += 1;
+        self.counters.ctrl_errors += 1;
+        status
+    }
+
     /// Take every sample due at `now` (late timer ticks are made up): each
     /// is checked for a threshold crossing, then queued for the driver or,
     /// with the FIFO full, dropped and counted. Returns whether anything

@@ -11,6 +11,7 @@
 //! | [`needs_reset`] | `needs-reset` |
 //! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
+//! | [`sensor_faults`] | `sensor-ctrl-status`, `sensor-ctrl-late`, `sensor-ctrl-lost` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
 //! | [`sensor_alarms`] | `sensor-alarms`: alarms as event records and as a count signalled by config change |
 //! | [`carrier_change`] | `carrier-change`: the host flips the carrier, the driver must hear each config-change interrupt |
@@ -28,6 +29,7 @@ pub mod needs_reset;
 pub mod pm_freeze;
 pub mod sensor;
 pub mod sensor_alarms;
+pub mod sensor_faults;
 pub mod stress;
 pub mod teardown;
 
