@@ -70,13 +70,18 @@
  * after checking qw->live, so once freeze/reset/remove cleared that flag
  * nobody but them touches the virtqueues, and del_vqs() is safe.
  *
- * NEEDS_RESET in config space
- * ---------------------------
- * The device reports NEEDS_RESET in its config space status word, and a
- * vhost-user backend cannot raise a config-change interrupt for it.  So
- * status_work reads the word every QW_STATUS_POLL_MS while the device is
- * live and not broken (and config_work reads it too); NEEDS_RESET then
- * takes the same path as every other "needs a reset" (qw_mark_broken()).
+ * The config status word: NEEDS_RESET and NO_CARRIER
+ * ---------------------------------------------------
+ * The device reports NEEDS_RESET and NO_CARRIER in its config space status
+ * word.  A carrier change comes with a config-change interrupt:
+ * qw_config_changed() (hard-irq context) queues config_work, which reads
+ * the word under state_mutex.  Interrupts may merge and one sent before
+ * DRIVER_OK is lost (docs/device-spec.md), so the word is also read once
+ * the device is up (qw_scan(), qw_start()) and, as a fallback,
+ * status_work reads it every status_poll_ms (0: never) while the device is
+ * live and not broken; NEEDS_RESET, which comes with no interrupt (the
+ * device stops), is found that way.  It then takes the same path as
+ * every other "needs a reset" (qw_mark_broken()).
  * The word is only used if the config_status parameter allows reading
  * config space at all and probe found the magic and the STATUS capability
  * (virtio-pci BUG()s on a read past the device's config window).  The
@@ -241,7 +246,7 @@ static int qw_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 #define QW_RX_BUFS_MAX		64
 #define QW_RX_BUF_SIZE		PAGE_SIZE
 #define QW_TX_BUF_SIZE		PAGE_SIZE
-#define QW_STATUS_POLL_MS	500	/* status word poll period */
+#define QW_STATUS_POLL_MS	500	/* default status word poll period */
 #define QW_TX_WATCHDOG_MS	100	/* full tx ring: look for lost completions */
 #define QW_CFG_TRIES		8	/* reads until the generation settles */
 
@@ -268,7 +273,9 @@ struct qw_config {
 
 #define QW_CFG_MAGIC		0x56445751	/* "QWDV" read as __le32 */
 #define QW_CFG_CAP_STATUS	BIT(4)		/* the status word is live */
+#define QW_CFG_CAP_CARRIER	BIT(5)		/* NO_CARRIER changes, signalled */
 #define QW_CFG_STATUS_NEEDS_RESET BIT(0)
+#define QW_CFG_STATUS_NO_CARRIER BIT(2)
 
 /*
  * 21 is reserved by the virtio specification ("signal distribution") but
@@ -291,6 +298,20 @@ static bool config_status = true;
 module_param(config_status, bool, 0444);
 MODULE_PARM_DESC(config_status,
 		 "read the config space status word for NEEDS_RESET (default Y; N if the VMM exposes no config space)");
+
+/*
+ * How often to read the status word when no interrupt says it changed
+ * (docs/device-spec.md, "Config-change interrupts: what a driver may rely
+ * on"): a config-change interrupt may be lost to a VMM that drops it
+ * before DRIVER_OK, and a device without one (or a NEEDS_RESET, which
+ * stops the device) is only found this way.  0 turns the poll off, so that
+ * only config-change interrupts are heard (the tests do, to prove the
+ * interrupt path alone works).
+ */
+static unsigned int status_poll_ms = QW_STATUS_POLL_MS;
+module_param(status_poll_ms, uint, 0444);
+MODULE_PARM_DESC(status_poll_ms,
+		 "status word poll period in ms, a fallback for lost config-change interrupts (default 500; 0 = off)");
 
 /*
  * Not const: module init writes virtio_id into .device.  The static
@@ -349,6 +370,8 @@ struct qw_dev {
 	struct mutex state_mutex;	/* control path, see the top */
 	bool ready;			/* probe finished (->scan ran) */
 	bool cfg_status;		/* config space has a live status word */
+	bool cfg_carrier;		/* ... and a NO_CARRIER bit in it */
+	bool carrier;			/* last seen; written under state_mutex */
 	struct delayed_work status_work; /* polls it, see the top */
 	struct delayed_work tx_watchdog; /* full tx ring, see qw_tx_watchdog() */
 
@@ -386,6 +409,7 @@ struct qw_dev {
 	atomic64_t errors;
 	atomic64_t flushed_bytes;
 	atomic64_t config_changes;
+	atomic64_t carrier_changes;	/* carrier flips the driver saw */
 	atomic64_t resets;
 	atomic64_t tx_bad_used_len;	/* tx completions with used len != 0 */
 	atomic64_t tx_watchdog_reclaimed; /* tx buffers the watchdog found */
@@ -583,9 +607,8 @@ static int qw_cfg_read(struct virtio_device *vdev, struct qw_cfg_words *w,
  * on its own first: it is all a config window of another layout is sure
  * to hold) is "QWDV", and the device says its status word is live.
  */
-static bool qw_cfg_probe(struct virtio_device *vdev)
+static bool qw_cfg_probe(struct virtio_device *vdev, struct qw_cfg_words *w)
 {
-	struct qw_cfg_words w;
 	u32 magic;
 
 	if (!config_status) {
@@ -600,21 +623,26 @@ static bool qw_cfg_probe(struct virtio_device *vdev)
 			 magic, QW_CFG_MAGIC);
 		return false;
 	}
-	if (qw_cfg_read(vdev, &w, true)) {
+	if (qw_cfg_read(vdev, w, true)) {
 		dev_warn(&vdev->dev,
 			 "config space generation never settled: status word not used\n");
 		return false;
 	}
-	if (w.magic != QW_CFG_MAGIC || w.version < 1 ||
-	    !(w.capabilities & QW_CFG_CAP_STATUS)) {
+	if (w->magic != QW_CFG_MAGIC || w->version < 1 ||
+	    !(w->capabilities & QW_CFG_CAP_STATUS)) {
 		dev_warn(&vdev->dev,
 			 "config space magic %#x version %u capabilities %#x: no live status word\n",
-			 w.magic, w.version, w.capabilities);
+			 w->magic, w->version, w->capabilities);
 		return false;
 	}
-	dev_info(&vdev->dev,
-		 "config space version %u, capabilities %#x, status %#x: polled every %d ms\n",
-		 w.version, w.capabilities, w.status, QW_STATUS_POLL_MS);
+	if (status_poll_ms)
+		dev_info(&vdev->dev,
+			 "config space version %u, capabilities %#x, status %#x: read on config changes and every %u ms\n",
+			 w->version, w->capabilities, w->status, status_poll_ms);
+	else
+		dev_info(&vdev->dev,
+			 "config space version %u, capabilities %#x, status %#x: read on config changes only (status_poll_ms=0)\n",
+			 w->version, w->capabilities, w->status);
 	return true;
 }
 
@@ -627,16 +655,39 @@ static void qw_status_arm(struct qw_dev *qw)
 {
 	lockdep_assert_held(&qw->state_mutex);
 
-	if (qw->cfg_status && qw->live && !qw->gone && !READ_ONCE(qw->broken))
+	if (qw->cfg_status && status_poll_ms && qw->live && !qw->gone &&
+	    !READ_ONCE(qw->broken))
 		queue_delayed_work(qw_wq, &qw->status_work,
-				   msecs_to_jiffies(QW_STATUS_POLL_MS));
+				   msecs_to_jiffies(status_poll_ms));
+}
+
+/*
+ * The status word says the carrier is @up.  A change is counted, logged
+ * and announced: EPOLLPRI to pollers (poll reports it while the carrier is
+ * down), POLL_PRI to SIGIO owners.  Data keeps flowing either way: the
+ * carrier is a state the device reports, not a stop.  Under state_mutex.
+ */
+static void qw_carrier_update(struct qw_dev *qw, bool up)
+{
+	lockdep_assert_held(&qw->state_mutex);
+
+	if (!qw->cfg_carrier || qw->carrier == up)
+		return;
+	WRITE_ONCE(qw->carrier, up);
+	atomic64_inc(&qw->carrier_changes);
+	/* Ratelimited: the device is not trusted to be quiet. */
+	dev_info_ratelimited(&qw->vdev->dev, "carrier %s\n", up ? "up" : "down");
+	wake_up_interruptible_poll(&qw->rx_wq, EPOLLPRI);
+	wake_up_interruptible_poll(&qw->tx_wq, EPOLLPRI);
+	kill_fasync(&qw->fasync, SIGIO, POLL_PRI);
 }
 
 /*
  * Read the status word; NEEDS_RESET marks the device broken, as for every
- * other reason it needs a reset.  Under state_mutex, so vdev is valid and
- * no reset or stop runs meanwhile; only while live (a stopped device is
- * not touched: it may be suspended, or read as all ones).  A wrong magic
+ * other reason it needs a reset, and NO_CARRIER is the carrier state.
+ * Under state_mutex, so vdev is valid and no reset or stop runs
+ * meanwhile; only while live (a stopped device is not touched: it may be
+ * suspended, or read as all ones).  A wrong magic
  * (a surprise removal reads all ones) is no NEEDS_RESET.
  */
 static void qw_status_check(struct qw_dev *qw)
@@ -666,9 +717,10 @@ static void qw_status_check(struct qw_dev *qw)
 				    w.status);
 		qw_mark_broken(qw);
 	}
+	qw_carrier_update(qw, !(w.status & QW_CFG_STATUS_NO_CARRIER));
 }
 
-/* The status poll, every QW_STATUS_POLL_MS while armed. */
+/* The status poll, every status_poll_ms while armed. */
 static void qw_status_work(struct work_struct *work)
 {
 	struct qw_dev *qw = container_of(to_delayed_work(work), struct qw_dev,
@@ -1769,6 +1821,8 @@ static int qw_start(struct qw_dev *qw, bool handshake)
 		dev_warn(&vdev->dev, "cannot post any rx buffer\n");
 
 	qw_notify_state(qw, POLL_OUT);
+	/* A carrier change signalled while stopped was not heard. */
+	qw_status_check(qw);
 	qw_status_arm(qw);
 	return 0;
 }
@@ -2026,6 +2080,9 @@ static __poll_t qw_poll(struct file *filp, poll_table *wait)
 
 	if (!qw_tx_room(qw))
 		mask |= EPOLLOUT | EPOLLWRNORM;
+	/* A state, not data: reads and writes go on as before. */
+	if (!READ_ONCE(qw->carrier))
+		mask |= EPOLLPRI;
 	return mask;
 }
 
@@ -2060,6 +2117,8 @@ static void qw_get_stats(struct qw_dev *qw, struct qw_stats *st)
 	else if (!qw->live)
 		st->state |= QW_STATE_STOPPED;
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
+	if (!READ_ONCE(qw->carrier))
+		st->state |= QW_STATE_NO_CARRIER;
 
 	spin_lock_irqsave(&qw->tx_lock, flags);
 	st->tx_inflight = qw->tx_inflight;
@@ -2230,6 +2289,26 @@ static ssize_t needs_reset_show(struct device *dev,
 }
 static DEVICE_ATTR_RO(needs_reset);
 
+/* carrier: 1 while up (also for a device without the capability), 0 down. */
+static ssize_t carrier_show(struct device *dev, struct device_attribute *attr,
+			    char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%d\n", READ_ONCE(qw->carrier));
+}
+static DEVICE_ATTR_RO(carrier);
+
+/* Not in struct qw_stats: its layout is the ioctl's ABI. */
+static ssize_t carrier_changes_show(struct device *dev,
+				    struct device_attribute *attr, char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%lld\n", atomic64_read(&qw->carrier_changes));
+}
+static DEVICE_ATTR_RO(carrier_changes);
+
 /*
  * config: the config space words the driver reads, as one snapshot
  * (qw_cfg_read()), under state_mutex and only while the device is live:
@@ -2279,6 +2358,8 @@ static struct attribute *qw_attrs[] = {
 	&dev_attr_needs_reset.attr,
 	&dev_attr_config.attr,
 	&dev_attr_tx_bad_used_len.attr,
+	&dev_attr_carrier.attr,
+	&dev_attr_carrier_changes.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(qw);
@@ -2380,6 +2461,7 @@ static void qw_teardown(struct qw_dev *qw)
 
 static int qw_probe(struct virtio_device *vdev)
 {
+	struct qw_cfg_words w = {};
 	struct qw_dev *qw;
 	int minor, err;
 
@@ -2413,6 +2495,7 @@ static int qw_probe(struct virtio_device *vdev)
 	atomic64_set(&qw->errors, 0);
 	atomic64_set(&qw->flushed_bytes, 0);
 	atomic64_set(&qw->config_changes, 0);
+	atomic64_set(&qw->carrier_changes, 0);
 	atomic64_set(&qw->resets, 0);
 	qw->vdev = vdev;
 	/* Before find_vqs: the callbacks find qw through it. */
@@ -2430,7 +2513,12 @@ static int qw_probe(struct virtio_device *vdev)
 	snprintf(qw->name, sizeof(qw->name), "qw%u", qw->minor);
 
 	/* Armed in qw_scan(), once the device is fully up. */
-	qw->cfg_status = qw_cfg_probe(vdev);
+	qw->cfg_status = qw_cfg_probe(vdev, &w);
+	/* The carrier as it is now: it may be down before any change. */
+	qw->cfg_carrier = qw->cfg_status &&
+			  (w.capabilities & QW_CFG_CAP_CARRIER);
+	qw->carrier = !qw->cfg_carrier ||
+		      !(w.status & QW_CFG_STATUS_NO_CARRIER);
 
 	err = qw_init_vqs(qw);
 	if (err) {
@@ -2509,6 +2597,11 @@ static void qw_scan(struct virtio_device *vdev)
 
 	mutex_lock(&qw->state_mutex);
 	qw->ready = true;
+	/*
+	 * The VMM drops config-change interrupts until DRIVER_OK (QEMU's
+	 * virtio_notify_config() does): read what changed since probe's look.
+	 */
+	qw_status_check(qw);
 	qw_status_arm(qw);
 	mutex_unlock(&qw->state_mutex);
 }

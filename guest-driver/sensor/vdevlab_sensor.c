@@ -23,8 +23,15 @@
  *   and return the device's answer (EINVAL for an argument it refuses,
  *   ETIMEDOUT when it does not answer in ctrl_timeout_ms).
  *
- * Config-change interrupts are not used: a vhost-user backend cannot send
- * them with the vhost crate the lab uses, so alarms come on a queue.
+ * Alarms, two ways (docs/sensor-spec.md): each comes as a record on the
+ * events queue, and the device also counts them in its config status word
+ * (bits 16-31) and raises a config-change interrupt when the count moves.
+ * sensor_config_changed() (hard-irq context, under the virtio core's
+ * config lock) queues config_work, which re-reads the count under
+ * ctrl_mutex and adds what it moved by to alarms_signalled (sysfs).
+ * Interrupts merge, so the count, not the interrupts, is what counts.
+ * With alarm_events=N no event buffer is posted: alarms reach the driver
+ * only that way (no records: SENSOR_IOC_GET_ALARM gets EAGAIN).
  *
  * Locking
  * -------
@@ -150,6 +157,7 @@ enum { SENSOR_VQ_SAMPLES, SENSOR_VQ_EVENTS, SENSOR_VQ_CTRL, SENSOR_NR_VQS };
 #define SENSOR_CFG_WAVE_PERIOD		0x2c
 #define SENSOR_CFG_NOISE		0x30
 #define SENSOR_CFG_STATUS		0x34
+#define SENSOR_CFG_ALARM_COUNT_SHIFT	16	/* status bits 16-31 */
 #define SENSOR_CFG_SAMPLES_DROPPED	0x38
 #define SENSOR_CFG_ALARMS_DROPPED	0x3c
 
@@ -227,6 +235,16 @@ module_param_cb(ctrl_timeout_ms, &sensor_ctrl_timeout_ops, &ctrl_timeout_ms,
 MODULE_PARM_DESC(ctrl_timeout_ms,
 		 "ms a control request waits for its answer (10..60000, default 5000)");
 
+/*
+ * Post event buffers, so alarm records arrive on the events queue?  N: the
+ * driver learns of alarms only from config-change interrupts (the count in
+ * the status word), which the tests use to check that path on its own.
+ */
+static bool alarm_events = true;
+module_param(alarm_events, bool, 0444);
+MODULE_PARM_DESC(alarm_events,
+		 "receive alarm records on the events queue (default Y; N: alarms are only counted from config-change interrupts)");
+
 /* ---- Per-device state ---- */
 
 struct sensor_dev {
@@ -263,6 +281,12 @@ struct sensor_dev {
 	struct sensor_wire_status *ctrl_status;
 
 	struct sensor_stats stats;	/* under lock; pending/state computed */
+
+	/* Alarms signalled by config changes: see "Alarms, two ways". */
+	struct work_struct config_work;
+	u16 alarm_count;		/* the status word's, last read */
+	u64 alarms_signalled;		/* under lock */
+	u64 config_changes;		/* under lock */
 };
 
 static DEFINE_IDA(sensor_ida);
@@ -642,6 +666,8 @@ static int sensor_post_all(struct sensor_dev *s)
 		err = sensor_post_sample_buf(s, s->sample_bufs[i]);
 	n = min_t(unsigned int, SENSOR_EVENT_BUFS,
 		  virtqueue_get_vring_size(s->vqs[SENSOR_VQ_EVENTS]));
+	if (!alarm_events)
+		n = 0;	/* alarms come only as a count, by config change */
 	for (i = 0; i < n && !err; i++)
 		err = sensor_post_event_buf(s, s->event_bufs[i]);
 	if (!err) {
@@ -719,6 +745,8 @@ static long sensor_reset(struct sensor_dev *s)
 	kfifo_reset(&s->samples);
 	kfifo_reset(&s->alarms);
 	s->broken = false;
+	/* The device's count starts again at 0. */
+	s->alarm_count = 0;
 	s->stats.resets++;
 	spin_unlock_irqrestore(&s->lock, flags);
 	mutex_unlock(&s->alarm_mutex);
@@ -738,6 +766,75 @@ static long sensor_reset(struct sensor_dev *s)
 out:
 	mutex_unlock(&s->ctrl_mutex);
 	return err;
+}
+
+/* ---- Config changes: alarms signalled by the status word ---- */
+
+/*
+ * The status word, read again while the config generation changes under
+ * us (the virtio specification's rule for a consistent read).  Under
+ * ctrl_mutex, while the device is there.
+ */
+static u32 sensor_read_status(struct sensor_dev *s)
+{
+	struct virtio_device *vdev = s->vdev;
+	unsigned int tries;
+	u32 gen, status = 0;
+
+	lockdep_assert_held(&s->ctrl_mutex);
+
+	for (tries = 0; tries < 8; tries++) {
+		gen = vdev->config->generation ? vdev->config->generation(vdev) : 0;
+		status = virtio_cread32(vdev, SENSOR_CFG_STATUS);
+		if (!vdev->config->generation ||
+		    vdev->config->generation(vdev) == gen)
+			break;
+	}
+	return status;
+}
+
+/*
+ * A config change: the alarm count may have moved.  ctrl_mutex keeps
+ * remove() and a reset away while the config space is read; a stopped or
+ * removed device is not read (its reset clears the count anyway).
+ */
+static void sensor_config_work(struct work_struct *work)
+{
+	struct sensor_dev *s = container_of(work, struct sensor_dev,
+					    config_work);
+	unsigned long flags;
+	u16 count, moved;
+
+	mutex_lock(&s->ctrl_mutex);
+	if (READ_ONCE(s->gone) || !s->have_vqs)
+		goto out;
+	count = sensor_read_status(s) >> SENSOR_CFG_ALARM_COUNT_SHIFT;
+	/* Modulo 65536, as the device counts. */
+	moved = count - s->alarm_count;
+	s->alarm_count = count;
+	spin_lock_irqsave(&s->lock, flags);
+	s->alarms_signalled += moved;
+	spin_unlock_irqrestore(&s->lock, flags);
+	if (moved)
+		dev_dbg(&s->vdev->dev, "%u alarm(s) signalled\n", moved);
+out:
+	mutex_unlock(&s->ctrl_mutex);
+}
+
+/*
+ * Possibly in hard-irq context: count and defer the read (it may sleep).
+ * The virtio core calls this only between the end of probe and the start
+ * of remove, which cancels the work.
+ */
+static void sensor_config_changed(struct virtio_device *vdev)
+{
+	struct sensor_dev *s = vdev->priv;
+	unsigned long flags;
+
+	spin_lock_irqsave(&s->lock, flags);
+	s->config_changes++;
+	spin_unlock_irqrestore(&s->lock, flags);
+	schedule_work(&s->config_work);
 }
 
 /* ---- File operations ---- */
@@ -972,6 +1069,56 @@ static const struct file_operations sensor_fops = {
 	/* No .llseek: stream_open() makes lseek() fail with ESPIPE. */
 };
 
+/* ---- sysfs: /sys/class/vdevlab_sensor/sensorN/ ---- */
+
+/* A u64 counter kept under lock. */
+static ssize_t sensor_show_counter(struct device *dev, char *buf, size_t off)
+{
+	struct sensor_dev *s = dev_get_drvdata(dev);
+	unsigned long flags;
+	u64 v;
+
+	spin_lock_irqsave(&s->lock, flags);
+	v = *(u64 *)((char *)s + off);
+	spin_unlock_irqrestore(&s->lock, flags);
+	return sysfs_emit(buf, "%llu\n", v);
+}
+
+/* Alarms the config status word's count moved by (config changes). */
+static ssize_t alarms_signalled_show(struct device *dev,
+				     struct device_attribute *attr, char *buf)
+{
+	return sensor_show_counter(dev, buf,
+				   offsetof(struct sensor_dev, alarms_signalled));
+}
+static DEVICE_ATTR_RO(alarms_signalled);
+
+/* Config-change interrupts. */
+static ssize_t config_changes_show(struct device *dev,
+				   struct device_attribute *attr, char *buf)
+{
+	return sensor_show_counter(dev, buf,
+				   offsetof(struct sensor_dev, config_changes));
+}
+static DEVICE_ATTR_RO(config_changes);
+
+/* Alarm records received on the events queue. */
+static ssize_t alarms_received_show(struct device *dev,
+				    struct device_attribute *attr, char *buf)
+{
+	return sensor_show_counter(dev, buf,
+				   offsetof(struct sensor_dev, stats.alarms));
+}
+static DEVICE_ATTR_RO(alarms_received);
+
+static struct attribute *sensor_attrs[] = {
+	&dev_attr_alarms_signalled.attr,
+	&dev_attr_config_changes.attr,
+	&dev_attr_alarms_received.attr,
+	NULL,
+};
+ATTRIBUTE_GROUPS(sensor);
+
 /* ---- Probe and removal ---- */
 
 /*
@@ -1026,6 +1173,10 @@ static int sensor_probe(struct virtio_device *vdev)
 	init_completion(&s->ctrl_done);
 	INIT_KFIFO(s->samples);
 	INIT_KFIFO(s->alarms);
+	INIT_WORK(&s->config_work, sensor_config_work);
+	/* Counted from here: alarms before probe were nobody's. */
+	s->alarm_count = virtio_cread32(vdev, SENSOR_CFG_STATUS) >>
+			 SENSOR_CFG_ALARM_COUNT_SHIFT;
 	s->vdev = vdev;
 	/* Before find_vqs: the callbacks find s through it. */
 	vdev->priv = s;
@@ -1080,8 +1231,8 @@ static int sensor_probe(struct virtio_device *vdev)
 	sensor_devs[minor] = s;
 	mutex_unlock(&sensor_devs_lock);
 
-	s->dev = device_create(sensor_class, &vdev->dev, s->devt, s, "%s",
-			       s->name);
+	s->dev = device_create_with_groups(sensor_class, &vdev->dev, s->devt, s,
+					   sensor_groups, "%s", s->name);
 	if (IS_ERR(s->dev)) {
 		err = PTR_ERR(s->dev);
 		s->dev = NULL;
@@ -1131,6 +1282,8 @@ static void sensor_remove(struct virtio_device *vdev)
 	device_destroy(sensor_class, s->devt);
 	cdev_del(s->cdev);
 	sensor_teardown(s);
+	/* No config change comes once remove started; wait for the last. */
+	cancel_work_sync(&s->config_work);
 	ida_free(&sensor_ida, s->minor);
 	vdev->priv = NULL;
 	sensor_put(s);
@@ -1151,6 +1304,7 @@ static struct virtio_driver sensor_driver = {
 	.probe		= sensor_probe,
 	.scan		= sensor_scan,
 	.remove		= sensor_remove,
+	.config_changed	= sensor_config_changed,
 };
 
 static int __init sensor_init(void)

@@ -89,6 +89,7 @@ pub const ROBUSTNESS: &[&str] = &[
     "trouble-reset",
     "trouble-unplug",
     "trouble-broken-tx",
+    "carrier-change",
 ];
 
 /// The echo scenarios of `vdevlab bench` ([`scenarios::echo`]): `echo-<model>`

@@ -24,8 +24,8 @@ use vdevlab_guest::io_models::{
 };
 use vdevlab_guest::scenarios::teardown::How;
 use vdevlab_guest::scenarios::{
-    alloc_faults, echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, sensor_faults,
-    stress, teardown, waiters, Checked,
+    alloc_faults, carrier_change, echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor,
+    sensor_faults, stress, teardown, waiters, Checked,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
@@ -48,6 +48,7 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
         | "trouble-reset"
         | "trouble-unplug"
         | "trouble-broken-tx" => waiters::run(o),
+        "carrier-change" => carrier_change::run(o),
         _ => return None,
     })
 }

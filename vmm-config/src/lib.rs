@@ -1013,4 +1013,51 @@ mod tests {
             ],
         );
     }
+
+    /// Config-change interrupts (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`)
+    /// reach the guest only if the VMM wires them: QEMU's generic device
+    /// registers its config notifier only with a non-zero `config_size`,
+    /// and Cloud Hypervisor negotiates BACKEND_REQ by itself (its
+    /// `--generic-vhost-user` has no option that turns it off, and none
+    /// may be rendered that would).
+    #[test]
+    fn shipped_configs_let_config_changes_reach_the_guest() {
+        for (name, text) in [("lab", LAB_CONFIG_TOML), ("sensor", SENSOR_CONFIG_TOML)] {
+            let vm = VmConfig::from_toml_str(text).unwrap();
+            let qemu = vm.qemu_args().unwrap();
+            for dev in &vm.vhost_user {
+                assert!(dev.config_size > 0, "{name}: {} has no config_size", dev.id);
+                let want = format!(",config_size={}", dev.config_size);
+                assert!(
+                    qemu.iter()
+                        .any(|a| a.starts_with("vhost-user-test-device-pci") && a.contains(&want)),
+                    "{name}: QEMU's device lacks {want}: {qemu:?}"
+                );
+            }
+            let ch = vm
+                .clone()
+                .with_accel(Accel::Kvm)
+                .cloud_hypervisor_args()
+                .unwrap();
+            let generic: Vec<&String> = ch
+                .iter()
+                .skip_while(|a| *a != "--generic-vhost-user")
+                .skip(1)
+                .step_by(2)
+                .collect();
+            assert_eq!(generic.len(), vm.vhost_user.len(), "{name}: {ch:?}");
+            for arg in generic {
+                let keys: Vec<&str> = arg
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                    .filter(|k| !k.starts_with(|c: char| c.is_ascii_digit()))
+                    .collect();
+                assert_eq!(
+                    keys,
+                    ["socket", "device_type", "queue_sizes", "id"],
+                    "{name}: {arg}"
+                );
+            }
+        }
+    }
 }

@@ -11,12 +11,15 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use anyhow::Context;
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -36,6 +39,7 @@ use crate::device::VirtioDevice;
 use crate::engine::{contain_panic, Engine, Pass, MAX_PASS_ROUNDS};
 use crate::faults::Gate;
 use crate::irq::IrqAction;
+use crate::relay::{PrivateSocket, Relay};
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -649,6 +653,9 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
 /// Serve the device on the vhost-user socket `socket`, one VMM connection at
 /// a time. With `once`, return after the first connection ends; otherwise
 /// wait for the next one (a VMM reconnecting after a restart).
+///
+/// Each connection goes through the [relay](crate::relay), so that the core
+/// holds the backend channel for config-change interrupts.
 pub fn serve<D: VirtioDevice>(
     socket: &Path,
     backend: Arc<CoreBackend<D>>,
@@ -656,6 +663,10 @@ pub fn serve<D: VirtioDevice>(
 ) -> anyhow::Result<()> {
     let name = format!("vdevlab-{}", backend.device().device.name());
     let ids = backend.ids;
+    let config_changes = backend.device().core.config_changes();
+    config_changes
+        .start_sender()
+        .context("starting the config-change sender")?;
     loop {
         for b in backend.broken.iter().chain(&backend.stopped) {
             b.store(false, Ordering::Release);
@@ -698,13 +709,61 @@ pub fn serve<D: VirtioDevice>(
                     .map_err(|e| anyhow::anyhow!("could not register the stall timer: {e}"))?;
             }
         }
+        // A new socket file per connection, removed when it ends (as
+        // vhost-user-backend's `serve` does): a new file at the path tells
+        // that the backend is ready for the next VMM.
+        let listener = Listener::new(socket, true)
+            .map_err(|e| anyhow::anyhow!("could not listen on {}: {e}", socket.display()))?;
         info!(socket = %socket.display(), "waiting for the VMM on the vhost-user socket");
-        match daemon.serve(socket) {
-            Ok(()) => info!("VMM disconnected"),
-            Err(e) => warn!(error = %e, "vhost-user connection ended with an error"),
+        let vmm = accept(&listener)?;
+        match connect_through_relay(&mut daemon, vmm, &config_changes) {
+            Ok(relay) => {
+                match daemon.wait() {
+                    Ok(()) => info!("VMM disconnected"),
+                    Err(vhost_user_backend::Error::HandleRequest(
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage,
+                    )) => info!("VMM disconnected"),
+                    Err(e) => warn!(error = %e, "vhost-user connection ended with an error"),
+                }
+                relay.finish();
+            }
+            Err(e) => warn!(error = %e, "could not serve the VMM connection"),
         }
+        // Dropping the daemon stops its vring workers before the socket is
+        // bound again for the next VMM.
+        drop(daemon);
+        drop(listener);
         if once {
             return Ok(());
         }
     }
+}
+
+/// Wait for the next VMM connection.
+fn accept(listener: &Listener) -> anyhow::Result<UnixStream> {
+    loop {
+        match listener.accept() {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => continue,
+            Err(e) => return Err(anyhow::anyhow!("accepting a VMM connection failed: {e}")),
+        }
+    }
+}
+
+/// Start vhost-user-backend's daemon as a client of a private socket and
+/// relay `vmm` to it.
+fn connect_through_relay<D: VirtioDevice>(
+    daemon: &mut VhostUserDaemon<Arc<CoreBackend<D>>>,
+    vmm: UnixStream,
+    config_changes: &Arc<crate::config_change::ConfigChanges>,
+) -> anyhow::Result<Relay> {
+    let private = PrivateSocket::new().context("creating the relay's private socket")?;
+    daemon
+        .start_client(private.path())
+        .map_err(|e| anyhow::anyhow!("starting the vhost-user daemon: {e}"))?;
+    let inner = private
+        .accept_own()
+        .context("accepting the vhost-user daemon on the private socket")?;
+    Relay::start(vmm, inner, config_changes.clone()).context("starting the relay")
 }

@@ -8,7 +8,8 @@
 //! The same thread runs the device's timer ([`VirtioDevice::tick`]).
 //!
 //! Requests the core answers for every device (`op`): `ping`, `stats`,
-//! `interrupt_mode`, `reset`, `needs_reset`, `config`, `fault`. Any other
+//! `interrupt_mode`, `reset`, `needs_reset`, `config`, `fault`,
+//! `config_change`. Any other
 //! `op` goes to [`VirtioDevice::control`]. A reply is one JSON object:
 //! `ok`, `error` when `ok` is false, the request's own fields, and the
 //! device's [`VirtioDevice::reply_fields`].
@@ -68,6 +69,21 @@ pub enum CoreRequest {
         /// The fault.
         fault: Fault,
     },
+    /// Raise a config-change interrupt with the config as it is
+    /// ([`crate::Core::notify_config_change`]). With `wait` (the default)
+    /// the reply comes once the change was delivered or failed (at most
+    /// the acknowledgement timeout, 2 s) and says how, as `delivery`
+    /// (`acked`, `sent`, `refused`, `timeout`, `not_sent`); without, as
+    /// soon as it is queued. `ticket` numbers it.
+    ConfigChange {
+        /// Wait for the outcome (default true).
+        #[serde(default = "yes")]
+        wait: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The `op` names of [`CoreRequest`].
@@ -79,6 +95,7 @@ pub const CORE_OPS: &[&str] = &[
     "needs_reset",
     "config",
     "fault",
+    "config_change",
 ];
 
 /// A reply as the core writes it: `ok`, `error`, and the other fields.
@@ -211,12 +228,51 @@ impl<D: VirtioDevice> Plane<D> {
                 "{op}: the device panicked; it is declared broken (NEEDS_RESET) until the driver resets it"
             ))
         });
+        let mut reply = reply;
+        if reply.ok && op == "config_change" {
+            self.wait_config_change(request, &mut reply);
+        }
         if reply.ok {
             if let Err(e) = self.kick.write(1) {
                 warn!(error = %e, "could not kick the device worker");
             }
         }
         reply
+    }
+}
+
+impl<D: VirtioDevice> Plane<D> {
+    /// For `config_change` with `wait`: wait for the outcome, with the
+    /// device's lock released (the vhost-user thread may need it to answer
+    /// the VMM meanwhile).
+    fn wait_config_change(&self, request: &Value, reply: &mut Reply) {
+        let wait = request.get("wait").and_then(Value::as_bool).unwrap_or(true);
+        let Some(ticket) = reply.fields.get("ticket").and_then(Value::as_u64) else {
+            return;
+        };
+        if !wait {
+            return;
+        }
+        let cc = self
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .core
+            .config_changes();
+        let timeout = crate::config_change::REPLY_TIMEOUT + Duration::from_secs(1);
+        match cc.wait(ticket, timeout) {
+            Some(d) => {
+                reply.fields.insert(
+                    "delivery".into(),
+                    serde_json::to_value(d).unwrap_or_default(),
+                );
+            }
+            None => {
+                reply
+                    .fields
+                    .insert("delivery".into(), Value::String("pending".into()));
+            }
+        }
     }
 }
 
@@ -263,13 +319,18 @@ fn core_request<D: VirtioDevice>(eng: &mut Engine<D>, req: CoreRequest) -> Reply
             };
             if let Err(e) = eng
                 .core
-                .faults_mut()
-                .apply(&fault, &queues, std::time::Instant::now())
+                .apply_fault(&fault, &queues, std::time::Instant::now())
             {
                 return Reply::error(format!("fault: {e}"));
             }
             info!(?fault, "fault injected");
         }
+        CoreRequest::ConfigChange { .. } => match eng.core.config_changes().raise() {
+            Ok(ticket) => {
+                fields.insert("ticket".into(), ticket.into());
+            }
+            Err(e) => return Reply::error(format!("config_change: {e}")),
+        },
     }
     Reply::ok(fields)
 }

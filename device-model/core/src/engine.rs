@@ -14,7 +14,7 @@ use crate::chain::{validate, QueueError};
 use crate::device::{to_fields, Fields, Outcome, VirtioDevice};
 use crate::hostile;
 // Where these lived before `crate::state`; the paths keep working.
-pub use crate::state::{ConfigChangeUnsupported, Core, CoreCounters};
+pub use crate::state::{Core, CoreCounters};
 
 /// What one pass over a queue did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,10 @@ impl<D: VirtioDevice> Engine<D> {
 
     /// The config space as the driver would read it now.
     pub fn config_space(&self) -> Vec<u8> {
-        self.device.config_space(&self.core)
+        let mut config = self.device.config_space(&self.core);
+        // A flickering config (hostile fault) shows some bytes inverted.
+        self.core.config_changes_ref().apply_overlay(&mut config);
+        config
     }
 
     /// Bytes `offset..offset+size` of the config space; reads past the end

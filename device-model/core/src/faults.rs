@@ -158,6 +158,62 @@ pub enum Fault {
         /// The used length to report.
         len: u32,
     },
+    /// A config-change storm: `count` config-change interrupts at
+    /// `rate_hz`, each interval off by up to `jitter_pct` percent (seeded
+    /// by `seed`), with the config unchanged. Replaces a storm still
+    /// running; `clear` stops it.
+    ConfigChangeStorm {
+        /// How many (1..=100000).
+        count: u32,
+        /// Config changes per second (1..=10000).
+        rate_hz: u32,
+        /// Jitter of each interval, percent (0..=100, default 0).
+        #[serde(default)]
+        jitter_pct: u32,
+        /// Seed of the jitter.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Hostile: `count` config-change interrupts with nothing changed in
+    /// the config space (counted in `hostile_config_changes`).
+    HostileConfigChange {
+        /// How many (default 1; 1..=64).
+        #[serde(default = "one")]
+        count: u32,
+    },
+    /// Hostile: a flickering (torn) config. `count` times, every
+    /// `period_us`, the config bytes `[offset, offset + len)` flip between
+    /// their value and its bitwise inverse, each flip announced by a config
+    /// change (counted in `hostile_config_flips`); it ends on the real
+    /// config. A driver that reads several fields without checking
+    /// `config_generation` can see a mix (see `docs/device-framework.md`,
+    /// "Config-change interrupts", for what the generation can tell).
+    HostileConfigFlicker {
+        /// Flips (default 10; 1..=10000; rounded up to an even number).
+        #[serde(default = "default_flips")]
+        count: u32,
+        /// Time between flips, microseconds (default 2000; 100..=10000000).
+        #[serde(default = "default_flip_period_us")]
+        period_us: u64,
+        /// First flipped byte of the config space (default 0).
+        #[serde(default)]
+        offset: u32,
+        /// Flipped bytes (default 4).
+        #[serde(default = "default_flip_len")]
+        len: u32,
+    },
+}
+
+fn default_flips() -> u32 {
+    10
+}
+
+fn default_flip_period_us() -> u64 {
+    2000
+}
+
+fn default_flip_len() -> u32 {
+    4
 }
 
 fn one() -> u32 {
@@ -401,6 +457,13 @@ impl FaultState {
                     let a = &mut self.hostile[q as usize];
                     a.wrong_len = (a.wrong_len.0.saturating_add(count), len);
                 }
+            }
+            Fault::ConfigChangeStorm { .. }
+            | Fault::HostileConfigChange { .. }
+            | Fault::HostileConfigFlicker { .. } => {
+                return Err(
+                    "config-change faults are armed through the core (Core::apply_fault)".into(),
+                )
             }
         }
         Ok(())

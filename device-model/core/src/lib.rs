@@ -17,6 +17,10 @@
 //! - [`hostile`]: hostile-device mode (virtio contract violations);
 //! - [`sources`]: data sources (a seeded generator, a file or pipe);
 //! - [`config`]: config-space helpers;
+//! - [`config_change`]: config-change interrupts (the backend channel, the
+//!   sender thread, the config-change faults);
+//! - [`relay`]: the relay between the VMM and the vhost-user daemon that
+//!   gives the core its handle on the backend channel;
 //! - [`daemon`]: the daemon's flags and main loop;
 //! - [`sockpath`]: the Unix socket path limit, checked with an error that
 //!   names the fix.
@@ -27,6 +31,7 @@
 pub mod backend;
 pub mod chain;
 pub mod config;
+pub mod config_change;
 pub mod control;
 pub mod daemon;
 pub mod device;
@@ -34,6 +39,7 @@ pub mod engine;
 pub mod faults;
 pub mod hostile;
 pub mod irq;
+pub mod relay;
 pub mod sockpath;
 pub mod sources;
 pub mod state;
@@ -41,6 +47,7 @@ pub mod state;
 mod testing;
 
 pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};
+pub use config_change::{ConfigChangeError, Delivery};
 pub use device::{to_fields, Fields, Outcome, VirtioDevice};
 pub use engine::{Engine, Pass, MAX_PASS_ROUNDS};
-pub use state::{ConfigChangeUnsupported, Core, CoreCounters};
+pub use state::{Core, CoreCounters};

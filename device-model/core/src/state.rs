@@ -10,13 +10,14 @@
 //! engine ([`crate::engine`]) build on it.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::{ChainError, QueueSpec};
-use crate::faults::FaultState;
+use crate::config_change::{ConfigChangeError, ConfigChanges};
+use crate::faults::{Fault, FaultState};
 use crate::irq::{IrqAction, IrqMode, IrqPolicy};
 
 /// The core's counters, reported (merged with the device's) by the control
@@ -66,16 +67,27 @@ pub struct CoreCounters {
     /// Fault injection: completions reported with a wrong used length.
     #[serde(default)]
     pub wrong_used_lens: u64,
+    /// Config-change interrupts asked for ([`Core::notify_config_change`],
+    /// the control plane's `config_change`, the config-change faults).
+    #[serde(default)]
+    pub config_changes_raised: u64,
+    /// Config changes written to the backend channel.
+    #[serde(default)]
+    pub config_changes_sent: u64,
+    /// Config changes the VMM acknowledged (with REPLY_ACK).
+    #[serde(default)]
+    pub config_changes_acked: u64,
+    /// Config changes refused when raised, not sent, refused by the VMM or
+    /// never acknowledged within the timeout.
+    #[serde(default)]
+    pub config_changes_failed: u64,
+    /// Hostile: config changes sent with nothing changed.
+    #[serde(default)]
+    pub hostile_config_changes: u64,
+    /// Hostile: flips of a flickering config, each announced by a config change.
+    #[serde(default)]
+    pub hostile_config_flips: u64,
 }
-
-/// The error of [`Core::notify_config_change`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "config-change interrupts are unsupported by vhost 0.18: the backend cannot send \
-     VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (its sender is private); re-read the config \
-     space on another event (a used buffer on an event queue) instead"
-)]
-pub struct ConfigChangeUnsupported;
 
 /// The generic state of a device: its queue list, interrupt policies, armed
 /// faults, needs-reset, counters and timer. A device gets it in every call
@@ -95,6 +107,7 @@ pub struct Core {
     /// after every event is one load when nothing was asked.
     pass_requests: Vec<bool>,
     pass_requested: bool,
+    config_changes: Arc<ConfigChanges>,
 }
 
 impl Core {
@@ -112,6 +125,7 @@ impl Core {
             tick_timer: None,
             pass_requests: vec![false; n],
             pass_requested: false,
+            config_changes: Arc::new(ConfigChanges::new()),
         }
     }
 
@@ -195,12 +209,59 @@ impl Core {
 
     /// The core's counters.
     pub fn counters(&self) -> CoreCounters {
-        self.counters
+        let cc = self.config_changes.counters();
+        CoreCounters {
+            config_changes_raised: cc.raised,
+            config_changes_sent: cc.sent,
+            config_changes_acked: cc.acked,
+            config_changes_failed: cc.failed,
+            hostile_config_changes: cc.hostile_changes,
+            hostile_config_flips: cc.hostile_flips,
+            ..self.counters
+        }
     }
 
     /// Mutable access to the counters (the transport's interrupt bookkeeping).
     pub fn counters_mut(&mut self) -> &mut CoreCounters {
         &mut self.counters
+    }
+
+    /// Arm `fault` on `queues` (the indices its
+    /// [`Fault::queue`](crate::faults::Fault::queue) names): the
+    /// config-change faults here, the others in [`FaultState`]; `clear`
+    /// cancels both.
+    pub fn apply_fault(
+        &mut self,
+        fault: &Fault,
+        queues: &[u16],
+        now: Instant,
+    ) -> Result<(), String> {
+        let cc = &self.config_changes;
+        match *fault {
+            Fault::ConfigChangeStorm {
+                count,
+                rate_hz,
+                jitter_pct,
+                seed,
+            } => cc.storm(count, rate_hz, jitter_pct, seed),
+            Fault::HostileConfigChange { count } => cc.hostile_unchanged(count),
+            Fault::HostileConfigFlicker {
+                count,
+                period_us,
+                offset,
+                len,
+            } => cc.flicker(
+                count,
+                Duration::from_micros(period_us),
+                offset as usize,
+                len as usize,
+            ),
+            Fault::Clear {} => {
+                cc.clear_faults();
+                self.faults.apply(fault, queues, now)
+            }
+            _ => self.faults.apply(fault, queues, now),
+        }
     }
 
     /// The armed faults (see [`crate::faults`]).
@@ -299,12 +360,31 @@ impl Core {
         self.tick_timer = Some(timer);
     }
 
-    /// Raise a config-change interrupt. Not possible with vhost 0.18 (see
-    /// [`ConfigChangeUnsupported`]); the hook is here so a device can be
-    /// written against it and the error says why it does nothing.
-    pub fn notify_config_change(&mut self) -> Result<(), ConfigChangeUnsupported> {
-        tracing::debug!("config-change interrupt requested; unsupported by vhost 0.18");
-        Err(ConfigChangeUnsupported)
+    /// Raise a config-change interrupt: call it after the device changed
+    /// its config space, and the driver's `config_changed` runs (the VMM
+    /// raises the virtio config interrupt on
+    /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`).
+    ///
+    /// Never blocks: the change is checked (a VMM connected, the
+    /// BACKEND_REQ and CONFIG protocol features negotiated, the backend
+    /// channel set up, room in the queue) and queued for the sender thread
+    /// ([`crate::config_change`]). Counted in `config_changes_raised`, and
+    /// later in `config_changes_sent`, `config_changes_acked` or
+    /// `config_changes_failed`. An error says why it cannot be sent; the
+    /// device can treat it as "the driver will see the change on its next
+    /// read" (nothing is lost but the interrupt).
+    pub fn notify_config_change(&self) -> Result<(), ConfigChangeError> {
+        self.config_changes.raise().map(drop)
+    }
+
+    /// The device's config-change machinery (shared with the transport and
+    /// the control plane).
+    pub fn config_changes(&self) -> Arc<ConfigChanges> {
+        self.config_changes.clone()
+    }
+
+    pub(crate) fn config_changes_ref(&self) -> &ConfigChanges {
+        &self.config_changes
     }
 
     /// Count and log a refused chain.

@@ -28,6 +28,9 @@ pub struct SensorDevice {
     sensor: Sensor,
     /// Control-queue faults armed by the host (`ctrl_fault`).
     ctrl_faults: CtrlFaults,
+    /// The status word's alarm count the driver was last told of (by a
+    /// config-change interrupt).
+    alarms_signalled: u32,
     /// Reused for every request and every sample buffer: no allocation per
     /// chain.
     scratch: Vec<u8>,
@@ -40,6 +43,7 @@ impl SensorDevice {
         Ok(Self {
             sensor: Sensor::new(wave),
             ctrl_faults: CtrlFaults::default(),
+            alarms_signalled: 0,
             scratch: Vec::new(),
         })
     }
@@ -58,6 +62,21 @@ impl SensorDevice {
         }
         if let Err(e) = core.set_tick(period) {
             tracing::warn!(error = %e, "could not set the sampling timer");
+        }
+    }
+
+    /// New alarms since the last signal: raise a config-change interrupt
+    /// (the status word's alarm count moved). At most one per timer tick
+    /// or request, so a burst of alarms costs one interrupt; the driver
+    /// re-reads the count, which also covers interrupts that merged.
+    fn signal_alarms(&mut self, core: &mut Core) {
+        let now = self.sensor.alarms_since_reset();
+        if now == self.alarms_signalled {
+            return;
+        }
+        self.alarms_signalled = now;
+        if let Err(e) = core.notify_config_change() {
+            tracing::debug!(error = %e, "alarms raised, but no config-change interrupt was sent");
         }
     }
 
@@ -142,6 +161,7 @@ impl SensorDevice {
             _ => self.sensor.control(&self.scratch, now),
         };
         self.retime(core);
+        self.signal_alarms(core);
         // SET_RATE takes the first sample at once: deliver it now, not at
         // the next tick.
         core.request_all_passes();
@@ -209,6 +229,8 @@ impl VirtioDevice for SensorDevice {
     fn reset(&mut self, core: &mut Core) {
         self.sensor.reset();
         self.ctrl_faults.on_reset();
+        // The count is back at 0: nothing to signal (the driver reset too).
+        self.alarms_signalled = 0;
         self.retime(core);
     }
 
@@ -286,6 +308,8 @@ impl VirtioDevice for SensorDevice {
         // queue (NEEDS_RESET: only a reset ends that, and it forgets the
         // held request), or the timer would kick the worker every tick.
         let late_due = !core.needs_reset() && self.ctrl_faults.deadline().is_some_and(|d| d <= now);
-        self.sensor.pump(now) | late_due
+        let queued = self.sensor.pump(now);
+        self.signal_alarms(core);
+        queued | late_due
     }
 }

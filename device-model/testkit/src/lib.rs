@@ -19,6 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -26,7 +27,8 @@ use vdevlab_device_core::control::ControlClient;
 use vdevlab_device_core::Fields;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{
-    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -218,6 +220,12 @@ impl Device {
     /// Connect a new frontend (VMM) and bring every queue up.
     pub fn vmm(&self, config: Config) -> Vmm {
         Vmm::connect(&self.socket, config, || self.log())
+    }
+
+    /// [`vmm`](Self::vmm), negotiating as `options` say (the backend
+    /// channel included).
+    pub fn vmm_with(&self, config: Config, options: Options) -> Vmm {
+        Vmm::connect_with(&self.socket, config, options, || self.log())
     }
 
     /// Whether the process is still running.
@@ -463,6 +471,208 @@ fn guest_memory(size: u64) -> GuestMemoryMmap {
     .expect("mapping guest memory")
 }
 
+/// How the frontend answers a config change on the backend channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Acknowledge it (0).
+    Ok,
+    /// Answer with an error (EIO).
+    Refuse,
+    /// Never answer (the handler waits until the channel is dropped).
+    Never,
+}
+
+/// What the frontend negotiates beyond [`Config`] ([`Vmm::connect_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Acknowledge BACKEND_REQ and send SET_BACKEND_REQ_FD.
+    pub backend_req: bool,
+    /// Acknowledge REPLY_ACK (every request then waits for its answer, and
+    /// the backend asks for answers on the backend channel).
+    pub reply_ack: bool,
+    /// Acknowledge CONFIG.
+    pub config: bool,
+    /// How config changes are answered.
+    pub ack: Ack,
+}
+
+impl Default for Options {
+    /// Everything negotiated, config changes acknowledged: what Cloud
+    /// Hypervisor and QEMU do.
+    fn default() -> Self {
+        Self {
+            backend_req: true,
+            reply_ack: true,
+            config: true,
+            ack: Ack::Ok,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ChannelState {
+    /// Taken while a config change is handled: a test that holds it plays
+    /// a VMM whose one thread is busy on the main socket (QEMU's BQL).
+    busy: Arc<Mutex<()>>,
+    ack: Mutex<Ack>,
+    changes: Mutex<Vec<Instant>>,
+    changed: Condvar,
+    released: Mutex<bool>,
+    release: Condvar,
+}
+
+impl VhostUserFrontendReqHandler for ChannelState {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Instant::now());
+        self.changed.notify_all();
+        let ack = *self.ack.lock().unwrap_or_else(|e| e.into_inner());
+        match ack {
+            Ack::Ok => Ok(0),
+            Ack::Refuse => Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ack::Never => {
+                // Bounded, so a forgotten channel cannot hang a test run.
+                let released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = self
+                    .release
+                    .wait_timeout_while(released, Duration::from_secs(60), |r| !*r);
+                Ok(0)
+            }
+        }
+    }
+}
+
+/// The frontend's end of the backend channel (SET_BACKEND_REQ_FD): a
+/// thread that serves the backend's requests with vhost's
+/// `FrontendReqHandler` and records every config change. Stopped on drop.
+pub struct BackendChannel {
+    state: Arc<ChannelState>,
+    fd: std::os::fd::RawFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for BackendChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendChannel")
+            .field("config_changes", &self.config_changes())
+            .finish()
+    }
+}
+
+impl BackendChannel {
+    /// Create the channel and hand it to the backend through `fe`.
+    pub fn set_up(fe: &mut Frontend, reply_ack: bool, ack: Ack) -> Self {
+        use std::os::fd::AsRawFd;
+        let state = Arc::new(ChannelState {
+            busy: Arc::new(Mutex::new(())),
+            ack: Mutex::new(ack),
+            changes: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+            released: Mutex::new(false),
+            release: Condvar::new(),
+        });
+        let mut handler = FrontendReqHandler::new(state.clone()).expect("backend channel");
+        handler.set_reply_ack_flag(reply_ack);
+        let tx = handler.get_tx_raw_fd();
+        let fd = handler.as_raw_fd();
+        fe.set_backend_request_fd(&BorrowedRaw(tx))
+            .expect("SET_BACKEND_REQ_FD");
+        let thread = std::thread::Builder::new()
+            .name("testkit-backend-channel".into())
+            .spawn(move || {
+                // A handler error was answered; anything else: the channel closed.
+                while let Ok(_) | Err(vhost::vhost_user::Error::ReqHandlerError(_)) =
+                    handler.handle_request()
+                {}
+            })
+            .expect("backend channel thread");
+        Self {
+            state,
+            fd,
+            thread: Some(thread),
+        }
+    }
+
+    /// The lock the channel's handler takes before it handles a config
+    /// change: hold it to play a VMM that serves the backend channel on the
+    /// thread that waits on the main socket (QEMU under its big lock).
+    pub fn busy_lock(&self) -> Arc<Mutex<()>> {
+        self.state.busy.clone()
+    }
+
+    /// How config changes are answered from now on.
+    pub fn set_ack(&self, ack: Ack) {
+        *self.state.ack.lock().unwrap_or_else(|e| e.into_inner()) = ack;
+    }
+
+    /// Config changes received so far.
+    pub fn config_changes(&self) -> usize {
+        self.state
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// When each config change arrived.
+    pub fn config_change_times(&self) -> Vec<Instant> {
+        self.state
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Wait up to `timeout` until at least `n` config changes arrived;
+    /// returns how many did.
+    pub fn wait_config_changes(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut changes = self.state.changes.lock().unwrap_or_else(|e| e.into_inner());
+        while changes.len() < n {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            changes = self
+                .state
+                .changed
+                .wait_timeout(changes, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        changes.len()
+    }
+}
+
+impl Drop for BackendChannel {
+    fn drop(&mut self) {
+        *self
+            .state
+            .released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
+        self.state.release.notify_all();
+        // SAFETY: shutting down our own socket (owned by the handler, which
+        // the thread still holds) ends its blocking read.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A raw descriptor as `AsRawFd`, for a call that only reads its number.
+struct BorrowedRaw(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for BorrowedRaw {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
 /// A vhost-user frontend: the VMM and, through guest memory, the driver.
 pub struct Vmm {
     /// The vhost-user connection.
@@ -480,6 +690,9 @@ pub struct Vmm {
     pub offered_features: u64,
     /// Protocol features the backend offered.
     pub offered_protocol_features: VhostUserProtocolFeatures,
+    /// The backend channel, if BACKEND_REQ was negotiated
+    /// ([`Vmm::connect_with`]).
+    pub backend: Option<BackendChannel>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -497,6 +710,22 @@ impl Vmm {
     /// says and bring every queue up. `log` gives the backend's log for
     /// failure messages.
     pub fn connect(socket: &Path, config: Config, log: impl Fn() -> String) -> Self {
+        let options = Options {
+            backend_req: false,
+            ..Options::default()
+        };
+        Self::connect_with(socket, config, options, log)
+    }
+
+    /// [`connect`](Self::connect), negotiating as `options` say: with
+    /// `backend_req`, the backend channel is set up after the protocol
+    /// features ([`Vmm::backend`]).
+    pub fn connect_with(
+        socket: &Path,
+        config: Config,
+        options: Options,
+        log: impl Fn() -> String,
+    ) -> Self {
         let layout = config.layout;
         let deadline = Instant::now() + Duration::from_secs(5);
         let (mut fe, offered) = loop {
@@ -529,11 +758,18 @@ impl Vmm {
             "the backend offers {offered:#x}, which lacks some of {features:#x}"
         );
         let offered_protocol_features = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        let ack = offered_protocol_features
-            & (VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        let mut wanted =
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        for (on, bit) in [
+            (options.reply_ack, VhostUserProtocolFeatures::REPLY_ACK),
+            (options.config, VhostUserProtocolFeatures::CONFIG),
+            (options.backend_req, VhostUserProtocolFeatures::BACKEND_REQ),
+        ] {
+            if on {
+                wanted |= bit;
+            }
+        }
+        let ack = offered_protocol_features & wanted;
         fe.set_protocol_features(ack)
             .expect("SET_PROTOCOL_FEATURES");
         if ack.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -545,7 +781,17 @@ impl Vmm {
         assert_eq!(queues, layout.queues as u64, "queue count");
         fe.set_features(features).expect("SET_FEATURES");
 
+        let backend = ack
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+            .then(|| {
+                BackendChannel::set_up(
+                    &mut fe,
+                    ack.contains(VhostUserProtocolFeatures::REPLY_ACK),
+                    options.ack,
+                )
+            });
         let mut vmm = Vmm::assemble(fe, layout, features, offered, offered_protocol_features);
+        vmm.backend = backend;
         let info = vmm.region_info();
         vmm.fe.set_mem_table(&[info]).expect("SET_MEM_TABLE");
         for q in 0..layout.queues {
@@ -583,6 +829,7 @@ impl Vmm {
             features,
             offered_features,
             offered_protocol_features,
+            backend: None,
         }
     }
 

@@ -461,6 +461,58 @@ impl Replay {
         );
     }
 
+    /// Play the VMM's side of one config change on the backend channel,
+    /// as the real VMM does: wait up to [`REPLY_TIMEOUT`] for the backend's
+    /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (empty body), and answer
+    /// `answer` (0: done) when it asks (`NEED_REPLY`). Returns whether it
+    /// asked. QEMU raises the config interrupt
+    /// (`vhost_user_backend_handle_config_change`, then
+    /// `virtio_notify_config`), Cloud Hypervisor too (v52+); both answer
+    /// when REPLY_ACK was negotiated, which both do.
+    pub fn answer_config_change(&mut self, answer: u64) -> Result<bool, String> {
+        let ch = self.backend_channel.as_mut().ok_or(
+            "no backend channel: BACKEND_REQ not negotiated, or SET_BACKEND_REQ_FD not sent yet",
+        )?;
+        ch.set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut hdr = [0u8; 12];
+        ch.read_exact(&mut hdr)
+            .map_err(|e| format!("no config change on the backend channel: {e}"))?;
+        let word = |i: usize| u32::from_ne_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        let (request, flags, size) = (word(0), word(4), word(8));
+        if request != u32::from(vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG) {
+            return Err(format!(
+                "backend request {request}, not CONFIG_CHANGE_MSG (2)"
+            ));
+        }
+        if size != 0 {
+            return Err(format!(
+                "CONFIG_CHANGE_MSG with a {size}-byte body (it has none)"
+            ));
+        }
+        if flags & 0x3 != 1 || flags & VhostUserHeaderFlag::REPLY.bits() != 0 {
+            return Err(format!("CONFIG_CHANGE_MSG with flags {flags:#x}"));
+        }
+        let need_reply = flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0;
+        self.sent.push(format!(
+            "<- CONFIG_CHANGE_MSG{}",
+            if need_reply { " +NEED_REPLY" } else { "" }
+        ));
+        if need_reply
+            && self
+                .acked_protocol
+                .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            let mut reply = Vec::with_capacity(20);
+            for w in [request, 1 | VhostUserHeaderFlag::REPLY.bits(), 8] {
+                reply.extend_from_slice(&w.to_ne_bytes());
+            }
+            reply.extend_from_slice(&answer.to_ne_bytes());
+            ch.write_all(&reply).map_err(|e| e.to_string())?;
+        }
+        Ok(need_reply)
+    }
+
     /// The protocol features the VMM acknowledged.
     pub fn acked_protocol(&self) -> VhostUserProtocolFeatures {
         self.acked_protocol
