@@ -70,13 +70,18 @@
  * after checking qw->live, so once freeze/reset/remove cleared that flag
  * nobody but them touches the virtqueues, and del_vqs() is safe.
  *
- * NEEDS_RESET in config space
- * ---------------------------
- * The device reports NEEDS_RESET in its config space status word, and a
- * vhost-user backend cannot raise a config-change interrupt for it.  So
- * status_work reads the word every QW_STATUS_POLL_MS while the device is
- * live and not broken (and config_work reads it too); NEEDS_RESET then
- * takes the same path as every other "needs a reset" (qw_mark_broken()).
+ * The config status word: NEEDS_RESET and NO_CARRIER
+ * ---------------------------------------------------
+ * The device reports NEEDS_RESET and NO_CARRIER in its config space status
+ * word.  A carrier change comes with a config-change interrupt:
+ * qw_config_changed() (hard-irq context) queues config_work, which reads
+ * the word under state_mutex.  Interrupts may merge and one sent before
+ * DRIVER_OK is lost (docs/device-spec.md), so the word is also read once
+ * the device is up (qw_scan(), qw_start()) and, as a fallback,
+ * status_work reads it every status_poll_ms (0: never) while the device is
+ * live and not broken; NEEDS_RESET, which comes with no interrupt (the
+ * device stops), is found that way.  It then takes the same path as
+ * every other "needs a reset" (qw_mark_broken()).
  * The word is only used if the config_status parameter allows reading
  * config space at all and probe found the magic and the STATUS capability
  * (virtio-pci BUG()s on a read past the device's config window).  The
@@ -90,8 +95,8 @@
  * -------
  * Data becomes readable in exactly two places: the rx callback (new data)
  * and a reader putting a partly read buffer back.  Room appears in exactly
- * one: the tx callback.  Process context never reclaims tx buffers, so no
- * room appears that the tx callback did not announce.  State changes
+ * two: the tx callback and the tx watchdog (a full ring whose interrupt
+ * was lost); both announce it the same way (qw_tx_announce()).  State changes
  * (reset done, needs-reset, removal) wake every waiter.  Each of these
  * wakes the wait queue with the matching EPOLL* key, sends SIGIO and kicks
  * the AIO worker, so edge-triggered epoll, SIGIO and AIO miss nothing.
@@ -241,7 +246,8 @@ static int qw_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
 #define QW_RX_BUFS_MAX		64
 #define QW_RX_BUF_SIZE		PAGE_SIZE
 #define QW_TX_BUF_SIZE		PAGE_SIZE
-#define QW_STATUS_POLL_MS	500	/* status word poll period */
+#define QW_STATUS_POLL_MS	500	/* default status word poll period */
+#define QW_TX_WATCHDOG_MS	100	/* full tx ring: look for lost completions */
 #define QW_CFG_TRIES		8	/* reads until the generation settles */
 
 enum { QW_VQ_RX, QW_VQ_TX, QW_NR_VQS };
@@ -267,7 +273,9 @@ struct qw_config {
 
 #define QW_CFG_MAGIC		0x56445751	/* "QWDV" read as __le32 */
 #define QW_CFG_CAP_STATUS	BIT(4)		/* the status word is live */
+#define QW_CFG_CAP_CARRIER	BIT(5)		/* NO_CARRIER changes, signalled */
 #define QW_CFG_STATUS_NEEDS_RESET BIT(0)
+#define QW_CFG_STATUS_NO_CARRIER BIT(2)
 
 /*
  * 21 is reserved by the virtio specification ("signal distribution") but
@@ -290,6 +298,20 @@ static bool config_status = true;
 module_param(config_status, bool, 0444);
 MODULE_PARM_DESC(config_status,
 		 "read the config space status word for NEEDS_RESET (default Y; N if the VMM exposes no config space)");
+
+/*
+ * How often to read the status word when no interrupt says it changed
+ * (docs/device-spec.md, "Config-change interrupts: what a driver may rely
+ * on"): a config-change interrupt may be lost to a VMM that drops it
+ * before DRIVER_OK, and a device without one (or a NEEDS_RESET, which
+ * stops the device) is only found this way.  0 turns the poll off, so that
+ * only config-change interrupts are heard (the tests do, to prove the
+ * interrupt path alone works).
+ */
+static unsigned int status_poll_ms = QW_STATUS_POLL_MS;
+module_param(status_poll_ms, uint, 0444);
+MODULE_PARM_DESC(status_poll_ms,
+		 "status word poll period in ms, a fallback for lost config-change interrupts (default 500; 0 = off)");
 
 /*
  * Not const: module init writes virtio_id into .device.  The static
@@ -348,7 +370,10 @@ struct qw_dev {
 	struct mutex state_mutex;	/* control path, see the top */
 	bool ready;			/* probe finished (->scan ran) */
 	bool cfg_status;		/* config space has a live status word */
+	bool cfg_carrier;		/* ... and a NO_CARRIER bit in it */
+	bool carrier;			/* last seen; written under state_mutex */
 	struct delayed_work status_work; /* polls it, see the top */
+	struct delayed_work tx_watchdog; /* full tx ring, see qw_tx_watchdog() */
 
 	spinlock_t rx_lock;		/* rx vq and the fields below */
 	struct list_head rx_filled;	/* buffers with unread bytes, in order */
@@ -384,7 +409,10 @@ struct qw_dev {
 	atomic64_t errors;
 	atomic64_t flushed_bytes;
 	atomic64_t config_changes;
+	atomic64_t carrier_changes;	/* carrier flips the driver saw */
 	atomic64_t resets;
+	atomic64_t tx_bad_used_len;	/* tx completions with used len != 0 */
+	atomic64_t tx_watchdog_reclaimed; /* tx buffers the watchdog found */
 
 	unsigned int minor;
 	dev_t devt;
@@ -579,9 +607,8 @@ static int qw_cfg_read(struct virtio_device *vdev, struct qw_cfg_words *w,
  * on its own first: it is all a config window of another layout is sure
  * to hold) is "QWDV", and the device says its status word is live.
  */
-static bool qw_cfg_probe(struct virtio_device *vdev)
+static bool qw_cfg_probe(struct virtio_device *vdev, struct qw_cfg_words *w)
 {
-	struct qw_cfg_words w;
 	u32 magic;
 
 	if (!config_status) {
@@ -596,21 +623,26 @@ static bool qw_cfg_probe(struct virtio_device *vdev)
 			 magic, QW_CFG_MAGIC);
 		return false;
 	}
-	if (qw_cfg_read(vdev, &w, true)) {
+	if (qw_cfg_read(vdev, w, true)) {
 		dev_warn(&vdev->dev,
 			 "config space generation never settled: status word not used\n");
 		return false;
 	}
-	if (w.magic != QW_CFG_MAGIC || w.version < 1 ||
-	    !(w.capabilities & QW_CFG_CAP_STATUS)) {
+	if (w->magic != QW_CFG_MAGIC || w->version < 1 ||
+	    !(w->capabilities & QW_CFG_CAP_STATUS)) {
 		dev_warn(&vdev->dev,
 			 "config space magic %#x version %u capabilities %#x: no live status word\n",
-			 w.magic, w.version, w.capabilities);
+			 w->magic, w->version, w->capabilities);
 		return false;
 	}
-	dev_info(&vdev->dev,
-		 "config space version %u, capabilities %#x, status %#x: polled every %d ms\n",
-		 w.version, w.capabilities, w.status, QW_STATUS_POLL_MS);
+	if (status_poll_ms)
+		dev_info(&vdev->dev,
+			 "config space version %u, capabilities %#x, status %#x: read on config changes and every %u ms\n",
+			 w->version, w->capabilities, w->status, status_poll_ms);
+	else
+		dev_info(&vdev->dev,
+			 "config space version %u, capabilities %#x, status %#x: read on config changes only (status_poll_ms=0)\n",
+			 w->version, w->capabilities, w->status);
 	return true;
 }
 
@@ -623,16 +655,39 @@ static void qw_status_arm(struct qw_dev *qw)
 {
 	lockdep_assert_held(&qw->state_mutex);
 
-	if (qw->cfg_status && qw->live && !qw->gone && !READ_ONCE(qw->broken))
+	if (qw->cfg_status && status_poll_ms && qw->live && !qw->gone &&
+	    !READ_ONCE(qw->broken))
 		queue_delayed_work(qw_wq, &qw->status_work,
-				   msecs_to_jiffies(QW_STATUS_POLL_MS));
+				   msecs_to_jiffies(status_poll_ms));
+}
+
+/*
+ * The status word says the carrier is @up.  A change is counted, logged
+ * and announced: EPOLLPRI to pollers (poll reports it while the carrier is
+ * down), POLL_PRI to SIGIO owners.  Data keeps flowing either way: the
+ * carrier is a state the device reports, not a stop.  Under state_mutex.
+ */
+static void qw_carrier_update(struct qw_dev *qw, bool up)
+{
+	lockdep_assert_held(&qw->state_mutex);
+
+	if (!qw->cfg_carrier || qw->carrier == up)
+		return;
+	WRITE_ONCE(qw->carrier, up);
+	atomic64_inc(&qw->carrier_changes);
+	/* Ratelimited: the device is not trusted to be quiet. */
+	dev_info_ratelimited(&qw->vdev->dev, "carrier %s\n", up ? "up" : "down");
+	wake_up_interruptible_poll(&qw->rx_wq, EPOLLPRI);
+	wake_up_interruptible_poll(&qw->tx_wq, EPOLLPRI);
+	kill_fasync(&qw->fasync, SIGIO, POLL_PRI);
 }
 
 /*
  * Read the status word; NEEDS_RESET marks the device broken, as for every
- * other reason it needs a reset.  Under state_mutex, so vdev is valid and
- * no reset or stop runs meanwhile; only while live (a stopped device is
- * not touched: it may be suspended, or read as all ones).  A wrong magic
+ * other reason it needs a reset, and NO_CARRIER is the carrier state.
+ * Under state_mutex, so vdev is valid and no reset or stop runs
+ * meanwhile; only while live (a stopped device is not touched: it may be
+ * suspended, or read as all ones).  A wrong magic
  * (a surprise removal reads all ones) is no NEEDS_RESET.
  */
 static void qw_status_check(struct qw_dev *qw)
@@ -662,9 +717,10 @@ static void qw_status_check(struct qw_dev *qw)
 				    w.status);
 		qw_mark_broken(qw);
 	}
+	qw_carrier_update(qw, !(w.status & QW_CFG_STATUS_NO_CARRIER));
 }
 
-/* The status poll, every QW_STATUS_POLL_MS while armed. */
+/* The status poll, every status_poll_ms while armed. */
 static void qw_status_work(struct work_struct *work)
 {
 	struct qw_dev *qw = container_of(to_delayed_work(work), struct qw_dev,
@@ -1061,17 +1117,33 @@ static unsigned int qw_tx_reclaim_locked(struct qw_dev *qw,
 	lockdep_assert_held(&qw->tx_lock);
 
 	/*
-	 * The used length of a tx buffer means nothing (the device writes
-	 * nothing into it), so a hostile one cannot hurt: it is only logged.
+	 * A tx buffer is device-readable only, so the device writes nothing
+	 * into it and its used length must be 0 (virtio 1.2, 2.7.8).  Any
+	 * other value is a device bug: never trusted (nothing is read from
+	 * the buffer, which is freed as it is), but counted and logged, so a
+	 * device that lies about what it wrote does not go unnoticed.
 	 */
 	while ((data = virtqueue_get_buf(vq, &len))) {
 		pr_debug("%s: tx: buffer %p returned (used len %u)\n",
 			 qw->name, data, len);
+		if (unlikely(len)) {
+			atomic64_inc(&qw->tx_bad_used_len);
+			pr_warn_ratelimited("%s: tx: device reported used length %u for a transmit buffer (must be 0); ignored\n",
+					    qw->name, len);
+		}
 		kfree(data);
 		n++;
 	}
 	qw->tx_inflight -= n;
 	return n;
+}
+
+/* Room appeared: wake writers and pollers, tell SIGIO owners, kick AIO. */
+static void qw_tx_announce(struct qw_dev *qw)
+{
+	wake_up_interruptible_poll(&qw->tx_wq, EPOLLOUT | EPOLLWRNORM);
+	kill_fasync(&qw->fasync, SIGIO, POLL_OUT);
+	qw_aio_kick(qw, false);
 }
 
 /*
@@ -1095,11 +1167,60 @@ static void qw_tx_done(struct virtqueue *vq)
 
 	if (bad)
 		qw_mark_broken(qw);
-	if (n) {
-		wake_up_interruptible_poll(&qw->tx_wq, EPOLLOUT | EPOLLWRNORM);
-		kill_fasync(&qw->fasync, SIGIO, POLL_OUT);
-		qw_aio_kick(qw, false);
+	if (n)
+		qw_tx_announce(qw);
+}
+
+/*
+ * Look for completed tx buffers every QW_TX_WATCHDOG_MS while the ring is
+ * full.  With EVENT_IDX the device interrupts again only once the driver
+ * has moved used_event, which only a harvest does: after one lost tx
+ * interrupt no further one ever comes, and with a full ring no writer can
+ * post a buffer that would kick the device either, so every writer, poller,
+ * SIGIO owner and AIO request would wait forever.  The watchdog harvests
+ * instead (which also re-arms used_event) and announces the room like the
+ * callback.  Armed only while live, under tx_lock (qw_tx_room()); a stop
+ * clears live under tx_lock, so a pending run then touches nothing, and
+ * freeze() and remove() cancel it synchronously after clearing live.
+ */
+static void qw_tx_watchdog(struct work_struct *work)
+{
+	struct qw_dev *qw = container_of(to_delayed_work(work), struct qw_dev,
+					 tx_watchdog);
+	unsigned long flags;
+	unsigned int n = 0;
+
+	spin_lock_irqsave(&qw->tx_lock, flags);
+	if (qw->live && !qw->broken) {
+		n = qw_tx_reclaim_locked(qw, qw->tx_vq);
+		if (!qw->tx_vq->num_free)
+			queue_delayed_work(qw_wq, &qw->tx_watchdog,
+					   msecs_to_jiffies(QW_TX_WATCHDOG_MS));
 	}
+	spin_unlock_irqrestore(&qw->tx_lock, flags);
+
+	if (n) {
+		/* Its interrupt was lost, or is late: either way, room now. */
+		atomic64_add(n, &qw->tx_watchdog_reclaimed);
+		pr_warn_ratelimited("%s: tx: %u completed buffers found without their interrupt (lost or late); reclaimed\n",
+				    qw->name, n);
+		qw_tx_announce(qw);
+	}
+}
+
+/*
+ * Arm the tx watchdog, only while live: under tx_lock, against the stop
+ * and removal that clear live under it before they cancel the watchdog.
+ */
+static void qw_tx_watchdog_arm(struct qw_dev *qw)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&qw->tx_lock, flags);
+	if (qw->live)
+		queue_delayed_work(qw_wq, &qw->tx_watchdog,
+				   msecs_to_jiffies(QW_TX_WATCHDOG_MS));
+	spin_unlock_irqrestore(&qw->tx_lock, flags);
 }
 
 /*
@@ -1123,6 +1244,9 @@ static int qw_tx_room(struct qw_dev *qw)
 	else
 		err = 0;
 	spin_unlock_irqrestore(&qw->tx_lock, flags);
+	/* Whoever waits for room now also waits for a lost interrupt. */
+	if (err == -ENOSPC)
+		qw_tx_watchdog_arm(qw);
 	return err;
 }
 
@@ -1697,6 +1821,8 @@ static int qw_start(struct qw_dev *qw, bool handshake)
 		dev_warn(&vdev->dev, "cannot post any rx buffer\n");
 
 	qw_notify_state(qw, POLL_OUT);
+	/* A carrier change signalled while stopped was not heard. */
+	qw_status_check(qw);
 	qw_status_arm(qw);
 	return 0;
 }
@@ -1954,6 +2080,9 @@ static __poll_t qw_poll(struct file *filp, poll_table *wait)
 
 	if (!qw_tx_room(qw))
 		mask |= EPOLLOUT | EPOLLWRNORM;
+	/* A state, not data: reads and writes go on as before. */
+	if (!READ_ONCE(qw->carrier))
+		mask |= EPOLLPRI;
 	return mask;
 }
 
@@ -1988,6 +2117,8 @@ static void qw_get_stats(struct qw_dev *qw, struct qw_stats *st)
 	else if (!qw->live)
 		st->state |= QW_STATE_STOPPED;
 	spin_unlock_irqrestore(&qw->rx_lock, flags);
+	if (!READ_ONCE(qw->carrier))
+		st->state |= QW_STATE_NO_CARRIER;
 
 	spin_lock_irqsave(&qw->tx_lock, flags);
 	st->tx_inflight = qw->tx_inflight;
@@ -2137,6 +2268,17 @@ QW_STAT_ATTR(flushed_bytes);
 QW_STAT_ATTR(config_changes);
 QW_STAT_ATTR(resets);
 
+/* Not in struct qw_stats (a uAPI struct): sysfs only. */
+static ssize_t tx_bad_used_len_show(struct device *dev,
+				    struct device_attribute *attr, char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%lld\n",
+			  (long long)atomic64_read(&qw->tx_bad_used_len));
+}
+static DEVICE_ATTR_RO(tx_bad_used_len);
+
 static ssize_t needs_reset_show(struct device *dev,
 				struct device_attribute *attr, char *buf)
 {
@@ -2146,6 +2288,26 @@ static ssize_t needs_reset_show(struct device *dev,
 	return sysfs_emit(buf, "%d\n", !!(st.state & QW_STATE_NEEDS_RESET));
 }
 static DEVICE_ATTR_RO(needs_reset);
+
+/* carrier: 1 while up (also for a device without the capability), 0 down. */
+static ssize_t carrier_show(struct device *dev, struct device_attribute *attr,
+			    char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%d\n", READ_ONCE(qw->carrier));
+}
+static DEVICE_ATTR_RO(carrier);
+
+/* Not in struct qw_stats: its layout is the ioctl's ABI. */
+static ssize_t carrier_changes_show(struct device *dev,
+				    struct device_attribute *attr, char *buf)
+{
+	struct qw_dev *qw = dev_get_drvdata(dev);
+
+	return sysfs_emit(buf, "%lld\n", atomic64_read(&qw->carrier_changes));
+}
+static DEVICE_ATTR_RO(carrier_changes);
 
 /*
  * config: the config space words the driver reads, as one snapshot
@@ -2195,6 +2357,9 @@ static struct attribute *qw_attrs[] = {
 	&dev_attr_resets.attr,
 	&dev_attr_needs_reset.attr,
 	&dev_attr_config.attr,
+	&dev_attr_tx_bad_used_len.attr,
+	&dev_attr_carrier.attr,
+	&dev_attr_carrier_changes.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(qw);
@@ -2280,6 +2445,7 @@ static void qw_teardown(struct qw_dev *qw)
 
 	/* Gone is set: nothing re-arms the poll; wait for a running one. */
 	cancel_delayed_work_sync(&qw->status_work);
+	cancel_delayed_work_sync(&qw->tx_watchdog);
 
 	if (!IS_ERR_OR_NULL(qw->dev))
 		device_destroy(qw_class, qw->devt);
@@ -2295,6 +2461,7 @@ static void qw_teardown(struct qw_dev *qw)
 
 static int qw_probe(struct virtio_device *vdev)
 {
+	struct qw_cfg_words w = {};
 	struct qw_dev *qw;
 	int minor, err;
 
@@ -2319,6 +2486,7 @@ static int qw_probe(struct virtio_device *vdev)
 	INIT_WORK(&qw->cancel_work, qw_aio_cancel_work);
 	INIT_WORK(&qw->config_work, qw_config_work);
 	INIT_DELAYED_WORK(&qw->status_work, qw_status_work);
+	INIT_DELAYED_WORK(&qw->tx_watchdog, qw_tx_watchdog);
 	atomic64_set(&qw->rx_bytes, 0);
 	atomic64_set(&qw->tx_bytes, 0);
 	atomic64_set(&qw->rx_interrupts, 0);
@@ -2327,6 +2495,7 @@ static int qw_probe(struct virtio_device *vdev)
 	atomic64_set(&qw->errors, 0);
 	atomic64_set(&qw->flushed_bytes, 0);
 	atomic64_set(&qw->config_changes, 0);
+	atomic64_set(&qw->carrier_changes, 0);
 	atomic64_set(&qw->resets, 0);
 	qw->vdev = vdev;
 	/* Before find_vqs: the callbacks find qw through it. */
@@ -2344,7 +2513,12 @@ static int qw_probe(struct virtio_device *vdev)
 	snprintf(qw->name, sizeof(qw->name), "qw%u", qw->minor);
 
 	/* Armed in qw_scan(), once the device is fully up. */
-	qw->cfg_status = qw_cfg_probe(vdev);
+	qw->cfg_status = qw_cfg_probe(vdev, &w);
+	/* The carrier as it is now: it may be down before any change. */
+	qw->cfg_carrier = qw->cfg_status &&
+			  (w.capabilities & QW_CFG_CAP_CARRIER);
+	qw->carrier = !qw->cfg_carrier ||
+		      !(w.status & QW_CFG_STATUS_NO_CARRIER);
 
 	err = qw_init_vqs(qw);
 	if (err) {
@@ -2423,6 +2597,11 @@ static void qw_scan(struct virtio_device *vdev)
 
 	mutex_lock(&qw->state_mutex);
 	qw->ready = true;
+	/*
+	 * The VMM drops config-change interrupts until DRIVER_OK (QEMU's
+	 * virtio_notify_config() does): read what changed since probe's look.
+	 */
+	qw_status_check(qw);
 	qw_status_arm(qw);
 	mutex_unlock(&qw->state_mutex);
 }
@@ -2451,6 +2630,7 @@ static int qw_freeze(struct virtio_device *vdev)
 	mutex_unlock(&qw->state_mutex);
 	/* Not live: nothing re-arms the poll; wait for a running one. */
 	cancel_delayed_work_sync(&qw->status_work);
+	cancel_delayed_work_sync(&qw->tx_watchdog);
 	return 0;
 }
 

@@ -16,7 +16,8 @@
 #   lab       images/lab-kernel.config                  $VDEVLAB_CACHE/lab-kernel/
 #   lockdep   + images/lab-kernel-lockdep.config         $VDEVLAB_CACHE/lockdep-kernel/
 #             (PROVE_LOCKING, DEBUG_SPINLOCK, DEBUG_ATOMIC_SLEEP,
-#             DEBUG_OBJECTS, DEBUG_LIST; provisioned by default)
+#             DEBUG_OBJECTS, DEBUG_LIST, fault injection, kmemleak off
+#             unless kmemleak=on; provisioned by default)
 #   kcsan     + images/lab-kernel-kcsan.config           $VDEVLAB_CACHE/kcsan-kernel/
 #             (KCSAN, the data-race detector; opt-in)
 #

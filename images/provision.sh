@@ -35,7 +35,8 @@
 #             against its tree there, with sparse
 #   lockdep   the lab kernel with the lock and object checkers
 #             (PROVE_LOCKING, DEBUG_SPINLOCK, DEBUG_ATOMIC_SLEEP,
-#             DEBUG_OBJECTS, DEBUG_LIST): images/lab-kernel.sh --variant
+#             DEBUG_OBJECTS, DEBUG_LIST), fault injection and kmemleak
+#             (off unless kmemleak=on): images/lab-kernel.sh --variant
 #             lockdep, in a tree of its own (a few minutes more, once)
 #   kcsan     the lab kernel with KCSAN, the data-race detector
 #             (images/lab-kernel.sh --variant kcsan): opt-in, built only

@@ -14,7 +14,12 @@ pub struct FaultsArgs {
     /// Only the fast subset (what CI runs on every change).
     #[arg(long)]
     fast: bool,
+    /// Only the scenarios whose name contains this text (repeatable: any
+    /// of them), e.g. `--only tx`.
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
     /// Guest kernel(s): trixie, bookworm, lab, lockdep, ... (VDEVLAB_KERNELS in lab.env), or all.
+    /// A scenario that names a kernel (`kernel = "lockdep"`) runs on that one.
     #[arg(long, default_value = "trixie")]
     kernel: String,
     /// VMM and accelerator: qemu-tcg, qemu-kvm, cloud-hypervisor-kvm (each
@@ -44,7 +49,13 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
     let scenarios: Vec<FaultScenario> = scenarios
         .into_iter()
         .filter(|s| !args.fast || s.fast)
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| s.name.contains(o.as_str())))
         .collect();
+    if scenarios.is_empty() {
+        anyhow::bail!(
+            "no fault scenario matches (see `vdevlab faults --help` for --fast and --only)"
+        );
+    }
     let driver = args.driver.as_deref().map(Project::load).transpose()?;
     if let Some(p) = &driver {
         p.prepare()?;
@@ -58,7 +69,13 @@ pub fn run(args: FaultsArgs) -> Result<bool> {
         vec![lab.env.kernel(&args.kernel)?.clone()]
     };
     let mut all_pass = true;
-    for kernel in &kernels {
+    for (n, kernel) in kernels.iter().enumerate() {
+        // A scenario that names its own kernel runs once, not per kernel.
+        let scenarios: Vec<FaultScenario> = scenarios
+            .iter()
+            .filter(|s| n == 0 || s.kernel.is_none())
+            .cloned()
+            .collect();
         eprintln!(
             "[vdevlab] {} fault scenarios on {} ({}) in {cell} against {}",
             scenarios.len(),

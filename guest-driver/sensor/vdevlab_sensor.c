@@ -20,10 +20,18 @@
  * - poll() reports EPOLLIN when samples are buffered and EPOLLPRI when an
  *   alarm is pending; SENSOR_IOC_GET_ALARM takes one.
  * - SENSOR_IOC_SET_RATE and SENSOR_IOC_SET_THRESHOLD go to the ctrl queue
- *   and return the device's answer (EINVAL for an argument it refuses).
+ *   and return the device's answer (EINVAL for an argument it refuses,
+ *   ETIMEDOUT when it does not answer in ctrl_timeout_ms).
  *
- * Config-change interrupts are not used: a vhost-user backend cannot send
- * them with the vhost crate the lab uses, so alarms come on a queue.
+ * Alarms, two ways (docs/sensor-spec.md): each comes as a record on the
+ * events queue, and the device also counts them in its config status word
+ * (bits 16-31) and raises a config-change interrupt when the count moves.
+ * sensor_config_changed() (hard-irq context, under the virtio core's
+ * config lock) queues config_work, which re-reads the count under
+ * ctrl_mutex and adds what it moved by to alarms_signalled (sysfs).
+ * Interrupts merge, so the count, not the interrupts, is what counts.
+ * With alarm_events=N no event buffer is posted: alarms reach the driver
+ * only that way (no records: SENSOR_IOC_GET_ALARM gets EAGAIN).
  *
  * Locking
  * -------
@@ -35,7 +43,12 @@
  * no lock with one producer and one consumer) and may fault and sleep.
  * alarm_mutex does the same for the alarms kfifo.
  * ctrl_mutex serializes control requests: one in flight at a time, since
- * the request and status buffers are per device.  It also serializes
+ * the request and status buffers are per device.  Whether one is in flight
+ * (ctrl_inflight), those buffers and ctrl_done change only under lock, as
+ * the ctrl callback's answer does.  A request waits ctrl_timeout_ms for
+ * its answer; after a timeout the device still owns the buffers, so
+ * requests fail with EBUSY until it answers or the device is reset or
+ * removed (which hands every buffer back).  It also serializes
  * everything that creates or deletes the virtqueues (SENSOR_IOC_RESET,
  * removal) and every config space read.
  * Order: ctrl_mutex -> read_mutex -> alarm_mutex -> lock.
@@ -144,6 +157,7 @@ enum { SENSOR_VQ_SAMPLES, SENSOR_VQ_EVENTS, SENSOR_VQ_CTRL, SENSOR_NR_VQS };
 #define SENSOR_CFG_WAVE_PERIOD		0x2c
 #define SENSOR_CFG_NOISE		0x30
 #define SENSOR_CFG_STATUS		0x34
+#define SENSOR_CFG_ALARM_COUNT_SHIFT	16	/* status bits 16-31 */
 #define SENSOR_CFG_SAMPLES_DROPPED	0x38
 #define SENSOR_CFG_ALARMS_DROPPED	0x3c
 
@@ -191,11 +205,45 @@ struct sensor_wire_status {
 #define SENSOR_EVENT_BUFS	8
 #define SENSOR_FIFO_SAMPLES	1024	/* power of two (kfifo) */
 #define SENSOR_FIFO_ALARMS	64	/* power of two (kfifo) */
-#define SENSOR_CTRL_TIMEOUT	(5 * HZ)	/* under the 10 s hung-task limit */
+#define SENSOR_CTRL_TIMEOUT_MIN	10	/* ms */
+#define SENSOR_CTRL_TIMEOUT_MAX	60000	/* ms */
 
 static unsigned int virtio_id = SENSOR_DEFAULT_VIRTIO_ID;
 module_param(virtio_id, uint, 0444);
 MODULE_PARM_DESC(virtio_id, "virtio device id to bind (1..63, default 10)");
+
+/*
+ * How long a control request waits for the device's answer.  Writable at
+ * run time (a test shortens it); each request reads it once.  The wait is
+ * killable, which the hung-task detector leaves alone.
+ */
+static unsigned int ctrl_timeout_ms = 5000;
+
+static int sensor_set_ctrl_timeout(const char *val,
+				   const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, SENSOR_CTRL_TIMEOUT_MIN,
+				     SENSOR_CTRL_TIMEOUT_MAX);
+}
+
+static const struct kernel_param_ops sensor_ctrl_timeout_ops = {
+	.set = sensor_set_ctrl_timeout,
+	.get = param_get_uint,
+};
+module_param_cb(ctrl_timeout_ms, &sensor_ctrl_timeout_ops, &ctrl_timeout_ms,
+		0644);
+MODULE_PARM_DESC(ctrl_timeout_ms,
+		 "ms a control request waits for its answer (10..60000, default 5000)");
+
+/*
+ * Post event buffers, so alarm records arrive on the events queue?  N: the
+ * driver learns of alarms only from config-change interrupts (the count in
+ * the status word), which the tests use to check that path on its own.
+ */
+static bool alarm_events = true;
+module_param(alarm_events, bool, 0444);
+MODULE_PARM_DESC(alarm_events,
+		 "receive alarm records on the events queue (default Y; N: alarms are only counted from config-change interrupts)");
 
 /* ---- Per-device state ---- */
 
@@ -233,6 +281,12 @@ struct sensor_dev {
 	struct sensor_wire_status *ctrl_status;
 
 	struct sensor_stats stats;	/* under lock; pending/state computed */
+
+	/* Alarms signalled by config changes: see "Alarms, two ways". */
+	struct work_struct config_work;
+	u16 alarm_count;		/* the status word's, last read */
+	u64 alarms_signalled;		/* under lock */
+	u64 config_changes;		/* under lock */
 };
 
 static DEFINE_IDA(sensor_ida);
@@ -425,28 +479,61 @@ static void sensor_ctrl_done(struct virtqueue *vq)
 /* ---- Control requests ---- */
 
 /*
- * Send one request and wait for the device's answer.  Returns the device's
- * value on success (>= 0) or a negative errno: EINVAL for INVALID,
- * EOPNOTSUPP for UNSUPPORTED, EPROTO for MALFORMED or a short answer,
- * ETIMEDOUT if the device kept the request, ENODEV after removal.
+ * The device's answer to the request in flight, once it gave the buffers
+ * back; lock held.  Only a status record of exactly the contract's size is
+ * trusted: a shorter one is incomplete, a longer one a device bug.
  */
-static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
+static long sensor_ctrl_answer(struct sensor_dev *s)
 {
-	struct scatterlist out, in, *sgs[2] = { &out, &in };
-	unsigned long flags;
-	long left, ret;
 	u32 status;
 
-	if (mutex_lock_killable(&s->ctrl_mutex))
-		return -EINTR;
+	if (s->ctrl_len != sizeof(*s->ctrl_status)) {
+		dev_warn_ratelimited(&s->vdev->dev,
+				     "control answer with used length %u\n",
+				     s->ctrl_len);
+		return -EPROTO;
+	}
+	status = le32_to_cpu(s->ctrl_status->status);
+	switch (status) {
+	case SENSOR_ST_OK:
+		return le32_to_cpu(s->ctrl_status->value);
+	case SENSOR_ST_INVALID:
+		return -EINVAL;
+	case SENSOR_ST_UNSUPPORTED:
+		return -EOPNOTSUPP;
+	case SENSOR_ST_MALFORMED:
+		return -EPROTO;	/* we never send a malformed request */
+	default:
+		dev_warn_ratelimited(&s->vdev->dev,
+				     "control answer with unknown status %u\n",
+				     status);
+		return -EPROTO;
+	}
+}
+
+/*
+ * Post one request; lock held.  The in-flight check, the buffers and the
+ * completion are all under the lock the callback takes: a late answer to
+ * an earlier request that timed out can neither complete this one nor
+ * find its buffers half rewritten.
+ */
+static int sensor_ctrl_post(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
+{
+	struct scatterlist out, in, *sgs[2] = { &out, &in };
+	int err;
+
+	lockdep_assert_held(&s->lock);
+	if (s->gone)
+		return -ENODEV;
+	if (s->broken)
+		return -EIO;
 	/*
 	 * An earlier request that timed out still belongs to the device: its
-	 * buffers cannot be reused until the device gives them back.
+	 * buffers cannot be reused until the device gives them back (its
+	 * answer, or a reset).
 	 */
-	if (READ_ONCE(s->ctrl_inflight)) {
-		ret = -EBUSY;
-		goto out;
-	}
+	if (s->ctrl_inflight)
+		return -EBUSY;
 	s->ctrl_req->cmd = cpu_to_le32(cmd);
 	s->ctrl_req->arg0 = cpu_to_le32(arg0);
 	s->ctrl_req->arg1 = cpu_to_le32(arg1);
@@ -455,66 +542,63 @@ static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
 	sg_init_one(&out, s->ctrl_req, sizeof(*s->ctrl_req));
 	sg_init_one(&in, s->ctrl_status, sizeof(*s->ctrl_status));
 	reinit_completion(&s->ctrl_done);
-
-	if (READ_ONCE(s->gone)) {
-		ret = -ENODEV;
-		goto out;
+	err = virtqueue_add_sgs(s->vqs[SENSOR_VQ_CTRL], sgs, 1, 1, s,
+				GFP_ATOMIC);
+	if (err) {
+		s->stats.errors++;
+		return err;
 	}
+	s->ctrl_inflight = true;
+	s->stats.ctrl_requests++;
+	virtqueue_kick(s->vqs[SENSOR_VQ_CTRL]);
+	return 0;
+}
+
+/*
+ * Send one request and wait for the device's answer, at most
+ * ctrl_timeout_ms.  Returns the device's value on success (>= 0) or a
+ * negative errno: EINVAL for INVALID, EOPNOTSUPP for UNSUPPORTED, EPROTO
+ * for MALFORMED, a status the contract does not define or a bad used
+ * length; ETIMEDOUT if the device kept the request, then EBUSY until it
+ * answers or is reset; EIO on a broken device; ENODEV after removal (also
+ * for a request the device never answered).
+ */
+static long sensor_ctrl(struct sensor_dev *s, u32 cmd, u32 arg0, u32 arg1)
+{
+	unsigned int timeout_ms = READ_ONCE(ctrl_timeout_ms);
+	unsigned long flags;
+	long left, ret;
+
+	if (mutex_lock_killable(&s->ctrl_mutex))
+		return -EINTR;
 	if (!s->have_vqs) {
-		ret = -EIO;	/* a reset failed: only another one can help */
+		/* gone, or a reset failed: only another one can help */
+		ret = READ_ONCE(s->gone) ? -ENODEV : -EIO;
 		goto out;
 	}
 	spin_lock_irqsave(&s->lock, flags);
-	if (s->gone || s->broken) {
-		spin_unlock_irqrestore(&s->lock, flags);
-		ret = s->gone ? -ENODEV : -EIO;
-		goto out;
-	}
-	ret = virtqueue_add_sgs(s->vqs[SENSOR_VQ_CTRL], sgs, 1, 1, s,
-				GFP_ATOMIC);
-	if (!ret) {
-		s->ctrl_inflight = true;
-		s->stats.ctrl_requests++;
-		virtqueue_kick(s->vqs[SENSOR_VQ_CTRL]);
-	} else {
-		s->stats.errors++;
-	}
+	ret = sensor_ctrl_post(s, cmd, arg0, arg1);
 	spin_unlock_irqrestore(&s->lock, flags);
 	if (ret)
 		goto out;
 
 	left = wait_for_completion_killable_timeout(&s->ctrl_done,
-						    SENSOR_CTRL_TIMEOUT);
+						    msecs_to_jiffies(timeout_ms));
 	spin_lock_irqsave(&s->lock, flags);
 	if (s->gone) {
 		ret = -ENODEV;
-	} else if (s->broken && s->ctrl_inflight) {
+	} else if (!s->ctrl_inflight) {
+		/* Answered, possibly just after the timeout or a signal. */
+		ret = sensor_ctrl_answer(s);
+	} else if (s->broken) {
 		ret = -EIO;	/* woken by a broken queue, not by an answer */
 	} else if (left < 0) {
-		ret = left;	/* killed; the answer still comes, unread */
-	} else if (left == 0) {
-		dev_warn_ratelimited(&s->vdev->dev,
-				     "control request %u not answered in %d s\n",
-				     cmd, SENSOR_CTRL_TIMEOUT / HZ);
-		ret = -ETIMEDOUT;
-	} else if (s->ctrl_len < sizeof(*s->ctrl_status)) {
-		ret = -EPROTO;
+		ret = left;	/* killed; the answer may still come, unread */
 	} else {
-		status = le32_to_cpu(s->ctrl_status->status);
-		switch (status) {
-		case SENSOR_ST_OK:
-			ret = le32_to_cpu(s->ctrl_status->value);
-			break;
-		case SENSOR_ST_INVALID:
-			ret = -EINVAL;
-			break;
-		case SENSOR_ST_UNSUPPORTED:
-			ret = -EOPNOTSUPP;
-			break;
-		default:
-			ret = -EPROTO;
-			break;
-		}
+		dev_warn_ratelimited(&s->vdev->dev,
+				     "control request %u not answered in %u ms; busy until the device answers or is reset\n",
+				     cmd, timeout_ms);
+		ret = -ETIMEDOUT;
 	}
 	if (ret < 0)
 		s->stats.ctrl_errors++;
@@ -582,6 +666,8 @@ static int sensor_post_all(struct sensor_dev *s)
 		err = sensor_post_sample_buf(s, s->sample_bufs[i]);
 	n = min_t(unsigned int, SENSOR_EVENT_BUFS,
 		  virtqueue_get_vring_size(s->vqs[SENSOR_VQ_EVENTS]));
+	if (!alarm_events)
+		n = 0;	/* alarms come only as a count, by config change */
 	for (i = 0; i < n && !err; i++)
 		err = sensor_post_event_buf(s, s->event_bufs[i]);
 	if (!err) {
@@ -659,6 +745,8 @@ static long sensor_reset(struct sensor_dev *s)
 	kfifo_reset(&s->samples);
 	kfifo_reset(&s->alarms);
 	s->broken = false;
+	/* The device's count starts again at 0. */
+	s->alarm_count = 0;
 	s->stats.resets++;
 	spin_unlock_irqrestore(&s->lock, flags);
 	mutex_unlock(&s->alarm_mutex);
@@ -678,6 +766,75 @@ static long sensor_reset(struct sensor_dev *s)
 out:
 	mutex_unlock(&s->ctrl_mutex);
 	return err;
+}
+
+/* ---- Config changes: alarms signalled by the status word ---- */
+
+/*
+ * The status word, read again while the config generation changes under
+ * us (the virtio specification's rule for a consistent read).  Under
+ * ctrl_mutex, while the device is there.
+ */
+static u32 sensor_read_status(struct sensor_dev *s)
+{
+	struct virtio_device *vdev = s->vdev;
+	unsigned int tries;
+	u32 gen, status = 0;
+
+	lockdep_assert_held(&s->ctrl_mutex);
+
+	for (tries = 0; tries < 8; tries++) {
+		gen = vdev->config->generation ? vdev->config->generation(vdev) : 0;
+		status = virtio_cread32(vdev, SENSOR_CFG_STATUS);
+		if (!vdev->config->generation ||
+		    vdev->config->generation(vdev) == gen)
+			break;
+	}
+	return status;
+}
+
+/*
+ * A config change: the alarm count may have moved.  ctrl_mutex keeps
+ * remove() and a reset away while the config space is read; a stopped or
+ * removed device is not read (its reset clears the count anyway).
+ */
+static void sensor_config_work(struct work_struct *work)
+{
+	struct sensor_dev *s = container_of(work, struct sensor_dev,
+					    config_work);
+	unsigned long flags;
+	u16 count, moved;
+
+	mutex_lock(&s->ctrl_mutex);
+	if (READ_ONCE(s->gone) || !s->have_vqs)
+		goto out;
+	count = sensor_read_status(s) >> SENSOR_CFG_ALARM_COUNT_SHIFT;
+	/* Modulo 65536, as the device counts. */
+	moved = count - s->alarm_count;
+	s->alarm_count = count;
+	spin_lock_irqsave(&s->lock, flags);
+	s->alarms_signalled += moved;
+	spin_unlock_irqrestore(&s->lock, flags);
+	if (moved)
+		dev_dbg(&s->vdev->dev, "%u alarm(s) signalled\n", moved);
+out:
+	mutex_unlock(&s->ctrl_mutex);
+}
+
+/*
+ * Possibly in hard-irq context: count and defer the read (it may sleep).
+ * The virtio core calls this only between the end of probe and the start
+ * of remove, which cancels the work.
+ */
+static void sensor_config_changed(struct virtio_device *vdev)
+{
+	struct sensor_dev *s = vdev->priv;
+	unsigned long flags;
+
+	spin_lock_irqsave(&s->lock, flags);
+	s->config_changes++;
+	spin_unlock_irqrestore(&s->lock, flags);
+	schedule_work(&s->config_work);
 }
 
 /* ---- File operations ---- */
@@ -912,6 +1069,56 @@ static const struct file_operations sensor_fops = {
 	/* No .llseek: stream_open() makes lseek() fail with ESPIPE. */
 };
 
+/* ---- sysfs: /sys/class/vdevlab_sensor/sensorN/ ---- */
+
+/* A u64 counter kept under lock. */
+static ssize_t sensor_show_counter(struct device *dev, char *buf, size_t off)
+{
+	struct sensor_dev *s = dev_get_drvdata(dev);
+	unsigned long flags;
+	u64 v;
+
+	spin_lock_irqsave(&s->lock, flags);
+	v = *(u64 *)((char *)s + off);
+	spin_unlock_irqrestore(&s->lock, flags);
+	return sysfs_emit(buf, "%llu\n", v);
+}
+
+/* Alarms the config status word's count moved by (config changes). */
+static ssize_t alarms_signalled_show(struct device *dev,
+				     struct device_attribute *attr, char *buf)
+{
+	return sensor_show_counter(dev, buf,
+				   offsetof(struct sensor_dev, alarms_signalled));
+}
+static DEVICE_ATTR_RO(alarms_signalled);
+
+/* Config-change interrupts. */
+static ssize_t config_changes_show(struct device *dev,
+				   struct device_attribute *attr, char *buf)
+{
+	return sensor_show_counter(dev, buf,
+				   offsetof(struct sensor_dev, config_changes));
+}
+static DEVICE_ATTR_RO(config_changes);
+
+/* Alarm records received on the events queue. */
+static ssize_t alarms_received_show(struct device *dev,
+				    struct device_attribute *attr, char *buf)
+{
+	return sensor_show_counter(dev, buf,
+				   offsetof(struct sensor_dev, stats.alarms));
+}
+static DEVICE_ATTR_RO(alarms_received);
+
+static struct attribute *sensor_attrs[] = {
+	&dev_attr_alarms_signalled.attr,
+	&dev_attr_config_changes.attr,
+	&dev_attr_alarms_received.attr,
+	NULL,
+};
+ATTRIBUTE_GROUPS(sensor);
+
 /* ---- Probe and removal ---- */
 
 /*
@@ -966,6 +1173,10 @@ static int sensor_probe(struct virtio_device *vdev)
 	init_completion(&s->ctrl_done);
 	INIT_KFIFO(s->samples);
 	INIT_KFIFO(s->alarms);
+	INIT_WORK(&s->config_work, sensor_config_work);
+	/* Counted from here: alarms before probe were nobody's. */
+	s->alarm_count = virtio_cread32(vdev, SENSOR_CFG_STATUS) >>
+			 SENSOR_CFG_ALARM_COUNT_SHIFT;
 	s->vdev = vdev;
 	/* Before find_vqs: the callbacks find s through it. */
 	vdev->priv = s;
@@ -1020,8 +1231,8 @@ static int sensor_probe(struct virtio_device *vdev)
 	sensor_devs[minor] = s;
 	mutex_unlock(&sensor_devs_lock);
 
-	s->dev = device_create(sensor_class, &vdev->dev, s->devt, s, "%s",
-			       s->name);
+	s->dev = device_create_with_groups(sensor_class, &vdev->dev, s->devt, s,
+					   sensor_groups, "%s", s->name);
 	if (IS_ERR(s->dev)) {
 		err = PTR_ERR(s->dev);
 		s->dev = NULL;
@@ -1071,6 +1282,8 @@ static void sensor_remove(struct virtio_device *vdev)
 	device_destroy(sensor_class, s->devt);
 	cdev_del(s->cdev);
 	sensor_teardown(s);
+	/* No config change comes once remove started; wait for the last. */
+	cancel_work_sync(&s->config_work);
 	ida_free(&sensor_ida, s->minor);
 	vdev->priv = NULL;
 	sensor_put(s);
@@ -1091,6 +1304,7 @@ static struct virtio_driver sensor_driver = {
 	.probe		= sensor_probe,
 	.scan		= sensor_scan,
 	.remove		= sensor_remove,
+	.config_changed	= sensor_config_changed,
 };
 
 static int __init sensor_init(void)

@@ -114,6 +114,8 @@ pub fn errno_name(e: i32) -> String {
         libc::ECANCELED => "ECANCELED",
         libc::EINPROGRESS => "EINPROGRESS",
         libc::ENOTCONN => "ENOTCONN",
+        libc::EPROTO => "EPROTO",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
         _ => return format!("errno {e}"),
     };
     name.to_string()
@@ -344,6 +346,17 @@ pub struct Tx {
     ops: u64,
     chunk: usize,
     hash: Sha256,
+    /// When the last write took bytes (evidence that the writer waited).
+    last: Option<Instant>,
+    /// The longest time between two writes that took bytes.
+    max_gap: Duration,
+    /// The longest single `write()` call ([`Tx::write_once`]).
+    max_call: Duration,
+    /// `EAGAIN`s from [`Tx::write_once`].
+    would_block: u64,
+    /// The longest submission-to-completion time of an asynchronous
+    /// write ([`Tx::latency`]).
+    max_latency: Duration,
 }
 
 impl Tx {
@@ -357,6 +370,11 @@ impl Tx {
             ops: 0,
             chunk: o.chunk,
             hash: Sha256::new(),
+            last: None,
+            max_gap: Duration::ZERO,
+            max_call: Duration::ZERO,
+            would_block: 0,
+            max_latency: Duration::ZERO,
         })
     }
 
@@ -407,7 +425,18 @@ impl Tx {
         self.hash.update(&self.data[self.sent..self.sent + n]);
         self.sent += n;
         self.ops += 1;
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.max_gap = self.max_gap.max(now - last);
+        }
+        self.last = Some(now);
         Ok(())
+    }
+
+    /// An asynchronous write (AIO, io_uring) completed `d` after it was
+    /// submitted.
+    pub fn latency(&mut self, d: Duration) {
+        self.max_latency = self.max_latency.max(d);
     }
 
     /// One `write()` of up to a chunk; `EINTR` is retried, `EAGAIN` is
@@ -415,30 +444,86 @@ impl Tx {
     pub fn write_once(&mut self, fd: RawFd) -> Result<Step, String> {
         loop {
             let chunk = self.next();
+            let t0 = Instant::now();
             // SAFETY: `chunk` is a live, readable buffer of `chunk.len()`
             // bytes; `fd` is open.
             let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+            let errno = io::Error::last_os_error().raw_os_error();
+            self.max_call = self.max_call.max(t0.elapsed());
             if n >= 0 {
                 self.advance(n as usize)?;
                 return Ok(Step::Moved(n as usize));
             }
-            match io::Error::last_os_error().raw_os_error() {
+            match errno {
                 Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Ok(Step::WouldBlock),
+                Some(libc::EAGAIN) => {
+                    self.would_block += 1;
+                    return Ok(Step::WouldBlock);
+                }
                 _ => return Err(os_err(&format!("write after {} bytes", self.sent))),
             }
         }
     }
 
-    /// `bytes`, `writes`, `sha256` (of what was written) and `head`.
+    /// `bytes`, `writes`, `sha256` (of what was written) and `head`, then
+    /// the evidence of waiting: `max_gap_ms` (the longest time between two
+    /// writes that took bytes: a stalled device shows here, whatever the
+    /// model), `max_write_ms` (the longest `write()` call: a blocking
+    /// writer that slept), `would_block` (`EAGAIN`s) and `max_latency_ms`
+    /// (the longest time an asynchronous write took to complete).
     pub fn report(self) -> Report {
         let mut r = Report::new();
         let head = &self.data[..self.sent.min(HEAD_LEN)];
         r.num("bytes", self.sent as u64)
             .num("writes", self.ops)
             .text("sha256", &hex::encode(self.hash.finalize()))
-            .text("head", &hex::encode(head));
+            .text("head", &hex::encode(head))
+            .num("max_gap_ms", self.max_gap.as_millis() as u64)
+            .num("max_write_ms", self.max_call.as_millis() as u64)
+            .num("would_block", self.would_block)
+            .num("max_latency_ms", self.max_latency.as_millis() as u64);
         r
+    }
+}
+
+/// How long a transmit waiter's bounded readiness waits last
+/// ([`Readiness`]): short enough to count the waits of a stall, long enough
+/// not to spin.
+pub const READINESS_SLICE_MS: i32 = 50;
+
+/// A waiter's evidence about readiness (poll, select, epoll): bounded waits
+/// ([`READINESS_SLICE_MS`]) that ended with the descriptor not ready, how
+/// often readiness was reported again after such waits, and the longest
+/// time it stayed unready.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    not_ready: u64,
+    again: u64,
+    since: Option<Instant>,
+    longest: Duration,
+}
+
+impl Readiness {
+    /// A bounded wait ended without readiness.
+    pub fn not_ready(&mut self) {
+        self.not_ready += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Readiness was reported.
+    pub fn ready(&mut self) {
+        if let Some(t) = self.since.take() {
+            self.again += 1;
+            self.longest = self.longest.max(t.elapsed());
+        }
+    }
+
+    /// `<what>_false` (waits that found it not ready), `<what>_again`
+    /// (readiness reported again after them) and `max_unready_ms`.
+    pub fn add_to(&self, r: &mut Report, what: &str) {
+        r.num(&format!("{what}_false"), self.not_ready)
+            .num(&format!("{what}_again"), self.again)
+            .num("max_unready_ms", self.longest.as_millis() as u64);
     }
 }
 

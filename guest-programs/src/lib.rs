@@ -71,7 +71,8 @@ pub const MIXED: &str = "mixed";
 
 /// The driver-robustness scenarios (see [`scenarios::teardown`],
 /// [`scenarios::ioctl_stats`], [`scenarios::pm_freeze`],
-/// [`scenarios::multi_open`], [`scenarios::needs_reset`]). Each reports
+/// [`scenarios::multi_open`], [`scenarios::needs_reset`],
+/// [`scenarios::waiters`]). Each reports
 /// every observation, also on failure, and on failure its `error`
 /// lists every check that did not hold.
 pub const ROBUSTNESS: &[&str] = &[
@@ -81,6 +82,14 @@ pub const ROBUSTNESS: &[&str] = &[
     "pm-freeze",
     "multi-open",
     "needs-reset",
+    "alloc-faults",
+    "trouble-removal",
+    "trouble-needs-reset",
+    "trouble-broken",
+    "trouble-reset",
+    "trouble-unplug",
+    "trouble-broken-tx",
+    "carrier-change",
 ];
 
 /// The echo scenarios of `vdevlab bench` ([`scenarios::echo`]): `echo-<model>`
@@ -159,11 +168,15 @@ pub struct Opts {
     pub chunk: usize,
     /// Seed of the transmitted pattern.
     pub seed: u64,
+    /// Milliseconds to wait after `VDEVLAB-READY` before the first I/O
+    /// ([`start`]): room for the host to arm a fault (a stalled queue)
+    /// before the program's first request.
+    pub pause_ms: u64,
 }
 
 /// One line of usage, for errors.
 pub const USAGE: &str =
-    "usage: vdevlab-guest SCENARIO [--device PATH] [--bytes N] [--chunk N] [--seed S] | vdevlab-guest list";
+    "usage: vdevlab-guest SCENARIO [--device PATH] [--bytes N] [--chunk N] [--seed S] [--pause-ms MS] | vdevlab-guest list";
 
 fn number(flag: &str, value: &str) -> Result<u64, String> {
     let parsed = match value
@@ -198,6 +211,7 @@ where
         bytes: 4096,
         chunk: 4096,
         seed: 1,
+        pause_ms: 0,
     };
     while let Some(arg) = args.next() {
         let (flag, value) = match arg.split_once('=') {
@@ -223,6 +237,12 @@ where
                     .ok_or_else(|| format!("--chunk must be 1..={MAX_CHUNK}, not {value}"))?;
             }
             "--seed" => opts.seed = number(&flag, &value)?,
+            "--pause-ms" => {
+                opts.pause_ms = number(&flag, &value)?;
+                if opts.pause_ms > 60_000 {
+                    return Err(format!("--pause-ms must be at most 60000, not {value}"));
+                }
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -317,6 +337,14 @@ pub fn marker(line: &str) {
 /// to wait for it; the host may start injecting (or draining the capture).
 pub fn ready(scenario: &str) {
     marker(&protocol::ready_line(scenario));
+}
+
+/// [`ready`], then wait `--pause-ms` (the host arms its fault meanwhile).
+pub fn start(o: &Opts) {
+    ready(&o.scenario);
+    if o.pause_ms > 0 {
+        common::nap(std::time::Duration::from_millis(o.pause_ms));
+    }
 }
 
 /// The `VDEVLAB-RESULT {json}` line for an outcome.
@@ -418,6 +446,7 @@ mod tests {
                 bytes: 4096,
                 chunk: 4096,
                 seed: 1,
+                pause_ms: 0,
             }
         );
     }

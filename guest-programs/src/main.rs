@@ -24,7 +24,8 @@ use vdevlab_guest::io_models::{
 };
 use vdevlab_guest::scenarios::teardown::How;
 use vdevlab_guest::scenarios::{
-    echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor, stress, teardown, Checked,
+    alloc_faults, carrier_change, echo, ioctl_stats, multi_open, needs_reset, pm_freeze, sensor,
+    sensor_faults, stress, teardown, waiters, Checked,
 };
 use vdevlab_guest::{
     checked_result_line, marker, parse_args, result_line, split_scenario, Dir, Opts, Report, ECHO,
@@ -40,6 +41,14 @@ fn dispatch_robust(o: &Opts) -> Option<Result<Checked, String>> {
         "pm-freeze" => pm_freeze::run(o),
         "multi-open" => multi_open::run(o),
         "needs-reset" => needs_reset::run(o),
+        "alloc-faults" => alloc_faults::run(o),
+        "trouble-removal"
+        | "trouble-needs-reset"
+        | "trouble-broken"
+        | "trouble-reset"
+        | "trouble-unplug"
+        | "trouble-broken-tx" => waiters::run(o),
+        "carrier-change" => carrier_change::run(o),
         _ => return None,
     })
 }
@@ -76,7 +85,11 @@ fn main() -> ExitCode {
         let mut names = SCENARIOS.join("\n");
         names.push('\n');
         names.push_str(MIXED);
-        for name in ROBUSTNESS.iter().chain(sensor::SENSOR_SCENARIOS) {
+        for name in ROBUSTNESS
+            .iter()
+            .chain(sensor::SENSOR_SCENARIOS)
+            .chain(sensor_faults::SENSOR_FAULT_SCENARIOS)
+        {
             names.push('\n');
             names.push_str(name);
         }
@@ -84,7 +97,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     // The sensor device's scenarios and the stress have options of their own.
-    if let Some(outcome) = sensor::dispatch(&args).or_else(|| stress::dispatch(&args)) {
+    if let Some(outcome) = sensor::dispatch(&args)
+        .or_else(|| stress::dispatch(&args))
+        .or_else(|| sensor_faults::dispatch(&args))
+    {
         let name = args.first().map(String::as_str).unwrap_or("");
         let (line, ok) = match outcome {
             Ok(c) => (

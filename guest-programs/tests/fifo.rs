@@ -541,6 +541,7 @@ fn list_names_every_scenario() {
     expect.push(MIXED);
     expect.extend_from_slice(ROBUSTNESS);
     expect.extend_from_slice(vdevlab_guest::scenarios::sensor::SENSOR_SCENARIOS);
+    expect.extend_from_slice(vdevlab_guest::scenarios::sensor_faults::SENSOR_FAULT_SCENARIOS);
     assert_eq!(names, expect);
 }
 

@@ -88,10 +88,19 @@ pub fn run_labelled(
         Some(_) => session.abort(),
         None => session.finish(FINISH_TIMEOUT),
     };
+    // A program that runs more than once in a boot: each run's output is
+    // the part after the earlier runs' results.
     scenarios
         .iter()
+        .enumerate()
         .zip(driven)
-        .map(|(s, d)| ended.outcome(s, d))
+        .map(|((i, s), d)| {
+            let earlier = scenarios[..i]
+                .iter()
+                .filter(|p| p.marker == s.marker)
+                .count();
+            ended.outcome(s, d, earlier)
+        })
         .collect()
 }
 
@@ -758,6 +767,17 @@ fn judge(s: &Scenario, v: &Value) -> Vec<String> {
             problems.push(format!("{field} is {got}, expected {want}"));
         }
     }
+    for (field, min) in &s.expect.fields_at_least {
+        let got = field.split('.').try_fold(v, |o, part| o.get(part));
+        match got.and_then(Value::as_f64) {
+            Some(g) if g >= *min => {}
+            Some(g) => problems.push(format!("{field} is {g}, expected at least {min}")),
+            None => problems.push(format!(
+                "{field} is {}, expected a number of at least {min}",
+                got.map_or("absent".into(), |g| g.to_string())
+            )),
+        }
+    }
     for (field, bad) in &s.expect.fields_not {
         if v.get(field) == Some(bad) {
             problems.push(format!("{field} is {bad}, which it must not be"));
@@ -856,8 +876,8 @@ impl Ended {
         Ok(rec)
     }
 
-    fn outcome(&self, s: &Scenario, mut d: Driven) -> Result<Outcome> {
-        let output = scenario_output(&self.console, &s.marker);
+    fn outcome(&self, s: &Scenario, mut d: Driven, earlier: usize) -> Result<Outcome> {
+        let output = scenario_output_after(&self.console, &s.marker, earlier);
         if d.result.is_some() {
             for want in &s.expect.output {
                 if !output.contains(want.as_str()) {
@@ -888,6 +908,24 @@ impl Ended {
 
 /// The console lines between `marker`'s READY and its result.
 pub fn scenario_output(console: &str, marker: &str) -> String {
+    scenario_output_after(console, marker, 0)
+}
+
+/// [`scenario_output`] of the run of `marker` after `earlier` runs of it
+/// (their result lines) in the same console.
+pub fn scenario_output_after(console: &str, marker: &str, earlier: usize) -> String {
+    let end = protocol::result_prefix(marker);
+    let mut rest = console;
+    for _ in 0..earlier {
+        let Some(at) = rest.find(&end) else {
+            return String::new();
+        };
+        rest = &rest[at + end.len()..];
+    }
+    scenario_output_one(rest, marker)
+}
+
+fn scenario_output_one(console: &str, marker: &str) -> String {
     let end = protocol::result_prefix(marker);
     let mut out = Vec::new();
     let mut inside = false;
@@ -919,6 +957,12 @@ mod tests {
         assert_eq!(scenario_output(console, "b"), "bye");
         let staged = "VDEVLAB-READY a-2\nno\nVDEVLAB-READY a\nyes\n";
         assert_eq!(scenario_output(staged, "a"), "yes");
+        let twice = format!(
+            "{console}VDEVLAB-READY a\nagain\nVDEVLAB-RESULT {{\"scenario\":\"a\",\"ok\":true}}\n"
+        );
+        assert_eq!(scenario_output_after(&twice, "a", 0), "hello\n[ 1.0] kmsg");
+        assert_eq!(scenario_output_after(&twice, "a", 1), "again");
+        assert_eq!(scenario_output_after(&twice, "a", 2), "");
     }
 
     fn judged(expect: Expect, result: &str) -> Vec<String> {
@@ -961,6 +1005,24 @@ mod tests {
                 "bytes is 2, expected 3",
                 "sha256 is \"aa\", which it must not be",
                 "exit status 143 (killed by the 9 s timeout), expected 0"
+            ]
+        );
+        let evidence = Expect {
+            fields_at_least: vec![
+                ("blocked_ms".into(), 1000.0),
+                ("aio.late_ms".into(), 5.0),
+                ("polls".into(), 1.0),
+            ],
+            ..Expect::default()
+        };
+        assert_eq!(
+            judged(
+                evidence,
+                r#"{"ok":true,"blocked_ms":999,"aio":{"late_ms":7.5},"polls":"x"}"#
+            ),
+            [
+                "blocked_ms is 999, expected at least 1000",
+                "polls is \"x\", expected a number of at least 1"
             ]
         );
     }

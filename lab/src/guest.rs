@@ -131,6 +131,10 @@ pub struct BootSpec {
     /// available as it arrives ([`Guest::raw_console`]), and init opens a
     /// shell on the console (`vdevlab.shell=1`).
     pub interactive: bool,
+    /// More words for the kernel command line (e.g. `kmemleak=on`, for a
+    /// kernel built with its detector off by default), each without
+    /// spaces or quotes.
+    pub kernel_args: Vec<String>,
 }
 
 /// A guest driver other than the reference one (see [`BootSpec::driver`]).
@@ -194,6 +198,7 @@ impl BootSpec {
             vcpus: None,
             placement: Placement::default(),
             interactive: false,
+            kernel_args: Vec::new(),
         }
     }
 
@@ -628,6 +633,20 @@ fn kernel_cmdline(base: &str, spec: &BootSpec) -> Result<KernelCmdline> {
             " vdevlab.qw_params={}",
             spec.driver_params.join(",")
         ));
+    }
+    if spec
+        .kernel_args
+        .iter()
+        .any(|a| a.is_empty() || a.contains([' ', '"', '\n']))
+    {
+        bail!(
+            "kernel arguments must be single words, without spaces or quotes: {:?}",
+            spec.kernel_args
+        );
+    }
+    for a in &spec.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(a);
     }
     Ok(KernelCmdline { cmdline, runs_file })
 }
@@ -1887,5 +1906,22 @@ mod tests {
         assert_eq!(vmm_failure_summary("\n\n"), "(nothing on stderr)");
         assert_eq!(vmm_failure_summary("a\nlast words\n"), "last words");
         assert!(vmm_failure_summary(&"error ".repeat(500)).len() <= 603);
+    }
+}
+
+#[cfg(test)]
+mod kernel_args_tests {
+    use super::*;
+
+    #[test]
+    fn kernel_args_end_the_command_line() {
+        let mut spec = BootSpec::new("x", vec![]);
+        spec.kernel_args = vec!["kmemleak=on".into()];
+        let line = kernel_cmdline("c", &spec).unwrap().cmdline;
+        assert!(line.ends_with(" kmemleak=on"), "{line}");
+        for bad in ["", "a b", "a\"b"] {
+            spec.kernel_args = vec![bad.into()];
+            assert!(kernel_cmdline("c", &spec).is_err(), "{bad:?}");
+        }
     }
 }

@@ -28,8 +28,11 @@
 //!   unbind), as data for the engine;
 //! - [`splat`]: spots kernel splats on a console;
 //! - [`record`]: one run record per scenario, `runs.jsonl`;
-//! - [`report`]: JSON and JUnit reports and verdict tables.
+//! - [`report`]: JSON and JUnit reports and verdict tables;
+//! - [`alloc_faults`]: the driver's allocations failed one at a time by the
+//!   kernel's fault injection, on the lockdep kernel with kmemleak.
 
+pub mod alloc_faults;
 pub mod artifacts;
 pub mod bench;
 pub mod campaign;

@@ -265,6 +265,10 @@ pub struct Expect {
     /// A check of the result line against what the host captured and the
     /// device's counters at the end (the stress scenario's accounts).
     pub check: Option<Checker>,
+    /// Numeric result fields that must be at least these values (a dotted
+    /// name looks inside objects: `evidence.blocked_ms`): a program's
+    /// evidence that it really waited.
+    pub fields_at_least: Vec<(String, f64)>,
 }
 
 /// A check of a result line, the captured bytes and the device's counters
@@ -290,6 +294,7 @@ impl Default for Expect {
             counters_at_least: Vec::new(),
             within: None,
             check: None,
+            fields_at_least: Vec::new(),
         }
     }
 }

@@ -101,6 +101,11 @@ const PATTERNS: &[(&str, &str)] = &[
     ("bug", "BUG: "),
     ("warn", "WARNING: CPU:"),
     ("warn", "------------[ cut here ]------------"),
+    // -- kmemleak (DEBUG_KMEMLEAK, on with kmemleak=on): with its verbose
+    // parameter set, each scan logs every new leak as "kmemleak:
+    // unreferenced object 0xffff888003a1c000 (size 4096):" and its
+    // backtrace (mm/kmemleak.c); `alloc-faults` sets it --
+    ("kmemleak", "unreferenced object 0x"),
 ];
 
 /// Lines that contain a pattern but are no splat.
@@ -120,6 +125,9 @@ const DETECTOR_OFF: &[&str] = &[
     "INFO: lockdep is turned off",
     "turning off the locking correctness validator",
     "Disabling lock debugging due to kernel taint",
+    // kmemleak gave up (its metadata could not be allocated, or an
+    // internal error): it checks nothing from then on.
+    "Kernel memory leak detector disabled",
 ];
 
 /// The message of a console line: from after the timestamp on, so that the
@@ -339,6 +347,25 @@ VDEVLAB-RESULT {\"ok\":true}
                 "list-corruption",
                 "list-corruption",
             ]
+        );
+    }
+
+    #[test]
+    fn kmemleak_reports() {
+        let console = "\
+[   80.000000] kmemleak: unreferenced object 0xffff888003a1c000 (size 4096):
+[   80.000001] kmemleak:   comm \"vdevlab-guest\", pid 77, jiffies 4294900000
+[   80.000002] kmemleak:   backtrace (crc 1234abcd):
+[   80.000003] kmemleak:     qw_rx_buf_alloc+0x2e/0x80 [vdevlab_qw]
+[   80.100000] kmemleak: 1 new suspected memory leaks (see /sys/kernel/debug/kmemleak)
+[   81.000000] FAULT_INJECTION: forcing a failure.
+[   81.000001] vdevlab-guest: page allocation failure: order:0, mode:0xcc0(GFP_KERNEL)
+[   90.000000] kmemleak: Kernel memory leak detector disabled
+";
+        assert_eq!(kinds(console), ["kmemleak"]);
+        assert_eq!(
+            detectors_off(console),
+            ["[   90.000000] kmemleak: Kernel memory leak detector disabled"]
         );
     }
 

@@ -37,6 +37,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::chain::QueueError;
 use crate::device::VirtioDevice;
 use crate::engine::{contain_panic, Engine, Pass, MAX_PASS_ROUNDS};
+use crate::faults::Gate;
 use crate::irq::IrqAction;
 use crate::relay::{PrivateSocket, Relay};
 
@@ -171,16 +172,21 @@ impl<D: VirtioDevice> CoreBackend<D> {
         }
         // Injected faults: a stalled queue waits for its timer; a slow
         // device sleeps before each pass.
-        let (stalled, slow) = {
+        let (stalled, slow, throttled) = {
             let mut eng = self.device();
             let core = &mut eng.core;
-            let stalled = core
-                .faults_mut()
-                .stalled_for(queue, std::time::Instant::now());
+            let now = std::time::Instant::now();
+            let mut stalled = core.faults_mut().stalled_for(queue, now);
             if stalled.is_some() {
                 core.counters_mut().stalled_passes += 1;
             }
-            (stalled, core.faults_mut().slow())
+            // A throttled queue waits for its next pass like a stalled one.
+            let gate = core.faults_mut().throttle_gate(queue, now);
+            if let (None, Gate::Wait(left)) = (stalled, gate) {
+                core.counters_mut().throttled_passes += 1;
+                stalled = Some(left);
+            }
+            (stalled, core.faults_mut().slow(), gate != Gate::Open)
         };
         if let Some(left) = stalled {
             if let Some(t) = self.stall_timers.get(queue as usize) {
@@ -221,6 +227,23 @@ impl<D: VirtioDevice> CoreBackend<D> {
                     return Err(e);
                 }
             };
+            if throttled {
+                // One short pass, then the next after the interval (the
+                // timer brings it back, as for a stall).
+                let next = {
+                    let mut eng = self.device();
+                    eng.core.counters_mut().throttled_passes += 1;
+                    eng.core
+                        .faults_mut()
+                        .throttle_passed(queue, std::time::Instant::now())
+                };
+                if let (Some(after), Some(t)) = (next, self.stall_timers.get(queue as usize)) {
+                    let _ = t
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reset(after, None);
+                }
+            }
             if pass.completed > 0 {
                 let action = self.device().core.on_completions(queue, pass.completed);
                 match action {
@@ -249,7 +272,7 @@ impl<D: VirtioDevice> CoreBackend<D> {
             // With EVENT_IDX, re-enabling notifications tells whether the
             // driver added buffers meanwhile; go round again only if this
             // pass made progress, or an rx queue with no data would spin.
-            if !event_idx || !state.enable_notification()? || pass.completed == 0 {
+            if !event_idx || !state.enable_notification()? || pass.completed == 0 || throttled {
                 break;
             }
         }

@@ -139,10 +139,19 @@ impl<D: VirtioDevice> Engine<D> {
         let mut completions: Vec<(u16, u32, u64)> = Vec::new();
         let size = q.size();
         let mut ring_error = None;
+        // A throttled queue (fault injection) serves a few buffers a pass.
+        let limit = match self
+            .core
+            .faults_mut()
+            .throttle_gate(queue, std::time::Instant::now())
+        {
+            crate::faults::Gate::Limit(n) => n as usize,
+            _ => usize::MAX,
+        };
         {
             let core = &mut self.core;
             let mut iter = q.iter(mem).inspect_err(|_| core.queue_error())?;
-            while self.device.wants_buffers(queue) {
+            while completions.len() < limit && self.device.wants_buffers(queue) {
                 let Some(chain) = iter.next() else { break };
                 let head = chain.head_index();
                 if head >= size {

@@ -129,6 +129,35 @@ pub enum Fault {
     },
     /// Cancel every pending fault and stall, and full speed again.
     Clear {},
+    /// A device that consumes slowly: serve at most `buffers` buffers of
+    /// the queue per pass, one pass every `interval_ms`, for `duration_ms`;
+    /// then full speed again. The driver's buffers pile up on the ring
+    /// meanwhile (a transmit ring fills, and writers wait).
+    Throttle {
+        /// Queue(s).
+        queue: QueueSel,
+        /// Buffers per pass (default 1; 1..=65535).
+        #[serde(default = "one")]
+        buffers: u32,
+        /// Time between passes, in milliseconds (1..=1000).
+        interval_ms: u64,
+        /// How long, in milliseconds (1..=60000).
+        duration_ms: u64,
+    },
+    /// Report used length `len` for each of the next `count` completions of
+    /// the queue, whatever the device wrote into the buffer (within or past
+    /// it): a device bug the driver must not trust. A transmit buffer's used
+    /// length must be 0 (the device writes nothing into it), so there any
+    /// other value is detectably wrong.
+    WrongUsedLen {
+        /// Queue(s).
+        queue: QueueSel,
+        /// How many completions (default 1).
+        #[serde(default = "one")]
+        count: u32,
+        /// The used length to report.
+        len: u32,
+    },
     /// A config-change storm: `count` config-change interrupts at
     /// `rate_hz`, each interval off by up to `jitter_pct` percent (seeded
     /// by `seed`), with the config unchanged. Replaces a storm still
@@ -210,6 +239,30 @@ pub struct HostileArms {
     pub index_jump: (u32, u16),
     /// Buffers left to complete twice.
     pub double_complete: u32,
+    /// Completions left with a wrong used length, and that length
+    /// ([`Fault::WrongUsedLen`]).
+    pub wrong_len: (u32, u32),
+}
+
+/// A queue's [`Fault::Throttle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Throttle {
+    buffers: u32,
+    interval: Duration,
+    until: Instant,
+    /// The earliest time of the next pass.
+    next: Instant,
+}
+
+/// What a throttled queue may do now ([`FaultState::throttle_gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Not throttled: serve every buffer.
+    Open,
+    /// A pass of at most this many buffers.
+    Limit(u32),
+    /// Too early: the next pass is due in this long.
+    Wait(Duration),
 }
 
 const MAX_STALL_MS: u64 = 60_000;
@@ -227,6 +280,7 @@ pub struct FaultState {
     hostile: Vec<HostileArms>,
     /// Queues whose next interrupt goes out whatever the driver asked.
     hostile_signal: Vec<bool>,
+    throttle: Vec<Option<Throttle>>,
     slow: Duration,
     corrupt: u32,
     truncate: u32,
@@ -244,7 +298,9 @@ impl Fault {
             | Fault::HostileBogusId { queue, .. }
             | Fault::HostileOverlong { queue, .. }
             | Fault::HostileIndexJump { queue, .. }
-            | Fault::HostileDoubleComplete { queue, .. } => Some(queue),
+            | Fault::HostileDoubleComplete { queue, .. }
+            | Fault::Throttle { queue, .. }
+            | Fault::WrongUsedLen { queue, .. } => Some(queue),
             _ => None,
         }
     }
@@ -261,6 +317,7 @@ impl FaultState {
             storm_until: vec![None; queues],
             hostile: vec![HostileArms::default(); queues],
             hostile_signal: vec![false; queues],
+            throttle: vec![None; queues],
             ..Self::default()
         }
     }
@@ -365,6 +422,42 @@ impl FaultState {
                 }
             }
             Fault::Clear {} => *self = FaultState::new(self.drop_irqs.len()),
+            Fault::Throttle {
+                buffers,
+                interval_ms,
+                duration_ms,
+                ..
+            } => {
+                if buffers == 0 || buffers > 0xffff {
+                    return Err(format!(
+                        "throttle: buffers must be 1..=65535, not {buffers}"
+                    ));
+                }
+                if interval_ms == 0 || interval_ms > 1000 {
+                    return Err(format!(
+                        "throttle: interval_ms must be 1..=1000, not {interval_ms}"
+                    ));
+                }
+                if duration_ms == 0 || duration_ms > MAX_STALL_MS {
+                    return Err(format!(
+                        "throttle: duration_ms must be 1..={MAX_STALL_MS}, not {duration_ms}"
+                    ));
+                }
+                for &q in queues {
+                    self.throttle[q as usize] = Some(Throttle {
+                        buffers,
+                        interval: Duration::from_millis(interval_ms),
+                        until: now + Duration::from_millis(duration_ms),
+                        next: now,
+                    });
+                }
+            }
+            Fault::WrongUsedLen { count, len, .. } => {
+                for &q in queues {
+                    let a = &mut self.hostile[q as usize];
+                    a.wrong_len = (a.wrong_len.0.saturating_add(count), len);
+                }
+            }
             Fault::ConfigChangeStorm { .. }
             | Fault::HostileConfigChange { .. }
             | Fault::HostileConfigFlicker { .. } => {
@@ -374,6 +467,30 @@ impl FaultState {
             }
         }
         Ok(())
+    }
+
+    /// Whether `queue` is throttled now, and how ([`Fault::Throttle`]).
+    pub fn throttle_gate(&mut self, queue: u16, now: Instant) -> Gate {
+        let Some(slot) = self.throttle.get_mut(queue as usize) else {
+            return Gate::Open;
+        };
+        match *slot {
+            Some(t) if t.until <= now => {
+                *slot = None;
+                Gate::Open
+            }
+            Some(t) if t.next > now => Gate::Wait(t.next - now),
+            Some(t) => Gate::Limit(t.buffers),
+            None => Gate::Open,
+        }
+    }
+
+    /// A throttled pass over `queue` ran at `now`: the next waits an
+    /// interval. Returns that interval (`None` if not throttled).
+    pub fn throttle_passed(&mut self, queue: u16, now: Instant) -> Option<Duration> {
+        let t = self.throttle.get_mut(queue as usize)?.as_mut()?;
+        t.next = now + t.interval;
+        Some(t.interval)
     }
 
     /// Whether the next due interrupt of `queue` is to be lost (consumes one).
@@ -587,6 +704,62 @@ mod tests {
         arm(&mut f, &Fault::TruncateRx { count: 1 }, now).unwrap();
         let mut data = vec![0u8; 9];
         assert_eq!(f.damage_rx(&mut data), (false, 5));
+    }
+
+    #[test]
+    fn throttle_gates_passes_and_ends() {
+        let now = Instant::now();
+        let mut f = FaultState::new(2);
+        let t = Fault::Throttle {
+            queue: QueueSel::named("tx"),
+            buffers: 2,
+            interval_ms: 10,
+            duration_ms: 100,
+        };
+        arm(&mut f, &t, now).unwrap();
+        assert_eq!(f.throttle_gate(RX_QUEUE, now), Gate::Open);
+        assert_eq!(f.throttle_gate(TX_QUEUE, now), Gate::Limit(2));
+        assert_eq!(
+            f.throttle_passed(TX_QUEUE, now),
+            Some(Duration::from_millis(10))
+        );
+        assert_eq!(
+            f.throttle_gate(TX_QUEUE, now + Duration::from_millis(4)),
+            Gate::Wait(Duration::from_millis(6))
+        );
+        assert_eq!(
+            f.throttle_gate(TX_QUEUE, now + Duration::from_millis(10)),
+            Gate::Limit(2)
+        );
+        assert_eq!(
+            f.throttle_gate(TX_QUEUE, now + Duration::from_millis(100)),
+            Gate::Open
+        );
+        assert_eq!(f.throttle_passed(TX_QUEUE, now), None);
+        let bad = Fault::Throttle {
+            queue: QueueSel::named("tx"),
+            buffers: 0,
+            interval_ms: 10,
+            duration_ms: 100,
+        };
+        assert!(arm(&mut f, &bad, now).unwrap_err().contains("buffers"));
+        let parsed: Fault = serde_json::from_str(
+            r#"{"kind":"throttle","queue":"tx","interval_ms":5,"duration_ms":50}"#,
+        )
+        .unwrap();
+        assert!(matches!(parsed, Fault::Throttle { buffers: 1, .. }));
+    }
+
+    #[test]
+    fn wrong_used_lengths_are_armed_per_queue() {
+        let now = Instant::now();
+        let mut f = FaultState::new(2);
+        let w: Fault =
+            serde_json::from_str(r#"{"kind":"wrong_used_len","queue":"tx","count":3,"len":7}"#)
+                .unwrap();
+        arm(&mut f, &w, now).unwrap();
+        assert_eq!(f.hostile_mut(TX_QUEUE).unwrap().wrong_len, (3, 7));
+        assert_eq!(f.hostile_mut(RX_QUEUE).unwrap().wrong_len, (0, 0));
     }
 
     #[test]

@@ -103,6 +103,20 @@ pub(crate) fn complete(
         );
         core.counters_mut().hostile_overlong += 1;
     }
+    if arms.wrong_len.0 > 0 {
+        if let Some(a) = core.faults_mut().hostile_mut(queue) {
+            a.wrong_len.0 -= 1;
+        }
+        warn!(
+            queue,
+            head,
+            len = arms.wrong_len.1,
+            written = len,
+            "fault: completing a buffer with a wrong used length"
+        );
+        len = arms.wrong_len.1;
+        core.counters_mut().wrong_used_lens += 1;
+    }
     q.add_used(mem, head, len)?;
     if arms.double_complete > 0 {
         if let Some(a) = core.faults_mut().hostile_mut(queue) {
@@ -255,6 +269,26 @@ mod tests {
         complete(&mut core, 0, &mut queue, &mem, 1, 8, 64).unwrap();
         assert_eq!(used(&vq, 6), (1, 8), "the device goes on from the jump");
         assert_eq!(vq.used().idx().load(), 7);
+    }
+
+    #[test]
+    fn wrong_used_lengths_replace_what_was_written() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (vq, mut queue) = setup(&mem, 3);
+        let mut core = core_with(Fault::WrongUsedLen {
+            queue: QueueSel::named("rx"),
+            count: 2,
+            len: 33,
+        });
+        complete(&mut core, 0, &mut queue, &mem, 0, 0, 64).unwrap();
+        complete(&mut core, 0, &mut queue, &mem, 1, 8, 64).unwrap();
+        complete(&mut core, 0, &mut queue, &mem, 2, 0, 64).unwrap();
+        assert_eq!(
+            (used(&vq, 0), used(&vq, 1), used(&vq, 2)),
+            ((0, 33), (1, 33), (2, 0)),
+            "two wrong lengths, then the truth"
+        );
+        assert_eq!(core.counters().wrong_used_lens, 2);
     }
 
     #[test]

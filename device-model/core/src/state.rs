@@ -61,6 +61,12 @@ pub struct CoreCounters {
     /// Hostile mode: heads completed a second time.
     #[serde(default)]
     pub hostile_double_completions: u64,
+    /// Fault injection: passes cut short or put off by a throttle.
+    #[serde(default)]
+    pub throttled_passes: u64,
+    /// Fault injection: completions reported with a wrong used length.
+    #[serde(default)]
+    pub wrong_used_lens: u64,
     /// Config-change interrupts asked for ([`Core::notify_config_change`],
     /// the control plane's `config_change`, the config-change faults).
     #[serde(default)]

@@ -10,7 +10,7 @@
 //! | 0x08 | capabilities ([`CAP_RX`] ...) |
 //! | 0x0c | receive FIFO size, bytes |
 //! | 0x10 | transmit capture size, bytes |
-//! | 0x14 | status ([`STATUS_NEEDS_RESET`], [`STATUS_SOURCE_ACTIVE`]) |
+//! | 0x14 | status ([`STATUS_NEEDS_RESET`], [`STATUS_SOURCE_ACTIVE`], [`STATUS_NO_CARRIER`]) |
 //! | 0x18 | errors: refused chains + ring faults (saturating) |
 //! | 0x1c | drops: injected bytes refused + generator overruns (saturating) |
 //! | 0x20 | receive source: 0 host injection, 1 generator, 2 file or pipe |
@@ -43,11 +43,17 @@ pub const CAP_IRQ_MODES: u32 = 1 << 2;
 pub const CAP_GENERATOR: u32 = 1 << 3;
 /// The status word is live (re-read it after an error).
 pub const CAP_STATUS: u32 = 1 << 4;
+/// The carrier can change at run time ([`STATUS_NO_CARRIER`]), and every
+/// change is signalled with a config-change interrupt.
+pub const CAP_CARRIER: u32 = 1 << 5;
 
 /// The device is broken and must be reset by the driver.
 pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
 /// A generator or file source is feeding the receive FIFO.
 pub const STATUS_SOURCE_ACTIVE: u32 = 1 << 1;
+/// The carrier is down (host `{"op":"carrier","up":false}`); a change of
+/// it comes with a config-change interrupt.
+pub const STATUS_NO_CARRIER: u32 = 1 << 2;
 
 fn irq_code(mode: Option<IrqMode>) -> u32 {
     match mode {
@@ -72,6 +78,7 @@ pub const FIELDS: &[vdevlab_device_core::config::Field] = {
                 (CAP_IRQ_MODES, "IRQ_MODES"),
                 (CAP_GENERATOR, "GENERATOR"),
                 (CAP_STATUS, "STATUS"),
+                (CAP_CARRIER, "CARRIER"),
             ],
         },
         Field::word(0x0c, "rx_fifo_bytes"),
@@ -82,6 +89,7 @@ pub const FIELDS: &[vdevlab_device_core::config::Field] = {
             bits: &[
                 (STATUS_NEEDS_RESET, "NEEDS_RESET"),
                 (STATUS_SOURCE_ACTIVE, "SOURCE_ACTIVE"),
+                (STATUS_NO_CARRIER, "NO_CARRIER"),
             ],
         },
         Field::word(0x18, "errors"),
@@ -113,10 +121,13 @@ pub fn render(qw: &Qw, source: &SourceConfig, core: &Core) -> [u8; CONFIG_SIZE] 
     if source != 0 {
         status |= STATUS_SOURCE_ACTIVE;
     }
+    if !qw.carrier() {
+        status |= STATUS_NO_CARRIER;
+    }
     let words = [
         MAGIC,
         VERSION,
-        CAP_RX | CAP_TX | CAP_IRQ_MODES | CAP_GENERATOR | CAP_STATUS,
+        CAP_RX | CAP_TX | CAP_IRQ_MODES | CAP_GENERATOR | CAP_STATUS | CAP_CARRIER,
         sat(qw.rx_capacity() as u64),
         sat(qw.tx_capacity() as u64),
         status,
@@ -190,5 +201,9 @@ mod tests {
             (1, 16, 1000)
         );
         assert_eq!(word(&b, 0x2c), 2 << 4);
+        assert_ne!(word(&b, 0x08) & CAP_CARRIER, 0);
+        qw.set_carrier(false);
+        let b = render(&qw, &SourceConfig::Inject, &core);
+        assert_eq!(word(&b, 0x14), STATUS_NEEDS_RESET | STATUS_NO_CARRIER);
     }
 }

@@ -22,7 +22,7 @@ use vdevlab_device_core::{CoreCounters, Engine, VirtioDevice};
 use crate::qw::QwCounters;
 
 /// A control-plane request of the qw device: the core's requests and qw's
-/// own (`inject`, `capture`, `source`).
+/// own (`inject`, `capture`, `source`, `carrier`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -67,6 +67,14 @@ pub enum Request {
     Fault {
         /// The fault.
         fault: Fault,
+    },
+    /// Plug the cable in (`up`: true) or pull it (false): NO_CARRIER in
+    /// the config status word, then a config-change interrupt if it
+    /// changed. The reply says `changed` and `notified` (whether the
+    /// interrupt went out; `notify_error` says why not).
+    Carrier {
+        /// The new carrier state.
+        up: bool,
     },
 }
 
@@ -190,7 +198,7 @@ pub(crate) mod tests {
     /// The counters of a `stats` reply, by name, as clients have read them
     /// (the CLI, the lab's reports, users' scripts): the wire form of
     /// [`Stats`], which must not change.
-    pub(crate) const STATS_FIELDS: [&str; 26] = [
+    pub(crate) const STATS_FIELDS: [&str; 29] = [
         "injected_bytes",
         "inject_rejected_bytes",
         "rx_bytes",
@@ -211,12 +219,15 @@ pub(crate) mod tests {
         "hostile_overlong",
         "hostile_index_jumps",
         "hostile_double_completions",
+        "throttled_passes",
+        "wrong_used_lens",
         "config_changes_raised",
         "config_changes_sent",
         "config_changes_acked",
         "config_changes_failed",
         "hostile_config_changes",
         "hostile_config_flips",
+        "carrier_changes",
     ];
 
     #[test]
@@ -273,6 +284,9 @@ pub(crate) mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"op":"capture"}"#).unwrap();
         assert_eq!(r, Request::Capture { max: None });
+        let r: Request = serde_json::from_str(r#"{"op":"carrier","up":false}"#).unwrap();
+        assert_eq!(r, Request::Carrier { up: false });
+        assert!(serde_json::from_str::<Request>(r#"{"op":"carrier"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"ping","x":1}"#).is_err());
     }

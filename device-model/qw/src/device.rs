@@ -150,7 +150,8 @@ impl QwDevice {
         Outcome::Complete { used_len: 0 }
     }
 
-    /// The device's own control requests: `inject`, `capture`, `source`.
+    /// The device's own control requests: `inject`, `capture`, `source`,
+    /// `carrier`.
     fn device_request(&mut self, req: Request, core: &mut Core) -> Option<Result<Fields, String>> {
         let mut f = Fields::new();
         match req {
@@ -173,6 +174,14 @@ impl QwDevice {
                 let data = self.qw.take_capture(max.unwrap_or(usize::MAX));
                 f.insert("data".into(), hex::encode(data).into());
             }
+            Request::Carrier { up } => {
+                let changed = self.qw.set_carrier(up);
+                f.insert("changed".into(), changed.into());
+                // Only a change is signalled: the config space is rendered
+                // from the state just set, so a driver's re-read sees it.
+                let notified = changed && Self::notify(core, &mut f);
+                f.insert("notified".into(), notified.into());
+            }
             Request::Source { source } => {
                 let tick = source.tick();
                 if let Err(e) = self.source.set(source) {
@@ -185,6 +194,21 @@ impl QwDevice {
             _ => return None,
         }
         Some(Ok(f))
+    }
+}
+
+impl QwDevice {
+    /// Raise a config-change interrupt after a config change; whether it
+    /// went out (if not, `f` says why in `notify_error`).
+    fn notify(core: &mut Core, f: &mut Fields) -> bool {
+        match core.notify_config_change() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "config changed, but no config-change interrupt was sent");
+                f.insert("notify_error".into(), e.to_string().into());
+                false
+            }
+        }
     }
 }
 
@@ -242,7 +266,7 @@ impl VirtioDevice for QwDevice {
         request: &Value,
         core: &mut Core,
     ) -> Option<Result<Fields, String>> {
-        if !matches!(op, "inject" | "capture" | "source") {
+        if !matches!(op, "inject" | "capture" | "source" | "carrier") {
             return None;
         }
         match Request::deserialize(request) {
@@ -542,6 +566,39 @@ mod control_plane_tests {
                 .ok
         );
         assert!(!plane.handle_line(b"[1]").ok);
+    }
+
+    #[test]
+    fn carrier_sets_no_carrier_and_asks_for_a_config_change() {
+        use crate::config::STATUS_NO_CARRIER;
+        let plane = plane(QwDevice::default());
+        let status = |plane: &Plane<QwDevice>| {
+            let c = hex::decode(handle_request(plane, Request::Config {}).data.unwrap()).unwrap();
+            u32::from_le_bytes(c[0x14..0x18].try_into().unwrap())
+        };
+        assert_eq!(status(&plane) & STATUS_NO_CARRIER, 0, "up at power-on");
+        let reply = plane.handle_line(br#"{"op":"carrier","up":false}"#);
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.fields["changed"], true);
+        // No VMM here: the interrupt cannot go out, and the reply says why.
+        assert_eq!(reply.fields["notified"], false);
+        let why = reply.fields["notify_error"].as_str().unwrap();
+        assert!(why.contains("no VMM"), "{why}");
+        assert_ne!(status(&plane) & STATUS_NO_CARRIER, 0);
+        let again = plane.handle_line(br#"{"op":"carrier","up":false}"#);
+        assert_eq!(
+            (&again.fields["changed"], &again.fields["notified"]),
+            (&false.into(), &false.into()),
+            "no change, no interrupt"
+        );
+        assert!(!plane.handle_line(br#"{"op":"carrier","up":1}"#).ok);
+        let stats = handle_request(&plane, Request::Stats {}).stats.unwrap();
+        assert_eq!(stats.carrier_changes, 1);
+        assert_eq!(
+            (stats.config_changes_raised, stats.config_changes_failed),
+            (1, 1),
+            "one asked for, refused"
+        );
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub struct QwCounters<C = ()> {
     /// missing from an older device's reply).
     #[serde(default)]
     pub overruns: u64,
+    /// Times the host changed the carrier (`{"op":"carrier"}` with a new
+    /// state), each followed by a config-change interrupt (may be missing
+    /// from an older device's reply).
+    #[serde(default)]
+    pub carrier_changes: u64,
     /// The counters reported with these (see above).
     #[serde(flatten)]
     pub core: C,
@@ -61,6 +66,9 @@ pub struct Qw {
     /// The last transmit buffer looked at was deferred for lack of room in
     /// the capture: whoever drains the capture must ask for another pass.
     tx_deferred: bool,
+    /// The carrier (the "cable"): host state, kept across resets. Down
+    /// shows as NO_CARRIER in the config status word.
+    carrier: bool,
 }
 
 impl Default for Qw {
@@ -79,7 +87,24 @@ impl Qw {
             tx_capacity,
             counters: QwCounters::default(),
             tx_deferred: false,
+            carrier: true,
         }
+    }
+
+    /// Whether the carrier is up (the default).
+    pub fn carrier(&self) -> bool {
+        self.carrier
+    }
+
+    /// Set the carrier; returns whether it changed (then counted in
+    /// `carrier_changes`: the caller raises the config-change interrupt).
+    pub fn set_carrier(&mut self, up: bool) -> bool {
+        if self.carrier == up {
+            return false;
+        }
+        self.carrier = up;
+        self.counters.carrier_changes += 1;
+        true
     }
 
     // The host side: what the control plane, the data port and the receive
@@ -260,6 +285,19 @@ mod tests {
         qw.clear();
         assert_eq!(qw.rx_pending(), 0);
         assert_eq!(qw.counters(), c, "counters outlive a reset");
+    }
+
+    #[test]
+    fn carrier_changes_are_counted_and_outlive_a_reset() {
+        let mut qw = Qw::new(4, 4);
+        assert!(qw.carrier(), "up at power-on");
+        assert!(!qw.set_carrier(true), "no change");
+        assert!(qw.set_carrier(false));
+        assert!(!qw.set_carrier(false));
+        qw.clear();
+        assert!(!qw.carrier(), "a reset does not plug the cable back in");
+        assert!(qw.set_carrier(true));
+        assert_eq!(qw.counters().carrier_changes, 2);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde_json::Value;
 use vdevlab_device_core::chain::{Chain, ChainError, Direction, QueueSpec};
 use vdevlab_device_core::{to_fields, Core, Fields, Outcome, VirtioDevice};
 
+use crate::ctrl_faults::{CtrlFault, CtrlFaults, Decision};
 use crate::sensor::Sensor;
 use crate::spec::{
     ALARM_BYTES, CTRL_QUEUE, CTRL_STATUS_BYTES, EVENTS_QUEUE, MAX_CTRL_CHAIN_BYTES, MAX_QUEUE_SIZE,
@@ -18,10 +19,18 @@ use crate::spec::{
 };
 use crate::wave::Wave;
 
+/// How often the timer runs while a late control answer is pending.
+const LATE_TICK: Duration = Duration::from_millis(1);
+
 /// The sampling sensor as a [`VirtioDevice`].
 #[derive(Debug)]
 pub struct SensorDevice {
     sensor: Sensor,
+    /// Control-queue faults armed by the host (`ctrl_fault`).
+    ctrl_faults: CtrlFaults,
+    /// The status word's alarm count the driver was last told of (by a
+    /// config-change interrupt).
+    alarms_signalled: u32,
     /// Reused for every request and every sample buffer: no allocation per
     /// chain.
     scratch: Vec<u8>,
@@ -33,6 +42,8 @@ impl SensorDevice {
         wave.validate()?;
         Ok(Self {
             sensor: Sensor::new(wave),
+            ctrl_faults: CtrlFaults::default(),
+            alarms_signalled: 0,
             scratch: Vec::new(),
         })
     }
@@ -42,11 +53,30 @@ impl SensorDevice {
         &self.sensor
     }
 
-    /// Point the core's timer at the sensor's rate (none when stopped).
+    /// Point the core's timer at the sensor's rate (none when stopped),
+    /// and at most 1 ms while a late control answer is pending.
     fn retime(&self, core: &mut Core) {
-        let period = self.sensor.tick_ns().map(Duration::from_nanos);
+        let mut period = self.sensor.tick_ns().map(Duration::from_nanos);
+        if self.ctrl_faults.deadline().is_some() {
+            period = Some(period.map_or(LATE_TICK, |p| p.min(LATE_TICK)));
+        }
         if let Err(e) = core.set_tick(period) {
             tracing::warn!(error = %e, "could not set the sampling timer");
+        }
+    }
+
+    /// New alarms since the last signal: raise a config-change interrupt
+    /// (the status word's alarm count moved). At most one per timer tick
+    /// or request, so a burst of alarms costs one interrupt; the driver
+    /// re-reads the count, which also covers interrupts that merged.
+    fn signal_alarms(&mut self, core: &mut Core) {
+        let now = self.sensor.alarms_since_reset();
+        if now == self.alarms_signalled {
+            return;
+        }
+        self.alarms_signalled = now;
+        if let Err(e) = core.notify_config_change() {
+            tracing::debug!(error = %e, "alarms raised, but no config-change interrupt was sent");
         }
     }
 
@@ -115,12 +145,23 @@ impl SensorDevice {
                 ),
             );
         }
+        let now = Instant::now();
+        let decision = self.ctrl_faults.on_request(chain.head(), now);
+        if decision == Decision::Hold {
+            // Answered when due (the timer) or released (`clear`).
+            self.retime(core);
+            return Outcome::Defer;
+        }
         self.scratch.clear();
         if let Err(e) = chain.read_to_end(&mut self.scratch) {
             return Outcome::Refuse(e);
         }
-        let (status, value) = self.sensor.control(&self.scratch, Instant::now());
+        let (status, value) = match decision {
+            Decision::Fail(status) => (self.sensor.injected_error(status), 0),
+            _ => self.sensor.control(&self.scratch, now),
+        };
         self.retime(core);
+        self.signal_alarms(core);
         // SET_RATE takes the first sample at once: deliver it now, not at
         // the next tick.
         core.request_all_passes();
@@ -171,6 +212,7 @@ impl VirtioDevice for SensorDevice {
         match queue {
             SAMPLES_QUEUE => self.sensor.samples_pending() > 0,
             EVENTS_QUEUE => self.sensor.alarms_pending() > 0,
+            CTRL_QUEUE => self.ctrl_faults.ready(Instant::now()),
             _ => true,
         }
     }
@@ -186,6 +228,9 @@ impl VirtioDevice for SensorDevice {
 
     fn reset(&mut self, core: &mut Core) {
         self.sensor.reset();
+        self.ctrl_faults.on_reset();
+        // The count is back at 0: nothing to signal (the driver reset too).
+        self.alarms_signalled = 0;
         self.retime(core);
     }
 
@@ -199,9 +244,18 @@ impl VirtioDevice for SensorDevice {
         &mut self,
         op: &str,
         request: &Value,
-        _core: &mut Core,
+        core: &mut Core,
     ) -> Option<Result<Fields, String>> {
         match op {
+            "ctrl_fault" => Some(CtrlFault::from_request(request).map(|f| {
+                self.ctrl_faults.apply(&f);
+                // A released request is answered on the pass that follows
+                // every successful control request.
+                self.retime(core);
+                let mut fields = Fields::new();
+                fields.insert("ctrl_faults".into(), self.ctrl_faults.armed());
+                fields
+            })),
             "sensor" => {
                 let (threshold, mode) = self.sensor.threshold();
                 let mut f = Fields::new();
@@ -232,7 +286,9 @@ impl VirtioDevice for SensorDevice {
     }
 
     fn counters(&self) -> Fields {
-        to_fields(&self.sensor.counters())
+        let mut f = to_fields(&self.sensor.counters());
+        f.extend(to_fields(&self.ctrl_faults.counters()));
+        f
     }
 
     fn reply_fields(&self) -> Fields {
@@ -245,8 +301,15 @@ impl VirtioDevice for SensorDevice {
         f
     }
 
-    fn tick(&mut self, _ticks: u64, _core: &mut Core) -> bool {
+    fn tick(&mut self, _ticks: u64, core: &mut Core) -> bool {
         // The clock, not the tick count, says which samples are due.
-        self.sensor.pump(Instant::now())
+        let now = Instant::now();
+        // A due late answer needs a pass; not while the device serves no
+        // queue (NEEDS_RESET: only a reset ends that, and it forgets the
+        // held request), or the timer would kick the worker every tick.
+        let late_due = !core.needs_reset() && self.ctrl_faults.deadline().is_some_and(|d| d <= now);
+        let queued = self.sensor.pump(now);
+        self.signal_alarms(core);
+        queued | late_due
     }
 }

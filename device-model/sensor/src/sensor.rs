@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::spec::{
     ALARM_BYTES, ALARM_FALLING, ALARM_FIFO, ALARM_RISING, CMD_SET_RATE, CMD_SET_THRESHOLD,
     CONFIG_SIZE, CTRL_REQ_BYTES, MAGIC, MAX_RATE_HZ, MAX_TICK_NS, SAMPLE_BYTES, SAMPLE_FIFO,
-    STATUS_INVALID, STATUS_MALFORMED, STATUS_NEEDS_RESET, STATUS_OK, STATUS_SAMPLING,
-    STATUS_UNSUPPORTED, VERSION,
+    STATUS_ALARM_COUNT_SHIFT, STATUS_INVALID, STATUS_MALFORMED, STATUS_NEEDS_RESET, STATUS_OK,
+    STATUS_SAMPLING, STATUS_UNSUPPORTED, VERSION,
 };
 use crate::wave::Wave;
 
@@ -127,6 +127,8 @@ pub struct Sensor {
     last_ts: Option<u64>,
     samples: VecDeque<Sample>,
     alarms: VecDeque<Alarm>,
+    /// Alarms raised since the last reset (the status word's count).
+    alarms_since_reset: u32,
     counters: Counters,
 }
 
@@ -144,6 +146,7 @@ impl Sensor {
             last_ts: None,
             samples: VecDeque::with_capacity(SAMPLE_FIFO),
             alarms: VecDeque::with_capacity(ALARM_FIFO),
+            alarms_since_reset: 0,
             counters: Counters::default(),
         }
     }
@@ -277,6 +280,15 @@ impl Sensor {
         }
     }
 
+    /// A request answered with an injected error `status` (the host's
+    /// `ctrl_fault`): counted like a refused one, nothing carried out.
+    /// Returns `status`.
+    pub fn injected_error(&mut self, status: u32) -> u32 {
+        self.counters.ctrl_requests += 1;
+        self.counters.ctrl_errors += 1;
+        status
+    }
+
     /// Take every sample due at `now` (late timer ticks are made up): each
     /// is checked for a threshold crossing, then queued for the driver or,
     /// with the FIFO full, dropped and counted. Returns whether anything
@@ -297,6 +309,7 @@ impl Sensor {
             self.counters.samples_taken += 1;
             if let Some(kind) = self.wave.crossing(seq, self.threshold, self.mode) {
                 self.counters.alarms_raised += 1;
+                self.alarms_since_reset = self.alarms_since_reset.wrapping_add(1);
                 if self.alarms.len() < ALARM_FIFO {
                     self.alarms.push_back(Alarm {
                         timestamp_ns: sample.timestamp_ns,
@@ -336,6 +349,12 @@ impl Sensor {
         n
     }
 
+    /// Alarms raised since the last reset (wrapping): what the status
+    /// word's alarm count shows, modulo 65536.
+    pub fn alarms_since_reset(&self) -> u32 {
+        self.alarms_since_reset
+    }
+
     /// Take the oldest pending alarm.
     pub fn take_alarm(&mut self) -> Option<Alarm> {
         let a = self.alarms.pop_front()?;
@@ -363,6 +382,7 @@ impl Sensor {
         if self.rate_hz > 0 {
             status |= STATUS_SAMPLING;
         }
+        status |= (self.alarms_since_reset & 0xffff) << STATUS_ALARM_COUNT_SHIFT;
         let words = [
             MAGIC,
             VERSION,
@@ -576,6 +596,30 @@ mod tests {
         assert_eq!((w(0x20), w(0x24)), (0x5566_7788, 0x1122_3344));
         assert_eq!((w(0x28), w(0x2c), w(0x30)), (1000, 64, 20));
         assert_eq!(w(0x34), STATUS_NEEDS_RESET | STATUS_SAMPLING);
+    }
+
+    #[test]
+    fn the_status_word_counts_alarms_since_the_reset() {
+        let t0 = Instant::now();
+        let mut s = Sensor::new(wave());
+        s.set_threshold(0, ALARM_RISING | ALARM_FALLING).unwrap();
+        s.set_rate(1000, t0).unwrap();
+        s.pump(t0 + Duration::from_millis(5000));
+        let raised = s.counters().alarms_raised;
+        assert!(raised > 64, "more than the alarm FIFO holds: {raised}");
+        assert_eq!(
+            u64::from(s.alarms_since_reset()),
+            raised,
+            "dropped ones too"
+        );
+        let status = |s: &Sensor| {
+            let c = s.config_space(false);
+            u32::from_le_bytes(c[0x34..0x38].try_into().unwrap())
+        };
+        assert_eq!(status(&s) >> 16, raised as u32);
+        assert_eq!(status(&s) & 0xffff, STATUS_SAMPLING);
+        s.reset();
+        assert_eq!(status(&s), 0, "back to 0 at a reset");
     }
 
     #[test]

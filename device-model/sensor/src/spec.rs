@@ -70,6 +70,10 @@ pub const VERSION: u32 = 1;
 pub const STATUS_NEEDS_RESET: u32 = 1 << 0;
 /// Config status bit: sampling (rate > 0).
 pub const STATUS_SAMPLING: u32 = 1 << 1;
+/// Config status bits 16-31: alarms raised since the last reset, modulo
+/// 65536 (dropped ones included). A change of them comes with a
+/// config-change interrupt (docs/sensor-spec.md, "Alarms, two ways").
+pub const STATUS_ALARM_COUNT_SHIFT: u32 = 16;
 
 /// The config layout of `docs/sensor-spec.md` by name, for `vdevlab device
 /// ... config`.

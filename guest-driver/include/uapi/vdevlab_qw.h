@@ -16,6 +16,7 @@
 #define QW_STATE_NEEDS_RESET	(1ULL << 0)	/* I/O fails with EIO, poll has EPOLLERR */
 #define QW_STATE_REMOVED	(1ULL << 1)	/* unplugged or unbound: ENODEV */
 #define QW_STATE_STOPPED	(1ULL << 2)	/* no virtqueues: suspended or reset failed */
+#define QW_STATE_NO_CARRIER	(1ULL << 3)	/* carrier down: poll has EPOLLPRI, I/O goes on */
 
 /**
  * struct qw_stats - counters and state of one qw device

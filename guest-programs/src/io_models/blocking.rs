@@ -5,13 +5,13 @@
 use std::os::fd::AsRawFd;
 
 use crate::common::{open_device, Side, Step};
-use crate::{ready, Dir, Opts, Report};
+use crate::{Dir, Opts, Report};
 
 /// Run `blocking-rx` or `blocking-tx`.
 pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
     let mut side = Side::new(o, dir)?;
     let fd = open_device(&o.device, side.access(), false)?;
-    ready(&o.scenario);
+    crate::start(o);
     while !side.done() {
         if side.once(fd.as_raw_fd())? == Step::WouldBlock {
             return Err("EAGAIN from a blocking descriptor".into());

@@ -6,11 +6,15 @@
 //!   drains, reading/writing until `EAGAIN` (or until all bytes moved),
 //!   because epoll reports only changes. A wakeup that finds nothing to do
 //!   is counted in `empty_wakeups`.
+//!
+//! A writer waits in slices of [`READINESS_SLICE_MS`] and reports how many
+//! found it not writable (`epollout_false`), how often EPOLLOUT came back
+//! after them (`epollout_again`) and the longest stretch (`max_unready_ms`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::common::{interrupted, open_device, os_err, Side, Step};
-use crate::{ready, Dir, Opts, Report};
+use crate::common::{interrupted, open_device, os_err, Readiness, Side, Step, READINESS_SLICE_MS};
+use crate::{Dir, Opts, Report};
 
 /// Level- or edge-triggered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,18 +48,26 @@ pub fn epoll_for(fd: RawFd, events: u32) -> Result<OwnedFd, String> {
 /// Wait for one event on `ep` (retrying `EINTR`) and return its mask.
 pub fn epoll_wait_one(ep: RawFd) -> Result<u32, String> {
     loop {
+        if let Some(mask) = epoll_wait_for(ep, -1)? {
+            return Ok(mask);
+        }
+    }
+}
+
+/// Wait up to `timeout_ms` (-1: forever) for one event on `ep` (retrying
+/// `EINTR`): its mask, or `None` on a timeout.
+pub fn epoll_wait_for(ep: RawFd, timeout_ms: i32) -> Result<Option<u32>, String> {
+    loop {
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: room for exactly one event; -1 waits forever.
-        let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, -1) };
+        // SAFETY: room for exactly one event.
+        let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, timeout_ms) };
         if n < 0 {
             if interrupted() {
                 continue;
             }
             return Err(os_err("epoll_wait"));
         }
-        if n == 1 {
-            return Ok(ev.events);
-        }
+        return Ok((n == 1).then_some(ev.events));
     }
 }
 
@@ -72,10 +84,19 @@ pub fn run(o: &Opts, dir: Dir, trigger: Trigger) -> Result<Report, String> {
         events |= libc::EPOLLET as u32;
     }
     let ep = epoll_for(raw, events)?;
-    ready(&o.scenario);
+    let timeout = match dir {
+        Dir::Rx => -1,
+        Dir::Tx => READINESS_SLICE_MS,
+    };
+    let mut readiness = Readiness::default();
+    crate::start(o);
     let (mut wakeups, mut empty, mut max_drain) = (0u64, 0u64, 0u64);
     while !side.done() {
-        let got = epoll_wait_one(ep.as_raw_fd())?;
+        let Some(got) = epoll_wait_for(ep.as_raw_fd(), timeout)? else {
+            readiness.not_ready();
+            continue;
+        };
+        readiness.ready();
         wakeups += 1;
         if got & libc::EPOLLERR as u32 != 0 {
             return Err(format!("epoll reported EPOLLERR (events {got:#x})"));
@@ -107,5 +128,8 @@ pub fn run(o: &Opts, dir: Dir, trigger: Trigger) -> Result<Report, String> {
         Trigger::Level => r.num("spurious", empty),
         Trigger::Edge => r.num("empty_wakeups", empty).num("max_drain", max_drain),
     };
+    if dir == Dir::Tx {
+        readiness.add_to(&mut r, "epollout");
+    }
     Ok(r)
 }

@@ -212,13 +212,15 @@ pub fn tx(o: &Opts) -> Result<Report, String> {
     let mut tx = Tx::new(o)?;
     let fd = open_device(&o.device, Access::Write, false)?;
     let mut aio = Aio::new()?;
-    ready(&o.scenario);
+    crate::start(o);
     while !tx.done() {
         let chunk = tx.next();
         let (ptr, len) = (chunk.as_ptr() as u64, chunk.len());
+        let t0 = std::time::Instant::now();
         let n = aio
             .transfer(fd.as_raw_fd(), Dir::Tx, ptr, len)
             .map_err(|e| format!("after {} bytes: {e}", tx.sent()))?;
+        tx.latency(t0.elapsed());
         tx.advance(n)?;
     }
     let mut r = tx.report();

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use crate::common::{nap, open_device, Side, Step};
-use crate::{ready, Dir, Opts, Report};
+use crate::{Dir, Opts, Report};
 
 const FIRST_BACKOFF: Duration = Duration::from_micros(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(2);
@@ -15,7 +15,7 @@ const MAX_BACKOFF: Duration = Duration::from_millis(2);
 pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
     let mut side = Side::new(o, dir)?;
     let fd = open_device(&o.device, side.access(), true)?;
-    ready(&o.scenario);
+    crate::start(o);
     let mut eagain = 0u64;
     let mut backoff = FIRST_BACKOFF;
     while !side.done() {

@@ -17,7 +17,7 @@
 //! write to the qw device or a pipe is not short unless interrupted).
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::{nap, open_device, Access, Rx, Tx};
 use crate::{ready, Opts, Report};
@@ -159,7 +159,7 @@ pub fn tx(o: &Opts) -> Result<Report, String> {
     let mut tx = Tx::new(o)?;
     let fd = open_device(&o.device, Access::Write, false)?;
     let raw = fd.as_raw_fd();
-    ready(&o.scenario);
+    crate::start(o);
     let split = tx.remaining() / 2;
     let (mut aio_ops, mut batches, mut lio_ops, mut suspends) = (0u64, 0u64, 0u64, 0u64);
 
@@ -172,6 +172,7 @@ pub fn tx(o: &Opts) -> Result<Report, String> {
             libc::LIO_WRITE,
         );
         let p: *mut libc::aiocb = &mut cb;
+        let t0 = Instant::now();
         // SAFETY: `cb` and the pattern bytes outlive the request: finish()
         // waits for it; glibc only reads the buffer of a write.
         if unsafe { libc::aio_write(p) } < 0 {
@@ -179,6 +180,7 @@ pub fn tx(o: &Opts) -> Result<Report, String> {
         }
         let n = finish(p, &mut suspends)
             .map_err(|e| format!("aio_write after {} bytes: {e}", tx.sent()))?;
+        tx.latency(t0.elapsed());
         tx.advance(n)?;
         aio_ops += 1;
     }
@@ -197,8 +199,10 @@ pub fn tx(o: &Opts) -> Result<Report, String> {
             ));
         }
         let at = tx.sent();
+        let t0 = Instant::now();
         let results =
             lio_batch(&mut cbs, &mut suspends).map_err(|e| format!("after {at} bytes: {e}"))?;
+        tx.latency(t0.elapsed());
         batches += 1;
         let last = results.len() - 1;
         for (i, (n, len)) in results.into_iter().zip(lens).enumerate() {

@@ -4,10 +4,12 @@
 
 use std::os::fd::AsRawFd;
 
-use crate::common::{interrupted, open_device, os_err, Side, Step};
-use crate::{ready, Dir, Opts, Report};
+use crate::common::{interrupted, open_device, os_err, Readiness, Side, Step, READINESS_SLICE_MS};
+use crate::{Dir, Opts, Report};
 
-fn wait(fd: libc::c_int, dir: Dir) -> Result<(), String> {
+/// Wait until `fd` is ready for `dir` (a writer in slices of
+/// [`READINESS_SLICE_MS`], each unready one counted in `readiness`).
+fn wait(fd: libc::c_int, dir: Dir, readiness: &mut Readiness) -> Result<(), String> {
     loop {
         // SAFETY: fd_set is plain data; all-zero is a valid (empty) set.
         let mut set: libc::fd_set = unsafe { std::mem::zeroed() };
@@ -21,8 +23,16 @@ fn wait(fd: libc::c_int, dir: Dir) -> Result<(), String> {
             Dir::Rx => (&mut set, std::ptr::null_mut()),
             Dir::Tx => (std::ptr::null_mut(), &mut set),
         };
+        let mut slice = libc::timeval {
+            tv_sec: 0,
+            tv_usec: libc::suseconds_t::from(READINESS_SLICE_MS) * 1000,
+        };
+        let timeout: *mut libc::timeval = match dir {
+            Dir::Rx => std::ptr::null_mut(),
+            Dir::Tx => &mut slice,
+        };
         // SAFETY: the sets are valid or null; a null timeout waits forever.
-        let n = unsafe { libc::select(fd + 1, r, w, std::ptr::null_mut(), std::ptr::null_mut()) };
+        let n = unsafe { libc::select(fd + 1, r, w, std::ptr::null_mut(), timeout) };
         if n < 0 {
             if interrupted() {
                 continue;
@@ -31,8 +41,10 @@ fn wait(fd: libc::c_int, dir: Dir) -> Result<(), String> {
         }
         // SAFETY: `set` is a valid fd_set that select() filled in.
         if n > 0 && unsafe { libc::FD_ISSET(fd, &set) } {
+            readiness.ready();
             return Ok(());
         }
+        readiness.not_ready();
     }
 }
 
@@ -44,10 +56,11 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
     if raw >= libc::FD_SETSIZE as libc::c_int {
         return Err(format!("descriptor {raw} does not fit an fd_set"));
     }
-    ready(&o.scenario);
+    let mut readiness = Readiness::default();
+    crate::start(o);
     let (mut wakeups, mut spurious) = (0u64, 0u64);
     while !side.done() {
-        wait(raw, dir)?;
+        wait(raw, dir, &mut readiness)?;
         wakeups += 1;
         if side.once(raw)? == Step::WouldBlock {
             spurious += 1;
@@ -55,5 +68,8 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
     }
     let mut r = side.report();
     r.num("wakeups", wakeups).num("spurious", spurious);
+    if dir == Dir::Tx {
+        readiness.add_to(&mut r, "writable");
+    }
     Ok(r)
 }

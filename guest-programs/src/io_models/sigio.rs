@@ -16,13 +16,19 @@
 //! `other_band` (a driver may share one fasync list between directions), and
 //! the union of all bands is reported as `bands`.
 //!
+//! Evidence of waiting: `signals_after_full` counts the signals with the
+//! wanted band that came after a drain ended on `EAGAIN` (for a writer: the
+//! ring was full, and the driver announced room), and `max_sigwait_ms` is
+//! the longest wait in `sigwaitinfo()`.
+//!
 //! A driver without a `fasync` method accepts `O_ASYNC` silently and never
 //! signals: this program then waits until the harness times out.
 
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use crate::common::{interrupted, open_device, os_err, set_fl, Side, Step};
-use crate::{ready, Dir, Opts, Report};
+use crate::{Dir, Opts, Report};
 
 /// The start of `siginfo_t` for `SIGPOLL`-style signals on 64-bit Linux
 /// (`si_signo`, `si_errno`, `si_code`, padding, then the `_sigpoll` union
@@ -85,8 +91,9 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
         Dir::Rx => libc::POLLIN,
         Dir::Tx => libc::POLLOUT,
     } as libc::c_long;
-    ready(&o.scenario);
+    crate::start(o);
     let (mut signals, mut overflow, mut other_band, mut empty) = (0u64, 0u64, 0u64, 0u64);
+    let (mut after_full, mut blocked, mut max_wait) = (0u64, false, Duration::ZERO);
     let mut bands: libc::c_long = 0;
     let mut first_pass = true;
     loop {
@@ -95,7 +102,10 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
         while !side.done() {
             match side.once(raw)? {
                 Step::Moved(_) => moved = true,
-                Step::WouldBlock => break,
+                Step::WouldBlock => {
+                    blocked = true;
+                    break;
+                }
             }
         }
         if !moved && !first_pass {
@@ -107,8 +117,10 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
         }
         // SAFETY: siginfo_t is plain data; all-zero is a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let t0 = Instant::now();
         // SAFETY: `set` and `info` are valid for the call.
         let got = unsafe { libc::sigwaitinfo(&set, &mut info) };
+        max_wait = max_wait.max(t0.elapsed());
         if got < 0 {
             if interrupted() {
                 continue;
@@ -138,6 +150,8 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
         bands |= p.band;
         if p.band & want_band == 0 {
             other_band += 1;
+        } else if std::mem::take(&mut blocked) {
+            after_full += 1;
         }
     }
     // Stop the signals; the descriptor closes right after anyway.
@@ -149,6 +163,8 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
         .num("other_band", other_band)
         .num("empty_wakeups", empty)
         .text("bands", &format!("{bands:#x}"))
-        .num("signal", sig as u64);
+        .num("signal", sig as u64)
+        .num("signals_after_full", after_full)
+        .num("max_sigwait_ms", max_wait.as_millis() as u64);
     Ok(r)
 }

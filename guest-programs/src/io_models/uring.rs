@@ -136,6 +136,8 @@ fn tx_transfer(
 ) -> Result<(), String> {
     while !tx.done() {
         let step2 = tx.sent() >= split;
+        // From the request's start (its POLL_ADD in step 2) to its end.
+        let t0 = std::time::Instant::now();
         if step2 {
             poll_ready(ring, fd, libc::POLLOUT, c)?;
         }
@@ -151,6 +153,7 @@ fn tx_transfer(
         // SAFETY: the pattern bytes outlive the request; on an error the
         // caller leaks them.
         let res = unsafe { run_one(ring, &entry, IO_TAG) }?;
+        tx.latency(t0.elapsed());
         if res < 0 {
             return Err(errno_err(&format!("write after {} bytes", tx.sent()), -res));
         }
@@ -201,7 +204,7 @@ pub fn run(o: &Opts, dir: Dir) -> Result<Report, String> {
             let mut tx = Tx::new(o)?;
             let fd = open_device(&o.device, Access::Write, false)?;
             let mut ring = new_ring()?;
-            ready(&o.scenario);
+            crate::start(o);
             let split = tx.remaining() / 2;
             if let Err(e) = tx_transfer(&mut ring, fd.as_raw_fd(), &mut tx, split, &mut c) {
                 std::mem::forget(tx);

@@ -11,21 +11,31 @@
 //! | [`needs_reset`] | `needs-reset` |
 //! | [`stress`] | `stress`: readers, writers, churn, ioctls and signals at once, then an unbind |
 //! | [`sensor`] | `sensor-stream`, `sensor-unbind`, `sensor-reset`, `sensor-hostile` |
+//! | [`sensor_faults`] | `sensor-ctrl-status`, `sensor-ctrl-late`, `sensor-ctrl-lost` |
 //! | [`echo`] | `echo-<model>` (`vdevlab bench`'s round trip) |
+//! | [`alloc_faults`] | `alloc-faults`: the driver's allocations failed one at a time (fault injection, kmemleak) |
+//! | [`waiters`] | `trouble-removal`, `trouble-needs-reset`, `trouble-broken`, `trouble-reset`, `trouble-unplug`, `trouble-broken-tx`: every kind of waiter learns of trouble |
+//! | [`sensor_alarms`] | `sensor-alarms`: alarms as event records and as a count signalled by config change |
+//! | [`carrier_change`] | `carrier-change`: the host flips the carrier, the driver must hear each config-change interrupt |
 //!
 //! The robustness and sensor scenarios have `run(opts) -> Result<Checked,
 //! String>` (the sensor ones take their own options): `Err` when they
 //! cannot even start, else every observation and the list of checks that
 //! failed ([`Checked`]). The drivers' interfaces are in [`crate::uapi`].
 
+pub mod alloc_faults;
+pub mod carrier_change;
 pub mod echo;
 pub mod ioctl_stats;
 pub mod multi_open;
 pub mod needs_reset;
 pub mod pm_freeze;
 pub mod sensor;
+pub mod sensor_alarms;
+pub mod sensor_faults;
 pub mod stress;
 pub mod teardown;
+pub mod waiters;
 
 use crate::Report;
 

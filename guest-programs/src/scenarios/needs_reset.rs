@@ -143,7 +143,7 @@ fn sysfs_needs_reset(c: &mut Checked, device: &str, key: &str) -> Option<u64> {
 }
 
 /// One raw `read`/`write` call, no `EINTR` retry: bytes or errno.
-fn io_once(fd: RawFd, buf: &mut [u8], write: bool) -> Result<usize, i32> {
+pub fn io_once(fd: RawFd, buf: &mut [u8], write: bool) -> Result<usize, i32> {
     // SAFETY: `buf` is a live buffer of `buf.len()` bytes, writable for a
     // read; `fd` is open.
     let n = unsafe {

@@ -53,6 +53,7 @@ pub const SENSOR_SCENARIOS: &[&str] = &[
     "sensor-unbind",
     "sensor-reset",
     "sensor-hostile",
+    "sensor-alarms",
 ];
 
 /// The waveform parameters (from the config space).
@@ -899,6 +900,7 @@ pub fn dispatch(args: &[String]) -> Option<Result<Checked, String>> {
         "sensor-stream" => stream(&o),
         "sensor-reset" => reset(&o),
         "sensor-hostile" => hostile(&o),
+        "sensor-alarms" => crate::scenarios::sensor_alarms::run(&o),
         _ => unbind(&o),
     }))
 }

@@ -31,6 +31,8 @@ pub const QW_STATE_NEEDS_RESET: u64 = 1 << 0;
 pub const QW_STATE_REMOVED: u64 = 1 << 1;
 /// `qw_stats.state`: no virtqueues (suspended or a reset failed).
 pub const QW_STATE_STOPPED: u64 = 1 << 2;
+/// `qw_stats.state`: the carrier is down (poll has `EPOLLPRI`; I/O goes on).
+pub const QW_STATE_NO_CARRIER: u64 = 1 << 3;
 
 /// `struct qw_stats`: twelve `__u64`, the same layout for every ABI.
 #[repr(C)]
