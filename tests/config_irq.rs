@@ -13,6 +13,11 @@ use vdevlab_tests::{assert_passed, lab};
 
 /// Changes the host raises: two requests, then a storm of this many.
 const STORM: u64 = 5;
+/// Between the two requests and the storm: long enough that the guest has
+/// taken one config interrupt before the next is raised (an interrupt
+/// raised while the previous one is still pending merges with it, as
+/// used-buffer interrupts do), even on a loaded TCG host.
+const SPACING: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn config_change_reaches_the_driver(cell: Cell) {
     let lab = lab();
@@ -33,7 +38,9 @@ fn config_change_reaches_the_driver(cell: Cell) {
         ..Scenario::program("ioctl-stats", &["--bytes", "5000"]).with_steps(vec![
             Step::Ready("ioctl-stats".into()),
             acked(json!({"op": "config_change"})),
+            Step::Sleep(SPACING),
             acked(json!({"op": "config_change"})),
+            Step::Sleep(SPACING),
             storm,
             Step::Counter {
                 name: "config_changes_acked".into(),
@@ -54,12 +61,14 @@ fn config_change_reaches_the_driver(cell: Cell) {
         Some(0),
         "no config change before: {result}"
     );
-    // Every acknowledged change raised the interrupt and ran the
-    // driver's config_changed before the driver read its counters.
+    // Every acknowledged change raised the interrupt before the driver
+    // read its counters: the two spaced requests each ran config_changed,
+    // the storm at least once (its changes 50 ms apart may merge in a slow
+    // guest), and nothing ran it that the device did not raise.
     let end = seen("stats_end").expect("stats_end.config_changes");
     assert!(
-        end >= 2 + STORM,
-        "the driver saw {end} config changes of the {} the VMM acknowledged",
+        (3..=2 + STORM).contains(&end),
+        "the driver saw {end} config changes; the VMM acknowledged {} (two 1 s apart, then a storm)",
         2 + STORM
     );
     let stats = out.stats.as_ref().expect("the device's counters");

@@ -63,11 +63,11 @@ fn main() {
     // The data path: the data port into the receive queue, buffers
     // re-posted as they come back.
     let stop = Arc::new(AtomicBool::new(false));
+    let port = UnixStream::connect(&data).expect("the data port");
     let writer = {
         let stop = stop.clone();
-        let data = data.clone();
+        let mut s = port.try_clone().expect("the data port");
         std::thread::spawn(move || {
-            let mut s = UnixStream::connect(&data).expect("the data port");
             let chunk = vec![0x5au8; 64 * 1024];
             while !stop.load(Ordering::Relaxed) {
                 if s.write_all(&chunk).is_err() {
@@ -104,6 +104,8 @@ fn main() {
     }
     let took = start.elapsed();
     stop.store(true, Ordering::Relaxed);
+    // The writer may be blocked on a full FIFO.
+    let _ = port.shutdown(std::net::Shutdown::Both);
     drop(vmm);
     let _ = writer.join();
     println!(
