@@ -75,11 +75,7 @@ fn deaf_seed() -> Seed {
 /// (`None`: the reference driver), the status poll off.
 fn run_carrier(kernel: &str, cell: Cell, seed: Option<&Seed>) -> Outcome {
     let lab = lab();
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let scenarios = [carrier_scenario()];
     let outs = match seed {
         None => engine::run(&lab, &kernel, cell, &scenarios, |spec| {
@@ -145,11 +141,7 @@ fn sensor_alarms(kernel: &str, cell: Cell, events: bool) -> serde_json::Value {
     use vdevlab_lab::sensor;
     let lab = lab();
     let art = sensor::prepare(&lab).expect("the sensor builds");
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let boot = sensor::SensorBoot::new(&art, &kernel, &[]).expect("the sensor boot");
     let mut case = sensor::case(
         "sensor-alarms",

@@ -2,6 +2,7 @@
 //! `vdevlab_lab` (the same harness as the `vdevlab` command), so a test
 //! failure reproduces with the CLI.
 
+use vdevlab_lab::env::Kernel;
 use vdevlab_lab::scenario::Outcome;
 use vdevlab_lab::Lab;
 
@@ -11,6 +12,15 @@ pub fn lab() -> Lab {
     match Lab::get() {
         Ok(lab) => lab,
         Err(e) => panic!("the lab could not be set up: {e:#}"),
+    }
+}
+
+/// The provisioned guest kernel `name` (`trixie`, `lockdep`, ...); panics
+/// with the reason (how to provision it) when it is not there.
+pub fn kernel(lab: &Lab, name: &str) -> Kernel {
+    match lab.env.kernel(name) {
+        Ok(k) => k.clone(),
+        Err(e) => panic!("{e:#}"),
     }
 }
 

@@ -20,11 +20,7 @@ use vdevlab_tests::{assert_passed, lab};
 /// Run `seed` (`None`: the reference driver) with `batch` on `kernel`.
 fn run(kernel: &str, cell: Cell, seed: Option<&str>, batch: Batch) -> Vec<Outcome> {
     let lab = lab();
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let seed = seed.map(|s| seeded::named(s).unwrap_or_else(|e| panic!("{e:#}")));
     let scenarios = batch.scenarios().expect("the batch's scenarios");
     let outs = seeded::run(&lab, &kernel, cell, seed.as_ref(), &scenarios)
@@ -92,7 +88,7 @@ fn lost_wakeup_seed_is_invisible_on_one_vcpu(kernel: &str, cell: Cell) {
 /// I/O-model batch and the teardown, in one boot.
 fn reference_driver_passes_the_seeded_scenarios(kernel: &str, cell: Cell) {
     let lab = lab();
-    let kernel = lab.env.kernel(kernel).unwrap().clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let mut scenarios = Batch::IoModels.scenarios().unwrap();
     scenarios.extend(Batch::Teardown.scenarios().unwrap());
     let outs = seeded::run(&lab, &kernel, cell, None, &scenarios).expect("the scenarios could run");

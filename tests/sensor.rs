@@ -26,11 +26,7 @@ fn sensor_lab(kernel: &str) -> (Lab, SensorArtifacts, Kernel) {
         .get_or_init(|| sensor::prepare(&lab).map_err(|e| format!("{e:#}")))
         .clone()
         .unwrap_or_else(|e| panic!("the sensor could not be built: {e}"));
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     (lab, art, kernel)
 }
 

@@ -36,11 +36,7 @@ mod lockdep {
 /// The stress on `kernel`: the verdict, and every contended path reached.
 fn stress_qw_short(kernel: &str, cell: Cell) {
     let lab = lab();
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .expect("the kernel is provisioned")
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let st = Stress::new(0x5eed, SECONDS);
     let out = stress::run(&lab, &kernel, cell, &st, |_| {}).expect("the stress could run");
     assert_passed(&out);
@@ -75,11 +71,7 @@ fn stress_qw_short(kernel: &str, cell: Cell) {
 /// received read once (or counted dropped), every path reached.
 fn stress_sensor_short(kernel: &str, cell: Cell) {
     let lab = lab();
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .expect("the kernel is provisioned")
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let art = vdevlab_lab::sensor::prepare(&lab).expect("the sensor builds");
     let st = Stress {
         readers: 3,

@@ -19,11 +19,7 @@ use vdevlab_tests::{assert_passed, lab};
 /// marker, and print every waiter's end and time (the measured bounds).
 fn trouble(kernel: &str, name: &str, steps: Vec<Step>, cell: Cell) {
     let lab = lab();
-    let kernel = lab
-        .env
-        .kernel(kernel)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, kernel);
     let program = format!("trouble-{name}");
     let mut all = vec![Step::Ready(program.clone())];
     all.extend(steps);

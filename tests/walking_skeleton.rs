@@ -36,11 +36,7 @@ fn all_io_models() -> Vec<&'static str> {
 /// The lab and its kernel named `name`.
 fn lab_kernel(name: &str) -> (Lab, Kernel) {
     let lab = lab();
-    let kernel = lab
-        .env
-        .kernel(name)
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .clone();
+    let kernel = vdevlab_tests::kernel(&lab, name);
     (lab, kernel)
 }
 

@@ -34,15 +34,16 @@ use crate::{Dir, Opts, Report};
 /// (`si_signo`, `si_errno`, `si_code`, padding, then the `_sigpoll` union
 /// member: `long si_band; int si_fd;`). The libc crate has no accessors for
 /// these two fields on glibc.
+/// Also the waiter crew's (`scenarios::waiters`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct SigPoll {
-    signo: libc::c_int,
-    errno: libc::c_int,
-    code: libc::c_int,
+pub(crate) struct SigPoll {
+    pub(crate) signo: libc::c_int,
+    pub(crate) errno: libc::c_int,
+    pub(crate) code: libc::c_int,
     _pad: libc::c_int,
-    band: libc::c_long,
-    fd: libc::c_int,
+    pub(crate) band: libc::c_long,
+    pub(crate) fd: libc::c_int,
 }
 
 const _: () = assert!(std::mem::size_of::<SigPoll>() <= std::mem::size_of::<libc::siginfo_t>());

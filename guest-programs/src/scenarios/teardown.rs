@@ -67,7 +67,7 @@ use crate::common::{
 };
 use crate::common::{nap, open_device, os_err, Access};
 use crate::scenarios::Checked;
-use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
+use crate::uapi::aio_abi::{getevents, Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
 use crate::uapi::qw::{get_stats, DRIVER, QW_STATE_REMOVED};
 use crate::{marker, pattern, ready, Opts};
 
@@ -429,30 +429,6 @@ fn epoller(fd: OwnedFd, tx: Sender<Msg>) -> Result<JoinHandle<()>, String> {
         };
         done(&tx, Waiter::Epoll, verdict, Box::new((ep, fd)));
     })
-}
-
-/// `io_getevents` for one event, waiting at most `timeout`.
-fn getevents(ctx: &Ctx, min: i64, timeout: Duration, ev: &mut IoEvent) -> Result<i64, i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: room for one event; `ts` is a valid timeout; the context is live.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_io_getevents,
-            ctx.0,
-            min as libc::c_long,
-            1 as libc::c_long,
-            ev as *mut IoEvent,
-            &ts as *const libc::timespec,
-        )
-    };
-    if got < 0 {
-        Err(last_errno())
-    } else {
-        Ok(got)
-    }
 }
 
 fn linux_aio(fd: OwnedFd, tx: Sender<Msg>) -> Result<JoinHandle<()>, String> {

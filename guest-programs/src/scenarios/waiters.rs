@@ -53,9 +53,10 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::common::{errno_name, last_errno, mask_name, nap, poll_one, read_fd, set_fl};
 use crate::common::{open_device, os_err, wait_for_chardev, write_sysfs, Access};
+use crate::io_models::sigio::SigPoll;
 use crate::scenarios::teardown::{bound_device, pci_parent};
 use crate::scenarios::Checked;
-use crate::uapi::aio_abi::{Ctx, IoEvent, Iocb, IOCB_CMD_PREAD, IOCB_CMD_PWRITE};
+use crate::uapi::aio_abi::{getevents, Ctx, IoEvent, Iocb, IOCB_CMD_PREAD, IOCB_CMD_PWRITE};
 use crate::uapi::ioctl_plain;
 use crate::uapi::qw::{get_stats, DRIVER, QW_IOC_FLUSH, QW_IOC_RESET};
 use crate::{pattern, ready, Opts};
@@ -432,21 +433,6 @@ fn epoller(k: Kind, fd: OwnedFd, tx: Sender<Msg>) {
     done(&tx, k, end, Box::new((ep, fd)));
 }
 
-/// The start of a `SIGPOLL`-style `siginfo_t` on 64-bit Linux (as in
-/// `io_models::sigio`): the libc crate has no accessors for `si_band`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SigPoll {
-    signo: libc::c_int,
-    errno: libc::c_int,
-    code: libc::c_int,
-    _pad: libc::c_int,
-    band: libc::c_long,
-    fd: libc::c_int,
-}
-
-const _: () = assert!(std::mem::size_of::<SigPoll>() <= std::mem::size_of::<libc::siginfo_t>());
-
 /// The set holding only `SIGIO`.
 fn sigio_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise the set they are given.
@@ -508,7 +494,7 @@ fn take_sigio(timeout: Duration) -> Result<Option<SigPoll>, String> {
         // SAFETY: a valid set, siginfo and timeout.
         let r = unsafe { libc::sigtimedwait(&set, &mut info, &ts) };
         if r >= 0 {
-            // SAFETY: SigPoll is no larger than siginfo_t (checked above)
+            // SAFETY: SigPoll is no larger than siginfo_t (asserted in io_models::sigio)
             // and both are plain data.
             return Ok(Some(unsafe {
                 std::ptr::read((&info as *const libc::siginfo_t).cast::<SigPoll>())
@@ -552,30 +538,6 @@ fn sigio(fd: OwnedFd, tx: Sender<Msg>) {
         Err(e) => End::Failed(e),
     };
     done(&tx, Kind::Sigio, end, Box::new(fd));
-}
-
-/// `io_getevents` for one event, waiting at most `timeout`.
-fn getevents(ctx: &Ctx, min: i64, timeout: Duration, ev: &mut IoEvent) -> Result<i64, i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: room for one event; `ts` is a valid timeout; the context is live.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_io_getevents,
-            ctx.0,
-            min as libc::c_long,
-            1 as libc::c_long,
-            ev as *mut IoEvent,
-            &ts as *const libc::timespec,
-        )
-    };
-    if got < 0 {
-        Err(last_errno())
-    } else {
-        Ok(got)
-    }
 }
 
 /// A native AIO result as an [`End`].

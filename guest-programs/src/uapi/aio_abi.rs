@@ -1,9 +1,12 @@
 //! The kernel's native AIO ABI (`<linux/aio_abi.h>`): `struct iocb`,
 //! `struct io_event`, the opcodes and flags the programs use, and an
 //! `io_setup`/`io_destroy` context. Used by the `linux-aio` model and by
-//! the scenarios that park a native AIO read (`teardown`, `echo`).
+//! the scenarios that park native AIO requests (`teardown`, `echo`,
+//! `waiters`), with `getevents` to reap one.
 
-use crate::common::os_err;
+use std::time::Duration;
+
+use crate::common::{last_errno, os_err};
 
 pub(crate) const IOCB_CMD_PREAD: u16 = 0;
 pub(crate) const IOCB_CMD_PWRITE: u16 = 1;
@@ -62,5 +65,34 @@ impl Drop for Ctx {
     fn drop(&mut self) {
         // SAFETY: `self.0` is a context from io_setup, destroyed only here.
         unsafe { libc::syscall(libc::SYS_io_destroy, self.0) };
+    }
+}
+
+/// `io_getevents` for one event, waiting at most `timeout`.
+pub(crate) fn getevents(
+    ctx: &Ctx,
+    min: i64,
+    timeout: Duration,
+    ev: &mut IoEvent,
+) -> Result<i64, i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: room for one event; `ts` is a valid timeout; the context is live.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_io_getevents,
+            ctx.0,
+            min as libc::c_long,
+            1 as libc::c_long,
+            ev as *mut IoEvent,
+            &ts as *const libc::timespec,
+        )
+    };
+    if got < 0 {
+        Err(last_errno())
+    } else {
+        Ok(got)
     }
 }
