@@ -215,6 +215,8 @@ fn a_full_ring_drops_the_oldest_and_the_dump_says_so() {
     let mut vmm = dev.vmm(CONFIG);
     let mut ctl = dev.ctl();
     ctl.ok(json!({"op":"trace","on":true,"capacity":4}));
+    // As above: the request's own pass first, then the chains.
+    std::thread::sleep(Duration::from_millis(200));
     fill(&mut vmm, 4);
     assert!(kit_wait(|| vmm.calls(Q) >= 1), "the interrupt came");
     let dump = ctl.ok(json!({"op":"trace_dump"}));
@@ -265,4 +267,44 @@ fn the_daemon_flag_traces_from_the_start() {
     let dump = plain.ctl().ok(json!({"op":"trace_dump"}));
     assert_eq!(dump["on"], false);
     assert_eq!(events(&dump), Vec::<Value>::new());
+}
+
+/// The interrupt events say why an interrupt was held or lost: a
+/// coalescing policy holds it until its timer raises it; a
+/// `drop_interrupts` fault (itself traced, with its kind) loses it.
+#[test]
+fn held_and_lost_interrupts_say_why() {
+    let dev = device(&["--trace"]);
+    let mut vmm = dev.vmm(CONFIG);
+    let mut ctl = dev.ctl();
+    ctl.ok(json!({"op":"interrupt_mode","queue":"q",
+        "irq":{"mode":"coalesce","count":4,"usecs":50_000}}));
+    fill(&mut vmm, 1);
+    assert!(
+        kit_wait(|| vmm.calls(Q) == 1),
+        "the coalescing timer raised it"
+    );
+    ctl.ok(json!({"op":"interrupt_mode","queue":"q","irq":{"mode":"immediate"}}));
+    ctl.ok(json!({"op":"fault","fault":{"kind":"drop_interrupts","queue":"q","count":1}}));
+    fill(&mut vmm, 1);
+    let ev = events(&ctl.ok(json!({"op":"trace_dump"})));
+    let irq: Vec<Value> = ev
+        .iter()
+        .filter(|e| {
+            let name = e["event"].as_str().unwrap_or("");
+            name.starts_with("irq_") || name == "fault"
+        })
+        .map(|e| json!([e["event"], e["why"], e["kind"]]))
+        .collect();
+    assert_eq!(
+        irq,
+        vec![
+            json!(["irq_suppressed", "coalescing", null]),
+            json!(["irq_raised", null, null]),
+            json!(["fault", null, "drop_interrupts"]),
+            json!(["irq_suppressed", "injected_fault", null]),
+        ],
+        "{ev:#?}"
+    );
+    assert_eq!(vmm.calls(Q), 1, "the dropped interrupt never came");
 }
