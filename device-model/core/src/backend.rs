@@ -96,6 +96,9 @@ pub struct CoreBackend<D> {
     stopped: Vec<AtomicBool>,
     /// The device's trace (the core's), reached without the engine's lock.
     trace: Arc<Trace>,
+    /// Queues stopped and not kicked since, for the trace's
+    /// `queue_started` (unlike `stopped`, not cleared by a device reset).
+    trace_stopped: Vec<AtomicBool>,
 }
 
 impl<D: VirtioDevice> CoreBackend<D> {
@@ -129,6 +132,7 @@ impl<D: VirtioDevice> CoreBackend<D> {
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
             trace,
+            trace_stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -391,6 +395,16 @@ impl<D: VirtioDevice> CoreBackend<D> {
         Ok(())
     }
 
+    /// The first kick of a stopped queue (tracing is on).
+    #[cold]
+    fn trace_started(&self, queue: u16) {
+        if let Some(s) = self.trace_stopped.get(queue as usize) {
+            if s.swap(false, Ordering::Relaxed) {
+                self.trace.record(|| EventKind::QueueStarted { queue });
+            }
+        }
+    }
+
     #[inline]
     fn trace_suppressed(&self, queue: u16, why: Suppressed) {
         self.trace
@@ -580,6 +594,9 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
         self.trace.record(|| EventKind::QueueStopped {
             queue: queue_index as u16,
         });
+        if let Some(s) = self.trace_stopped.get(queue_index as usize) {
+            s.store(true, Ordering::Relaxed);
+        }
         let mut eng = self.device();
         let Engine { device, core } = &mut *eng;
         core.set_needs_reset(false);
@@ -619,9 +636,10 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
                 // bookkeeping of `stop_vring`).
                 self.trace.record(|| EventKind::Kick { queue: q });
                 if let Some(s) = self.stopped.get(q as usize) {
-                    if s.swap(false, Ordering::AcqRel) {
-                        self.trace.record(|| EventKind::QueueStarted { queue: q });
-                    }
+                    s.store(false, Ordering::Release);
+                }
+                if self.trace.is_on() {
+                    self.trace_started(q);
                 }
                 self.pass(q, vrings)
             }

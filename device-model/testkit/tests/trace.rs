@@ -308,3 +308,39 @@ fn held_and_lost_interrupts_say_why() {
     );
     assert_eq!(vmm.calls(Q), 1, "the dropped interrupt never came");
 }
+
+/// The queue and VMM life cycle: a device reset shows each queue stopped
+/// and the reset, the next kick the queue started again; the VMM leaving
+/// is the last event.
+#[test]
+fn reset_and_disconnect_are_traced() {
+    let dev = device(&["--trace"]);
+    let mut vmm = dev.vmm(CONFIG);
+    fill(&mut vmm, 1);
+    vmm.reset_device();
+    fill(&mut vmm, 1);
+    drop(vmm);
+    let mut ctl = dev.ctl();
+    let mut ev = Vec::new();
+    let left = kit_wait(|| {
+        ev.extend(events(&ctl.ok(json!({"op":"trace_dump"}))));
+        !named(&ev, "vmm_disconnected").is_empty()
+    });
+    assert!(left, "no vmm_disconnected in {ev:#?}");
+    let at = |want: Value| position(&ev, &want);
+    let stopped = at(json!({"event":"queue_stopped","queue":0}));
+    let reset = at(json!({"event":"device_reset"}));
+    let started = at(json!({"event":"queue_started","queue":0}));
+    let second = ev
+        .iter()
+        .rposition(|e| e["event"] == "used_pushed")
+        .unwrap();
+    assert!(
+        at(json!({"event":"vmm_connected"})) < stopped
+            && stopped < reset
+            && reset < started
+            && started < second
+            && second < at(json!({"event":"vmm_disconnected"})),
+        "{ev:#?}"
+    );
+}
