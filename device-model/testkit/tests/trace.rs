@@ -344,3 +344,35 @@ fn reset_and_disconnect_are_traced() {
         "{ev:#?}"
     );
 }
+
+/// With EVENT_IDX negotiated, a completion the driver's `used_event` does
+/// not ask about is suppressed, and the trace says `event_idx`.
+#[test]
+fn an_event_idx_suppression_says_event_idx() {
+    let dev = device(&["--trace"]);
+    let mut vmm = dev.vmm(Config {
+        layout: LAYOUT,
+        features: 1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+    });
+    fill(&mut vmm, 1);
+    assert!(
+        kit_wait(|| vmm.calls(Q) == 1),
+        "used_event 0 asks for the first"
+    );
+    vmm.set_used_event(Q, 100);
+    fill(&mut vmm, 1);
+    let ev = events(&dev.ctl().ok(json!({"op":"trace_dump"})));
+    let irq: Vec<Value> = ev
+        .iter()
+        .filter(|e| e["event"].as_str().is_some_and(|n| n.starts_with("irq_")))
+        .map(|e| json!([e["event"], e["why"]]))
+        .collect();
+    assert_eq!(
+        irq,
+        vec![
+            json!(["irq_raised", null]),
+            json!(["irq_suppressed", "event_idx"])
+        ],
+        "{ev:#?}"
+    );
+}
