@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vdevlab_device_testkit::{Config, Desc, Device, Layout, Vmm, AVAIL_F_NO_INTERRUPT};
+use vdevlab_device_testkit::{Config, Desc, Device, Layout, Options, Vmm, AVAIL_F_NO_INTERRUPT};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 
@@ -375,4 +375,32 @@ fn an_event_idx_suppression_says_event_idx() {
         ],
         "{ev:#?}"
     );
+}
+
+/// Config space: a VMM's write is traced (offset, length), and the config
+/// change the device raises for it, then its delivery (acknowledged).
+#[test]
+fn a_config_write_and_its_config_change_are_traced() {
+    let dev = Device::spawn(env!("CARGO_BIN_EXE_vdevlab-cfgdev"), &["--trace"]);
+    // With the backend channel (BACKEND_REQ), as QEMU does.
+    let mut vmm = dev.vmm_with(CONFIG, Options::default());
+    vmm.fe
+        .set_config(4, VhostUserConfigFlags::WRITABLE, &7u32.to_le_bytes())
+        .expect("SET_CONFIG");
+    let mut ctl = dev.ctl();
+    let mut ev = Vec::new();
+    let delivered = kit_wait(|| {
+        ev.extend(events(&ctl.ok(json!({"op":"trace_dump"}))));
+        !named(&ev, "config_change_delivered").is_empty()
+    });
+    assert!(delivered, "no delivery in {ev:#?}");
+    let write = position(&ev, &json!({"event":"config_write","offset":4,"len":4}));
+    let raised = position(&ev, &json!({"event":"config_change_raised"}));
+    let ticket = ev[raised]["ticket"].clone();
+    assert!(ticket.as_u64().is_some_and(|t| t > 0), "{ev:#?}");
+    let done = position(
+        &ev,
+        &json!({"event":"config_change_delivered","ticket":ticket,"delivery":"acked"}),
+    );
+    assert!(write < raised && raised < done, "{ev:#?}");
 }
