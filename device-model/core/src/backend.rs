@@ -40,6 +40,7 @@ use crate::engine::{contain_panic, Engine, Pass, MAX_PASS_ROUNDS};
 use crate::faults::Gate;
 use crate::irq::IrqAction;
 use crate::relay::{PrivateSocket, Relay};
+use crate::trace::{EventKind, Suppressed, Trace};
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -93,17 +94,23 @@ pub struct CoreBackend<D> {
     /// Queues stopped (GET_VRING_BASE) since they last ran: when every queue
     /// is, the device is reset once ([`VirtioDevice::device_reset`]).
     stopped: Vec<AtomicBool>,
+    /// The device's trace (the core's), reached without the engine's lock.
+    trace: Arc<Trace>,
+    /// Queues stopped and not kicked since, for the trace's
+    /// `queue_started` (unlike `stopped`, not cleared by a device reset).
+    trace_stopped: Vec<AtomicBool>,
 }
 
 impl<D: VirtioDevice> CoreBackend<D> {
     /// A backend around `device`.
     pub fn new(device: Arc<Mutex<Engine<D>>>) -> io::Result<Self> {
-        let (n, max_queue_size) = {
+        let (n, max_queue_size, trace) = {
             let eng = device.lock().unwrap_or_else(|e| e.into_inner());
             let specs = eng.core.queues();
             (
                 specs.len(),
                 specs.iter().map(|q| q.max_size).max().unwrap_or(1),
+                eng.core.trace().clone(),
             )
         };
         let ids = EventIds { queues: n as u16 };
@@ -124,6 +131,8 @@ impl<D: VirtioDevice> CoreBackend<D> {
             storm_timers: timers()?,
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            trace,
+            trace_stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -261,6 +270,9 @@ impl<D: VirtioDevice> CoreBackend<D> {
                     }
                     IrqAction::Wait => {}
                 }
+                if action != IrqAction::SignalNow {
+                    self.trace_suppressed(queue, Suppressed::Coalescing);
+                }
                 debug!(
                     queue,
                     completed = pass.completed,
@@ -356,6 +368,7 @@ impl<D: VirtioDevice> CoreBackend<D> {
         if self.device().core.faults_mut().take_drop(queue) {
             // Fault injection: this interrupt is lost on purpose.
             self.device().core.counters_mut().interrupts_dropped += 1;
+            self.trace_suppressed(queue, Suppressed::InjectedFault);
             return Ok(());
         }
         // Always ask (it keeps the suppression bookkeeping in step); a
@@ -366,10 +379,36 @@ impl<D: VirtioDevice> CoreBackend<D> {
                 warn!(queue, error = %e, "could not signal the used queue");
             }
             self.device().core.counters_mut().interrupts_raised += 1;
+            self.trace.record(|| EventKind::IrqRaised {
+                queue,
+                forced: !wants,
+            });
         } else {
             self.device().core.counters_mut().interrupts_suppressed += 1;
+            let why = if self.event_idx.load(Ordering::Relaxed) {
+                Suppressed::EventIdx
+            } else {
+                Suppressed::NoInterrupt
+            };
+            self.trace_suppressed(queue, why);
         }
         Ok(())
+    }
+
+    /// The first kick of a stopped queue (tracing is on).
+    #[cold]
+    fn trace_started(&self, queue: u16) {
+        if let Some(s) = self.trace_stopped.get(queue as usize) {
+            if s.swap(false, Ordering::Relaxed) {
+                self.trace.record(|| EventKind::QueueStarted { queue });
+            }
+        }
+    }
+
+    #[inline]
+    fn trace_suppressed(&self, queue: u16, why: Suppressed) {
+        self.trace
+            .record(|| EventKind::IrqSuppressed { queue, why });
     }
 
     /// `queue`'s interrupt timer expired.
@@ -418,6 +457,10 @@ impl<D: VirtioDevice> CoreBackend<D> {
             for _ in 0..n {
                 if vring.get_ref().signal_used_queue().is_ok() {
                     self.device().core.counters_mut().spurious_interrupts += 1;
+                    self.trace.record(|| EventKind::IrqSpurious {
+                        queue: queue as u16,
+                        count: 1,
+                    });
                 }
             }
         }
@@ -496,6 +539,8 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.trace
+            .record(|| EventKind::ConfigRead { offset, len: size });
         contain_panic(&self.device, "a config read", || {
             self.device().read_config(offset, size)
         })
@@ -503,6 +548,10 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.trace.record(|| EventKind::ConfigWrite {
+            offset,
+            len: buf.len() as u32,
+        });
         let result = contain_panic(&self.device, "a config write", || {
             let mut eng = self.device();
             let Engine { device, core } = &mut *eng;
@@ -542,6 +591,12 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
         if let Some(b) = self.broken.get(queue_index as usize) {
             b.store(false, Ordering::Release);
         }
+        self.trace.record(|| EventKind::QueueStopped {
+            queue: queue_index as u16,
+        });
+        if let Some(s) = self.trace_stopped.get(queue_index as usize) {
+            s.store(true, Ordering::Relaxed);
+        }
         let mut eng = self.device();
         let Engine { device, core } = &mut *eng;
         core.set_needs_reset(false);
@@ -554,6 +609,7 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
             for s in &self.stopped {
                 s.store(false, Ordering::Release);
             }
+            self.trace.record(|| EventKind::DeviceReset {});
             device.device_reset(core);
         }
         Ok(())
@@ -578,8 +634,12 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
             q if q < n => {
                 // A kick: the queue runs again (for the device-reset
                 // bookkeeping of `stop_vring`).
+                self.trace.record(|| EventKind::Kick { queue: q });
                 if let Some(s) = self.stopped.get(q as usize) {
                     s.store(false, Ordering::Release);
+                }
+                if self.trace.is_on() {
+                    self.trace_started(q);
                 }
                 self.pass(q, vrings)
             }
@@ -614,6 +674,10 @@ impl<D: VirtioDevice> VhostUserBackend for CoreBackend<D> {
                     if let Some(vring) = vrings.get(queue as usize) {
                         if vring.get_ref().signal_used_queue().is_ok() {
                             self.device().core.counters_mut().spurious_interrupts += ticks;
+                            self.trace.record(|| EventKind::IrqSpurious {
+                                queue,
+                                count: ticks,
+                            });
                         }
                     }
                 }

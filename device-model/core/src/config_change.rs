@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::trace::{EventKind, Trace};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{BackendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -203,6 +204,7 @@ pub struct ConfigChanges {
     done: Condvar,
     counters: Counters,
     overlay: Mutex<Overlay>,
+    trace: Arc<Trace>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -213,6 +215,11 @@ impl ConfigChanges {
     /// Nothing connected yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The device's trace (the [`crate::Core`] shares it).
+    pub fn trace(&self) -> Arc<Trace> {
+        self.trace.clone()
     }
 
     /// The counters now.
@@ -233,6 +240,7 @@ impl ConfigChanges {
 
     /// A VMM connected (the relay accepted it).
     pub fn vmm_connected(&self) {
+        self.trace.record(|| EventKind::VmmConnected {});
         *lock(&self.link) = Link {
             connected: true,
             ..Link::default()
@@ -256,6 +264,7 @@ impl ConfigChanges {
 
     /// The VMM left: what is still queued fails when the sender reaches it.
     pub fn vmm_disconnected(&self) {
+        self.trace.record(|| EventKind::VmmDisconnected {});
         *lock(&self.link) = Link::default();
         self.wake.notify_all();
     }
@@ -303,6 +312,10 @@ impl ConfigChanges {
             Ok(seq)
         });
         self.count_raised(&result);
+        self.trace.record(|| EventKind::ConfigChangeRaised {
+            ticket: *result.as_ref().unwrap_or(&0),
+            error: result.as_ref().err().map(ToString::to_string),
+        });
         if result.is_ok() {
             self.wake.notify_all();
         }
@@ -549,6 +562,10 @@ impl ConfigChanges {
         loop {
             let job = self.next_job();
             let delivery = self.deliver(job.kind);
+            self.trace.record(|| EventKind::ConfigChangeDelivered {
+                ticket: job.seq,
+                delivery,
+            });
             let c = &self.counters;
             match delivery {
                 Delivery::Acked => {

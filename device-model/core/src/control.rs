@@ -80,6 +80,21 @@ pub enum CoreRequest {
         #[serde(default = "yes")]
         wait: bool,
     },
+    /// Switch the device trace ([`crate::trace`]) on (with a ring of
+    /// `capacity` events, default [`crate::trace::DEFAULT_CAPACITY`];
+    /// what was recorded before is discarded) or off (what was recorded
+    /// stays for `trace_dump`).
+    Trace {
+        /// On or off.
+        on: bool,
+        /// Ring size in events, when switching on.
+        #[serde(default)]
+        capacity: Option<usize>,
+    },
+    /// The recorded events, oldest first, as `events`; `dropped` (events
+    /// lost, oldest first, because the ring was full), `on`, `capacity`.
+    /// Empties the ring.
+    TraceDump {},
 }
 
 fn yes() -> bool {
@@ -96,6 +111,8 @@ pub const CORE_OPS: &[&str] = &[
     "config",
     "fault",
     "config_change",
+    "trace",
+    "trace_dump",
 ];
 
 /// A reply as the core writes it: `ok`, `error`, and the other fields.
@@ -204,6 +221,7 @@ impl<D: VirtioDevice> Plane<D> {
         // device broken, but the control plane (this thread) lives on.
         let reply = contain_panic(&self.engine, "a control request", || {
             let mut eng = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+            eng.core.trace().record(|| crate::trace::EventKind::Control { op: op.into() });
             let mut reply = if CORE_OPS.contains(&op) {
                 match CoreRequest::deserialize(request) {
                     Ok(req) => core_request(&mut eng, req),
@@ -331,6 +349,26 @@ fn core_request<D: VirtioDevice>(eng: &mut Engine<D>, req: CoreRequest) -> Reply
             }
             Err(e) => return Reply::error(format!("config_change: {e}")),
         },
+        CoreRequest::Trace { on, capacity } => {
+            let trace = eng.core.trace();
+            if on {
+                let capacity = capacity.unwrap_or(crate::trace::DEFAULT_CAPACITY);
+                if let Err(e) = trace.start(capacity) {
+                    return Reply::error(format!("trace: {e}"));
+                }
+                info!(capacity, "device trace on");
+            } else {
+                trace.stop();
+                info!("device trace off");
+            }
+        }
+        CoreRequest::TraceDump {} => {
+            if let Value::Object(dump) =
+                serde_json::to_value(eng.core.trace().dump()).unwrap_or_default()
+            {
+                fields.extend(dump);
+            }
+        }
     }
     Reply::ok(fields)
 }

@@ -29,6 +29,15 @@ pub struct DaemonArgs {
     /// read the final counters of a guest that powered off by itself.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub linger_ms: u64,
+    /// Record device events from the start (the device trace; read it with
+    /// the control plane's `trace_dump`, see docs/device-framework.md,
+    /// "Device trace").
+    #[arg(long)]
+    pub trace: bool,
+    /// With --trace: the trace ring's size, in events (the oldest are
+    /// dropped, and counted, when it is full).
+    #[arg(long, value_name = "EVENTS", default_value_t = crate::trace::DEFAULT_CAPACITY)]
+    pub trace_capacity: usize,
 }
 
 /// Log to stderr through `tracing`, filtered by `RUST_LOG` (default `info`).
@@ -48,7 +57,15 @@ pub fn init_logging() {
 pub fn run<D: VirtioDevice>(args: &DaemonArgs, device: D) -> anyhow::Result<()> {
     crate::sockpath::check(&args.socket, "the vhost-user socket")?;
     crate::sockpath::check(&args.control, "the control socket")?;
-    let engine = Arc::new(Mutex::new(Engine::new(device)));
+    let engine = Engine::new(device);
+    if args.trace {
+        engine
+            .core
+            .trace()
+            .start(args.trace_capacity)
+            .map_err(|e| anyhow::anyhow!("--trace-capacity: {e}"))?;
+    }
+    let engine = Arc::new(Mutex::new(engine));
     let backend = Arc::new(CoreBackend::new(engine.clone()).context("creating the backend")?);
     crate::control::spawn(args.control.clone(), engine, backend.kicker()?)
         .with_context(|| format!("starting the control plane on {}", args.control.display()))?;

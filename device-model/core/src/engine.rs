@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::chain::{validate, QueueError};
 use crate::device::{to_fields, Fields, Outcome, VirtioDevice};
 use crate::hostile;
+use crate::trace::EventKind;
 // Where these lived before `crate::state`; the paths keep working.
 pub use crate::state::{Core, CoreCounters};
 
@@ -63,6 +64,16 @@ pub fn contain_panic<D, R>(
             None
         }
     }
+}
+
+/// Trace a refused chain (nothing but a load when tracing is off).
+#[inline]
+fn trace_refused(core: &Core, queue: u16, head: u16, e: &crate::chain::ChainError) {
+    core.trace().record(|| EventKind::ChainRefused {
+        queue,
+        head,
+        why: e.to_string(),
+    });
 }
 
 /// How many rounds of requested passes ([`Core::request_pass`]) the
@@ -163,11 +174,18 @@ impl<D: VirtioDevice> Engine<D> {
                 // (used length, buffer length for the hostile mode)
                 let (len, buffer) = match validate(mem, chain, &spec) {
                     Err(e) => {
+                        trace_refused(core, queue, head, &e);
                         core.refuse(&e);
                         (0, 0)
                     }
                     Ok(c) => {
                         let buffer = c.readable_len() + c.writable_len();
+                        core.trace().record(|| EventKind::ChainPopped {
+                            queue,
+                            head,
+                            readable: c.readable_len(),
+                            writable: c.writable_len(),
+                        });
                         match self.device.handle_chain(queue, &c, core) {
                             // Never report more than the device could have
                             // written (a device bug must not reach the driver).
@@ -179,6 +197,7 @@ impl<D: VirtioDevice> Engine<D> {
                                 break;
                             }
                             Outcome::Refuse(e) => {
+                                trace_refused(core, queue, head, &e);
                                 core.refuse(&e);
                                 (0, buffer)
                             }
@@ -451,5 +470,57 @@ mod tests {
             assert_eq!(ring.used(2), (again.into(), 0), "{}", c.name);
             assert_eq!(eng.device.capture, b"still alive", "{}", c.name);
         }
+    }
+
+    /// With the trace on, a pass records each chain popped or refused and
+    /// each used element, in ring order, with the lengths the ring got.
+    #[test]
+    fn the_trace_records_chains_and_completions_in_order() {
+        use crate::trace::EventKind as E;
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::readable(0x8000, 8)]); // device-readable on rx: refused
+        ring.post(&[Desc::writable(0xa000, 8)]);
+        let mut eng = engine_with(PAYLOAD);
+        eng.core.trace().start(16).unwrap();
+        eng.process(RX, &mut ring.queue, &mem).unwrap();
+        let d = eng.core.trace().dump();
+        let kinds: Vec<E> = d.events.into_iter().map(|e| e.kind).collect();
+        assert!(
+            matches!(&kinds[0], E::ChainRefused { queue: RX, head: 0, why } if !why.is_empty()),
+            "{kinds:?}"
+        );
+        assert_eq!(
+            kinds[1..],
+            [
+                E::ChainPopped {
+                    queue: RX,
+                    head: 1,
+                    readable: 0,
+                    writable: 8
+                },
+                E::UsedPushed {
+                    queue: RX,
+                    id: 0,
+                    len: 0
+                },
+                E::UsedPushed {
+                    queue: RX,
+                    id: 1,
+                    len: 8
+                },
+            ]
+        );
+        assert_eq!(d.dropped, 0);
+    }
+
+    #[test]
+    fn with_the_trace_off_nothing_is_recorded() {
+        let mem = memory();
+        let mut ring = Ring::new(&mem);
+        ring.post(&[Desc::writable(0xa000, 8)]);
+        let mut eng = engine_with(PAYLOAD);
+        eng.process(RX, &mut ring.queue, &mem).unwrap();
+        assert!(eng.core.trace().dump().events.is_empty());
     }
 }

@@ -29,6 +29,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::state::Core;
+use crate::trace::EventKind;
 
 /// An id the driver never made available on `q`: the smallest index below
 /// the queue size that no available-ring slot names, else the queue size.
@@ -66,10 +67,10 @@ pub(crate) fn complete(
     buffer_len: u64,
 ) -> Result<(), virtio_queue::Error> {
     let Some(arms) = core.faults_mut().hostile_mut(queue).copied() else {
-        return q.add_used(mem, head, len);
+        return add_used(core, queue, q, mem, head, len);
     };
     if arms == Default::default() {
-        return q.add_used(mem, head, len);
+        return add_used(core, queue, q, mem, head, len);
     }
     if arms.bogus_id > 0 {
         if let Some(a) = core.faults_mut().hostile_mut(queue) {
@@ -81,13 +82,15 @@ pub(crate) fn complete(
             head, id, "hostile: completing a buffer under an id never made available"
         );
         core.counters_mut().hostile_bogus_ids += 1;
+        trace_hostile(core, queue, "bogus_id");
         // add_used refuses an id >= the queue size; write the entry and the
         // index by hand then, as a broken device would (and signal: the
         // suppression check does not count that entry).
         return if id < q.size() {
-            q.add_used(mem, id, len)
+            add_used(core, queue, q, mem, id, len)
         } else {
             core.faults_mut().force_next_signal(queue);
+            trace_used(core, queue, id, len);
             raw_add_used(q, mem, id, len)
         };
     }
@@ -102,6 +105,7 @@ pub(crate) fn complete(
             head, len, buffer_len, "hostile: used length larger than the buffer"
         );
         core.counters_mut().hostile_overlong += 1;
+        trace_hostile(core, queue, "overlong");
     }
     if arms.wrong_len.0 > 0 {
         if let Some(a) = core.faults_mut().hostile_mut(queue) {
@@ -116,15 +120,17 @@ pub(crate) fn complete(
         );
         len = arms.wrong_len.1;
         core.counters_mut().wrong_used_lens += 1;
+        trace_hostile(core, queue, "wrong_used_len");
     }
-    q.add_used(mem, head, len)?;
+    add_used(core, queue, q, mem, head, len)?;
     if arms.double_complete > 0 {
         if let Some(a) = core.faults_mut().hostile_mut(queue) {
             a.double_complete -= 1;
         }
         warn!(queue, head, "hostile: completing the same head twice");
         core.counters_mut().hostile_double_completions += 1;
-        q.add_used(mem, head, len)?;
+        trace_hostile(core, queue, "double_completion");
+        add_used(core, queue, q, mem, head, len)?;
     }
     if arms.index_jump.0 > 0 {
         if let Some(a) = core.faults_mut().hostile_mut(queue) {
@@ -138,6 +144,7 @@ pub(crate) fn complete(
             "hostile: used index jumps past the entries written"
         );
         core.counters_mut().hostile_index_jumps += 1;
+        trace_hostile(core, queue, "index_jump");
         core.faults_mut().force_next_signal(queue);
         q.set_next_used(next);
         store_used_idx(q, mem, next)?;
@@ -175,6 +182,31 @@ fn store_used_idx(q: &Queue, mem: &GuestMemoryMmap, idx: u16) -> Result<(), virt
         Ordering::Release,
     )
     .map_err(virtio_queue::Error::GuestMemory)
+}
+
+/// Put one used element on the ring, and trace it.
+#[inline]
+fn add_used(
+    core: &Core,
+    queue: u16,
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    id: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    q.add_used(mem, id, len)?;
+    trace_used(core, queue, id, len);
+    Ok(())
+}
+
+#[inline]
+fn trace_used(core: &Core, queue: u16, id: u16, len: u32) {
+    core.trace()
+        .record(|| EventKind::UsedPushed { queue, id, len });
+}
+
+fn trace_hostile(core: &Core, queue: u16, kind: &'static str) {
+    core.trace().record(|| EventKind::Hostile { queue, kind });
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@
 //!   gives the core its handle on the backend channel;
 //! - [`daemon`]: the daemon's flags and main loop;
 //! - [`sockpath`]: the Unix socket path limit, checked with an error that
-//!   names the fix.
+//!   names the fix;
+//! - [`trace`]: the device trace (a bounded ring of timestamped events).
 //!
 //! A device never knows which VMM or VM it serves. See
 //! `docs/device-framework.md` for how to write one.
@@ -45,6 +46,7 @@ pub mod sources;
 pub mod state;
 #[cfg(test)]
 mod testing;
+pub mod trace;
 
 pub use chain::{Chain, ChainError, Direction, QueueError, QueueSpec};
 pub use config_change::{ConfigChangeError, Delivery};

@@ -19,6 +19,7 @@ use crate::chain::{ChainError, QueueSpec};
 use crate::config_change::{ConfigChangeError, ConfigChanges};
 use crate::faults::{Fault, FaultState};
 use crate::irq::{IrqAction, IrqMode, IrqPolicy};
+use crate::trace::{EventKind, Trace};
 
 /// The core's counters, reported (merged with the device's) by the control
 /// plane's `stats` request. Those added after the first four may be missing
@@ -108,12 +109,14 @@ pub struct Core {
     pass_requests: Vec<bool>,
     pass_requested: bool,
     config_changes: Arc<ConfigChanges>,
+    trace: Arc<Trace>,
 }
 
 impl Core {
     /// The core of a device with these queues.
     pub fn new(queues: Vec<QueueSpec>) -> Self {
         let n = queues.len();
+        let config_changes = Arc::new(ConfigChanges::new());
         Self {
             irq: vec![IrqPolicy::default(); n],
             faults: FaultState::new(n),
@@ -125,7 +128,8 @@ impl Core {
             tick_timer: None,
             pass_requests: vec![false; n],
             pass_requested: false,
-            config_changes: Arc::new(ConfigChanges::new()),
+            trace: config_changes.trace(),
+            config_changes,
         }
     }
 
@@ -236,6 +240,12 @@ impl Core {
         queues: &[u16],
         now: Instant,
     ) -> Result<(), String> {
+        self.trace.record(|| EventKind::Fault {
+            kind: serde_json::to_value(fault)
+                .ok()
+                .and_then(|v| v.get("kind")?.as_str().map(String::from))
+                .unwrap_or_default(),
+        });
         let cc = &self.config_changes;
         match *fault {
             Fault::ConfigChangeStorm {
@@ -385,6 +395,21 @@ impl Core {
 
     pub(crate) fn config_changes_ref(&self) -> &ConfigChanges {
         &self.config_changes
+    }
+
+    /// The device trace ([`crate::trace`]), shared with the transport, the
+    /// control plane and the config-change sender.
+    pub fn trace(&self) -> &Arc<Trace> {
+        &self.trace
+    }
+
+    /// Record a device's own event in the trace, e.g.
+    /// `core.trace_event("fifo_level", n as u64)`: one relaxed atomic load
+    /// when tracing is off. It appears as
+    /// `{"event":"device","name":"fifo_level","value":..}`.
+    #[inline]
+    pub fn trace_event(&self, name: &'static str, value: u64) {
+        self.trace.record(|| EventKind::Device { name, value });
     }
 
     /// Count and log a refused chain.

@@ -288,12 +288,14 @@ fn buf_addr(i: u16, size: u32) -> u64 {
 
 impl Driver {
     fn new(dir: Dir, size: u32, event_idx: bool) -> Self {
-        let dev = Device::spawn(&[
-            "--rx-fifo-bytes",
-            &DEVICE_BUFFER_BYTES.to_string(),
-            "--tx-capture-bytes",
-            &DEVICE_BUFFER_BYTES.to_string(),
-        ]);
+        let buffer = DEVICE_BUFFER_BYTES.to_string();
+        let mut args = vec!["--rx-fifo-bytes", &buffer, "--tx-capture-bytes", &buffer];
+        // The device trace's cost (docs/benchmarks.md): the same run with
+        // tracing on from the start.
+        if std::env::var_os("VDEVLAB_BENCH_TRACE").is_some_and(|v| !v.is_empty()) {
+            args.push("--trace");
+        }
+        let dev = Device::spawn(&args);
         let ctl = dev.control();
         let raw = RawCtl::connect(&dev);
         let pid = DevicePid::find(&dev);
