@@ -586,6 +586,35 @@ impl Side {
     }
 }
 
+/// Wait at most `limit` from `start` for `ring`'s first completion,
+/// entering the kernel with a timeout (ETIME and EINTR just loop).
+/// `Ok(None)`: none came in time; `Err`: `io_uring_enter` failed. Either
+/// way the request may still be in flight, so its buffer must outlive it.
+pub(crate) fn wait_cqe(
+    ring: &mut io_uring::IoUring,
+    start: Instant,
+    limit: Duration,
+) -> io::Result<Option<io_uring::cqueue::Entry>> {
+    loop {
+        if let Some(c) = ring.completion().next() {
+            return Ok(Some(c));
+        }
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let ts = io_uring::types::Timespec::new()
+            .sec(left.as_secs())
+            .nsec(left.subsec_nanos());
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

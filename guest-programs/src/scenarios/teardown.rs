@@ -65,7 +65,7 @@ use io_uring::{opcode, types, IoUring};
 use crate::common::{
     errno_name, last_errno, mask_name, poll_one, read_fd, wait_for_chardev, write_sysfs,
 };
-use crate::common::{nap, open_device, os_err, Access};
+use crate::common::{nap, open_device, os_err, wait_cqe, Access};
 use crate::scenarios::Checked;
 use crate::uapi::aio_abi::{getevents, Ctx, IoEvent, Iocb, IOCB_CMD_PREAD};
 use crate::uapi::qw::{get_stats, DRIVER, QW_STATE_REMOVED};
@@ -544,28 +544,18 @@ fn uring(fd: OwnedFd, tx: Sender<Msg>) -> Result<JoinHandle<()>, String> {
             .into()),
         ));
         let start = Instant::now();
-        let mut cqe = first;
-        while cqe.is_none() {
-            let left = THREAD_LIMIT.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            let ts = types::Timespec::new()
-                .sec(left.as_secs())
-                .nsec(left.subsec_nanos());
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+        let cqe = match first {
+            Some(c) => Some(c),
+            None => match wait_cqe(&mut ring, start, THREAD_LIMIT) {
+                Ok(c) => c,
                 Err(e) => {
                     let msg = format!("io_uring_enter: {e}");
                     std::mem::forget(buf);
                     done(&tx, Waiter::IoUring, (msg, false), Box::new((ring, fd)));
                     return;
                 }
-            }
-            cqe = ring.completion().next();
-        }
+            },
+        };
         match cqe {
             Some(c) => done(
                 &tx,

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::common::{errno_name, last_errno, mask_name, nap, poll_one, read_fd, set_fl};
-use crate::common::{open_device, os_err, wait_for_chardev, write_sysfs, Access};
+use crate::common::{open_device, os_err, wait_cqe, wait_for_chardev, write_sysfs, Access};
 use crate::io_models::sigio::SigPoll;
 use crate::scenarios::teardown::{bound_device, pci_parent};
 use crate::scenarios::Checked;
@@ -627,7 +627,7 @@ fn uring(k: Kind, fd: OwnedFd, tx: Sender<Msg>) {
     if let Err(e) = ring.submit() {
         return armed(&tx, k, Err(format!("io_uring_enter: {e}")));
     }
-    let mut cqe = ring.completion().next();
+    let cqe = ring.completion().next();
     let detail = if cqe.is_some() {
         "completed at once"
     } else {
@@ -635,26 +635,17 @@ fn uring(k: Kind, fd: OwnedFd, tx: Sender<Msg>) {
     };
     armed(&tx, k, Ok(detail.into()));
     let start = Instant::now();
-    while cqe.is_none() {
-        let left = THREAD_LIMIT.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        let ts = types::Timespec::new()
-            .sec(left.as_secs())
-            .nsec(left.subsec_nanos());
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+    let cqe = match cqe {
+        Some(c) => Some(c),
+        None => match wait_cqe(&mut ring, start, THREAD_LIMIT) {
+            Ok(c) => c,
             Err(e) => {
                 std::mem::forget(buf);
                 let end = End::Failed(format!("io_uring_enter: {e}"));
                 return done(&tx, k, end, Box::new((ring, fd)));
             }
-        }
-        cqe = ring.completion().next();
-    }
+        },
+    };
     match cqe {
         Some(c) => done(
             &tx,
