@@ -4,6 +4,7 @@
 
 use vdevlab_lab::env::Kernel;
 use vdevlab_lab::scenario::Outcome;
+use vdevlab_lab::sensor::SensorArtifacts;
 use vdevlab_lab::Lab;
 
 /// The provisioned lab with its artifacts; panics with the reason (what to
@@ -22,6 +23,15 @@ pub fn kernel(lab: &Lab, name: &str) -> Kernel {
         Ok(k) => k.clone(),
         Err(e) => panic!("{e:#}"),
     }
+}
+
+/// The sensor's backend and drivers, built once per test process; panics
+/// with the build's error.
+pub fn sensor_artifacts(lab: &Lab) -> SensorArtifacts {
+    static ART: std::sync::OnceLock<Result<SensorArtifacts, String>> = std::sync::OnceLock::new();
+    ART.get_or_init(|| vdevlab_lab::sensor::prepare(lab).map_err(|e| format!("{e:#}")))
+        .clone()
+        .unwrap_or_else(|e| panic!("the sensor could not be built: {e}"))
 }
 
 /// Fail the test with the record's reason and console when the run failed.

@@ -7,8 +7,6 @@
 //! Every boot test exists once per kernel (`trixie::…`, `bookworm::…`,
 //! `lab::…`) and, inside it, once per cell (`trixie::qemu_kvm::…`).
 
-use std::sync::OnceLock;
-
 use serde_json::Value;
 use vdevlab_lab::cell::Cell;
 use vdevlab_lab::env::Kernel;
@@ -20,12 +18,8 @@ use vdevlab_tests::{assert_passed, lab};
 
 /// The lab with the sensor's backend and drivers built (once per process).
 fn sensor_lab(kernel: &str) -> (Lab, SensorArtifacts, Kernel) {
-    static ART: OnceLock<Result<SensorArtifacts, String>> = OnceLock::new();
     let lab = lab();
-    let art = ART
-        .get_or_init(|| sensor::prepare(&lab).map_err(|e| format!("{e:#}")))
-        .clone()
-        .unwrap_or_else(|e| panic!("the sensor could not be built: {e}"));
+    let art = vdevlab_tests::sensor_artifacts(&lab);
     let kernel = vdevlab_tests::kernel(&lab, kernel);
     (lab, art, kernel)
 }

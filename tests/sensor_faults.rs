@@ -7,8 +7,6 @@
 //! no kernel splat. One boot runs the three guest scenarios
 //! (`sensor-ctrl-status`, `sensor-ctrl-late`, `sensor-ctrl-lost`).
 
-use std::sync::OnceLock;
-
 use serde_json::{json, Value};
 use vdevlab_lab::cell::Cell;
 use vdevlab_lab::env::Kernel;
@@ -19,12 +17,8 @@ use vdevlab_tests::{assert_passed, lab};
 
 /// The lab with the sensor's backend and drivers built (once per process).
 fn sensor_lab() -> (Lab, SensorArtifacts, Kernel) {
-    static ART: OnceLock<Result<SensorArtifacts, String>> = OnceLock::new();
     let lab = lab();
-    let art = ART
-        .get_or_init(|| sensor::prepare(&lab).map_err(|e| format!("{e:#}")))
-        .clone()
-        .unwrap_or_else(|e| panic!("the sensor could not be built: {e}"));
+    let art = vdevlab_tests::sensor_artifacts(&lab);
     let kernel = lab.env.default_kernel().clone();
     (lab, art, kernel)
 }

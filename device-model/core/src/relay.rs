@@ -166,7 +166,7 @@ impl PrivateSocket {
         let prefix = std::env::temp_dir().join("vdevlab-relay-");
         let dir = TempDir::new_with_prefix(&prefix).map_err(|e| {
             io::Error::other(format!(
-                "creating a private folder {}XXXXXX for the relay: {e} (set TMPDIR to a writable folder)",
+                "creating the relay's private folder (named {}<random>): {e} (set TMPDIR to a writable folder)",
                 prefix.display()
             ))
         })?;
